@@ -1,0 +1,1 @@
+"""Shard builders: each module is a command (`python -m data_prep.<name> --help`)."""

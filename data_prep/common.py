@@ -1,0 +1,148 @@
+"""What every builder shares: parallel conversion with progress, per-language shards, a summary."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from part.audio import SAMPLE_RATE, AudioDecodeError, encode_flac, load_audio
+from part.shards import ShardWriter, write_index
+
+
+@dataclass
+class Item:
+    """One sample to convert: where its audio is (path, or bytes, or a segment of a file) and its record."""
+
+    record: dict
+    audio_path: str | None = None
+    start: float | None = None  # seconds, for segments of long recordings
+    end: float | None = None
+    tts_args: list[str] | None = None  # espeak-ng arguments: the audio is synthesised from the transcript
+
+
+@dataclass
+class BuildSummary:
+    written: Counter = field(default_factory=Counter)
+    seconds: defaultdict = field(default_factory=lambda: defaultdict(float))
+    skipped: Counter = field(default_factory=Counter)
+
+    def table(self) -> str:
+        lines = ["language  samples     hours"]
+        for lang in sorted(self.written):
+            lines.append(f"{lang:<9} {self.written[lang]:>7} {self.seconds[lang] / 3600:>9.3f}")
+        lines.append(f"{'total':<9} {sum(self.written.values()):>7} {sum(self.seconds.values()) / 3600:>9.3f}")
+        if self.skipped:
+            lines.append("skipped: " + ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items())))
+        return "\n".join(lines)
+
+
+def convert_item(item: Item, max_duration: float) -> tuple[dict, bytes | None, str | None]:
+    """Decode, cut and re-encode one item. Returns (record, flac, skip_reason)."""
+    record = dict(item.record)
+    if not str(record.get("transcript", "")).strip():
+        return record, None, "empty_transcript"
+    if item.tts_args is not None:
+        return _synthesise(item, record, max_duration)
+    if item.audio_path is None:  # text-only sample
+        record["duration"] = 0.0
+        return record, None, None
+    try:
+        wave = load_audio(item.audio_path)
+    except AudioDecodeError:
+        return record, None, "unreadable_audio"
+    if item.start is not None:
+        wave = wave[int(item.start * SAMPLE_RATE) : int(item.end * SAMPLE_RATE) if item.end else None]
+    duration = len(wave) / SAMPLE_RATE
+    if duration <= 0.05:
+        return record, None, "empty_audio"
+    if duration > max_duration:
+        return record, None, "too_long"
+    record["duration"] = round(duration, 3)
+    return record, encode_flac(wave), None
+
+
+def _synthesise(item: Item, record: dict, max_duration: float) -> tuple[dict, bytes | None, str | None]:
+    proc = subprocess.run(
+        ["espeak-ng", *item.tts_args, "--stdout", record["transcript"]], capture_output=True, timeout=120
+    )
+    if proc.returncode != 0 or not proc.stdout:
+        return record, None, "tts_failed"
+    try:
+        wave = load_audio(proc.stdout, name=f"espeak-ng output for {record['id']}")
+    except AudioDecodeError:
+        return record, None, "tts_failed"
+    duration = len(wave) / SAMPLE_RATE
+    if duration > max_duration:
+        return record, None, "too_long"
+    record["duration"] = round(duration, 3)
+    return record, encode_flac(wave), None
+
+
+def _convert_star(args: tuple[Item, float]) -> tuple[dict, bytes | None, str | None]:
+    return convert_item(*args)
+
+
+def build_shards(
+    items: Iterable[Item],
+    out_dir: str | Path,
+    *,
+    workers: int = 1,
+    max_bytes: int = 256 * 1024**2,
+    max_duration: float = 30.0,
+    total: int | None = None,
+    log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
+    index_extra: dict | None = None,
+) -> BuildSummary:
+    """Converts items in parallel and writes `<out_dir>/<language>-NNNNNN.tar` plus `index.json`."""
+    out_dir = Path(out_dir)
+    writers: dict[str, ShardWriter] = {}
+    summary = BuildSummary()
+    started = last = time.time()
+    done = 0
+
+    def consume(result: tuple[dict, bytes | None, str | None]) -> None:
+        nonlocal done, last
+        record, flac, reason = result
+        done += 1
+        if reason is not None:
+            summary.skipped[reason] += 1
+        else:
+            lang = record["language"]
+            if lang not in writers:
+                writers[lang] = ShardWriter(out_dir, lang, max_bytes=max_bytes)
+            writers[lang].write(record, flac)
+            summary.written[lang] += 1
+            summary.seconds[lang] += record["duration"]
+        if time.time() - last > 5:
+            last = time.time()
+            rate = done / (last - started)
+            eta = f", eta {((total or done) - done) / rate:.0f}s" if total else ""
+            log(f"[{out_dir.name}] {done}{'/' + str(total) if total else ''} samples, {rate:.1f}/s{eta}")
+
+    work = ((item, max_duration) for item in items)
+    if workers <= 1:
+        for args in work:
+            consume(_convert_star(args))
+    else:
+        with ProcessPoolExecutor(workers) as pool:
+            for result in pool.map(_convert_star, work, chunksize=8):
+                consume(result)
+    shards = [s for w in writers.values() for s in w.close()]
+    extra = {"skipped": dict(summary.skipped), **(index_extra or {})}
+    write_index(out_dir, shards, extra)
+    log(f"[{out_dir.name}] wrote {len(shards)} shards in {time.time() - started:.1f}s\n{summary.table()}")
+    return summary
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="output directory for shards and index.json")
+    parser.add_argument("--workers", type=int, default=2, help="parallel conversion processes")
+    parser.add_argument("--shard-mb", type=float, default=256, help="target shard size in MB")
+    parser.add_argument("--max-duration", type=float, default=30.0, help="skip clips longer than this (s)")

@@ -1,0 +1,65 @@
+"""Readers for the parallel text shipped in `../shared/data`: FLORES-200, NTREX-128, Tatoeba.
+
+FLORES is shipped as a tar.xz and is unpacked on demand into a cache directory (never committed).
+"""
+
+from __future__ import annotations
+
+import tarfile
+from pathlib import Path
+
+# ISO 639-1 (what records and prompts use) -> FLORES-200 / NTREX / Tatoeba file codes.
+FLORES_CODES = {
+    "en": "eng_Latn", "de": "deu_Latn", "fr": "fra_Latn", "es": "spa_Latn", "it": "ita_Latn",
+    "pt": "por_Latn", "ru": "rus_Cyrl", "zh": "zho_Hans", "ja": "jpn_Jpan", "ko": "kor_Hang",
+    "nl": "nld_Latn", "pl": "pol_Latn", "tr": "tur_Latn", "ar": "arb_Arab", "hi": "hin_Deva",
+    "vi": "vie_Latn", "uk": "ukr_Cyrl", "yue": "yue_Hant",
+}
+NTREX_CODES = {
+    "en": "eng", "de": "deu", "fr": "fra", "es": "spa", "it": "ita", "pt": "por", "ru": "rus",
+    "zh": "zho_Hans", "ja": "jpn", "ko": "kor", "nl": "nld", "pl": "pol", "tr": "tur", "ar": "arb",
+    "hi": "hin", "vi": "vie", "uk": "ukr", "yue": "yue",
+}
+TATOEBA_CODES = {"de": "deu", "fr": "fra", "es": "spa", "it": "ita", "pt": "por", "ru": "rus",
+                 "zh": "zho", "ja": "jpn", "ko": "kor", "nl": "nld"}
+# espeak-ng voice per language (Mandarin is `cmn`).
+ESPEAK_VOICES = {"zh": "cmn", "yue": "yue"}
+
+
+def default_shared_dir() -> Path:
+    return Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def flores_lines(shared: Path, lang: str, split: str, cache: Path) -> list[str]:
+    """Lines of FLORES-200 `split` (dev|devtest) for `lang`, unpacking the archive member into `cache`."""
+    if lang not in FLORES_CODES:
+        raise ValueError(f"no FLORES-200 code known for language '{lang}' (known: {sorted(FLORES_CODES)})")
+    member = f"flores200_dataset/{split}/{FLORES_CODES[lang]}.{split}"
+    target = cache / member
+    if not target.exists():
+        archive = shared / "flores200" / "flores200_all_204langs.tar.xz"
+        if not archive.exists():
+            raise FileNotFoundError(f"FLORES-200 archive not found: {archive}")
+        cache.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(archive) as tar:
+            tar.extract(member, cache, filter="data")
+    return target.read_text(encoding="utf-8").splitlines()
+
+
+def ntrex_lines(shared: Path, lang: str) -> list[str]:
+    path = shared / "ntrex128" / f"{NTREX_CODES[lang]}.txt"
+    if not path.exists():
+        raise FileNotFoundError(f"NTREX-128 file for '{lang}' not found: {path}")
+    return path.read_text(encoding="utf-8").splitlines()
+
+
+def tatoeba_pairs(shared: Path, lang: str) -> list[tuple[str, str]]:
+    """(english, lang) sentence pairs from the Tatoeba test set; empty when not shipped."""
+    code = TATOEBA_CODES.get(lang)
+    if code is None:
+        return []
+    eng = shared / "tatoeba" / f"eng-{code}.eng"
+    other = shared / "tatoeba" / f"eng-{code}.{code}"
+    if not eng.exists():
+        return []
+    return list(zip(eng.read_text(encoding="utf-8").splitlines(), other.read_text(encoding="utf-8").splitlines()))
