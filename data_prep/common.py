@@ -95,6 +95,7 @@ def build_shards(
     *,
     workers: int = 1,
     max_bytes: int = 256 * 1024**2,
+    max_samples: int = 0,
     max_duration: float = 30.0,
     total: int | None = None,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
@@ -116,7 +117,7 @@ def build_shards(
         else:
             lang = record["language"]
             if lang not in writers:
-                writers[lang] = ShardWriter(out_dir, lang, max_bytes=max_bytes)
+                writers[lang] = ShardWriter(out_dir, lang, max_bytes=max_bytes, max_samples=max_samples)
             writers[lang].write(record, flac)
             summary.written[lang] += 1
             summary.seconds[lang] += record["duration"]
@@ -145,4 +146,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output directory for shards and index.json")
     parser.add_argument("--workers", type=int, default=2, help="parallel conversion processes")
     parser.add_argument("--shard-mb", type=float, default=256, help="target shard size in MB")
+    parser.add_argument("--shard-samples", type=int, default=0,
+                        help="also start a new shard after this many samples (0: size only); small corpora need "
+                        "at least ranks x loader workers shards per language")
     parser.add_argument("--max-duration", type=float, default=30.0, help="skip clips longer than this (s)")

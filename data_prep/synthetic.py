@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     languages = [x.strip() for x in args.languages.split(",") if x.strip()]
     out = Path(args.out)
     cache = out / ".cache"
-    common = dict(workers=args.workers, max_bytes=int(args.shard_mb * 1024**2), max_duration=args.max_duration)
+    common = dict(workers=args.workers, max_bytes=int(args.shard_mb * 1024**2), max_samples=args.shard_samples,
+                  max_duration=args.max_duration)
 
     train_sentences = {lang: flores_lines(args.shared, lang, "dev", cache) for lang in languages}
     train = speech_items(train_sentences, languages, "flores-dev", "flores200-dev+espeak-ng",

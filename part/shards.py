@@ -37,17 +37,18 @@ def validate_record(record: dict, where: str) -> None:
 
 
 class ShardWriter:
-    """Writes `<prefix>-000000.tar`, ... into `out_dir`, starting a new shard past `max_bytes`.
+    """Writes `<prefix>-000000.tar`, ... into `out_dir`, starting a new shard past `max_bytes` (or `max_samples`).
 
     Each shard is written under a `.partial` name and renamed when complete, so a reader
     never sees half a shard and a crashed build leaves only `.partial` files behind.
     """
 
-    def __init__(self, out_dir: str | Path, prefix: str, max_bytes: int = 256 * 1024**2):
+    def __init__(self, out_dir: str | Path, prefix: str, max_bytes: int = 256 * 1024**2, max_samples: int = 0):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.prefix = prefix
         self.max_bytes = max_bytes
+        self.max_samples = max_samples  # 0: no limit
         self.shards: list[ShardInfo] = []
         self._tar: tarfile.TarFile | None = None
         self._current: ShardInfo | None = None
@@ -79,7 +80,7 @@ class ShardWriter:
             self._add_member(f"{key}.flac", audio_flac)
         self._current.samples += 1
         self._current.seconds_per_language[record["language"]] += float(record["duration"])
-        if self._current.bytes >= self.max_bytes:
+        if self._current.bytes >= self.max_bytes or (self.max_samples and self._current.samples >= self.max_samples):
             self._finish()
 
     def _finish(self) -> None:

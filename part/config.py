@@ -1,0 +1,326 @@
+"""One typed configuration tree, loaded from YAML, overridable with `key.sub=value`, validated up front.
+
+Every error names the field (`stages[2].trainable`) so a broken config fails before any process starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+TASKS = ("asr", "s2tt", "mt", "text")
+SPEECH_TASKS = ("asr", "s2tt")
+GROUP_PATTERN = re.compile(r"^(adapter|encoder|encoder\.top\.\d+|encoder\.layers\.\d+|llm|llm\.lora|llm\.layers\.\d+)$")
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message starts with the field's dotted path."""
+
+
+@dataclass
+class EncoderConfig:
+    pretrained: str | None = None  # a Whisper checkpoint directory (e.g. a local copy of openai/whisper-small)
+    # Used only when `pretrained` is unset: a randomly initialised Whisper-style encoder.
+    d_model: int = 128
+    layers: int = 4
+    heads: int = 4
+    ffn_dim: int = 512
+    num_mel_bins: int = 80
+
+
+@dataclass
+class AdapterConfig:
+    downsample: int = 4  # on top of the encoder's own 2x
+    kind: str = "transformer"  # transformer | mlp
+    hidden: int = 256
+    layers: int = 2
+    heads: int = 4
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class LLMConfig:
+    pretrained: str | None = None  # an AutoModelForCausalLM directory (e.g. a local Qwen2.5-1.5B); has the tokenizer
+    tokenizer: str | None = None  # defaults to `pretrained`
+    lora: LoraConfig | None = None  # when set, LoRA adapters are added (zero-initialised) for stages to train
+
+
+@dataclass
+class ModelConfig:
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+
+
+@dataclass
+class DataConfig:
+    # Shard patterns; `{lang}` is replaced by each language. Local globs, brace ranges or URLs.
+    train_shards: str = ""
+    text_shards: str | None = None  # text-only shards for the `mt` and `text` tasks
+    eval_shards: str | None = None
+    languages: list[str] = field(default_factory=lambda: ["en"])
+    num_workers: int = 1
+    seed: int = 0
+    window: int = 128  # samples read, sorted by length and cut into batches at a time (bucketing window)
+    max_batch_seconds: float = 60.0  # total audio per batch (padded length x batch size)
+    max_batch_tokens: int = 2048  # total text tokens per batch (padded)
+    max_batch_size: int = 16
+    max_duration: float = 30.0  # longer clips are skipped and counted
+    temperature: float = 1.0  # language sampling p ~ n^(1/T); T=1 follows data sizes, large T flattens
+
+
+@dataclass
+class StageConfig:
+    name: str = ""
+    steps: int = 0
+    tasks: dict[str, float] = field(default_factory=lambda: {"asr": 1.0})
+    languages: list[str] | None = None  # default: data.languages
+    translation_targets: list[str] = field(default_factory=lambda: ["en"])
+    trainable: list[str] = field(default_factory=lambda: ["adapter"])
+    lr: float = 1e-3
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+
+
+@dataclass
+class OptimConfig:
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-8
+    max_bad_steps: int = 5  # consecutive non-finite losses tolerated (each step skipped) before stopping
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = "runs/default/checkpoints"
+    every: int = 100
+    keep: int = 2
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 10
+    wandb_project: str | None = None  # None: no wandb
+    wandb_mode: str = "offline"  # offline unless WANDB_API_KEY is set and mode is `online`
+    run_name: str | None = None
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # 0: only at the end
+    per_language: int = 20
+    tasks: list[str] = field(default_factory=lambda: ["asr", "s2tt"])
+    max_new_tokens: int = 96
+    num_beams: int = 1
+    batch_size: int = 8
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    stages: list[StageConfig] = field(default_factory=list)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    ds_config: str = "ds_configs/zero3.json"
+    output_dir: str = "runs/default"
+    seed: int = 0
+
+    @property
+    def total_steps(self) -> int:
+        return sum(s.steps for s in self.stages)
+
+
+# ---------------------------------------------------------------- building from plain data
+
+
+def _build(cls: type, data: object, path: str) -> object:
+    """Converts YAML data into dataclass `cls`, naming `path` on any mismatch."""
+    hints = typing.get_type_hints(cls)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"{path + '.' if path else ''}{key}: unknown field (known: {', '.join(sorted(known))})")
+    kwargs = {k: _coerce(hints[k], v, f"{path + '.' if path else ''}{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _coerce(tp: object, value: object, path: str) -> object:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, path)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        return [_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, list | tuple) or len(value) != len(args):
+            raise ConfigError(f"{path}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return {str(k): _coerce(args[1], v, f"{path}.{k}") for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true/false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str | int | float):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def apply_override(data: dict, override: str) -> None:
+    """Applies `a.b.c=value` (value parsed as YAML) to nested plain data; `stages.1.lr=...` indexes lists."""
+    if "=" not in override:
+        raise ConfigError(f"override '{override}': expected key.sub=value")
+    key, raw = override.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    parts = key.strip().split(".")
+    node: object = data
+    for i, part in enumerate(parts[:-1]):
+        where = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"{where}: no such list index")
+            node = node[int(part)]
+        elif isinstance(node, dict):
+            node = node.setdefault(part, {})
+            if node is None:
+                raise ConfigError(f"{where}: is null; set it as a whole first")
+        else:
+            raise ConfigError(f"{where}: cannot index into {type(node).__name__}")
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"{key}: no such list index")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    """Loads YAML, applies overrides, builds the dataclasses and validates. Relative paths stay relative to cwd."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+    for override in overrides or []:
+        apply_override(data, override)
+    try:
+        cfg = _build(TrainConfig, data, "")
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    validate(cfg, path)
+    return cfg
+
+
+def to_dict(cfg: TrainConfig) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+# ---------------------------------------------------------------- validation
+
+
+def validate(cfg: TrainConfig, source: str | Path = "config") -> None:
+    errors: list[str] = []
+
+    def check(ok: bool, message: str) -> None:
+        if not ok:
+            errors.append(message)
+
+    m = cfg.model
+    check(m.adapter.kind in ("transformer", "mlp"), f"model.adapter.kind: '{m.adapter.kind}' is not transformer|mlp")
+    check(m.adapter.downsample >= 1, "model.adapter.downsample: must be >= 1")
+    check(m.adapter.hidden % max(m.adapter.heads, 1) == 0, "model.adapter.hidden: must be divisible by heads")
+    for name, where in ((m.encoder.pretrained, "model.encoder.pretrained"), (m.llm.pretrained, "model.llm.pretrained")):
+        check(name is None or Path(name).is_dir(), f"{where}: directory '{name}' does not exist")
+    check(m.llm.pretrained is not None, "model.llm.pretrained: a causal LM directory is required")
+
+    d = cfg.data
+    check(bool(d.train_shards), "data.train_shards: required")
+    check(bool(d.languages), "data.languages: at least one language")
+    check(d.num_workers >= 0, "data.num_workers: must be >= 0")
+    check(d.temperature > 0, "data.temperature: must be > 0")
+    check(d.window >= d.max_batch_size, "data.window: must be >= data.max_batch_size")
+
+    check(bool(cfg.stages), "stages: at least one stage")
+    names = set()
+    uses_lora = False
+    for i, s in enumerate(cfg.stages):
+        where = f"stages[{i}]"
+        check(bool(s.name), f"{where}.name: required")
+        check(s.name not in names, f"{where}.name: duplicate stage name '{s.name}'")
+        names.add(s.name)
+        check(s.steps > 0, f"{where}.steps: must be > 0")
+        check(s.lr > 0, f"{where}.lr: must be > 0")
+        check(0 <= s.warmup_steps <= s.steps, f"{where}.warmup_steps: must be between 0 and steps")
+        check(bool(s.tasks) and sum(s.tasks.values()) > 0, f"{where}.tasks: empty mixture")
+        for task, weight in s.tasks.items():
+            check(task in TASKS, f"{where}.tasks.{task}: unknown task (known: {', '.join(TASKS)})")
+            check(weight >= 0, f"{where}.tasks.{task}: weight must be >= 0")
+            if task in ("mt", "text") and weight > 0:
+                check(bool(d.text_shards), f"{where}.tasks.{task}: needs data.text_shards, which is not set")
+        for lang in s.languages or []:
+            check(lang in d.languages, f"{where}.languages: '{lang}' is not in data.languages")
+        for lang in s.translation_targets:
+            check(lang in d.languages, f"{where}.translation_targets: '{lang}' is not in data.languages")
+        check(bool(s.trainable), f"{where}.trainable: at least one parameter group")
+        for group in s.trainable:
+            check(bool(GROUP_PATTERN.match(group)),
+                  f"{where}.trainable: unknown group '{group}' (adapter, encoder, encoder.top.N, encoder.layers.N, "
+                  "llm, llm.lora, llm.layers.N)")
+            uses_lora |= group == "llm.lora"
+    check(not uses_lora or m.llm.lora is not None, "model.llm.lora: a stage trains llm.lora but no LoRA is configured")
+    ds = Path(cfg.ds_config)
+    check(ds.is_file(), f"ds_config: file '{ds}' does not exist")
+    if ds.is_file():
+        try:
+            json.loads(ds.read_text())
+        except json.JSONDecodeError as exc:
+            errors.append(f"ds_config: '{ds}' is not valid JSON: {exc}")
+    check(cfg.checkpoint.every > 0, "checkpoint.every: must be > 0")
+    check(cfg.checkpoint.keep >= 1, "checkpoint.keep: must be >= 1")
+    check(cfg.logging.wandb_mode in ("offline", "online", "disabled"), "logging.wandb_mode: offline|online|disabled")
+    check(cfg.eval.num_beams >= 1, "eval.num_beams: must be >= 1")
+    for task in cfg.eval.tasks:
+        check(task in SPEECH_TASKS, f"eval.tasks: '{task}' is not one of {SPEECH_TASKS}")
+    if errors:
+        raise ConfigError(f"{source}: invalid configuration:\n  " + "\n  ".join(errors))

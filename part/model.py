@@ -1,0 +1,286 @@
+"""Speech LLM: a Whisper-style encoder, a downsampling adapter and a decoder-only LLM.
+
+The adapter's outputs replace the audio placeholder in the prompt's token embeddings; the loss covers only
+the target tokens. Nothing here knows about distribution: ZeRO-3 gathers parameters through module hooks,
+so every parameter is reached through a module call, never read directly.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, WhisperConfig, WhisperModel
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+from part.config import AdapterConfig, EncoderConfig, LoraConfig, ModelConfig
+from part.prompts import AUDIO_TOKEN, TURN_END, TURN_START
+
+IGNORE = -100
+WEIGHTS_NAME = "model.safetensors"
+
+
+class Adapter(nn.Module):
+    """Strided-conv downsampling, then a small transformer (or MLP), projected to the LLM's width."""
+
+    def __init__(self, cfg: AdapterConfig, in_dim: int, out_dim: int):
+        super().__init__()
+        self.downsample = cfg.downsample
+        self.conv = nn.Conv1d(in_dim, cfg.hidden, kernel_size=cfg.downsample, stride=cfg.downsample)
+        if cfg.kind == "transformer":
+            layer = nn.TransformerEncoderLayer(
+                cfg.hidden, cfg.heads, dim_feedforward=cfg.hidden * 4, dropout=0.0, batch_first=True, norm_first=True
+            )
+            self.body = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
+        else:
+            self.body = nn.Sequential(nn.Linear(cfg.hidden, cfg.hidden * 2), nn.GELU(), nn.Linear(cfg.hidden * 2, cfg.hidden))
+        self.norm = nn.LayerNorm(cfg.hidden)
+        self.proj = nn.Linear(cfg.hidden, out_dim)
+
+    def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
+        return torch.div(lengths, self.downsample, rounding_mode="floor").clamp(min=1)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Pad the time axis up to a multiple of the stride so no frame is dropped silently.
+        pad = (-x.shape[1]) % self.downsample
+        x = F.pad(x, (0, 0, 0, pad))
+        x = F.gelu(self.conv(x.transpose(1, 2))).transpose(1, 2)
+        out_lengths = self.output_lengths(lengths + pad)
+        if isinstance(self.body, nn.TransformerEncoder):
+            mask = torch.arange(x.shape[1], device=x.device)[None, :] >= out_lengths[:, None]
+            x = self.body(x, src_key_padding_mask=mask)
+        else:
+            x = self.body(x)
+        return self.proj(self.norm(x)), out_lengths
+
+
+def build_encoder(cfg: EncoderConfig) -> WhisperEncoder:
+    """A pretrained Whisper encoder (`from_pretrained` of a local directory) or a fresh one from the config."""
+    if cfg.pretrained:
+        whisper = WhisperModel.from_pretrained(cfg.pretrained, dtype=torch.float32)
+        encoder = whisper.get_encoder()
+        del whisper  # the decoder is not needed
+        return encoder
+    config = WhisperConfig(
+        d_model=cfg.d_model, encoder_layers=cfg.layers, encoder_attention_heads=cfg.heads,
+        encoder_ffn_dim=cfg.ffn_dim, num_mel_bins=cfg.num_mel_bins, decoder_layers=1,
+        decoder_attention_heads=cfg.heads, decoder_ffn_dim=cfg.ffn_dim, max_source_positions=1500,
+        dropout=0.0, encoder_layerdrop=0.0,
+    )
+    return WhisperEncoder(config)
+
+
+def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    """The LLM's tokenizer, with the chat and audio special tokens the prompts use added where missing."""
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    missing = [t for t in (AUDIO_TOKEN, TURN_START, TURN_END) if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing})
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+class SpeechLLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = build_encoder(cfg.encoder)
+        llm = AutoModelForCausalLM.from_pretrained(cfg.llm.pretrained, dtype=torch.float32)
+        if len(tokenizer) > llm.get_input_embeddings().num_embeddings:
+            llm.resize_token_embeddings(len(tokenizer))
+        if cfg.llm.lora is not None:
+            llm = add_lora(llm, cfg.llm.lora)
+        self.llm = llm
+        self.adapter = Adapter(cfg.adapter, self.encoder.config.d_model, llm.config.hidden_size)
+        self.audio_token_id = tokenizer.convert_tokens_to_ids(AUDIO_TOKEN)
+        self.end_token_id = tokenizer.convert_tokens_to_ids(TURN_END)
+        self.pad_token_id = tokenizer.pad_token_id
+
+    # ---------------------------------------------------------------- audio path
+
+    def encode_audio(self, features: torch.Tensor, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Variable-length Whisper encoding (no padding to 30 s), then the adapter.
+
+        features: [B, n_mels, T] log-mel; frames: [B] valid mel frames. Returns [B, N, H] and valid lengths [B].
+        """
+        enc = self.encoder
+        x = F.gelu(enc.conv1(features))
+        x = F.gelu(enc.conv2(x)).transpose(1, 2)
+        if x.shape[1] > enc.config.max_source_positions:
+            raise ValueError(f"audio of {features.shape[-1]} mel frames exceeds the encoder's 30 s window")
+        x = x + enc.embed_positions(torch.arange(x.shape[1], device=x.device))
+        for layer in enc.layers:
+            x = layer(x, None)
+        x = enc.layer_norm(x)
+        enc_lengths = torch.div(frames + 1, 2, rounding_mode="floor")  # conv2 has stride 2
+        return self.adapter(x, enc_lengths)
+
+    # ---------------------------------------------------------------- sequence assembly
+
+    def assemble(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Builds inputs_embeds, attention_mask and labels: [prompt with audio spliced in] + [target]."""
+        embed = self.llm.get_input_embeddings()
+        device = batch["prompt_ids"][0].device if batch["prompt_ids"] else None
+        has_audio = batch["audio_index"]
+        audio, audio_lengths = self.encode_audio(batch["input_features"], batch["feature_frames"])
+        # One embedding call for the whole batch: under ZeRO-3 every rank must run the same sequence of module
+        # calls (parameter prefetching follows it), whatever its batch size.
+        sequences = [torch.cat([p, t]) for p, t in zip(batch["prompt_ids"], batch["target_ids"])]
+        all_embeds = embed(torch.cat(sequences)).split([len(s) for s in sequences])
+        pieces, label_pieces = [], []
+        for i, (prompt, target) in enumerate(zip(batch["prompt_ids"], batch["target_ids"])):
+            emb = all_embeds[i]
+            labels = torch.cat([torch.full_like(prompt, IGNORE), target])
+            j = int(has_audio[i])
+            if j >= 0:
+                pos = (prompt == self.audio_token_id).nonzero()
+                if len(pos) != 1:
+                    raise ValueError(f"sample {i}: speech prompt must contain exactly one {AUDIO_TOKEN}")
+                p = int(pos[0, 0])
+                a = audio[j, : int(audio_lengths[j])]
+                emb = torch.cat([emb[:p], a, emb[p + 1 :]])
+                labels = torch.cat([labels[:p], torch.full((len(a),), IGNORE, device=labels.device), labels[p + 1 :]])
+            pieces.append(emb)
+            label_pieces.append(labels)
+        width = max(len(p) for p in pieces)
+        hidden = pieces[0].shape[-1]
+        inputs = pieces[0].new_zeros(len(pieces), width, hidden)
+        mask = torch.zeros(len(pieces), width, dtype=torch.long, device=device)
+        labels = torch.full((len(pieces), width), IGNORE, dtype=torch.long, device=device)
+        for i, (emb, lab) in enumerate(zip(pieces, label_pieces)):
+            inputs[i, : len(emb)] = emb
+            mask[i, : len(emb)] = 1
+            labels[i, : len(lab)] = lab
+        # Keeps every encoder/adapter parameter in the graph even when no sample in the batch has audio, so
+        # all ranks reduce the same gradients under ZeRO (a rank skipping a module would hang the others).
+        inputs = inputs + 0.0 * audio.sum()
+        return inputs, mask, labels
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        inputs, mask, labels = self.assemble(batch)
+        logits = self.llm(inputs_embeds=inputs, attention_mask=mask).logits
+        shift_logits = logits[:, :-1].float()
+        shift_labels = labels[:, 1:]
+        loss_sum = F.cross_entropy(
+            shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
+        )
+        tokens = (shift_labels != IGNORE).sum()
+        return {"loss": loss_sum / tokens.clamp(min=1), "loss_sum": loss_sum, "tokens": tokens}
+
+    # ---------------------------------------------------------------- generation
+
+    @torch.no_grad()
+    def generate(self, batch: dict, max_new_tokens: int = 96, num_beams: int = 1, synced_gpus: bool = False) -> list[list[int]]:
+        """Greedy or beam decoding of the prompts in `batch` (targets ignored); returns new token ids per sample.
+
+        `synced_gpus` keeps ranks stepping together (needed under ZeRO-3, where each step gathers parameters).
+        """
+        prompt_only = dict(batch, target_ids=[t[:0] for t in batch["target_ids"]])
+        inputs, mask, _ = self.assemble(prompt_only)
+        # Left-pad: generation appends after the last position of every row.
+        lengths = mask.sum(1)
+        left = torch.zeros_like(inputs)
+        left_mask = torch.zeros_like(mask)
+        for i, n in enumerate(lengths.tolist()):
+            left[i, inputs.shape[1] - n :] = inputs[i, :n]
+            left_mask[i, inputs.shape[1] - n :] = 1
+        out = self.llm.generate(
+            inputs_embeds=left, attention_mask=left_mask, max_new_tokens=max_new_tokens, num_beams=num_beams,
+            do_sample=False, eos_token_id=[self.end_token_id], pad_token_id=self.pad_token_id,
+            no_repeat_ngram_size=4, repetition_penalty=1.1, synced_gpus=synced_gpus,
+        )
+        results = []
+        for row in out.tolist():
+            ids = []
+            for t in row:
+                if t == self.end_token_id:
+                    break
+                ids.append(t)
+            results.append(ids)
+        return results
+
+    # ---------------------------------------------------------------- save / load
+
+    def save_pretrained(self, out_dir: str | Path, tokenizer: PreTrainedTokenizerBase, state: dict | None = None) -> None:
+        """Writes model.safetensors (all weights), part_model.json and the tokenizer; loadable by `from_pretrained`."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        state = state if state is not None else {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(out_dir / WEIGHTS_NAME))
+        (out_dir / "part_model.json").write_text(json.dumps(asdict(self.cfg), indent=1))
+        tokenizer.save_pretrained(out_dir / "tokenizer")
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> tuple[SpeechLLM, PreTrainedTokenizerBase]:
+        from part.config import _build
+
+        path = Path(path)
+        cfg = _build(ModelConfig, json.loads((path / "part_model.json").read_text()), "model")
+        tokenizer = load_tokenizer(str(path / "tokenizer"))
+        model = cls(cfg, tokenizer)
+        model.load_weights(path / WEIGHTS_NAME)
+        return model, tokenizer
+
+    def load_weights(self, file: str | Path) -> None:
+        state = load_file(str(file))
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{file}: weights do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+
+
+def add_lora(llm: nn.Module, cfg: LoraConfig) -> nn.Module:
+    """LoRA through peft. B starts at zero, so adding it does not change the LLM until a stage trains it."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    peft_cfg = PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules)
+    return get_peft_model(llm, peft_cfg)
+
+
+# ---------------------------------------------------------------- parameter groups
+
+
+def group_parameters(model: SpeechLLM, group: str) -> list[str]:
+    """Parameter names in a named group: adapter, encoder, encoder.top.N, encoder.layers.N, llm, llm.lora, llm.layers.N."""
+    names = [n for n, _ in model.named_parameters()]
+    n_enc = len(model.encoder.layers)
+    if group == "adapter":
+        return [n for n in names if n.startswith("adapter.")]
+    if group == "encoder":
+        return [n for n in names if n.startswith("encoder.")]
+    if group.startswith("encoder.top."):
+        k = int(group.rsplit(".", 1)[1])
+        top = {f"encoder.layers.{i}." for i in range(max(0, n_enc - k), n_enc)}
+        return [n for n in names if any(n.startswith(t) for t in top) or n.startswith("encoder.layer_norm.")]
+    if group.startswith("encoder.layers."):
+        return [n for n in names if n.startswith(group + ".")]
+    if group == "llm.lora":
+        return [n for n in names if n.startswith("llm.") and "lora_" in n]
+    if group == "llm":
+        return [n for n in names if n.startswith("llm.") and "lora_" not in n]
+    if group.startswith("llm.layers."):
+        k = group.rsplit(".", 1)[1]
+        return [n for n in names if n.startswith("llm.") and f".layers.{k}." in n and "lora_" not in n]
+    raise ValueError(f"unknown parameter group '{group}'")
+
+
+def set_trainable(model: SpeechLLM, groups: list[str]) -> dict[str, int]:
+    """Freezes everything, then unfreezes `groups`; returns trainable parameter counts per group."""
+    params = dict(model.named_parameters())
+    for p in params.values():
+        p.requires_grad_(False)
+    counts = {}
+    for group in groups:
+        selected = group_parameters(model, group)
+        if not selected:
+            raise ValueError(f"parameter group '{group}' selects no parameters in this model")
+        for name in selected:
+            params[name].requires_grad_(True)
+        counts[group] = sum(params[n].numel() for n in selected)
+    return counts

@@ -1,0 +1,231 @@
+"""Train a Speech LLM with the PART curriculum under DeepSpeed.
+
+    deepspeed --num_gpus 8 train.py --config configs/part_large.yaml [key.sub=value ...] [--resume]
+
+One loop, top to bottom: for each stage of the curriculum, build the engine with that stage's trainable
+groups, stream that stage's task mixture, train, checkpoint, evaluate. A stage switch goes through the same
+path as a resume (weights from the boundary checkpoint, a fresh optimizer for the new trainable set), so a
+run resumed at or inside any stage continues exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML config (see configs/)")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. stages.0.lr=5e-4")
+    parser.add_argument("--resume", action="store_true", help="continue from checkpoint.dir/latest if present")
+    parser.add_argument("--check", action="store_true",
+                        help="validate the config and the data of every stage, then exit (no processes started)")
+    parser.add_argument("--world-size", type=int, default=1, help="with --check: the number of ranks to check for")
+    parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the launcher
+    return parser.parse_args(argv)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from part.config import ConfigError, load_config, to_dict
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from part.data import DataError, stage_shards
+
+    try:  # every stage's data, before any process starts or any step is spent
+        for stage in cfg.stages:
+            stage_shards(cfg.data, stage, int(os.environ.get("WORLD_SIZE", args.world_size)))
+    except DataError as exc:
+        print(f"error: {args.config}: {exc}", file=sys.stderr)
+        return 2
+    if args.check:
+        print(f"{args.config}: OK ({len(cfg.stages)} stages, {cfg.total_steps} steps)")
+        return 0
+
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    from part.checkpoint import DS_TAG, Checkpointer, read_data_state, read_trainer_state
+    from part.curriculum import Curriculum
+    from part.data import MixtureStream, StreamTracker, make_loader, to_device
+    from part.evaluate import evaluate
+    from part.logging import RunLogger
+    from part.model import SpeechLLM, load_tokenizer, set_trainable
+
+    accelerator = get_accelerator()
+    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(accelerator.device_name(local_rank))
+    if accelerator.device_name() != "cpu":
+        accelerator.set_device(local_rank)
+    ds_config = json.loads(Path(cfg.ds_config).read_text())
+    bf16 = bool(ds_config.get("bf16", {}).get("enabled", False))
+    if bf16 and not accelerator.is_bf16_supported():
+        raise SystemExit(f"error: {cfg.ds_config} enables bf16, which {accelerator.device_name()} does not support; "
+                         "use an fp32 config such as ds_configs/zero3_cpu.json")
+    grad_accum = int(ds_config.get("gradient_accumulation_steps", 1))
+
+    tokenizer = load_tokenizer(cfg.model.llm.tokenizer or cfg.model.llm.pretrained)
+    curriculum = Curriculum(cfg.stages)
+    checkpointer = Checkpointer(cfg.checkpoint.dir, rank, world, keep=cfg.checkpoint.keep)
+    logger = RunLogger(cfg, rank, world)
+
+    step, ckpt_dir, ckpt_state = 0, None, None
+    if args.resume and (ckpt_dir := checkpointer.latest()) is not None:
+        ckpt_state = read_trainer_state(ckpt_dir)
+        step = ckpt_state["step"]
+        logger.info(f"resuming from {ckpt_dir} at step {step}")
+    elif args.resume:
+        logger.info(f"--resume: no checkpoint in {cfg.checkpoint.dir}; starting fresh")
+
+    bad_in_a_row = 0
+    fault_nan_steps = {int(s) for s in os.environ.get("PART_FAULT_NAN_STEPS", "").split(",") if s}  # tests only
+    exit_code = 0
+    while step < curriculum.total_steps:
+        span = curriculum.at(step)
+        stage = span.stage
+        seed_everything(cfg.seed + span.index)
+
+        # ---- build this stage's model and engine (fresh, or from the checkpoint's weights)
+        model = SpeechLLM(cfg.model, tokenizer)
+        if ckpt_dir is not None:
+            model.load_weights(ckpt_dir / "model.safetensors")
+        counts = set_trainable(model, stage.trainable)
+        decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+        no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=curriculum.lr(step), betas=cfg.optim.betas, eps=cfg.optim.eps,
+        )
+        engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        same_stage = ckpt_state is not None and ckpt_state["engine_stage"] == span.index
+        if same_stage:  # inside a stage: restore the optimizer too; at a boundary the new stage starts fresh
+            engine.load_checkpoint(str(ckpt_dir), tag=DS_TAG, load_module_strict=False,
+                                   load_optimizer_states=True, load_lr_scheduler_states=False)
+        logger.stage(span, counts, step)
+
+        # ---- this stage's data stream, positioned where the checkpoint left it
+        data_resume = None
+        if same_stage:
+            saved = read_data_state(ckpt_dir, rank)
+            data_resume = saved if saved and saved.get("stage") == stage.name else None
+        stream = MixtureStream(cfg.data, stage, tokenizer, model.encoder.config.num_mel_bins, rank, world,
+                               resume=data_resume)
+        tracker = StreamTracker(data_resume)
+        batches = iter(make_loader(stream))
+        tokens_dtype = torch.bfloat16 if bf16 else torch.float32
+
+        def save(at_step: int) -> Path:
+            state = {"engine_stage": span.index, "stage": stage.name, "model_config": to_dict(cfg)["model"],
+                     "config": to_dict(cfg)}
+            return checkpointer.save(engine, model, tokenizer, at_step, state, dict(tracker.state(), stage=stage.name))
+
+        engine.train()
+        while step < span.end:
+            t0 = time.time()
+            lr = curriculum.lr(step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum, token_sum, samples, audio_seconds, wait = 0.0, 0, 0, 0.0, 0.0
+            skipped = False
+            for _ in range(grad_accum):
+                w0 = time.time()
+                batch = next(batches)
+                wait += time.time() - w0
+                tracker.update(batch.pop("position"))
+                batch = to_device(batch, device, tokens_dtype)
+                out = engine(batch)
+                loss = out["loss"]
+                if step in fault_nan_steps:
+                    loss = loss * float("nan")
+                # Every rank must agree to skip, or ZeRO's collectives would hang on the ranks that go on.
+                finite = torch.tensor([1.0 if torch.isfinite(loss).item() else 0.0], device=device)
+                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+                if finite.item() < 1:
+                    skipped = True
+                    engine.zero_grad() if hasattr(engine, "zero_grad") else None
+                    continue
+                engine.backward(loss)
+                engine.step()
+                loss_sum += float(out["loss_sum"].detach())
+                token_sum += int(out["tokens"])
+                samples += len(batch["meta"])
+                audio_seconds += sum(m["duration"] for m in batch["meta"])
+            if skipped:
+                bad_in_a_row += 1
+                logger.info(f"step {step}: non-finite loss, step skipped ({bad_in_a_row} in a row)")
+                if bad_in_a_row >= cfg.optim.max_bad_steps:
+                    logger.info(f"error: {bad_in_a_row} consecutive non-finite losses at step {step}; stopping. "
+                                "Lower the learning rate or check the data; resume from the last checkpoint.")
+                    exit_code = 3
+                    break
+                step += 1
+                continue
+            bad_in_a_row = 0
+            step += 1
+            logger.step(step, span, loss_sum, token_sum, samples, audio_seconds, lr,
+                        engine.get_global_grad_norm(), time.time() - t0, wait, tracker, device)
+            if step % cfg.checkpoint.every == 0 or step == span.end:
+                path = save(step)
+                logger.info(f"checkpoint {path}")
+                ckpt_dir, ckpt_state = path, read_trainer_state(path)
+            if cfg.eval.every and step % cfg.eval.every == 0 and step < curriculum.total_steps:
+                evaluate(engine, cfg, tokenizer, rank, world, device, tokens_dtype, step, logger)
+                engine.train()
+        del batches
+        if exit_code:
+            break
+        if step == curriculum.total_steps:
+            evaluate(engine, cfg, tokenizer, rank, world, device, tokens_dtype, step, logger, final=True)
+            if rank == 0:
+                final = Path(cfg.output_dir) / "final"
+                logger.info(f"final model: {final} (a copy of checkpoint {ckpt_dir.name})")
+                export_final(ckpt_dir, final)
+        engine.destroy()
+        del engine, model, optimizer
+    logger.close()
+    dist.barrier()
+    dist.destroy_process_group()
+    return exit_code
+
+
+def export_final(ckpt_dir: Path, final: Path) -> None:
+    """The inference-ready part of the last checkpoint (weights, model config, tokenizer), without optimizer."""
+    import shutil
+
+    tmp = final.with_name(final.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in ("model.safetensors", "part_model.json"):
+        shutil.copy2(ckpt_dir / name, tmp / name)
+    shutil.copytree(ckpt_dir / "tokenizer", tmp / "tokenizer")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    os._exit(code) if code else sys.exit(0)
