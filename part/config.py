@@ -186,6 +186,11 @@ def _coerce(tp: object, value: object, path: str) -> object:
             raise ConfigError(f"{path}: expected a mapping, got {value!r}")
         return {str(k): _coerce(args[1], v, f"{path}.{k}") for k, v in value.items()}
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads `5e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
         return float(value)
