@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import sys
@@ -137,11 +136,6 @@ def main(argv: list[str] | None = None) -> int:
         batches = iter(make_loader(stream))
         tokens_dtype = torch.bfloat16 if bf16 else torch.float32
 
-        def save(at_step: int) -> Path:
-            state = {"engine_stage": span.index, "stage": stage.name, "model_config": to_dict(cfg)["model"],
-                     "config": to_dict(cfg)}
-            return checkpointer.save(engine, model, tokenizer, at_step, state, dict(tracker.state(), stage=stage.name))
-
         engine.train()
         while step < span.end:
             t0 = time.time()
@@ -188,7 +182,10 @@ def main(argv: list[str] | None = None) -> int:
             logger.step(step, span, loss_sum, token_sum, samples, audio_seconds, lr,
                         engine.get_global_grad_norm(), time.time() - t0, wait, tracker, device)
             if step % cfg.checkpoint.every == 0 or step == span.end:
-                path = save(step)
+                trainer_state = {"engine_stage": span.index, "stage": stage.name,
+                                 "model_config": to_dict(cfg)["model"], "config": to_dict(cfg)}
+                data_state = dict(tracker.state(), stage=stage.name)
+                path = checkpointer.save(engine, model, tokenizer, step, trainer_state, data_state)
                 logger.info(f"checkpoint {path}")
                 ckpt_dir, ckpt_state = path, read_trainer_state(path)
             if cfg.eval.every and step % cfg.eval.every == 0 and step < curriculum.total_steps:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import subprocess
 import sys
 import time
@@ -21,7 +22,7 @@ class Item:
     """One sample to convert: where its audio is (path, or bytes, or a segment of a file) and its record."""
 
     record: dict
-    audio_path: str | None = None
+    audio_path: str | bytes | None = None  # a path, or the encoded file's bytes
     start: float | None = None  # seconds, for segments of long recordings
     end: float | None = None
     tts_args: list[str] | None = None  # espeak-ng arguments: the audio is synthesised from the transcript
@@ -57,8 +58,9 @@ def convert_item(item: Item, max_duration: float) -> tuple[dict, bytes | None, s
         wave = load_audio(item.audio_path)
     except AudioDecodeError:
         return record, None, "unreadable_audio"
-    if item.start is not None:
-        wave = wave[int(item.start * SAMPLE_RATE) : int(item.end * SAMPLE_RATE) if item.end else None]
+    if item.start is not None or item.end is not None:
+        first = int((item.start or 0.0) * SAMPLE_RATE)
+        wave = wave[first : int(item.end * SAMPLE_RATE) if item.end is not None else None]
     duration = len(wave) / SAMPLE_RATE
     if duration <= 0.05:
         return record, None, "empty_audio"
@@ -132,11 +134,13 @@ def build_shards(
         for args in work:
             consume(_convert_star(args))
     else:
+        # Bounded submission: a generator of millions of items is streamed, not materialised.
         with ProcessPoolExecutor(workers) as pool:
-            for result in pool.map(_convert_star, work, chunksize=8):
-                consume(result)
+            while chunk := list(itertools.islice(work, 256 * workers)):
+                for result in pool.map(_convert_star, chunk, chunksize=8):
+                    consume(result)
     shards = [s for w in writers.values() for s in w.close()]
-    extra = {"skipped": dict(summary.skipped), **(index_extra or {})}
+    extra = {**(index_extra or {}), "skipped": dict(summary.skipped)}
     write_index(out_dir, shards, extra)
     log(f"[{out_dir.name}] wrote {len(shards)} shards in {time.time() - started:.1f}s\n{summary.table()}")
     return summary

@@ -38,7 +38,9 @@ class Adapter(nn.Module):
             )
             self.body = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
         else:
-            self.body = nn.Sequential(nn.Linear(cfg.hidden, cfg.hidden * 2), nn.GELU(), nn.Linear(cfg.hidden * 2, cfg.hidden))
+            self.body = nn.Sequential(
+                nn.Linear(cfg.hidden, cfg.hidden * 2), nn.GELU(), nn.Linear(cfg.hidden * 2, cfg.hidden)
+            )
         self.norm = nn.LayerNorm(cfg.hidden)
         self.proj = nn.Linear(cfg.hidden, out_dim)
 
@@ -67,10 +69,17 @@ def build_encoder(cfg: EncoderConfig) -> WhisperEncoder:
         del whisper  # the decoder is not needed
         return encoder
     config = WhisperConfig(
-        d_model=cfg.d_model, encoder_layers=cfg.layers, encoder_attention_heads=cfg.heads,
-        encoder_ffn_dim=cfg.ffn_dim, num_mel_bins=cfg.num_mel_bins, decoder_layers=1,
-        decoder_attention_heads=cfg.heads, decoder_ffn_dim=cfg.ffn_dim, max_source_positions=1500,
-        dropout=0.0, encoder_layerdrop=0.0,
+        d_model=cfg.d_model,
+        encoder_layers=cfg.layers,
+        encoder_attention_heads=cfg.heads,
+        encoder_ffn_dim=cfg.ffn_dim,
+        num_mel_bins=cfg.num_mel_bins,
+        decoder_layers=1,
+        decoder_attention_heads=cfg.heads,
+        decoder_ffn_dim=cfg.ffn_dim,
+        max_source_positions=1500,
+        dropout=0.0,
+        encoder_layerdrop=0.0,
     )
     return WhisperEncoder(config)
 
@@ -168,7 +177,10 @@ class SpeechLLM(nn.Module):
         shift_logits = logits[:, :-1].float()
         shift_labels = labels[:, 1:]
         loss_sum = F.cross_entropy(
-            shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
+            shift_logits.reshape(-1, shift_logits.shape[-1]),
+            shift_labels.reshape(-1),
+            ignore_index=IGNORE,
+            reduction="sum",
         )
         tokens = (shift_labels != IGNORE).sum()
         return {"loss": loss_sum / tokens.clamp(min=1), "loss_sum": loss_sum, "tokens": tokens}
@@ -176,7 +188,9 @@ class SpeechLLM(nn.Module):
     # ---------------------------------------------------------------- generation
 
     @torch.no_grad()
-    def generate(self, batch: dict, max_new_tokens: int = 96, num_beams: int = 1, synced_gpus: bool = False) -> list[list[int]]:
+    def generate(
+        self, batch: dict, max_new_tokens: int = 96, num_beams: int = 1, synced_gpus: bool = False
+    ) -> list[list[int]]:
         """Greedy or beam decoding of the prompts in `batch` (targets ignored); returns new token ids per sample.
 
         `synced_gpus` keeps ranks stepping together (needed under ZeRO-3, where each step gathers parameters).
@@ -191,9 +205,16 @@ class SpeechLLM(nn.Module):
             left[i, inputs.shape[1] - n :] = inputs[i, :n]
             left_mask[i, inputs.shape[1] - n :] = 1
         out = self.llm.generate(
-            inputs_embeds=left, attention_mask=left_mask, max_new_tokens=max_new_tokens, num_beams=num_beams,
-            do_sample=False, eos_token_id=[self.end_token_id], pad_token_id=self.pad_token_id,
-            no_repeat_ngram_size=4, repetition_penalty=1.1, synced_gpus=synced_gpus,
+            inputs_embeds=left,
+            attention_mask=left_mask,
+            max_new_tokens=max_new_tokens,
+            num_beams=num_beams,
+            do_sample=False,
+            eos_token_id=[self.end_token_id],
+            pad_token_id=self.pad_token_id,
+            no_repeat_ngram_size=4,
+            repetition_penalty=1.1,
+            synced_gpus=synced_gpus,
         )
         results = []
         for row in out.tolist():
@@ -207,7 +228,9 @@ class SpeechLLM(nn.Module):
 
     # ---------------------------------------------------------------- save / load
 
-    def save_pretrained(self, out_dir: str | Path, tokenizer: PreTrainedTokenizerBase, state: dict | None = None) -> None:
+    def save_pretrained(
+        self, out_dir: str | Path, tokenizer: PreTrainedTokenizerBase, state: dict | None = None
+    ) -> None:
         """Writes model.safetensors (all weights), part_model.json and the tokenizer; loadable by `from_pretrained`."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -231,7 +254,9 @@ class SpeechLLM(nn.Module):
         state = load_file(str(file))
         missing, unexpected = self.load_state_dict(state, strict=False)
         if missing or unexpected:
-            raise ValueError(f"{file}: weights do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+            raise ValueError(
+                f"{file}: weights do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})"
+            )
 
 
 def add_lora(llm: nn.Module, cfg: LoraConfig) -> nn.Module:
@@ -239,7 +264,9 @@ def add_lora(llm: nn.Module, cfg: LoraConfig) -> nn.Module:
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
-    peft_cfg = PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules)
+    peft_cfg = PeftLoraConfig(
+        r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules
+    )
     return get_peft_model(llm, peft_cfg)
 
 
@@ -247,7 +274,7 @@ def add_lora(llm: nn.Module, cfg: LoraConfig) -> nn.Module:
 
 
 def group_parameters(model: SpeechLLM, group: str) -> list[str]:
-    """Parameter names in a named group: adapter, encoder, encoder.top.N, encoder.layers.N, llm, llm.lora, llm.layers.N."""
+    """Parameter names in a group: adapter, encoder, encoder.top.N, encoder.layers.N, llm, llm.lora, llm.layers.N."""
     names = [n for n, _ in model.named_parameters()]
     n_enc = len(model.encoder.layers)
     if group == "adapter":

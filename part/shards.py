@@ -57,7 +57,8 @@ class ShardWriter:
     def _open(self) -> None:
         name = f"{self.prefix}-{len(self.shards):06d}.tar"
         self._partial = self.out_dir / (name + ".partial")
-        self._tar = tarfile.open(self._partial, "w", format=tarfile.USTAR_FORMAT)
+        # PAX: no 100-byte limit on member names; plain tar, webdataset and Python read it.
+        self._tar = tarfile.open(self._partial, "w", format=tarfile.PAX_FORMAT)
         self._current = ShardInfo(name=name)
 
     def _add_member(self, name: str, data: bytes) -> None:

@@ -2,8 +2,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, write_config
+
 from part.config import ConfigError, load_config
 
 ONE_STAGE = "  - {name: s1, steps: 4, tasks: {asr: 1.0}, trainable: [adapter], lr: 1.0e-3, warmup_steps: 1}"
