@@ -31,7 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="validate the config and the data of every stage, then exit (no processes started)")
     parser.add_argument("--world-size", type=int, default=1, help="with --check: the number of ranks to check for")
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the launcher
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # flags may come after the overrides
 
 
 def seed_everything(seed: int) -> None:

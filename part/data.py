@@ -51,10 +51,10 @@ def expand_shards(pattern: str, language: str | None = None) -> list[str]:
         pattern = pattern.replace("{lang}", language)
     urls: list[str] = []
     for item in braceexpand.braceexpand(pattern):
-        if "://" not in item and not item.startswith("pipe:") and any(c in item for c in "*?["):
-            urls.extend(sorted(glob.glob(item)))
+        if "://" in item or item.startswith("pipe:"):
+            urls.append(item)  # remote: checked when opened
         else:
-            urls.append(item)
+            urls.extend(sorted(glob.glob(item)))  # local: only files that exist (a plain path globs to itself)
     return urls
 
 
@@ -101,6 +101,9 @@ def stage_mixture(data: DataConfig, stage: StageConfig) -> list[tuple[Source, fl
         pattern = data.train_shards if task in SPEECH_TASKS else data.text_shards
         langs = [lang for lang in languages if task not in ("s2tt", "mt") or set(stage.translation_targets) - {lang}]
         sizes = language_sizes(pattern, langs)
+        empty = [lang for lang in langs if sizes[lang] <= 0]
+        if empty:
+            raise DataError(f"stage '{stage.name}', task {task}: no shards match '{pattern}' for {', '.join(empty)}")
         scaled = {lang: sizes[lang] ** (1.0 / data.temperature) for lang in langs}
         norm = sum(scaled.values())
         for lang in langs:
