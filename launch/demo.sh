@@ -18,7 +18,7 @@ if [ ! -f cache/corpus/eval/index.json ]; then
     --text-per-language 500 --shard-mb 4 --shard-samples 100 --max-duration 20 --workers 2
 fi
 if [ ! -f cache/tiny/llm/config.json ]; then
-  python -m part.tiny --text cache/corpus/tokenizer_text.txt --out cache/tiny
+  python -m part.tiny --text cache/corpus/tokenizer_text.txt --out cache/tiny --corpus cache/corpus --pretrain-steps 600
 fi
 output_dir=$(python -c "import sys; from part.config import load_config; print(load_config(sys.argv[1], sys.argv[2:]).output_dir)" "$CONFIG" "$@")
 python train.py --config "$CONFIG" --check --world-size "$NPROC" "$@"

@@ -474,17 +474,20 @@ def eval_batches(cfg: DataConfig, languages: list[str], tasks: list[str], target
             for key, members in iter_tar_samples(url, counters):
                 if taken >= per_language:
                     break
+                made = []
                 for task in tasks:
-                    task_targets = targets if task == "s2tt" else [None]
-                    for tgt in task_targets:
+                    for tgt in targets if task == "s2tt" else [None]:
                         if tgt == lang:
                             continue
-                        rng = random.Random(0)
-                        s = make_sample(Source(task, lang, cfg.eval_shards), key, members, url, rng,
+                        s = make_sample(Source(task, lang, cfg.eval_shards), key, members, url, random.Random(0),
                                         [tgt] if tgt else [], 1e9, counters)
                         if s is not None:
-                            encode_text(tokenizer, s, end_id)
-                            samples.append(s)
+                            made.append(s)
+                if not made or made[0].language != lang:  # unusable, or another language's clip
+                    continue
+                for s in made:
+                    encode_text(tokenizer, s, end_id)
+                samples.extend(made)
                 taken += 1
     samples.sort(key=lambda s: s.duration)
     chunks = [samples[i : i + batch_size] for i in range(0, len(samples), batch_size)]

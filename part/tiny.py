@@ -37,8 +37,65 @@ def train_tokenizer(text_file: Path, out_dir: Path, vocab_size: int = 4000):
     return tokenizer
 
 
-def build_tiny(text_file: Path, out_dir: Path, vocab_size: int = 4000, seed: int = 0) -> tuple[Path, Path]:
-    """Writes `<out>/whisper` and `<out>/llm` (with its tokenizer); returns both paths."""
+def text_examples(corpus: Path, seed: int = 0) -> list[str]:
+    """Chat-formatted text-only examples from the corpus' training side (never eval/): continuation of every
+    transcript, and translation of every aligned pair (FLORES dev and Tatoeba). No audio prompts."""
+    import json
+    import random
+    from collections import Counter
+
+    from part.data import iter_tar_samples
+    from part.prompts import instruction, split_for_text_task
+
+    examples = []
+    counters: Counter = Counter()
+    for split in ("train", "text"):
+        for shard in sorted((corpus / split).glob("*.tar")):
+            for _, members in iter_tar_samples(str(shard), counters):
+                record = json.loads(members["json"])
+                lang, text = record["language"], record["transcript"]
+                head, tail = split_for_text_task(text)
+                examples.append(instruction("text", lang, text=head) + tail + TURN_END)
+                for target, translation in record.get("translations", {}).items():
+                    examples.append(instruction("mt", lang, target, text) + translation + TURN_END)
+    random.Random(seed).shuffle(examples)
+    return examples
+
+
+def pretrain_llm(llm, tokenizer, examples: list[str], steps: int, batch_size: int = 16, lr: float = 3e-3,
+                 log_every: int = 50) -> list[float]:
+    """Stands in for the LLM's pretraining: plain next-token training on text tasks, a few CPU minutes.
+    Returns the loss per step."""
+    import time
+
+    opt = torch.optim.AdamW(llm.parameters(), lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+    losses, start = [], time.time()
+    llm.train()
+    for step in range(steps):
+        batch = [examples[(step * batch_size + i) % len(examples)] for i in range(batch_size)]
+        enc = tokenizer(batch, add_special_tokens=False, padding=True, truncation=True, max_length=128,
+                        return_tensors="pt")
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        loss = llm(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(llm.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            recent = losses[-log_every:]
+            print(f"[tiny] LLM pretraining step {step + 1}/{steps} loss {sum(recent) / len(recent):.3f} "
+                  f"({time.time() - start:.0f}s)", file=sys.stderr, flush=True)
+    llm.eval()
+    return losses
+
+
+def build_tiny(text_file: Path, out_dir: Path, vocab_size: int = 4000, seed: int = 0, corpus: Path | None = None,
+               pretrain_steps: int = 0) -> tuple[Path, Path]:
+    """Writes `<out>/whisper` and `<out>/llm` (with its tokenizer); returns both paths. With `corpus` and
+    `pretrain_steps`, the LLM is first trained on the corpus' text tasks, as a real LLM would come pretrained."""
     from transformers import Qwen2Config, Qwen2ForCausalLM, WhisperConfig, WhisperModel
 
     torch.manual_seed(seed)
@@ -57,6 +114,8 @@ def build_tiny(text_file: Path, out_dir: Path, vocab_size: int = 4000, seed: int
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.convert_tokens_to_ids(TURN_END),
         bos_token_id=tokenizer.bos_token_id,
     ))
+    if corpus is not None and pretrain_steps > 0:
+        pretrain_llm(llm, tokenizer, text_examples(corpus, seed), pretrain_steps)
     llm.save_pretrained(llm_dir)
     return whisper_dir, llm_dir
 
@@ -66,8 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text", type=Path, required=True, help="text file to train the tokenizer on")
     parser.add_argument("--out", type=Path, required=True, help="output directory (gets whisper/ and llm/)")
     parser.add_argument("--vocab-size", type=int, default=4000)
+    parser.add_argument("--corpus", type=Path, help="corpus directory (train/, text/) for the LLM's pretraining")
+    parser.add_argument("--pretrain-steps", type=int, default=0, help="LLM pretraining steps on text tasks")
     args = parser.parse_args(argv)
-    whisper_dir, llm_dir = build_tiny(args.text, args.out, args.vocab_size)
+    whisper_dir, llm_dir = build_tiny(args.text, args.out, args.vocab_size, corpus=args.corpus,
+                                      pretrain_steps=args.pretrain_steps)
     print(f"tiny encoder: {whisper_dir}\ntiny LLM + tokenizer: {llm_dir}", file=sys.stderr)
     return 0
 
