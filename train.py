@@ -182,8 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             logger.step(step, span, loss_sum, token_sum, samples, audio_seconds, lr,
                         engine.get_global_grad_norm(), time.time() - t0, wait, tracker, device)
             if step % cfg.checkpoint.every == 0 or step == span.end:
-                trainer_state = {"engine_stage": span.index, "stage": stage.name,
-                                 "model_config": to_dict(cfg)["model"], "config": to_dict(cfg)}
+                trainer_state = {"engine_stage": span.index, "stage": stage.name, "config": to_dict(cfg)}
                 data_state = dict(tracker.state(), stage=stage.name)
                 path = checkpointer.save(engine, model, tokenizer, step, trainer_state, data_state)
                 logger.info(f"checkpoint {path}")

@@ -18,9 +18,8 @@ from pathlib import Path
 import deepspeed
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
 
-from part.model import WEIGHTS_NAME, SpeechLLM
+from part.model import SpeechLLM
 
 LATEST = "latest"
 DS_TAG = "ds"
@@ -80,9 +79,7 @@ class Checkpointer:
                 engine.save_checkpoint(str(partial), tag=DS_TAG, save_latest=False)
             (partial / f"data_rank{self.rank}.json").write_text(json.dumps(data_state))
             if self.rank == 0:
-                save_file(state, str(partial / WEIGHTS_NAME))
-                (partial / "part_model.json").write_text(json.dumps(trainer_state["model_config"], indent=1))
-                tokenizer.save_pretrained(partial / "tokenizer")
+                model.save_pretrained(partial, tokenizer, state)
                 full = dict(trainer_state, step=step, world_size=self.world_size)
                 (partial / "trainer_state.json").write_text(json.dumps(full, indent=1))
         except OSError as exc:  # e.g. disk full: keep the previous checkpoint, report, go on training

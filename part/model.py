@@ -45,14 +45,15 @@ class Adapter(nn.Module):
         self.proj = nn.Linear(cfg.hidden, out_dim)
 
     def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
-        return torch.div(lengths, self.downsample, rounding_mode="floor").clamp(min=1)
+        # ceil: a clip's last partial window counts; the result does not depend on the rest of the batch
+        return torch.div(lengths + self.downsample - 1, self.downsample, rounding_mode="floor").clamp(min=1)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # Pad the time axis up to a multiple of the stride so no frame is dropped silently.
         pad = (-x.shape[1]) % self.downsample
         x = F.pad(x, (0, 0, 0, pad))
         x = F.gelu(self.conv(x.transpose(1, 2))).transpose(1, 2)
-        out_lengths = self.output_lengths(lengths + pad)
+        out_lengths = self.output_lengths(lengths)
         if isinstance(self.body, nn.TransformerEncoder):
             mask = torch.arange(x.shape[1], device=x.device)[None, :] >= out_lengths[:, None]
             x = self.body(x, src_key_padding_mask=mask)
@@ -231,10 +232,12 @@ class SpeechLLM(nn.Module):
     def save_pretrained(
         self, out_dir: str | Path, tokenizer: PreTrainedTokenizerBase, state: dict | None = None
     ) -> None:
-        """Writes model.safetensors (all weights), part_model.json and the tokenizer; loadable by `from_pretrained`."""
+        """Writes model.safetensors (all weights, or `state` when given, e.g. gathered from ZeRO-3 partitions),
+        part_model.json and the tokenizer: a directory `from_pretrained` loads."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        state = state if state is not None else {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        if state is None:  # clones: tied weights (embeddings / lm_head) must not share memory in safetensors
+            state = {k: v.detach().cpu().clone().contiguous() for k, v in self.state_dict().items()}
         save_file(state, str(out_dir / WEIGHTS_NAME))
         (out_dir / "part_model.json").write_text(json.dumps(asdict(self.cfg), indent=1))
         tokenizer.save_pretrained(out_dir / "tokenizer")

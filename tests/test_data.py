@@ -233,7 +233,8 @@ def test_eval_batches_equal_count_per_rank(corpus, tokenizer):
                 for r in (0, 1)]
     assert len(per_rank[0]) == len(per_rank[1]) > 0
     real = [m["key"] + m["task"] for batches in per_rank for b in batches if not b["pad"] for m in b["meta"]]
-    available = {e["name"][:2]: e["samples"] for e in json.loads((corpus / "eval" / "index.json").read_text())["shards"]}
+    index = json.loads((corpus / "eval" / "index.json").read_text())
+    available = {e["name"][:2]: e["samples"] for e in index["shards"]}
     asr = sum(min(3, n) for n in available.values())
     s2tt = asr - min(3, available["en"])  # into en: every language but en
     assert len(real) == len(set(real)) == asr + s2tt
