@@ -187,14 +187,16 @@ def main(argv: list[str] | None = None) -> int:
                 path = checkpointer.save(engine, model, tokenizer, step, trainer_state, data_state)
                 logger.info(f"checkpoint {path}")
                 ckpt_dir, ckpt_state = path, read_trainer_state(path)
-            if cfg.eval.every and step % cfg.eval.every == 0 and step < curriculum.total_steps:
+            eval_due = cfg.eval.every and cfg.eval.per_language and step % cfg.eval.every == 0
+            if eval_due and step < curriculum.total_steps:
                 evaluate(engine, cfg, tokenizer, rank, world, device, tokens_dtype, step, logger)
                 engine.train()
         del batches
         if exit_code:
             break
         if step == curriculum.total_steps:
-            evaluate(engine, cfg, tokenizer, rank, world, device, tokens_dtype, step, logger, final=True)
+            if cfg.eval.per_language:
+                evaluate(engine, cfg, tokenizer, rank, world, device, tokens_dtype, step, logger, final=True)
             if rank == 0:
                 final = Path(cfg.output_dir) / "final"
                 logger.info(f"final model: {final} (a copy of checkpoint {ckpt_dir.name})")

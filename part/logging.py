@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -19,6 +21,8 @@ class RunLogger:
         self.steps_timed = 0
         self.time_in_steps = 0.0
         self.wandb = None
+        if rank == 0:
+            Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         if rank == 0 and cfg.logging.wandb_project and cfg.logging.wandb_mode != "disabled":
             import wandb
 
@@ -51,6 +55,11 @@ class RunLogger:
         if self.rank != 0:
             return
         loss = t[0].item() / max(t[1].item(), 1)
+        # Every step, full precision: what the plots and the resume tests read.
+        with open(Path(self.cfg.output_dir) / "train_log.jsonl", "a") as fh:
+            fh.write(json.dumps({"step": step, "stage": span.name, "stage_index": span.index, "loss": loss,
+                                 "lr": lr, "samples": t[2].item(), "audio_seconds": t[3].item(),
+                                 "step_time": step_time, "data_wait": t[4].item() / self.world_size}) + "\n")
         self.steps_timed += 1
         self.time_in_steps += step_time
         every = self.cfg.logging.every

@@ -21,7 +21,7 @@ def model_and_tokenizer(tiny_models):
 def make_batch(tok, frames=(300, 180), text_only=False):
     end = tok.convert_tokens_to_ids("<|im_end|>")
     prompts, targets, index = [], [], []
-    for i, n in enumerate(frames):
+    for i, _ in enumerate(frames):
         prompts.append(torch.tensor(tok(instruction("asr", "de"), add_special_tokens=False)["input_ids"]))
         targets.append(torch.tensor(tok("Guten Tag", add_special_tokens=False)["input_ids"] + [end]))
         index.append(i)
