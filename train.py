@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
-    from part.checkpoint import DS_TAG, Checkpointer, read_data_state, read_trainer_state
+    from part.checkpoint import DS_TAG, Checkpointer, read_data_state, read_trainer_state, step_dir_name
     from part.curriculum import Curriculum
     from part.data import MixtureStream, StreamTracker, make_loader, to_device
     from part.evaluate import evaluate
@@ -102,7 +102,15 @@ def main(argv: list[str] | None = None) -> int:
     bad_in_a_row = 0
     fault_nan_steps = {int(s) for s in os.environ.get("PART_FAULT_NAN_STEPS", "").split(",") if s}  # tests only
     exit_code = 0
-    while step < curriculum.total_steps:
+    final_dir = Path(cfg.output_dir) / "final"
+    # Also entered at the last step when the final evaluation/export did not happen (a crash right after the
+    # last checkpoint): the engine is rebuilt from that checkpoint and only the evaluation runs.
+    def run_finished() -> bool:  # decided by rank 0 (nodes may not share a filesystem view at this instant)
+        flag = torch.tensor([1 if rank == 0 and final_is_from(final_dir, ckpt_dir) else 0], device=device)
+        dist.broadcast(flag, 0)
+        return bool(flag.item())
+
+    while step < curriculum.total_steps or not run_finished():
         span = curriculum.at(step)
         stage = span.stage
         seed_everything(cfg.seed + span.index)
@@ -159,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
                 dist.all_reduce(finite, op=dist.ReduceOp.MIN)
                 if finite.item() < 1:
                     skipped = True
-                    engine.zero_grad() if hasattr(engine, "zero_grad") else None
+                    if grad_accum > 1:  # keep DeepSpeed's accumulation boundary; this micro-batch adds nothing
+                        engine.step()
                     continue
                 engine.backward(loss)
                 engine.step()
@@ -175,18 +184,24 @@ def main(argv: list[str] | None = None) -> int:
                                 "Lower the learning rate or check the data; resume from the last checkpoint.")
                     exit_code = 3
                     break
-                step += 1
-                continue
-            bad_in_a_row = 0
+            else:
+                bad_in_a_row = 0
             step += 1
-            logger.step(step, span, loss_sum, token_sum, samples, audio_seconds, lr,
-                        engine.get_global_grad_norm(), time.time() - t0, wait, tracker, device)
+            if not skipped:
+                logger.step(step, span, loss_sum, token_sum, samples, audio_seconds, lr,
+                            engine.get_global_grad_norm(), time.time() - t0, wait, tracker, device)
             if step % cfg.checkpoint.every == 0 or step == span.end:
                 trainer_state = {"engine_stage": span.index, "stage": stage.name, "config": to_dict(cfg)}
                 data_state = dict(tracker.state(), stage=stage.name)
                 path = checkpointer.save(engine, model, tokenizer, step, trainer_state, data_state)
-                logger.info(f"checkpoint {path}")
-                ckpt_dir, ckpt_state = path, read_trainer_state(path)
+                if path is not None and path.name == step_dir_name(step):
+                    logger.info(f"checkpoint {path}")
+                    ckpt_dir, ckpt_state = path, read_trainer_state(path)
+                elif step == span.end:  # the next stage is built from this checkpoint: it must exist
+                    logger.info(f"error: the stage-boundary checkpoint at step {step} could not be written; "
+                                f"free space in {cfg.checkpoint.dir} and rerun with --resume")
+                    exit_code = 4
+                    break
             eval_due = cfg.eval.every and cfg.eval.per_language and step % cfg.eval.every == 0
             if eval_due and step < curriculum.total_steps:
                 evaluate(engine, cfg, tokenizer, rank, world, device, tokens_dtype, step, logger)
@@ -198,15 +213,24 @@ def main(argv: list[str] | None = None) -> int:
             if cfg.eval.per_language:
                 evaluate(engine, cfg, tokenizer, rank, world, device, tokens_dtype, step, logger, final=True)
             if rank == 0:
-                final = Path(cfg.output_dir) / "final"
-                logger.info(f"final model: {final} (a copy of checkpoint {ckpt_dir.name})")
-                export_final(ckpt_dir, final)
+                logger.info(f"final model: {final_dir} (a copy of checkpoint {ckpt_dir.name})")
+                export_final(ckpt_dir, final_dir)
+            dist.barrier()
         engine.destroy()
         del engine, model, optimizer
     logger.close()
     dist.barrier()
     dist.destroy_process_group()
     return exit_code
+
+
+FINAL_MARKER = "part_final.json"
+
+
+def final_is_from(final: Path, ckpt_dir: Path | None) -> bool:
+    """Whether `final/` was exported from checkpoint `ckpt_dir` (so the run's end has already happened)."""
+    marker = final / FINAL_MARKER
+    return ckpt_dir is not None and marker.exists() and json.loads(marker.read_text())["checkpoint"] == str(ckpt_dir)
 
 
 def export_final(ckpt_dir: Path, final: Path) -> None:
@@ -219,6 +243,7 @@ def export_final(ckpt_dir: Path, final: Path) -> None:
     for name in ("model.safetensors", "part_model.json"):
         shutil.copy2(ckpt_dir / name, tmp / name)
     shutil.copytree(ckpt_dir / "tokenizer", tmp / "tokenizer")
+    (tmp / FINAL_MARKER).write_text(json.dumps({"checkpoint": str(ckpt_dir)}))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
 

@@ -199,6 +199,14 @@ def test_resume_exactly_at_a_stage_boundary(reference, tmp_path):
     ref_end = weights(reference["ckpt"], 13)
     assert all(torch.allclose(end[n], ref_end[n], atol=1e-6) for n in ref_end)
 
+    # A crash after the last checkpoint but before the final evaluation/export: --resume does only those.
+    shutil.rmtree(tmp_path / "out" / "final")
+    proc = run_ds(config, "--resume", "eval.per_language=1")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert (tmp_path / "out" / "final" / "model.safetensors").exists()
+    assert json.loads((tmp_path / "out" / "final.json").read_text())["step"] == 13
+    assert sorted(losses(tmp_path / "out")) == list(range(6, 14))  # no step trained again
+
 
 def test_non_finite_loss_is_skipped_then_stops(corpus, tiny_models, tmp_path):
     stages = "  - {name: s1, steps: 6, tasks: {asr: 1.0}, trainable: [adapter], lr: 1.0e-3, warmup_steps: 1}"

@@ -1,0 +1,483 @@
+r"""Train the PART recipe and its one-stage baseline, then compare them side by side.
+
+    python -m part.compare --part configs/tiny_part.yaml --baseline configs/tiny_baseline.yaml --out runs/compare \
+        [--nproc 2] [--eval-every N] [--skip-training] [--use-config-dirs] [key.sub=value ...]
+
+Each recipe is trained in turn through the DeepSpeed launcher (`deepspeed --num_gpus NPROC --master_port <free>
+train.py --config X --resume <overrides> eval.every=N output_dir=... checkpoint.dir=...`), its output streamed with
+a `[part]` / `[baseline]` prefix. Overrides apply to both runs. By default each run writes under `--out`
+(`<out>/part`, `<out>/baseline`), so an older run in a config's own output_dir (other eval points, an appended
+train_log) cannot leak in; `--use-config-dirs` keeps the configs' output_dir / checkpoint.dir instead. Because of
+`--resume`, re-running the command continues interrupted runs and skips finished ones.
+
+Run it from the repository root, like train.py: the configs' relative paths (cache/..., ds_configs/...) are
+relative to the working directory. Each run gets OMP_NUM_THREADS = cores // NPROC (at least
+1) unless OMP_NUM_THREADS is already set.
+
+Then (or only, with `--skip-training`) it reads both output dirs and writes into `--out`:
+  compare.md    header (command, date, steps), final results side by side (ASR per language, S2TT per direction,
+                averages), the evaluations during training, and the curves
+  compare.json  the same numbers, machine-readable
+  curves.png    (a) smoothed training loss vs step, (b) average ASR error rate and average S2TT BLEU vs step,
+                with the PART stage boundaries drawn and labelled
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import shlex
+import socket
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from part.metrics import compare_table
+
+REPO = Path(__file__).resolve().parents[1]
+SYSTEMS = ("part", "baseline")
+FIG_SIZE = (12.0, 4.5)  # inches; at FIG_DPI the PNG is 1200 x 450 pixels
+FIG_DPI = 100
+_EVAL_FILE = re.compile(r"^eval_step_(\d+)\.json$")
+
+
+# ---------------------------------------------------------------- reading a run
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    """Records of a JSONL file; a malformed line (e.g. the half-written last line of a live run) is skipped."""
+    records = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and "step" in record:
+                records.append(record)
+    return records
+
+
+def _stages_from_log(train: list[dict]) -> list[dict]:
+    """Stage spans from the per-step log: [{index, name, start, end}], steps start..end (end inclusive, 1-based).
+
+    A logged step is the count of steps done, so a stage whose first logged step is s starts at s - 1 (the
+    boundary drawn on the plots), as in the config's cumulative step counts.
+    """
+    stages: list[dict] = []
+    for record in train:
+        index = record.get("stage_index")
+        if index is None:
+            continue
+        if stages and stages[-1]["index"] == index:
+            stages[-1]["end"] = record["step"]
+        else:
+            stages.append({"index": index, "name": record.get("stage", f"stage{index}"),
+                           "start": record["step"] - 1, "end": record["step"]})
+    return stages
+
+
+def stages_from_config(cfg) -> list[dict]:
+    """Stage spans from a TrainConfig (for a run whose train_log is missing)."""
+    stages, start = [], 0
+    for i, stage in enumerate(cfg.stages):
+        stages.append({"index": i, "name": stage.name, "start": start, "end": start + stage.steps})
+        start += stage.steps
+    return stages
+
+
+def load_run(output_dir: str | Path) -> dict:
+    """Reads a train.py output_dir.
+
+    Returns {"output_dir", "train": [{step, stage, stage_index, loss, ...}] (one per step, sorted; a step logged
+    twice, as after a resume, keeps its last record), "stages": [{index, name, start, end}], "evals": [{step,
+    rows, final}] (every eval_step_N.json, plus final.json when its step has no intermediate file), "final":
+    rows of final.json or None, "final_step": its step or None, "last_step": the last logged training step or
+    None}.
+    """
+    out = Path(output_dir)
+    if not out.is_dir():
+        raise FileNotFoundError(f"run directory {out} does not exist (train it first, or drop --skip-training)")
+    train: list[dict] = []
+    log = out / "train_log.jsonl"
+    if log.is_file():
+        by_step = {int(r["step"]): r for r in _read_jsonl(log)}
+        train = [by_step[s] for s in sorted(by_step)]
+    evals: dict[int, dict] = {}
+    for path in out.glob("eval_step_*.json"):
+        match = _EVAL_FILE.match(path.name)
+        if not match:
+            continue
+        data = json.loads(path.read_text(encoding="utf-8"))
+        step = int(data.get("step", match.group(1)))
+        evals[step] = {"step": step, "rows": list(data.get("rows", [])), "final": False}
+    final_rows, final_step = None, None
+    final_path = out / "final.json"
+    if final_path.is_file():
+        data = json.loads(final_path.read_text(encoding="utf-8"))
+        final_rows = list(data.get("rows", []))
+        final_step = data.get("step")
+        if final_step is not None and int(final_step) not in evals:
+            evals[int(final_step)] = {"step": int(final_step), "rows": final_rows, "final": True}
+    return {
+        "output_dir": str(out),
+        "train": train,
+        "stages": _stages_from_log(train),
+        "evals": [evals[s] for s in sorted(evals)],
+        "final": final_rows,
+        "final_step": final_step,
+        "last_step": train[-1]["step"] if train else None,
+    }
+
+
+# ---------------------------------------------------------------- summaries
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _row_key(row: Mapping) -> str:
+    return row["language"] if row.get("language") is not None else f"{row.get('source')}→{row.get('target')}"
+
+
+def summarize(rows: Sequence[Mapping], keys: set[tuple[str, str, str]] | None = None) -> dict:
+    """Macro averages of one set of rows: asr_error (all ASR languages, WER or CER each: the 'average error
+    rate'), asr_wer, asr_cer, s2tt_bleu. Rows without a value are left out; with `keys`, only rows whose
+    (task, metric, key) is in it. A missing average is None."""
+    def values(task: str, metric: str | None = None) -> list[float]:
+        return [float(r["value"]) for r in rows
+                if r.get("task") == task and (metric is None or r.get("metric") == metric)
+                and r.get("value") is not None and (keys is None or (r["task"], r["metric"], _row_key(r)) in keys)]
+
+    return {"asr_error": _mean(values("asr")), "asr_wer": _mean(values("asr", "wer")),
+            "asr_cer": _mean(values("asr", "cer")), "s2tt_bleu": _mean(values("s2tt", "bleu"))}
+
+
+def _shared_keys(*row_sets: Sequence[Mapping]) -> set[tuple[str, str, str]]:
+    """(task, metric, key) that every row set has a value for."""
+    sets = [{(r["task"], r["metric"], _row_key(r)) for r in rows if r.get("value") is not None} for rows in row_sets]
+    return set.intersection(*sets) if sets else set()
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+SUMMARY_LABELS = {
+    "asr_error": "ASR average error rate (WER, CER for zh/ja/ko/yue/th), all languages",
+    "asr_wer": "ASR average WER (space-delimited languages)",
+    "asr_cer": "ASR average CER (CJK / Thai)",
+    "s2tt_bleu": "S2TT average BLEU",
+}
+
+
+# ---------------------------------------------------------------- plotting
+
+
+def _smooth(values: list[float], window: int) -> list[float]:
+    """Trailing moving average (the first points average what there is)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def plot_curves(runs: Mapping[str, dict], stages: list[dict], path: Path) -> Path:
+    """curves.png: (a) training loss (raw faint, smoothed solid) and (b) average ASR error rate (left axis) and
+    average S2TT BLEU (right axis) at each evaluation; stage boundaries as labelled vertical lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    colors = {name: f"C{i}" for i, name in enumerate(runs)}
+    fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=FIG_SIZE, dpi=FIG_DPI)
+    try:
+        for name, run in runs.items():
+            points = [(r["step"], r["loss"]) for r in run["train"] if isinstance(r.get("loss"), int | float)]
+            if not points:
+                continue
+            steps, losses = zip(*points)
+            window = max(1, min(50, len(losses) // 20))
+            ax_loss.plot(steps, losses, color=colors[name], alpha=0.2, linewidth=0.8)
+            ax_loss.plot(steps, _smooth(list(losses), window), color=colors[name], linewidth=1.8,
+                         label=f"{name} (moving avg {window})")
+        ax_loss.set_title("(a) training loss")
+        ax_loss.set_xlabel("step")
+        ax_loss.set_ylabel("loss (per target token)")
+        if ax_loss.get_legend_handles_labels()[0]:
+            ax_loss.legend(loc="upper right", fontsize=8)
+
+        ax_bleu = ax_err.twinx()
+        handles = []
+        for name, run in runs.items():
+            summaries = [(e["step"], summarize(e["rows"])) for e in run["evals"]]
+            err = [(s, m["asr_error"]) for s, m in summaries if m["asr_error"] is not None]
+            blu = [(s, m["s2tt_bleu"]) for s, m in summaries if m["s2tt_bleu"] is not None]
+            if err:
+                ax_err.plot(*zip(*err), color=colors[name], marker="o", linewidth=1.8)
+                handles.append(Line2D([], [], color=colors[name], marker="o", label=f"{name}: ASR error rate"))
+            if blu:
+                ax_bleu.plot(*zip(*blu), color=colors[name], marker="s", linestyle="--", linewidth=1.5)
+                handles.append(Line2D([], [], color=colors[name], marker="s", linestyle="--",
+                                      label=f"{name}: S2TT BLEU"))
+        ax_err.set_title("(b) held-out evaluation")
+        ax_err.set_xlabel("step")
+        ax_err.set_ylabel("average ASR error rate, % (WER; CER for CJK)")
+        ax_bleu.set_ylabel("average S2TT BLEU")
+        if handles:
+            ax_err.legend(handles=handles, loc="upper right", fontsize=7, framealpha=0.8)
+
+        # The same step range on both panels (the evaluations start later than the loss curve).
+        ends = [s["end"] for s in stages] + [r["step"] for run in runs.values() for r in run["train"]]
+        ends += [e["step"] for run in runs.values() for e in run["evals"]]
+        if ends:
+            for ax in (ax_loss, ax_err):
+                ax.set_xlim(0, max(ends) * 1.02)
+        for ax in (ax_loss, ax_err):
+            transform = ax.get_xaxis_transform()  # x in data, y in axes fraction
+            for stage in stages:
+                if stage["start"] > 0:
+                    ax.axvline(stage["start"], color="0.5", linestyle=":", linewidth=1)
+                ax.text(stage["start"], 0.02, f" {stage['name']}", transform=transform, rotation=90,
+                        fontsize=7, color="0.35", ha="left", va="bottom", clip_on=True)
+        if stages:
+            fig.suptitle("stage boundaries (dotted): PART's curriculum; the baseline is one stage", fontsize=9)
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=FIG_DPI)
+    finally:
+        plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------- writing the comparison
+
+
+def _final_rows(run: dict) -> tuple[list[dict], str]:
+    """The run's final rows, or its last intermediate evaluation (with a note) when final.json is missing."""
+    if run.get("final") is not None:
+        return run["final"], f"final.json, step {run['final_step']}"
+    if run.get("evals"):
+        last = run["evals"][-1]
+        return last["rows"], f"no final.json: last evaluation, step {last['step']}"
+    return [], "no evaluation found"
+
+
+def write_comparison(part_run: dict, baseline_run: dict, out_dir: str | Path, header: str = "",
+                     stages: list[dict] | None = None) -> Path:
+    """Writes compare.md, compare.json and curves.png into `out_dir`; returns the path of compare.md.
+
+    `header` is markdown put at the top (command, date, ...). The vertical lines of the plot are `stages`, by
+    default the PART run's stages as read from its train_log.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = {"part": part_run, "baseline": baseline_run}
+    if stages is None:
+        stages = part_run.get("stages") or []
+    finals = {name: _final_rows(run) for name, run in runs.items()}
+    final_rows = {name: rows for name, (rows, _) in finals.items()}
+    table = compare_table(final_rows)
+    shared = _shared_keys(*final_rows.values())
+    summaries = {name: summarize(rows, shared) for name, rows in final_rows.items()}
+
+    lines = [header.rstrip(), ""] if header.strip() else []
+    lines += ["## Final evaluation", ""]
+    for name, run in runs.items():
+        steps = run.get("last_step")
+        lines.append(f"- {name}: `{run['output_dir']}` ({finals[name][1]}; last training step "
+                     f"{steps if steps is not None else 'n/a'}, {len(run.get('stages') or [])} stage(s))")
+    lines += ["", table, "", "### Averages over the rows both runs have", "",
+              "| summary | part | baseline |", "|---|---:|---:|"]
+    for key, label in SUMMARY_LABELS.items():
+        lines.append(f"| {label} | {_fmt(summaries['part'][key])} | {_fmt(summaries['baseline'][key])} |")
+
+    eval_summaries = {name: {e["step"]: summarize(e["rows"]) for e in run["evals"]} for name, run in runs.items()}
+    eval_steps = sorted(set().union(*eval_summaries.values()))
+    lines += ["", "## Evaluation during training", ""]
+    if eval_steps:
+        lines += ["| step | part ASR error rate | baseline ASR error rate | part S2TT BLEU | baseline S2TT BLEU |",
+                  "|---:|---:|---:|---:|---:|"]
+        for step in eval_steps:
+            cells = [_fmt(eval_summaries[n].get(step, {}).get("asr_error")) for n in runs]
+            cells += [_fmt(eval_summaries[n].get(step, {}).get("s2tt_bleu")) for n in runs]
+            lines.append(f"| {step} | " + " | ".join(cells) + " |")
+    else:
+        lines.append("_No evaluation files found._")
+    if stages:
+        lines += ["", "PART stages: " + ", ".join(f"{s['name']} (steps {s['start']}-{s['end']})" for s in stages)]
+    lines += ["", "![training curves](curves.png)", ""]
+    md_path = out / "compare.md"
+    md_path.write_text("\n".join(lines), encoding="utf-8")
+
+    plot_curves(runs, stages, out / "curves.png")
+
+    payload = {
+        "header": header,
+        "final": {name: {"rows": rows, "source": finals[name][1], "output_dir": runs[name]["output_dir"],
+                         "last_step": runs[name].get("last_step")} for name, rows in final_rows.items()},
+        "averages": summaries,
+        "averaged_over": sorted("/".join(k) for k in shared),
+        "evals": {name: [dict(step=s, **eval_summaries[name][s]) for s in sorted(eval_summaries[name])]
+                  for name in runs},
+        "stages": stages,
+        "table": table,
+    }
+    (out / "compare.json").write_text(json.dumps(payload, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    return md_path
+
+
+# ---------------------------------------------------------------- training
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def stream(cmd: list[str], prefix: str, env: dict[str, str]) -> int:
+    """Runs `cmd` (in this process's working directory, against which the configs' relative paths were
+    validated), printing each output line with `[prefix] `; returns its exit code."""
+    print(f"[{prefix}] $ {shlex.join(cmd)}", flush=True)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            errors="replace", bufsize=1)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            print(f"[{prefix}] {line}", end="" if line.endswith("\n") else "\n", flush=True)
+        return proc.wait()
+    except KeyboardInterrupt:  # Ctrl-C reached the launcher too (same process group); let it stop its ranks
+        try:
+            return proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            proc.wait()
+        raise
+
+
+def run_overrides(name: str, cfg, out: Path, use_config_dirs: bool, overrides: list[str],
+                  eval_every: int | None) -> list[str]:
+    """The overrides one run is trained with: the user's, then eval.every (unless the user set it), then the
+    output and checkpoint directories (under --out unless --use-config-dirs)."""
+    result = list(overrides)
+    if not any(o.split("=", 1)[0].strip() == "eval.every" for o in overrides):
+        every = eval_every if eval_every is not None else max(1, cfg.total_steps // 5)
+        result.append(f"eval.every={every}")
+    if not use_config_dirs:
+        run_dir = out / name
+        result += [f"output_dir={run_dir}", f"checkpoint.dir={run_dir / 'checkpoints'}"]
+    return result
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", required=True, help="the PART recipe (e.g. configs/tiny_part.yaml)")
+    parser.add_argument("--baseline", required=True, help="the baseline recipe (e.g. configs/tiny_baseline.yaml)")
+    parser.add_argument("--out", required=True, help="directory for compare.md / compare.json / curves.png")
+    parser.add_argument("--nproc", type=int, default=2, help="ranks per run (deepspeed --num_gpus; default 2)")
+    parser.add_argument("--eval-every", type=int, default=None,
+                        help="eval.every for both runs (default: total steps // 5; 0: final evaluation only)")
+    parser.add_argument("--skip-training", action="store_true", help="only read the existing run directories")
+    parser.add_argument("--use-config-dirs", action="store_true",
+                        help="train into / read from the configs' output_dir and checkpoint.dir instead of "
+                             "<out>/part and <out>/baseline")
+    parser.add_argument("--deepspeed", default="deepspeed", help="the launcher (default: deepspeed from PATH)")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides applied to both runs")
+    args = parser.parse_intermixed_args(argv)
+    if args.nproc < 1:
+        parser.error("--nproc must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from part.config import ConfigError, load_config
+
+    out = Path(args.out)
+    configs = {"part": args.part, "baseline": args.baseline}
+    run_args: dict[str, list[str]] = {}
+    cfgs = {}
+    for name, path in configs.items():
+        try:
+            cfg = load_config(path, args.overrides)
+            run_args[name] = run_overrides(name, cfg, out, args.use_config_dirs, args.overrides, args.eval_every)
+            cfgs[name] = load_config(path, run_args[name])
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    if cfgs["part"].total_steps != cfgs["baseline"].total_steps:
+        print(f"warning: the runs differ in length: part {cfgs['part'].total_steps} steps, baseline "
+              f"{cfgs['baseline'].total_steps}", file=sys.stderr)
+    if cfgs["part"].output_dir == cfgs["baseline"].output_dir:
+        print(f"error: both runs would write to {cfgs['part'].output_dir}", file=sys.stderr)
+        return 2
+
+    if not args.skip_training:
+        train_py = "train.py" if Path.cwd().resolve() == REPO else str(REPO / "train.py")
+        threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, available_cores() // args.nproc))
+        env = dict(os.environ, OMP_NUM_THREADS=threads, PYTHONUNBUFFERED="1")
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+        # Both configs and all their data first, so a broken baseline cannot fail after the PART run's minutes.
+        for name, path in configs.items():
+            check = [sys.executable, train_py, "--config", path, "--check", "--world-size", str(args.nproc),
+                     *run_args[name]]
+            if (code := stream(check, name, dict(env, WORLD_SIZE=str(args.nproc)))) != 0:
+                print(f"error: {name}: the config check failed (exit {code})", file=sys.stderr)
+                return code
+        for name, path in configs.items():
+            cmd = [args.deepspeed, "--num_gpus", str(args.nproc), "--master_port", str(free_port()), train_py,
+                   "--config", path, "--resume", *run_args[name]]
+            print(f"[{name}] OMP_NUM_THREADS={threads}, output in {cfgs[name].output_dir}", flush=True)
+            if (code := stream(cmd, name, env)) != 0:
+                print(f"error: {name}: training failed (exit {code}); re-run the same command to resume",
+                      file=sys.stderr)
+                return code
+
+    try:
+        runs = {name: load_run(cfgs[name].output_dir) for name in configs}
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    # The curriculum's own boundaries (the log's can be off by a step when a stage's first step was skipped).
+    stages = stages_from_config(cfgs["part"]) or runs["part"]["stages"]
+    command = shlex.join([Path(sys.executable).name, "-m", "part.compare",
+                          *(argv if argv is not None else sys.argv[1:])])
+    header = "\n".join([
+        "# PART vs one-stage baseline",
+        "",
+        f"- command: `{command}`",
+        f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        f"- part: `{args.part}`, {cfgs['part'].total_steps} steps in {len(cfgs['part'].stages)} stages",
+        f"- baseline: `{args.baseline}`, {cfgs['baseline'].total_steps} steps in "
+        f"{len(cfgs['baseline'].stages)} stage(s)",
+        f"- ranks per run: {args.nproc}; overrides: {' '.join(args.overrides) or 'none'}",
+    ])
+    md_path = write_comparison(runs["part"], runs["baseline"], out, header, stages=stages)
+    print(md_path.read_text(encoding="utf-8"))
+    print(f"wrote {md_path}, {out / 'compare.json'}, {out / 'curves.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

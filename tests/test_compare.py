@@ -1,0 +1,239 @@
+"""Tests for part.compare (on hand-made run directories, no training) and the baseline / large recipes.
+
+Every expected number is worked out by hand in the comments from the made-up rows below.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from part import compare
+from part.config import TrainConfig, _build
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------- fake runs
+
+
+def asr(lang: str, value: float, metric: str = "wer", n: int = 20) -> dict:
+    return {"task": "asr", "language": lang, "metric": metric, "value": value, "n": n}
+
+
+def s2tt(src: str, value: float, n: int = 20) -> dict:
+    return {"task": "s2tt", "source": src, "target": "en", "metric": "bleu", "value": value, "n": n}
+
+
+def rows(en: float, de: float, zh: float, de_en: float, zh_en: float, **extra_wer: float) -> list[dict]:
+    out = [asr("de", de), asr("en", en), asr("zh", zh, "cer"), s2tt("de", de_en), s2tt("zh", zh_en)]
+    return out + [asr(lang, v) for lang, v in extra_wer.items()]
+
+
+def write_run(run_dir: Path, stages: list[tuple[str, int]], evals: dict[int, list[dict]], final: list[dict],
+              final_step: int, extra_log: str = "") -> Path:
+    run_dir.mkdir(parents=True)
+    lines, step = [], 0
+    for index, (name, steps) in enumerate(stages):
+        for _ in range(steps):
+            step += 1
+            lines.append(json.dumps({"step": step, "stage": name, "stage_index": index, "loss": 10.0 - step * 0.5,
+                                     "lr": 1e-3, "samples": 8.0, "audio_seconds": 40.0, "step_time": 1.0,
+                                     "data_wait": 0.0}))
+    (run_dir / "train_log.jsonl").write_text("\n".join(lines) + "\n" + extra_log)
+    for s, r in evals.items():
+        (run_dir / f"eval_step_{s}.json").write_text(json.dumps({"step": s, "rows": r, "table": {}}))
+    (run_dir / "final.json").write_text(json.dumps({"step": final_step, "rows": final, "table": {}}))
+    return run_dir
+
+
+@pytest.fixture
+def runs(tmp_path: Path) -> tuple[Path, Path]:
+    # A resume re-logged step 5 (the log is appended): the last record wins. The last line is half-written.
+    resumed = json.dumps({"step": 5, "stage": "s2_encoder", "stage_index": 1, "loss": 1.25}) + "\n"
+    part = write_run(
+        tmp_path / "part_run", [("s1_adapter", 4), ("s2_encoder", 3), ("s3_lora", 3)],
+        evals={4: rows(80, 90, 70, 1, 2), 8: rows(40, 50, 60, 10, 12)},
+        final=rows(20, 30, 40, 20, 10), final_step=10, extra_log=resumed + '{"step": 11, "lo',
+    )
+    baseline = write_run(
+        tmp_path / "baseline_run", [("baseline_all_tasks", 10)],
+        evals={4: rows(90, 95, 100, 0.5, 0.5), 8: rows(60, 70, 80, 5, 7)},
+        final=rows(25, 35, 50, 15, 5, fr=45), final_step=10,  # fr: a row the PART run does not have
+    )
+    return part, baseline
+
+
+# ---------------------------------------------------------------- load_run
+
+
+def test_load_run_reads_log_evals_and_final(runs):
+    part = compare.load_run(runs[0])
+    assert [r["step"] for r in part["train"]] == list(range(1, 11))  # deduplicated, sorted, torn line dropped
+    assert part["train"][4]["loss"] == 1.25  # step 5: the re-logged record
+    assert part["stages"] == [
+        {"index": 0, "name": "s1_adapter", "start": 0, "end": 4},
+        {"index": 1, "name": "s2_encoder", "start": 4, "end": 7},  # first logged step 5 -> boundary at 4
+        {"index": 2, "name": "s3_lora", "start": 7, "end": 10},
+    ]
+    assert [(e["step"], e["final"]) for e in part["evals"]] == [(4, False), (8, False), (10, True)]
+    assert part["final_step"] == 10 and part["last_step"] == 10 and len(part["final"]) == 5
+
+
+def test_load_run_missing_dir(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        compare.load_run(tmp_path / "nope")
+
+
+# ---------------------------------------------------------------- write_comparison
+
+
+def test_write_comparison(runs, tmp_path):
+    part, baseline = (compare.load_run(r) for r in runs)
+    out = tmp_path / "cmp"
+    md_path = compare.write_comparison(part, baseline, out, "# header line\n- command: `x`")
+    assert md_path == out / "compare.md"
+    md = md_path.read_text()
+    lines = md.splitlines()
+    assert lines[0] == "# header line"
+    assert "| task | metric | lang | part | baseline |" in lines
+    for expected in [
+        "| asr | wer | de | 30.00 | 35.00 |",
+        "| asr | wer | en | 20.00 | 25.00 |",
+        "| asr | wer | fr | n/a | 45.00 |",
+        "| asr | wer | average | 25.00 | 30.00 |",  # over de, en (both have them): (30+20)/2, (35+25)/2
+        "| asr | cer | zh | 40.00 | 50.00 |",
+        "| asr | cer | average | 40.00 | 50.00 |",
+        "| s2tt | bleu | de→en | 20.00 | 15.00 |",
+        "| s2tt | bleu | zh→en | 10.00 | 5.00 |",
+        "| s2tt | bleu | average | 15.00 | 10.00 |",  # (20+10)/2, (15+5)/2
+        # shared rows en, de, zh: (20+30+40)/3 = 30, (25+35+50)/3 = 36.666..
+        f"| {compare.SUMMARY_LABELS['asr_error']} | 30.00 | 36.67 |",
+        f"| {compare.SUMMARY_LABELS['asr_wer']} | 25.00 | 30.00 |",
+        f"| {compare.SUMMARY_LABELS['asr_cer']} | 40.00 | 50.00 |",
+        f"| {compare.SUMMARY_LABELS['s2tt_bleu']} | 15.00 | 10.00 |",
+        # during training, each run over its own rows: step 4 (80+90+70)/3, (90+95+100)/3; BLEU (1+2)/2, 0.5
+        "| 4 | 80.00 | 95.00 | 1.50 | 0.50 |",
+        "| 8 | 50.00 | 70.00 | 11.00 | 6.00 |",
+        # step 10 = final.json; the baseline's fr counts here: (25+35+50+45)/4 = 38.75
+        "| 10 | 30.00 | 38.75 | 15.00 | 10.00 |",
+    ]:
+        assert expected in lines, expected
+    assert "_asr/wer average over the 2 of 3 rows every system has._" in lines
+    assert "s1_adapter (steps 0-4), s2_encoder (steps 4-7), s3_lora (steps 7-10)" in md
+    assert "![training curves](curves.png)" in lines
+
+    data = json.loads((out / "compare.json").read_text())
+    assert data["header"].startswith("# header line")
+    assert data["averages"]["part"] == {"asr_error": 30.0, "asr_wer": 25.0, "asr_cer": 40.0, "s2tt_bleu": 15.0}
+    assert data["averages"]["baseline"]["asr_error"] == pytest.approx(110 / 3)
+    assert data["averages"]["baseline"]["s2tt_bleu"] == 10.0
+    assert "asr/wer/fr" not in data["averaged_over"] and "asr/cer/zh" in data["averaged_over"]
+    assert [e["step"] for e in data["evals"]["part"]] == [4, 8, 10]
+    assert data["evals"]["baseline"][-1]["asr_error"] == 38.75
+    assert [s["start"] for s in data["stages"]] == [0, 4, 7]
+    assert data["final"]["part"]["source"] == "final.json, step 10"
+    assert len(data["final"]["baseline"]["rows"]) == 6
+
+    png = (out / "curves.png").read_bytes()
+    assert len(png) > 1000
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and png[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", png[16:24])
+    assert (width, height) == (1200, 450)  # FIG_SIZE 12 x 4.5 in at 100 dpi
+
+
+def test_write_comparison_without_final_uses_last_eval(runs, tmp_path):
+    (runs[1] / "final.json").unlink()
+    part, baseline = (compare.load_run(r) for r in runs)
+    md = compare.write_comparison(part, baseline, tmp_path / "cmp").read_text()
+    assert "no final.json: last evaluation, step 8" in md
+    assert "| asr | wer | en | 20.00 | 60.00 |" in md.splitlines()
+
+
+# ---------------------------------------------------------------- the command line (no training)
+
+
+def test_run_overrides():
+    cfg = _build(TrainConfig, yaml.safe_load((REPO / "configs/tiny_part.yaml").read_text()), "")
+    out = Path("runs/cmp")
+    assert compare.run_overrides("part", cfg, out, False, ["stages.0.lr=1e-3"], None) == [
+        "stages.0.lr=1e-3", "eval.every=80", "output_dir=runs/cmp/part", "checkpoint.dir=runs/cmp/part/checkpoints"]
+    assert compare.run_overrides("part", cfg, out, True, ["eval.every=25"], 100) == ["eval.every=25"]
+    assert compare.run_overrides("baseline", cfg, out, True, [], 0) == ["eval.every=0"]
+
+
+def test_stream_prefixes_lines_and_returns_the_exit_code(capsys):
+    code = compare.stream([sys.executable, "-c", "print('a'); print('b', end=''); raise SystemExit(3)"], "part",
+                          dict(os.environ))
+    assert code == 3
+    assert capsys.readouterr().out.splitlines()[1:] == ["[part] a", "[part] b"]
+
+
+def test_main_skip_training(runs, tmp_path, capsys):
+    """The whole command on existing run dirs: configs validated (model dirs faked), nothing trained."""
+    for d in ("whisper", "llm"):
+        (tmp_path / d).mkdir()
+    configs = {}
+    for name, src in (("part", "tiny_part"), ("baseline", "tiny_baseline")):
+        data = yaml.safe_load((REPO / f"configs/{src}.yaml").read_text())
+        data["model"]["encoder"]["pretrained"] = str(tmp_path / "whisper")
+        data["model"]["llm"]["pretrained"] = str(tmp_path / "llm")
+        data["ds_config"] = str(REPO / "ds_configs/zero3_cpu.json")
+        configs[name] = tmp_path / f"{name}.yaml"
+        configs[name].write_text(yaml.safe_dump(data))
+    out = tmp_path / "cmp"
+    # --use-config-dirs with output_dir overrides would point both runs at one dir: refused.
+    assert compare.main(["--part", str(configs["part"]), "--baseline", str(configs["baseline"]), "--out", str(out),
+                         "--skip-training", "--use-config-dirs", f"output_dir={runs[0]}"]) == 2
+    # Default layout: <out>/part and <out>/baseline.
+    out.mkdir(exist_ok=True)
+    runs[0].rename(out / "part")
+    runs[1].rename(out / "baseline")
+    code = compare.main(["--part", str(configs["part"]), "--baseline", str(configs["baseline"]), "--out", str(out),
+                         "--skip-training"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| s2tt | bleu | average | 15.00 | 10.00 |" in printed
+    md = (out / "compare.md").read_text()
+    assert md.startswith("# PART vs one-stage baseline")
+    assert "400 steps in 5 stages" in md and "400 steps in 1 stage(s)" in md
+    assert "--skip-training" in md and "- date: " in md
+    assert (out / "curves.png").stat().st_size > 0 and (out / "compare.json").is_file()
+
+
+# ---------------------------------------------------------------- the recipes
+
+
+def build(name: str) -> TrainConfig:
+    return _build(TrainConfig, yaml.safe_load((REPO / "configs" / name).read_text()), "")
+
+
+def test_tiny_baseline_matches_tiny_part():
+    part, base = build("tiny_part.yaml"), build("tiny_baseline.yaml")
+    assert base.total_steps == part.total_steps == 400
+    assert len(base.stages) == 1
+    stage = base.stages[0]
+    assert not [g for g in stage.trainable if g.startswith("llm")]  # the LLM is frozen
+    assert set(stage.trainable) == {"adapter", "encoder"}
+    assert stage.tasks == part.stages[-1].tasks and set(stage.tasks) == {"asr", "s2tt", "mt", "text"}
+    assert stage.translation_targets == part.stages[-1].translation_targets
+    assert base.model == part.model and base.data == part.data and base.eval == part.eval
+    assert base.ds_config == part.ds_config
+    assert base.output_dir == "runs/tiny_baseline" and base.checkpoint.dir == "runs/tiny_baseline/checkpoints"
+
+
+def test_large_recipes_parse_and_match():
+    part, base = build("part_large.yaml"), build("baseline_large.yaml")
+    assert part.total_steps == base.total_steps == 80000
+    assert [s.name for s in part.stages][0] == "s1_adapter_asr" and len(part.stages) == 5
+    assert len(base.stages) == 1 and not [g for g in base.stages[0].trainable if g.startswith("llm")]
+    assert part.model == base.model and part.data == base.data and part.eval == base.eval
+    assert part.ds_config == base.ds_config == "ds_configs/zero3.json"
+    assert part.logging.wandb_project and part.model.llm.lora is not None
+    assert "{lang}" in part.data.train_shards
