@@ -242,7 +242,8 @@ def export_final(ckpt_dir: Path, final: Path) -> None:
     tmp.mkdir(parents=True)
     for name in ("model.safetensors", "part_model.json"):
         shutil.copy2(ckpt_dir / name, tmp / name)
-    shutil.copytree(ckpt_dir / "tokenizer", tmp / "tokenizer")
+    for name in ("tokenizer", "encoder_config", "llm_config"):
+        shutil.copytree(ckpt_dir / name, tmp / name)
     (tmp / FINAL_MARKER).write_text(json.dumps({"checkpoint": str(ckpt_dir)}))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)

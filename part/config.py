@@ -285,6 +285,7 @@ def validate(cfg: TrainConfig, source: str | Path = "config") -> None:
     check(d.num_workers >= 0, "data.num_workers: must be >= 0")
     check(d.temperature > 0, "data.temperature: must be > 0")
     check(d.window >= d.max_batch_size, "data.window: must be >= data.max_batch_size")
+    check(0 < d.max_duration <= 30, "data.max_duration: must be in (0, 30] seconds (the Whisper encoder's window)")
 
     check(bool(cfg.stages), "stages: at least one stage")
     names = set()

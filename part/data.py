@@ -16,6 +16,7 @@ from __future__ import annotations
 import glob
 import json
 import random
+import sys
 import tarfile
 from collections import Counter
 from collections.abc import Iterator
@@ -36,6 +37,7 @@ from part.prompts import instruction, split_for_text_task
 PICKLE_EXTENSIONS = {"pyd", "pickle", "pkl", "pth", "pt", "npy", "npz", "ckpt"}
 AUDIO_EXTENSIONS = ("flac", "wav", "ogg", "opus", "mp3")
 HOP = 160  # Whisper's mel hop: 100 frames per second
+WINDOW_SECONDS = 30.0  # the Whisper encoder's window: longer clips cannot be encoded
 
 
 class DataError(RuntimeError):
@@ -147,7 +149,7 @@ def iter_tar_samples(url: str, counters: Counter) -> Iterator[tuple[str, dict[st
         stream = wds.gopen(url, "rb")
     except Exception as exc:
         counters["unreadable_shard"] += 1
-        print(f"warning: cannot open shard {url}: {exc}", flush=True)
+        print(f"warning: cannot open shard {url}: {exc}", file=sys.stderr, flush=True)
         return
     try:
         with tarfile.open(fileobj=stream, mode="r|*") as tar:
@@ -166,7 +168,8 @@ def iter_tar_samples(url: str, counters: Counter) -> Iterator[tuple[str, dict[st
                 members[ext.lower()] = data
     except (tarfile.TarError, EOFError, OSError) as exc:
         counters["truncated_shard"] += 1
-        print(f"warning: shard {url} is truncated or corrupt ({exc}); skipping the rest of it", flush=True)
+        print(f"warning: shard {url} is truncated or corrupt ({exc}); skipping the rest of it", file=sys.stderr,
+              flush=True)
         members = {}  # the last group may be incomplete
     finally:
         stream.close()
@@ -305,14 +308,15 @@ def collate(samples: list[Sample], feature_extractor, counters: Counter) -> dict
                 wave = load_audio(s.audio, name=f"{s.shard}:{s.key}")
             except AudioDecodeError as exc:
                 counters["unreadable_audio"] += 1
-                print(f"warning: {exc}", flush=True)
+                print(f"warning: {exc}", file=sys.stderr, flush=True)
                 continue
             waves.append(wave)
         kept.append(s)
     if not kept:
         return None
     if waves:
-        feats = feature_extractor(waves, sampling_rate=SAMPLE_RATE, padding="longest", return_tensors="np")
+        feats = feature_extractor(waves, sampling_rate=SAMPLE_RATE, padding="longest", truncation=False,
+                                  return_tensors="np")
         features = torch.from_numpy(feats["input_features"])
         frames = torch.tensor([max(1, len(w) // HOP) for w in waves])
     else:  # text-only batch: a short silent input keeps the audio path (and ZeRO-3 gathers) identical on all ranks
@@ -480,7 +484,7 @@ def eval_batches(cfg: DataConfig, languages: list[str], tasks: list[str], target
                         if tgt == lang:
                             continue
                         s = make_sample(Source(task, lang, cfg.eval_shards), key, members, url, random.Random(0),
-                                        [tgt] if tgt else [], 1e9, counters)
+                                        [tgt] if tgt else [], WINDOW_SECONDS, counters)
                         if s is not None:
                             made.append(s)
                 if not made or made[0].language != lang:  # unusable, or another language's clip

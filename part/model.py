@@ -15,7 +15,14 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, WhisperConfig, WhisperModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+    WhisperConfig,
+    WhisperModel,
+)
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from part.config import AdapterConfig, EncoderConfig, LoraConfig, ModelConfig
@@ -85,9 +92,23 @@ def build_encoder(cfg: EncoderConfig) -> WhisperEncoder:
     return WhisperEncoder(config)
 
 
+ROUND_TRIP_PROBE = "Grüße aus München, hello world. 你好世界"
+
+
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
-    """The LLM's tokenizer, with the chat and audio special tokens the prompts use added where missing."""
+    """The LLM's tokenizer, with the chat and audio special tokens the prompts use added where missing.
+
+    AutoTokenizer may pick a class from the model type rather than from the saved tokenizer (transformers 5 maps
+    qwen2 to a byte-level tokenizer even for a sentencepiece vocabulary), which silently mangles text; so the
+    tokenizer must round-trip a multilingual probe, else the saved tokenizer.json is loaded as it is.
+    """
+    from transformers import PreTrainedTokenizerFast
+
     tokenizer = AutoTokenizer.from_pretrained(path)
+    if not _round_trips(tokenizer):
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+        if not _round_trips(tokenizer):
+            raise ValueError(f"tokenizer in {path} does not round-trip text ({ROUND_TRIP_PROBE!r})")
     missing = [t for t in (AUDIO_TOKEN, TURN_START, TURN_END) if t not in tokenizer.get_vocab()]
     if missing:
         tokenizer.add_special_tokens({"additional_special_tokens": missing})
@@ -96,12 +117,23 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def _round_trips(tokenizer: PreTrainedTokenizerBase) -> bool:
+    ids = tokenizer(ROUND_TRIP_PROBE, add_special_tokens=False)["input_ids"]
+    return tokenizer.decode(ids, skip_special_tokens=True).strip() == ROUND_TRIP_PROBE
+
+
 class SpeechLLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase):
+    def __init__(self, cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, saved_configs: Path | None = None):
+        """Loads the pretrained encoder and LLM named in `cfg`; with `saved_configs` (a directory written by
+        `save_pretrained`), builds them from their saved configs instead, for weights loaded afterwards."""
         super().__init__()
         self.cfg = cfg
-        self.encoder = build_encoder(cfg.encoder)
-        llm = AutoModelForCausalLM.from_pretrained(cfg.llm.pretrained, dtype=torch.float32)
+        if saved_configs is None:
+            self.encoder = build_encoder(cfg.encoder)
+            llm = AutoModelForCausalLM.from_pretrained(cfg.llm.pretrained, dtype=torch.float32)
+        else:
+            self.encoder = WhisperEncoder(WhisperConfig.from_pretrained(saved_configs / "encoder_config"))
+            llm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(saved_configs / "llm_config"))
         if len(tokenizer) > llm.get_input_embeddings().num_embeddings:
             llm.resize_token_embeddings(len(tokenizer))
         if cfg.llm.lora is not None:
@@ -120,15 +152,21 @@ class SpeechLLM(nn.Module):
         features: [B, n_mels, T] log-mel; frames: [B] valid mel frames. Returns [B, N, H] and valid lengths [B].
         """
         enc = self.encoder
-        x = F.gelu(enc.conv1(features))
+        # Padding is masked everywhere (features, conv outputs, attention keys, outputs), so a clip encodes to
+        # the same embeddings alone or batched with longer clips.
+        valid_mel = (torch.arange(features.shape[-1], device=features.device)[None] < frames[:, None])[:, None]
+        x = F.gelu(enc.conv1(features * valid_mel)) * valid_mel
         x = F.gelu(enc.conv2(x)).transpose(1, 2)
         if x.shape[1] > enc.config.max_source_positions:
             raise ValueError(f"audio of {features.shape[-1]} mel frames exceeds the encoder's 30 s window")
-        x = x + enc.embed_positions(torch.arange(x.shape[1], device=x.device))
-        for layer in enc.layers:
-            x = layer(x, None)
-        x = enc.layer_norm(x)
         enc_lengths = torch.div(frames + 1, 2, rounding_mode="floor")  # conv2 has stride 2
+        valid = torch.arange(x.shape[1], device=x.device)[None] < enc_lengths[:, None]
+        x = x + enc.embed_positions(torch.arange(x.shape[1], device=x.device))
+        mask = torch.zeros(x.shape[0], 1, 1, x.shape[1], dtype=x.dtype, device=x.device)
+        mask = mask.masked_fill(~valid[:, None, None, :], torch.finfo(x.dtype).min).expand(-1, -1, x.shape[1], -1)
+        for layer in enc.layers:
+            x = layer(x, mask)
+        x = enc.layer_norm(x) * valid[..., None]
         return self.adapter(x, enc_lengths)
 
     # ---------------------------------------------------------------- sequence assembly
@@ -241,6 +279,10 @@ class SpeechLLM(nn.Module):
         save_file(state, str(out_dir / WEIGHTS_NAME))
         (out_dir / "part_model.json").write_text(json.dumps(asdict(self.cfg), indent=1))
         tokenizer.save_pretrained(out_dir / "tokenizer")
+        # The architectures, so the directory loads without the pretrained directories it started from.
+        self.encoder.config.save_pretrained(out_dir / "encoder_config")
+        base = self.llm.get_base_model() if self.cfg.llm.lora is not None else self.llm
+        base.config.save_pretrained(out_dir / "llm_config")
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> tuple[SpeechLLM, PreTrainedTokenizerBase]:
@@ -249,7 +291,7 @@ class SpeechLLM(nn.Module):
         path = Path(path)
         cfg = _build(ModelConfig, json.loads((path / "part_model.json").read_text()), "model")
         tokenizer = load_tokenizer(str(path / "tokenizer"))
-        model = cls(cfg, tokenizer)
+        model = cls(cfg, tokenizer, saved_configs=path)
         model.load_weights(path / WEIGHTS_NAME)
         return model, tokenizer
 

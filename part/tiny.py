@@ -13,6 +13,7 @@ from pathlib import Path
 import sentencepiece as spm
 import torch
 
+from part.model import load_tokenizer
 from part.prompts import AUDIO_TOKEN, TURN_END, TURN_START
 
 
@@ -100,7 +101,8 @@ def build_tiny(text_file: Path, out_dir: Path, vocab_size: int = 4000, seed: int
 
     torch.manual_seed(seed)
     whisper_dir, llm_dir = out_dir / "whisper", out_dir / "llm"
-    tokenizer = train_tokenizer(text_file, llm_dir, vocab_size)
+    train_tokenizer(text_file, llm_dir, vocab_size)
+    tokenizer = load_tokenizer(str(llm_dir))  # as training will load it
     whisper = WhisperModel(WhisperConfig(
         d_model=128, encoder_layers=4, encoder_attention_heads=4, encoder_ffn_dim=512, decoder_layers=1,
         decoder_attention_heads=4, decoder_ffn_dim=256, num_mel_bins=80, max_source_positions=1500,

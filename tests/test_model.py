@@ -130,3 +130,30 @@ def test_generate_returns_token_lists(model_and_tokenizer):
     assert len(out) == 3 and all(len(x) <= 5 for x in out)
     beams = model.generate(make_batch(tok), max_new_tokens=4, num_beams=2)
     assert len(beams) == 2
+
+
+def test_saved_directory_is_self_contained(tiny_models, tmp_path):
+    """A saved model loads after the pretrained directories it was built from are gone."""
+    import shutil
+
+    shutil.copytree(tiny_models, tmp_path / "src")
+    cfg = ModelConfig(encoder=EncoderConfig(pretrained=str(tmp_path / "src" / "whisper")),
+                      adapter=AdapterConfig(hidden=64, layers=1, heads=4),
+                      llm=LLMConfig(pretrained=str(tmp_path / "src" / "llm"), lora=LoraConfig(rank=4, alpha=8)))
+    tok = load_tokenizer(str(tmp_path / "src" / "llm"))
+    model = SpeechLLM(cfg, tok).eval()
+    model.save_pretrained(tmp_path / "saved", tok)
+    shutil.rmtree(tmp_path / "src")
+    loaded, _ = SpeechLLM.from_pretrained(tmp_path / "saved")
+    batch = make_batch(tok)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(batch)["loss"], model(batch)["loss"])
+
+
+def test_tokenizer_round_trips_every_script(tiny_models):
+    """The tiny tokenizer as training loads it keeps spaces and non-ASCII text (a byte-level class would not)."""
+    tok = load_tokenizer(str(tiny_models / "llm"))
+    for text in ("Grüße aus München", "hello world, again", "你好世界", "Привет, мир"):
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert tok.decode(ids) == text
+    assert len(tok(AUDIO_TOKEN, add_special_tokens=False)["input_ids"]) == 1
