@@ -9,6 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 CONFIG=${CONFIG:-configs/tiny_part.yaml}
 NPROC=${NPROC:-2}
+# CPU ranks share the cores: one thread each unless told otherwise (no effect on GPU kernels).
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}
 bash launch/setup_env.sh
 # shellcheck disable=SC1091
 source .venv/bin/activate
@@ -18,7 +20,7 @@ if [ ! -f cache/corpus/eval/index.json ]; then
     --text-per-language 500 --shard-mb 4 --shard-samples 100 --max-duration 20 --workers 2
 fi
 if [ ! -f cache/tiny/llm/config.json ]; then
-  python -m part.tiny --text cache/corpus/tokenizer_text.txt --out cache/tiny --corpus cache/corpus --pretrain-steps 600
+  python -m part.tiny --text cache/corpus/tokenizer_text.txt --out cache/tiny --corpus cache/corpus --pretrain-steps 400
 fi
 output_dir=$(python -c "import sys; from part.config import load_config; print(load_config(sys.argv[1], sys.argv[2:]).output_dir)" "$CONFIG" "$@")
 python train.py --config "$CONFIG" --check --world-size "$NPROC" "$@"
