@@ -103,21 +103,24 @@ def main(argv: list[str] | None = None) -> int:
     fault_nan_steps = {int(s) for s in os.environ.get("PART_FAULT_NAN_STEPS", "").split(",") if s}  # tests only
     exit_code = 0
     final_dir = Path(cfg.output_dir) / "final"
-    # Also entered at the last step when the final evaluation/export did not happen (a crash right after the
-    # last checkpoint): the engine is rebuilt from that checkpoint and only the evaluation runs.
+
     def run_finished() -> bool:  # decided by rank 0 (nodes may not share a filesystem view at this instant)
         flag = torch.tensor([1 if rank == 0 and final_is_from(final_dir, ckpt_dir) else 0], device=device)
         dist.broadcast(flag, 0)
         return bool(flag.item())
 
+    # Also entered at the last step when the final evaluation/export did not happen (a crash right after the
+    # last checkpoint): the engine is rebuilt from that checkpoint and only the evaluation runs.
     while step < curriculum.total_steps or not run_finished():
         span = curriculum.at(step)
         stage = span.stage
         seed_everything(cfg.seed + span.index)
 
         # ---- build this stage's model and engine (fresh, or from the checkpoint's weights)
-        model = SpeechLLM(cfg.model, tokenizer)
-        if ckpt_dir is not None:
+        if ckpt_dir is None:
+            model = SpeechLLM(cfg.model, tokenizer)  # the pretrained encoder and LLM
+        else:  # the architecture saved with the checkpoint, then its weights: pretrained ones are not read again
+            model = SpeechLLM(cfg.model, tokenizer, saved_configs=ckpt_dir)
             model.load_weights(ckpt_dir / "model.safetensors")
         counts = set_trainable(model, stage.trainable)
         decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
@@ -137,7 +140,12 @@ def main(argv: list[str] | None = None) -> int:
         data_resume = None
         if same_stage:
             saved = read_data_state(ckpt_dir, rank)
-            data_resume = saved if saved and saved.get("stage") == stage.name else None
+            layout = {"stage": stage.name, "world_size": world, "num_workers": cfg.data.num_workers}
+            if saved and all(saved.get(k) == v for k, v in layout.items()):
+                data_resume = saved
+            else:
+                logger.info("data: the checkpoint's stream layout differs (stage, ranks or workers); "
+                            "this stage's data stream restarts from its beginning")
         stream = MixtureStream(cfg.data, stage, tokenizer, model.encoder.config.num_mel_bins, rank, world,
                                resume=data_resume)
         tracker = StreamTracker(data_resume)
@@ -192,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
                             engine.get_global_grad_norm(), time.time() - t0, wait, tracker, device)
             if step % cfg.checkpoint.every == 0 or step == span.end:
                 trainer_state = {"engine_stage": span.index, "stage": stage.name, "config": to_dict(cfg)}
-                data_state = dict(tracker.state(), stage=stage.name)
+                data_state = dict(tracker.state(), stage=stage.name, world_size=world,
+                                  num_workers=cfg.data.num_workers)
                 path = checkpointer.save(engine, model, tokenizer, step, trainer_state, data_state)
                 if path is not None and path.name == step_dir_name(step):
                     logger.info(f"checkpoint {path}")

@@ -76,7 +76,8 @@ class Checkpointer:
         ok = torch.tensor([1])
         try:
             if save_optimizer:
-                engine.save_checkpoint(str(partial), tag=DS_TAG, save_latest=False)
+                # frozen weights are in model.safetensors already; DeepSpeed need not store them again
+                engine.save_checkpoint(str(partial), tag=DS_TAG, save_latest=False, exclude_frozen_parameters=True)
             (partial / f"data_rank{self.rank}.json").write_text(json.dumps(data_state))
             if self.rank == 0:
                 model.save_pretrained(partial, tokenizer, state)

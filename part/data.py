@@ -428,7 +428,7 @@ class MixtureStream(IterableDataset):
 def make_loader(dataset: MixtureStream) -> DataLoader:
     workers = dataset.cfg.num_workers
     return DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None,
-                      persistent_workers=False)
+                      persistent_workers=False, pin_memory=torch.cuda.is_available())
 
 
 class StreamTracker:
@@ -520,9 +520,9 @@ def batch_audio_stats(batch: dict) -> tuple[float, float]:
 def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
     """Moves a batch's tensors to `device`; audio features take the model's compute dtype."""
     out = dict(batch)
-    out["input_features"] = batch["input_features"].to(device, dtype)
+    out["input_features"] = batch["input_features"].to(device, dtype, non_blocking=True)
     for key in ("feature_frames", "audio_index"):
-        out[key] = batch[key].to(device)
-    out["prompt_ids"] = [t.to(device) for t in batch["prompt_ids"]]
-    out["target_ids"] = [t.to(device) for t in batch["target_ids"]]
+        out[key] = batch[key].to(device, non_blocking=True)
+    out["prompt_ids"] = [t.to(device, non_blocking=True) for t in batch["prompt_ids"]]
+    out["target_ids"] = [t.to(device, non_blocking=True) for t in batch["target_ids"]]
     return out

@@ -18,7 +18,7 @@ class FakeEngine:
     def __init__(self):
         self.fail = False
 
-    def save_checkpoint(self, path, tag, save_latest):
+    def save_checkpoint(self, path, tag, save_latest, exclude_frozen_parameters):
         if self.fail:
             raise OSError(errno.ENOSPC, "No space left on device")
         (Path(path) / tag).mkdir()
