@@ -5,6 +5,7 @@ FLORES is shipped as a tar.xz and is unpacked on demand into a cache directory (
 
 from __future__ import annotations
 
+import os
 import tarfile
 from pathlib import Path
 
@@ -27,7 +28,9 @@ ESPEAK_VOICES = {"zh": "cmn", "yue": "yue"}
 
 
 def default_shared_dir() -> Path:
-    return Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    """`$PART_SHARED_DATA`, else `../shared/data` beside the repository."""
+    env = os.environ.get("PART_SHARED_DATA")
+    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def flores_lines(shared: Path, lang: str, split: str, cache: Path) -> list[str]:

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from data_prep.text_sources import default_shared_dir
+
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data"
+SHARED = default_shared_dir()
 LANGS = "en,de,zh"
 
 
