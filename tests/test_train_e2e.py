@@ -29,7 +29,7 @@ from part.model import SpeechLLM, group_parameters, load_tokenizer
 pytestmark = pytest.mark.slow
 
 STAGES = """\
-  - {name: s1_adapter, steps: 5, tasks: {asr: 1.0}, trainable: [adapter], lr: 3.0e-3, warmup_steps: 1}
+  - {name: s1_adapter, steps: 5, tasks: {asr: 1.0}, trainable: [adapter], lr: 6.0e-3, warmup_steps: 1}
   - {name: s2_encoder_top, steps: 3, tasks: {asr: 1.0}, trainable: [adapter, encoder.top.1], lr: 1.0e-3,
      warmup_steps: 0}
   - name: s3_lora
