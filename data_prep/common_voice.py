@@ -20,6 +20,7 @@ from data_prep.manifest import (
     add_selection_args,
     build_options,
     drop_duplicate_ids,
+    folders_with,
     iso639_1,
     make_record,
     read_tsv,
@@ -59,9 +60,6 @@ def locale_items(root: Path, locale: str, split: str) -> list[Item]:
     return items
 
 
-def find_locales(root: Path, split: str) -> list[str]:
-    return sorted(p.name for p in root.iterdir() if (p / f"{split}.tsv").is_file())
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -72,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     add_selection_args(parser)
     args = parser.parse_args(argv)
     try:
-        locales = [x.strip() for x in args.locales.split(",") if x.strip()] or find_locales(args.root, args.split)
+        locales = [x.strip() for x in args.locales.split(",") if x.strip()]
+        locales = locales or folders_with(args.root, f"{args.split}.tsv")
         if not locales:
             raise FileNotFoundError(f"no <locale>/{args.split}.tsv under {args.root}")
         items = [item for locale in locales for item in locale_items(args.root, locale, args.split)]

@@ -20,6 +20,7 @@ from data_prep.manifest import (
     add_selection_args,
     build_options,
     drop_duplicate_ids,
+    folders_with,
     iso639_1,
     make_record,
     sanitize_id,
@@ -58,9 +59,6 @@ def lang_code_items(root: Path, lang_code: str, split: str, text: str = "raw") -
     return items
 
 
-def find_lang_codes(root: Path, split: str) -> list[str]:
-    return sorted(p.name for p in root.iterdir() if (p / f"{split}.tsv").is_file())
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -73,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     add_selection_args(parser)
     args = parser.parse_args(argv)
     try:
-        codes = [x.strip() for x in args.lang_codes.split(",") if x.strip()] or find_lang_codes(args.root, args.split)
+        codes = [x.strip() for x in args.lang_codes.split(",") if x.strip()]
+        codes = codes or folders_with(args.root, f"{args.split}.tsv")
         if not codes:
             raise FileNotFoundError(f"no <lang_code>/{args.split}.tsv under {args.root}")
         items = [item for code in codes for item in lang_code_items(args.root, code, args.split, args.text)]

@@ -46,6 +46,11 @@ def log_stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def folders_with(root: Path, filename: str) -> list[str]:
+    """Names of the folders of `root` that hold `filename` (the locales of a Common Voice or FLEURS release)."""
+    return sorted(p.name for p in root.iterdir() if (p / filename).is_file())
+
+
 def sanitize_id(raw: str) -> str:
     """A webdataset-safe sample key: runs of anything but letters, digits, '_' and '-' become '_' (no '.' or '/').
 
