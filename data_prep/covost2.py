@@ -16,17 +16,15 @@ import re
 import sys
 from pathlib import Path, PurePosixPath
 
-from data_prep.common import Item, add_common_args, build_shards
+from data_prep.common import Item, add_common_args
 from data_prep.common_voice import clip_path
 from data_prep.manifest import (
     add_selection_args,
-    build_options,
     iso639_1,
     make_record,
     read_tsv,
     sanitize_id,
-    select,
-    warn_missing_audio,
+    write_selected,
 )
 
 SPLITS = ("train", "dev", "test")
@@ -92,11 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    items = select(items, seed=None if args.no_shuffle else args.seed, limit=args.limit)
-    if warn_missing_audio(items):
-        print("note: CoVoST 2 uses Common Voice 4 clips; a newer release may lack some", file=sys.stderr)
     extra = {"source": SOURCE, "split": args.split, "pairs": pairs}
-    build_shards(items, args.out, total=len(items), index_extra=extra, **build_options(args))
+    write_selected(items, args, extra, "note: CoVoST 2 uses Common Voice 4 clips; a newer release may lack some")
     return 0
 
 

@@ -15,17 +15,15 @@ import argparse
 import sys
 from pathlib import Path, PurePosixPath
 
-from data_prep.common import Item, add_common_args, build_shards
+from data_prep.common import Item, add_common_args
 from data_prep.manifest import (
     add_selection_args,
-    build_options,
     drop_duplicate_ids,
     folders_with,
     iso639_1,
     make_record,
     sanitize_id,
-    select,
-    warn_missing_audio,
+    write_selected,
 )
 
 SPLITS = ("train", "dev", "test")
@@ -79,10 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    items = select(drop_duplicate_ids(items), seed=None if args.no_shuffle else args.seed, limit=args.limit)
-    warn_missing_audio(items)
     extra = {"source": SOURCE, "split": args.split, "lang_codes": codes}
-    build_shards(items, args.out, total=len(items), index_extra=extra, **build_options(args))
+    write_selected(drop_duplicate_ids(items), args, extra)
     return 0
 
 

@@ -46,6 +46,16 @@ def log_stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def write_selected(items: list[Item], args: argparse.Namespace, index_extra: dict,
+                   missing_note: str | None = None) -> None:
+    """The end every builder shares: --seed/--no-shuffle/--limit selection, a warning (and `missing_note`) for
+    missing audio, then the shards."""
+    items = select(items, seed=None if args.no_shuffle else args.seed, limit=args.limit)
+    if warn_missing_audio(items) and missing_note:
+        log_stderr(missing_note)
+    build_shards(items, args.out, total=len(items), index_extra=index_extra, **build_options(args))
+
+
 def folders_with(root: Path, filename: str) -> list[str]:
     """Names of the folders of `root` that hold `filename` (the locales of a Common Voice or FLEURS release)."""
     return sorted(p.name for p in root.iterdir() if (p / filename).is_file())
@@ -263,9 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    items = select(items, seed=None if args.no_shuffle else args.seed, limit=args.limit)
-    warn_missing_audio(items)
-    build_shards(items, args.out, total=len(items), index_extra={"source": args.source}, **build_options(args))
+    write_selected(items, args, {"source": args.source})
     return 0
 
 
