@@ -51,6 +51,8 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
+# shellcheck source=launch/lib.sh
+source "$ROOT/launch/lib.sh"
 
 HOSTFILE=${HOSTFILE:-hostfile}
 MASTER_PORT=${MASTER_PORT:-29500}
@@ -60,27 +62,6 @@ PYTHON=${PYTHON:-python}
 DEEPSPEED=${DEEPSPEED:-deepspeed}
 DRY_RUN=${DRY_RUN:-0}
 
-die() {
-    echo "error: $*" >&2
-    exit 2
-}
-
-# run CMD...: run it, or print it under DRY_RUN=1. run_last: the same, but exec (signals reach the launcher).
-run() {
-    if [[ "$DRY_RUN" == 1 ]]; then
-        printf '%q ' "$@"
-        printf '\n'
-    else
-        "$@"
-    fi
-}
-run_last() {
-    if [[ "$DRY_RUN" == 1 ]]; then
-        run "$@"
-    else
-        exec "$@"
-    fi
-}
 
 [[ -f "$HOSTFILE" ]] || die "HOSTFILE=$HOSTFILE: no such file (one '<hostname> slots=<n>' line per node)"
 

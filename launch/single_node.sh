@@ -36,6 +36,8 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
+# shellcheck source=launch/lib.sh
+source "$ROOT/launch/lib.sh"
 
 CONFIG=${CONFIG:-configs/tiny_part.yaml}
 MASTER_PORT=${MASTER_PORT:-29500}
@@ -51,22 +53,6 @@ for var in NPROC NUM_GPUS; do
     fi
 done
 
-# run CMD...: run it, or print it under DRY_RUN=1. run_last: the same, but exec (signals reach the launcher).
-run() {
-    if [[ "$DRY_RUN" == 1 ]]; then
-        printf '%q ' "$@"
-        printf '\n'
-    else
-        "$@"
-    fi
-}
-run_last() {
-    if [[ "$DRY_RUN" == 1 ]]; then
-        run "$@"
-    else
-        exec "$@"
-    fi
-}
 
 gpu_count() {
     if [[ "${DS_ACCELERATOR:-}" == cpu ]] || ! command -v nvidia-smi >/dev/null 2>&1; then
