@@ -141,6 +141,24 @@ def _round_trips(tokenizer: PreTrainedTokenizerBase) -> bool:
     return tokenizer.decode(ids, skip_special_tokens=True).strip() == ROUND_TRIP_PROBE
 
 
+def suppressed_token_ids(tokenizer: PreTrainedTokenizerBase, end_token_id: int) -> list[int]:
+    """Ids generation must never emit: every special token (named, extra and added special ones) and the prompt
+    markers, except `end_token_id`, the stop token. Sorted.
+
+    The prompt markers are listed by name because a tokenizer may have them as ordinary vocabulary entries (the
+    tiny sentencepiece model defines them as user symbols, not special tokens), and emitting one corrupts the
+    hypothesis: decoding with skip_special_tokens would drop some and keep others.
+    """
+    ids = set(tokenizer.all_special_ids)
+    ids |= {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+    ids |= {tokenizer.convert_tokens_to_ids(t) for t in (AUDIO_TOKEN, TURN_START)}
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id", "unk_token_id"):
+        ids.add(getattr(tokenizer, name, None))
+    ids.discard(None)
+    ids.discard(end_token_id)
+    return sorted(int(i) for i in ids)
+
+
 class SpeechLLM(nn.Module):
     def __init__(self, cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, saved_configs: Path | None = None):
         """Loads the pretrained encoder and LLM named in `cfg`; with `saved_configs` (a directory written by
@@ -162,6 +180,7 @@ class SpeechLLM(nn.Module):
         self.audio_token_id = tokenizer.convert_tokens_to_ids(AUDIO_TOKEN)
         self.end_token_id = tokenizer.convert_tokens_to_ids(TURN_END)
         self.pad_token_id = tokenizer.pad_token_id
+        self.suppressed_token_ids = suppressed_token_ids(tokenizer, self.end_token_id)
 
     # ---------------------------------------------------------------- audio path
 
@@ -272,6 +291,9 @@ class SpeechLLM(nn.Module):
             pad_token_id=self.pad_token_id,
             no_repeat_ngram_size=4,
             repetition_penalty=1.1,
+            # A static -inf mask (SuppressTokensLogitsProcessor): the same on every step, beam and rank, so it
+            # needs nothing special for beam search or synced_gpus.
+            suppress_tokens=self.suppressed_token_ids,
             synced_gpus=synced_gpus,
         )
         results = []

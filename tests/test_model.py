@@ -157,3 +157,82 @@ def test_tokenizer_round_trips_every_script(tiny_models):
         ids = tok(text, add_special_tokens=False)["input_ids"]
         assert tok.decode(ids) == text
     assert len(tok(AUDIO_TOKEN, add_special_tokens=False)["input_ids"]) == 1
+
+
+def _boost_logits(model, boosts: dict[int, float]):
+    """A forward hook on the LM head adding `boosts` to those ids' logits (remove the returned handle)."""
+    def hook(module, args, output):
+        output = output.clone()
+        for token_id, boost in boosts.items():
+            output[..., token_id] += boost
+        return output
+
+    return model.llm.get_output_embeddings().register_forward_hook(hook)
+
+
+def _generate_all_ways(model, tok, tmp_path, max_new_tokens: int) -> list[list[list[int]]]:
+    """Greedy, beam search, and greedy and beam search under synced_gpus (a 1-rank gloo group, as ZeRO-3 runs
+    generation): the outputs of each."""
+    import torch.distributed as dist
+
+    batch = make_batch(tok, text_only=True)
+    outs = [model.generate(batch, max_new_tokens=max_new_tokens),
+            model.generate(batch, max_new_tokens=max_new_tokens, num_beams=2)]
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg_store'}", rank=0, world_size=1)
+    try:
+        outs.append(model.generate(batch, max_new_tokens=max_new_tokens, synced_gpus=True))
+        outs.append(model.generate(batch, max_new_tokens=max_new_tokens, num_beams=2, synced_gpus=True))
+    finally:
+        if started:
+            dist.destroy_process_group()
+    return outs
+
+
+def test_suppressed_ids_are_the_special_tokens_but_not_the_end_token(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    suppressed = set(model.suppressed_token_ids)
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert model.end_token_id == end and end not in suppressed
+    for token in (AUDIO_TOKEN, "<|im_start|>", tok.pad_token, tok.unk_token, tok.bos_token, tok.eos_token):
+        assert tok.convert_tokens_to_ids(token) in suppressed, token
+    assert set(tok.all_special_ids) - {end} <= suppressed
+    assert not suppressed & set(tok("Guten Tag, hello", add_special_tokens=False)["input_ids"])  # text is free
+
+
+def test_generate_never_emits_special_tokens(model_and_tokenizer, tmp_path):
+    """With the LM head biased so that <|im_start|> (then the other special tokens) is the argmax, decoding
+    still never emits a suppressed id, in greedy and beam search, with and without synced_gpus."""
+    model, tok = model_and_tokenizer
+    start = tok.convert_tokens_to_ids("<|im_start|>")
+    boosts = {i: 500.0 for i in model.suppressed_token_ids}
+    boosts[start] = 1000.0
+    handle = _boost_logits(model, boosts)
+    try:
+        # Control: the bias works, without suppression <|im_start|> is what greedy decoding emits.
+        kept = model.suppressed_token_ids
+        model.suppressed_token_ids = []
+        try:
+            unsuppressed = model.generate(make_batch(tok), max_new_tokens=3)
+        finally:
+            model.suppressed_token_ids = kept
+        assert all(ids[0] == start for ids in unsuppressed)
+        for outs in _generate_all_ways(model, tok, tmp_path, max_new_tokens=6):
+            assert len(outs) == 3
+            for ids in outs:
+                assert len(ids) <= 6 and not set(ids) & set(model.suppressed_token_ids), ids
+    finally:
+        handle.remove()
+
+
+def test_generate_stops_at_the_end_token(model_and_tokenizer, tmp_path):
+    """The end-of-turn token is not suppressed: when it is the argmax (above a boosted special token), every
+    sample stops at once, in every decoding mode."""
+    model, tok = model_and_tokenizer
+    handle = _boost_logits(model, {model.end_token_id: 2000.0, tok.convert_tokens_to_ids("<|im_start|>"): 1000.0})
+    try:
+        for outs in _generate_all_ways(model, tok, tmp_path, max_new_tokens=6):
+            assert outs == [[], [], []]
+    finally:
+        handle.remove()
