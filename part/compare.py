@@ -1,7 +1,8 @@
 r"""Train the PART recipe and its one-stage baseline, then compare them side by side.
 
     python -m part.compare --part configs/tiny_part.yaml --baseline configs/tiny_baseline.yaml --out runs/compare \
-        [--nproc 2] [--eval-every N] [--skip-training] [--use-config-dirs] [key.sub=value ...]
+        [--nproc 2] [--eval-every N] [--skip-training] [--use-config-dirs] [--bootstrap 1000] [--seed 0] \
+        [key.sub=value ...]
 
 Each recipe is trained in turn through the DeepSpeed launcher (`deepspeed --num_gpus NPROC --master_port <free>
 train.py --config X --resume <overrides> eval.every=N output_dir=... checkpoint.dir=...`), its output streamed with
@@ -16,7 +17,9 @@ relative to the working directory. Each run gets OMP_NUM_THREADS = cores // NPRO
 
 Then (or only, with `--skip-training`) it reads both output dirs and writes into `--out`:
   compare.md    header (command, date, steps), final results side by side (ASR per language, S2TT per direction,
-                averages), the evaluations during training, and the curves
+                averages), paired bootstrap 95% confidence intervals of each final metric and of the difference
+                PART - baseline (from the runs' per-utterance hypotheses files), with the significant
+                differences stated in words, the evaluations during training, and the curves
   compare.json  the same numbers, machine-readable
   curves.png    (a) smoothed training loss vs step, (b) average ASR error rate and average S2TT BLEU vs step,
                 with the PART stage boundaries drawn and labelled
@@ -36,7 +39,15 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from part.metrics import compare_table
+from part.bootstrap import Interval, Paired, error_rate_score, paired_bootstrap
+from part.metrics import (
+    CER_LANGUAGES,
+    base_language,
+    bleu_from_statistics,
+    bleu_statistics,
+    compare_table,
+    error_counts,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SYSTEMS = ("part", "baseline")
@@ -84,6 +95,25 @@ def _stages_from_log(train: list[dict]) -> list[dict]:
     return stages
 
 
+def _existing(path: Path) -> str | None:
+    return str(path) if path.is_file() else None
+
+
+def read_hypotheses(path: str | Path) -> list[dict]:
+    """Per-utterance records of a *_hypotheses.jsonl (evaluate.py: key, task, language, target_language,
+    reference, hypothesis, ...); malformed lines and records without those fields are skipped."""
+    records = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and all(k in record for k in ("key", "task", "language", "reference")):
+                records.append(record)
+    return records
+
+
 def stages_from_config(cfg) -> list[dict]:
     """Stage spans from a TrainConfig (for a run whose train_log is missing)."""
     stages, start = [], 0
@@ -98,9 +128,10 @@ def load_run(output_dir: str | Path) -> dict:
 
     Returns {"output_dir", "train": [{step, stage, stage_index, loss, ...}] (one per step, sorted; a step logged
     twice, as after a resume, keeps its last record), "stages": [{index, name, start, end}], "evals": [{step,
-    rows, final}] (every eval_step_N.json, plus final.json when its step has no intermediate file), "final":
-    rows of final.json or None, "final_step": its step or None, "last_step": the last logged training step or
-    None}.
+    rows, final, hypotheses}] (every eval_step_N.json, plus final.json when its step has no intermediate file;
+    hypotheses: the path of its per-utterance *_hypotheses.jsonl or None), "final": rows of final.json or None,
+    "final_step": its step or None, "final_hypotheses": the path of final_hypotheses.jsonl or None,
+    "last_step": the last logged training step or None}.
     """
     out = Path(output_dir)
     if not out.is_dir():
@@ -117,7 +148,8 @@ def load_run(output_dir: str | Path) -> dict:
             continue
         data = json.loads(path.read_text(encoding="utf-8"))
         step = int(data.get("step", match.group(1)))
-        evals[step] = {"step": step, "rows": list(data.get("rows", [])), "final": False}
+        evals[step] = {"step": step, "rows": list(data.get("rows", [])), "final": False,
+                       "hypotheses": _existing(out / f"eval_step_{step}_hypotheses.jsonl")}
     final_rows, final_step = None, None
     final_path = out / "final.json"
     if final_path.is_file():
@@ -125,7 +157,8 @@ def load_run(output_dir: str | Path) -> dict:
         final_rows = list(data.get("rows", []))
         final_step = data.get("step")
         if final_step is not None and int(final_step) not in evals:
-            evals[int(final_step)] = {"step": int(final_step), "rows": final_rows, "final": True}
+            evals[int(final_step)] = {"step": int(final_step), "rows": final_rows, "final": True,
+                                      "hypotheses": _existing(out / "final_hypotheses.jsonl")}
     return {
         "output_dir": str(out),
         "train": train,
@@ -133,6 +166,7 @@ def load_run(output_dir: str | Path) -> dict:
         "evals": [evals[s] for s in sorted(evals)],
         "final": final_rows,
         "final_step": final_step,
+        "final_hypotheses": _existing(out / "final_hypotheses.jsonl") if final_rows is not None else None,
         "last_step": train[-1]["step"] if train else None,
     }
 
@@ -276,12 +310,134 @@ def _final_rows(run: dict) -> tuple[list[dict], str]:
     return [], "no evaluation found"
 
 
+def _final_hypotheses(run: dict) -> str | None:
+    """The hypotheses file of the evaluation `_final_rows` reads, or None."""
+    if run.get("final") is not None:
+        return run.get("final_hypotheses")
+    if run.get("evals"):
+        return run["evals"][-1].get("hypotheses")
+    return None
+
+
+def _group_name(record: Mapping) -> tuple[str, str, str]:
+    """(task, metric, row key) of a hypothesis record, as in the result rows: ASR per language (CER for the
+    languages without word spacing), translation per source→target direction."""
+    if record["task"] == "asr":
+        lang = record["language"]
+        return "asr", "cer" if base_language(lang) in CER_LANGUAGES else "wer", lang
+    return record["task"], "bleu", f"{record['language']}→{record.get('target_language')}"
+
+
+Intervals = dict[tuple[str, str], dict[str, Paired]]  # (task, metric) -> {row key or "average": Paired}
+
+
+def paired_intervals(part_records: Sequence[Mapping], baseline_records: Sequence[Mapping], resamples: int = 1000,
+                     seed: int = 0, confidence: float = 0.95) -> tuple[Intervals, list[str]]:
+    """Paired bootstrap of every final metric from the two runs' per-utterance hypotheses (A = part).
+
+    Utterances are paired by (task, language, target, key); those only one run has are left out (with a note).
+    Returns ({(task, metric): {row key: Paired, ..., "average": Paired}}, notes). WER/CER statistics are
+    per-utterance (errors, reference units), BLEU's sacrebleu's sentence statistics; utterances whose normalised
+    reference is empty are left out, as error_rate does.
+    """
+    by_group: dict[tuple[str, str, str], list[dict[tuple, Mapping]]] = {}
+    for i, records in enumerate((part_records, baseline_records)):
+        for r in records:
+            sides = by_group.setdefault(_group_name(r), [{}, {}])
+            sides[i][(r["task"], r["language"], r.get("target_language"), r["key"])] = r
+    families: dict[tuple[str, str], dict[str, tuple]] = {}
+    notes = []
+    # ASR first, WER before CER, as in the tables; then the translation directions.
+    for (task, metric, name), (mine, theirs) in sorted(by_group.items(),
+                                                       key=lambda kv: (kv[0][0] != "asr", kv[0][1] == "cer", kv[0])):
+        keys = sorted(set(mine) & set(theirs), key=str)
+        if len(keys) < max(len(mine), len(theirs)):
+            notes.append(f"{task}/{metric} {name}: {len(keys)} utterances in both runs "
+                         f"(part {len(mine)}, baseline {len(theirs)}); the others are left out.")
+        if not keys:
+            continue
+        stats = []
+        for side in (mine, theirs):
+            refs = [side[k]["reference"] for k in keys]
+            hyps = [side[k].get("hypothesis") or "" for k in keys]
+            if metric == "bleu":
+                stats.append(bleu_statistics(refs, hyps, keys[0][2]))
+            else:
+                stats.append(error_counts(refs, hyps, keys[0][1]))
+        if metric != "bleu":  # error_rate skips empty references: so do the resamples
+            kept = [i for i, (a, b) in enumerate(zip(*stats)) if a[1] > 0 and b[1] > 0]
+            if not kept:
+                continue
+            stats = [[side[i] for i in kept] for side in stats]
+        families.setdefault((task, metric), {})[name] = tuple(stats)
+    results = {}
+    for (task, metric), groups in families.items():
+        score = bleu_from_statistics if metric == "bleu" else error_rate_score
+        results[(task, metric)] = paired_bootstrap(dict(sorted(groups.items())), score, resamples=resamples,
+                                                   seed=seed, confidence=confidence)
+    return results, notes
+
+
+def _verdict(metric: str, diff: Interval) -> tuple[bool, str | None]:
+    """(significant, the better system or None): lower WER/CER is better, higher BLEU is better."""
+    if not diff.excludes_zero():
+        return False, None
+    part_lower = diff.high < 0
+    return True, "part" if part_lower == (metric in ("wer", "cer")) else "baseline"
+
+
+def _ci(interval: Interval) -> str:
+    return f"[{interval.low:.2f}, {interval.high:.2f}]"
+
+
+def bootstrap_section(results: Intervals, notes: list[str], resamples: int,
+                      seed: int, confidence: float = 0.95) -> tuple[list[str], list[dict]]:
+    """Markdown lines (table of values, intervals and paired differences, then the significant differences in
+    words) and the same as JSON rows."""
+    pct = f"{100 * confidence:g}%"
+    lines = [f"### Paired bootstrap: {pct} confidence intervals", "",
+             f"{resamples} resamples of the utterances (seed {seed}), the same resampled utterances for both runs "
+             "(paired by utterance id). Per language / direction the corpus metric is recomputed on each resample "
+             "(WER/CER: total errors / total reference units; BLEU: sacrebleu corpus BLEU from the summed sentence "
+             "statistics); an average is the mean over its rows, per resample. Δ = part − baseline: lower WER/CER "
+             "is better, higher BLEU is better. Values are over the utterances both runs have.", "",
+             f"| task | metric | lang | n | part | part {pct} CI | baseline | baseline {pct} CI | Δ part − baseline "
+             f"| Δ {pct} CI | significant |",
+             "|---|---|---|---:|---:|---|---:|---|---:|---|---|"]
+    rows, significant, not_significant = [], [], []
+    for (task, metric), per_key in results.items():
+        for key, r in per_key.items():
+            sig, better = _verdict(metric, r.diff)
+            label = f"{task} {metric} {key}"
+            lines.append(f"| {task} | {metric} | {key} | {r.n} | {r.a.value:.2f} | {_ci(r.a)} | {r.b.value:.2f} | "
+                         f"{_ci(r.b)} | {r.diff.value:+.2f} | {_ci(r.diff)} | "
+                         f"{f'yes, {better} better' if sig else 'no'} |")
+            rows.append({"task": task, "metric": metric, "key": key, "n": r.n, "part": r.a.to_dict(),
+                         "baseline": r.b.to_dict(), "diff": r.diff.to_dict(), "significant": sig, "better": better})
+            if sig:
+                what = "lower" if (r.diff.value < 0) else "higher"
+                significant.append(f"- {label}: **{better}** is better — part's {metric.upper()} is "
+                                   f"{abs(r.diff.value):.2f} points {what} than the baseline's "
+                                   f"(Δ {pct} CI {_ci(r.diff)})")
+            else:
+                not_significant.append(label)
+    lines += [""] + [f"_{n}_" for n in notes] + ([""] if notes else [])
+    if significant:
+        lines += [f"Significant differences (the {pct} interval of part − baseline excludes 0):", "", *significant]
+    else:
+        lines.append(f"No difference is significant at {pct} (every interval of part − baseline contains 0).")
+    if not_significant and significant:
+        lines += ["", "Not significant (the interval contains 0): " + ", ".join(not_significant) + "."]
+    return lines, rows
+
+
 def write_comparison(part_run: dict, baseline_run: dict, out_dir: str | Path, header: str = "",
-                     stages: list[dict] | None = None) -> Path:
+                     stages: list[dict] | None = None, resamples: int = 1000, seed: int = 0) -> Path:
     """Writes compare.md, compare.json and curves.png into `out_dir`; returns the path of compare.md.
 
     `header` is markdown put at the top (command, date, ...). The vertical lines of the plot are `stages`, by
-    default the PART run's stages as read from its train_log.
+    default the PART run's stages as read from its train_log. With both runs' hypotheses files and `resamples`
+    > 0, a paired bootstrap (`resamples`, `seed`) adds confidence intervals and significance.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -304,6 +460,22 @@ def write_comparison(part_run: dict, baseline_run: dict, out_dir: str | Path, he
               "| summary | part | baseline |", "|---|---:|---:|"]
     for key, label in SUMMARY_LABELS.items():
         lines.append(f"| {label} | {_fmt(summaries['part'][key])} | {_fmt(summaries['baseline'][key])} |")
+
+    hypotheses = {name: _final_hypotheses(run) for name, run in runs.items()}
+    bootstrap: dict | None = None
+    lines.append("")
+    if resamples <= 0:
+        lines.append("_Bootstrap confidence intervals disabled (--bootstrap 0)._")
+    elif missing := [name for name, path in hypotheses.items() if path is None]:
+        lines.append(f"_No per-utterance hypotheses file for {' and '.join(missing)} (final_hypotheses.jsonl): "
+                     "no confidence intervals._")
+    else:
+        results, notes = paired_intervals(read_hypotheses(hypotheses["part"]), read_hypotheses(hypotheses["baseline"]),
+                                          resamples=resamples, seed=seed)
+        section, boot_rows = bootstrap_section(results, notes, resamples, seed)
+        lines += section
+        bootstrap = {"resamples": resamples, "seed": seed, "confidence": 0.95, "hypotheses": hypotheses,
+                     "rows": boot_rows, "notes": notes}
 
     eval_summaries = {name: {e["step"]: summarize(e["rows"]) for e in run["evals"]} for name, run in runs.items()}
     eval_steps = sorted(set().union(*eval_summaries.values()))
@@ -331,6 +503,7 @@ def write_comparison(part_run: dict, baseline_run: dict, out_dir: str | Path, he
                          "last_step": runs[name].get("last_step")} for name, rows in final_rows.items()},
         "averages": summaries,
         "averaged_over": sorted("/".join(k) for k in shared),
+        "bootstrap": bootstrap,
         "evals": {name: [dict(step=s, **eval_summaries[name][s]) for s in sorted(eval_summaries[name])]
                   for name in runs},
         "stages": stages,
@@ -402,6 +575,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--use-config-dirs", action="store_true",
                         help="train into / read from the configs' output_dir and checkpoint.dir instead of "
                              "<out>/part and <out>/baseline")
+    parser.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                        help="bootstrap resamples for the confidence intervals (default 1000; 0: none)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling (default 0)")
     parser.add_argument("--deepspeed", default="deepspeed", help="the launcher (default: deepspeed from PATH)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides applied to both runs")
     args = parser.parse_intermixed_args(argv)
@@ -473,7 +649,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(cfgs['baseline'].stages)} stage(s)",
         f"- ranks per run: {args.nproc}; overrides: {' '.join(args.overrides) or 'none'}",
     ])
-    md_path = write_comparison(runs["part"], runs["baseline"], out, header, stages=stages)
+    md_path = write_comparison(runs["part"], runs["baseline"], out, header, stages=stages, resamples=args.bootstrap,
+                               seed=args.seed)
     print(md_path.read_text(encoding="utf-8"))
     print(f"wrote {md_path}, {out / 'compare.json'}, {out / 'curves.png'}")
     return 0

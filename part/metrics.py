@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass
 from functools import cache
 
 import jiwer
+import numpy as np
+from numpy.typing import ArrayLike
 from sacrebleu.metrics import BLEU
 
 CER_LANGUAGES = {"zh", "ja", "ko", "yue", "th"}
@@ -90,6 +92,27 @@ def normalize_text(text: str, language: str) -> str:
     return text
 
 
+def _scored_pairs(refs: list[str], hyps: list[str], language: str) -> tuple[bool, list[int], list[str], list[str]]:
+    """(use_cer, kept indices, normalised refs, normalised hyps) of the pairs `error_rate` scores: those whose
+    normalised reference is not empty. For CER every whitespace character is removed."""
+    if len(refs) != len(hyps):
+        raise ValueError(f"{len(refs)} references but {len(hyps)} hypotheses")
+    lang = base_language(language)
+    use_cer = lang in CER_LANGUAGES
+    kept: list[int] = []
+    kept_refs: list[str] = []
+    kept_hyps: list[str] = []
+    for i, (ref, hyp) in enumerate(zip(refs, hyps)):
+        norm_ref, norm_hyp = normalize_text(ref, lang), normalize_text(hyp or "", lang)
+        if use_cer:
+            norm_ref, norm_hyp = _WHITESPACE.sub("", norm_ref), _WHITESPACE.sub("", norm_hyp)
+        if norm_ref:
+            kept.append(i)
+            kept_refs.append(norm_ref)
+            kept_hyps.append(norm_hyp)
+    return use_cer, kept, kept_refs, kept_hyps
+
+
 def error_rate(refs: list[str], hyps: list[str], language: str) -> dict:
     """Corpus WER (or CER for `CER_LANGUAGES`) in percent on normalised text.
 
@@ -97,19 +120,7 @@ def error_rate(refs: list[str], hyps: list[str], language: str) -> dict:
     "value" is None. Returned keys: metric, value, n, errors, ref_units, substitutions, deletions, insertions,
     skipped_empty.
     """
-    if len(refs) != len(hyps):
-        raise ValueError(f"{len(refs)} references but {len(hyps)} hypotheses")
-    lang = base_language(language)
-    use_cer = lang in CER_LANGUAGES
-    kept_refs: list[str] = []
-    kept_hyps: list[str] = []
-    for ref, hyp in zip(refs, hyps):
-        norm_ref, norm_hyp = normalize_text(ref, lang), normalize_text(hyp or "", lang)
-        if use_cer:
-            norm_ref, norm_hyp = _WHITESPACE.sub("", norm_ref), _WHITESPACE.sub("", norm_hyp)
-        if norm_ref:
-            kept_refs.append(norm_ref)
-            kept_hyps.append(norm_hyp)
+    use_cer, _, kept_refs, kept_hyps = _scored_pairs(refs, hyps, language)
     result = {
         "metric": "cer" if use_cer else "wer",
         "value": None,
@@ -135,6 +146,28 @@ def error_rate(refs: list[str], hyps: list[str], language: str) -> dict:
         insertions=out.insertions,
     )
     return result
+
+
+def error_counts(refs: list[str], hyps: list[str], language: str) -> list[tuple[int, int]]:
+    """Per-utterance (errors, reference units) of `error_rate`, (0, 0) for a pair it skips (empty normalised
+    reference). They sum exactly to its corpus "errors" and "ref_units", so a resample's corpus rate is the ratio
+    of the resampled sums (see part.bootstrap)."""
+    use_cer, kept, kept_refs, kept_hyps = _scored_pairs(refs, hyps, language)
+    counts = [(0, 0)] * len(refs)
+    if not kept:
+        return counts
+    out = jiwer.process_characters(kept_refs, kept_hyps) if use_cer else jiwer.process_words(kept_refs, kept_hyps)
+    # One alignment for the whole corpus, split per sentence: an edit chunk costs max(its ref span, its hyp span)
+    # (a substitution spans both equally, a deletion only the reference, an insertion only the hypothesis).
+    for i, chunks in zip(kept, out.alignments):
+        errors = units = 0
+        for c in chunks:
+            ref_span, hyp_span = c.ref_end_idx - c.ref_start_idx, c.hyp_end_idx - c.hyp_start_idx
+            units += ref_span
+            if c.type != "equal":
+                errors += max(ref_span, hyp_span)
+        counts[i] = (errors, units)
+    return counts
 
 
 _MECAB_TOKENIZERS = {
@@ -206,6 +239,32 @@ def bleu(refs: list[str], hyps: list[str], target_language: str) -> dict:
         ref_len=score.ref_len,
     )
     return result
+
+
+def bleu_statistics(refs: list[str], hyps: list[str], target_language: str) -> list[list[int]]:
+    """Per-sentence sufficient statistics of `bleu` (same tokenizer): [hyp_len, ref_len, matches of orders 1-4,
+    n-gram totals of orders 1-4] per pair. Their column sums give the corpus score (`bleu_from_statistics`), so a
+    resample's BLEU is exact without re-tokenizing. Uses sacrebleu's segment-statistics API, the one its own
+    paired bootstrap uses."""
+    if len(refs) != len(hyps):
+        raise ValueError(f"{len(refs)} references but {len(hyps)} hypotheses")
+    if not refs:
+        return []
+    metric = BLEU(tokenize=bleu_tokenizer(target_language))
+    return [[int(x) for x in row] for row in metric._extract_corpus_statistics([h or "" for h in hyps], [list(refs)])]
+
+
+@cache
+def _bleu_scorer() -> BLEU:
+    return BLEU()  # the score from statistics depends on the smoothing only (default exp), not on the tokenizer
+
+
+def bleu_from_statistics(stats: ArrayLike) -> np.ndarray:
+    """Corpus BLEU from summed `bleu_statistics` columns: [..., 10] -> [...], one score per row."""
+    rows = np.rint(np.asarray(stats, dtype=np.float64)).astype(np.int64)  # sums of counts, possibly as floats
+    scorer = _bleu_scorer()
+    scores = [scorer._compute_score_from_stats([int(x) for x in row]).score for row in rows.reshape(-1, rows.shape[-1])]
+    return np.asarray(scores, dtype=np.float64).reshape(rows.shape[:-1])
 
 
 @dataclass

@@ -156,6 +156,146 @@ def test_write_comparison_without_final_uses_last_eval(runs, tmp_path):
     assert "| asr | wer | en | 20.00 | 60.00 |" in md.splitlines()
 
 
+# ---------------------------------------------------------------- bootstrap confidence intervals
+
+WORDS = "the a cat dog sat ran on under mat house red blue big small quickly slowly and or but with".split()
+HAN = "我们今天去公园散步天气很好明年想要学习中文"
+
+
+def hyp_record(key: str, task: str, lang: str, ref: str, hyp: str, target: str | None = None) -> dict:
+    return {"key": key, "task": task, "language": lang, "target_language": target, "reference": ref,
+            "duration": 3.0, "hypothesis": hyp}
+
+
+def write_hypotheses(part_dir: Path, baseline_dir: Path, n: int = 40) -> tuple[list[dict], list[dict]]:
+    """final_hypotheses.jsonl for both runs, with known differences:
+    asr en: part perfect, baseline every other utterance empty (WER 0 vs 50: part better);
+    asr de: the same hypotheses (one wrong word in ten each: difference exactly 0);
+    asr zh: part drops 2 of 8 characters (CER 25), baseline perfect (baseline better);
+    s2tt de→en: part perfect (BLEU 100), baseline an unrelated sentence (part better); zh→en: the same."""
+    import random
+
+    rng = random.Random(0)
+
+    def sentence(k: int = 10) -> str:
+        return " ".join(rng.choice(WORDS) for _ in range(k))
+
+    part, base = [], []
+    for i in range(n):
+        key = f"utt{i:03d}"
+        en, de, zh, tr = sentence(), sentence(), "".join(rng.choice(HAN) for _ in range(8)), sentence()
+        de_hyp = " ".join(["xyz"] + de.split()[1:])
+        part += [hyp_record(key, "asr", "en", en, en), hyp_record(key, "asr", "de", de, de_hyp),
+                 hyp_record(key, "asr", "zh", zh, zh[:6]), hyp_record(key, "s2tt", "de", tr, tr, "en"),
+                 hyp_record(key, "s2tt", "zh", tr, tr[: len(tr) // 2], "en")]
+        base += [hyp_record(key, "asr", "en", en, en if i % 2 == 0 else ""), hyp_record(key, "asr", "de", de, de_hyp),
+                 hyp_record(key, "asr", "zh", zh, zh), hyp_record(key, "s2tt", "de", tr, sentence(), "en"),
+                 hyp_record(key, "s2tt", "zh", tr, tr[: len(tr) // 2], "en")]
+    base.append(hyp_record("only_baseline", "asr", "en", "one more", "one more"))  # unpaired: left out
+    for run_dir, records in ((part_dir, part), (baseline_dir, base)):
+        with open(run_dir / "final_hypotheses.jsonl", "w", encoding="utf-8") as fh:
+            fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    return part, base
+
+
+def test_write_comparison_bootstrap_intervals(runs, tmp_path):
+    from part.metrics import bleu, error_rate
+
+    part_records, base_records = write_hypotheses(*runs)
+    part, baseline = (compare.load_run(r) for r in runs)
+    assert part["final_hypotheses"] == str(runs[0] / "final_hypotheses.jsonl")
+    out = tmp_path / "cmp"
+    md = compare.write_comparison(part, baseline, out, resamples=1000, seed=0).read_text()
+    lines = md.splitlines()
+    assert ("| task | metric | lang | n | part | part 95% CI | baseline | baseline 95% CI | Δ part − baseline "
+            "| Δ 95% CI | significant |") in lines
+    assert "1000 resamples of the utterances (seed 0)" in md
+    by_row = {tuple(line.split(" | ")[:3]): line for line in lines if line.startswith(("| asr |", "| s2tt |"))
+              and "CI" not in line and line.count("[") == 3}
+    en = by_row[("| asr", "wer", "en")]
+    assert en.startswith("| asr | wer | en | 40 | 0.00 | [0.00, 0.00] | 50.00 | [")
+    assert en.endswith("yes, part better |")
+    assert "| -50.00 | [" in en
+    assert by_row[("| asr", "wer", "de")].endswith("| +0.00 | [0.00, 0.00] | no |")
+    assert by_row[("| asr", "cer", "zh")].endswith("yes, baseline better |")
+    assert by_row[("| s2tt", "bleu", "de→en")].endswith("yes, part better |")
+    assert by_row[("| s2tt", "bleu", "zh→en")].endswith("| +0.00 | [0.00, 0.00] | no |")
+    assert by_row[("| asr", "wer", "average")].startswith("| asr | wer | average | 80 | ")
+    assert "_asr/wer en: 40 utterances in both runs (part 40, baseline 41); the others are left out._" in lines
+    assert "Significant differences (the 95% interval of part − baseline excludes 0):" in lines
+    assert any(line.startswith("- asr wer en: **part** is better — part's WER is 50.00 points lower") for line in lines)
+    assert any(line.startswith("- asr cer zh: **baseline** is better — part's CER is 25.00 points higher")
+               for line in lines)
+    assert "Not significant (the interval contains 0): asr wer de, s2tt bleu zh→en." in lines
+
+    data = json.loads((out / "compare.json").read_text())["bootstrap"]
+    assert (data["resamples"], data["seed"], data["confidence"]) == (1000, 0, 0.95)
+    rows = {(r["task"], r["metric"], r["key"]): r for r in data["rows"]}
+    assert list(rows) == [("asr", "wer", "de"), ("asr", "wer", "en"), ("asr", "wer", "average"),
+                          ("asr", "cer", "zh"), ("asr", "cer", "average"), ("s2tt", "bleu", "de→en"),
+                          ("s2tt", "bleu", "zh→en"), ("s2tt", "bleu", "average")]
+    en = rows[("asr", "wer", "en")]
+    assert en["significant"] and en["better"] == "part"
+    assert en["diff"]["value"] == -50.0 and en["diff"]["low"] <= -50.0 <= en["diff"]["high"] < 0
+    assert rows[("asr", "wer", "de")]["diff"] == {"value": 0.0, "low": 0.0, "high": 0.0}
+    for r in rows.values():  # every interval contains its point estimate
+        for side in ("part", "baseline", "diff"):
+            assert r[side]["low"] <= r[side]["value"] <= r[side]["high"]
+    # The point estimates are the corpus metrics evaluate.py computes on the same (paired) records.
+    def pick(records, task, lang):
+        return [r for r in records if r["task"] == task and r["language"] == lang and r["key"] != "only_baseline"]
+    de = pick(part_records, "asr", "de")
+    expected = error_rate([r["reference"] for r in de], [r["hypothesis"] for r in de], "de")["value"]
+    assert rows[("asr", "wer", "de")]["part"]["value"] == pytest.approx(expected)
+    tr = pick(base_records, "s2tt", "de")
+    expected = bleu([r["reference"] for r in tr], [r["hypothesis"] for r in tr], "en")["value"]
+    assert rows[("s2tt", "bleu", "de→en")]["baseline"]["value"] == pytest.approx(expected)
+    assert rows[("s2tt", "bleu", "de→en")]["part"]["value"] == pytest.approx(100.0)
+    average = rows[("asr", "wer", "average")]
+    assert average["part"]["value"] == pytest.approx((0.0 + rows[("asr", "wer", "de")]["part"]["value"]) / 2)
+
+    # Deterministic: the same seed writes the same intervals; another seed moves them.
+    again = json.loads((compare.write_comparison(part, baseline, tmp_path / "again", resamples=1000, seed=0)
+                        .parent / "compare.json").read_text())["bootstrap"]
+    assert again["rows"] == data["rows"]
+    other = json.loads((compare.write_comparison(part, baseline, tmp_path / "other", resamples=1000, seed=1)
+                        .parent / "compare.json").read_text())["bootstrap"]
+    assert other["rows"] != data["rows"]
+
+
+def test_write_comparison_without_hypotheses_or_bootstrap(runs, tmp_path):
+    write_hypotheses(*runs)
+    (runs[1] / "final_hypotheses.jsonl").unlink()
+    part, baseline = (compare.load_run(r) for r in runs)
+    md = compare.write_comparison(part, baseline, tmp_path / "a").read_text()
+    assert "_No per-utterance hypotheses file for baseline (final_hypotheses.jsonl): no confidence intervals._" in md
+    assert json.loads((tmp_path / "a" / "compare.json").read_text())["bootstrap"] is None
+    write_hypotheses(*runs)
+    part, baseline = (compare.load_run(r) for r in runs)
+    md = compare.write_comparison(part, baseline, tmp_path / "b", resamples=0).read_text()
+    assert "_Bootstrap confidence intervals disabled (--bootstrap 0)._" in md and "95% CI" not in md
+
+
+def test_write_comparison_bootstrap_uses_the_last_evaluation_without_final(runs, tmp_path):
+    """Without final.json the intervals come from the hypotheses of the evaluation the table shows."""
+    part_records, base_records = write_hypotheses(*runs)
+    for run_dir in runs:
+        (run_dir / "final.json").unlink()
+        (run_dir / "final_hypotheses.jsonl").rename(run_dir / "eval_step_8_hypotheses.jsonl")
+    part, baseline = (compare.load_run(r) for r in runs)
+    assert part["final_hypotheses"] is None and part["evals"][-1]["hypotheses"].endswith("eval_step_8_hypotheses.jsonl")
+    md = compare.write_comparison(part, baseline, tmp_path / "cmp", resamples=200).read_text()
+    assert "200 resamples of the utterances" in md and "yes, part better" in md
+
+
+def test_bootstrap_cli_flags():
+    args = compare.parse_args(["--part", "a.yaml", "--baseline", "b.yaml", "--out", "o"])
+    assert (args.bootstrap, args.seed) == (1000, 0)
+    args = compare.parse_args(["--part", "a.yaml", "--baseline", "b.yaml", "--out", "o", "--bootstrap", "0",
+                               "--seed", "3", "stages.0.lr=1e-3"])
+    assert (args.bootstrap, args.seed, args.overrides) == (0, 3, ["stages.0.lr=1e-3"])
+
+
 # ---------------------------------------------------------------- the command line (no training)
 
 

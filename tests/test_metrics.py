@@ -363,3 +363,37 @@ def test_compare_table_single_system_matches_results_table() -> None:
     assert "_" not in table.splitlines()[-1]  # no note: nothing missing
     with pytest.raises(ValueError):
         compare_table({})
+
+
+# --------------------------------------------------------------------------------------------- per-utterance stats
+
+
+def test_error_counts_per_utterance_sum_to_the_corpus_rate() -> None:
+    # 1: the quick brown fox vs the quack brown -> 1 sub + 1 del = 2 errors / 4 words (as above)
+    # 2: "(noise)" normalises to "" -> skipped: (0, 0); 3: "yes" vs "yes yes yes" -> 2 insertions / 1 word
+    # 4: "a b" vs "" -> 2 deletions / 2 words. Corpus: (2 + 2 + 2) / (4 + 1 + 2) = 6 / 7
+    refs = ["The quick brown fox.", "(noise)", "yes", "a b"]
+    hyps = ["the quack brown", "x", "yes yes yes", ""]
+    counts = metrics.error_counts(refs, hyps, "en")
+    assert counts == [(2, 4), (0, 0), (2, 1), (2, 2)]
+    out = error_rate(refs, hyps, "en")
+    assert (out["errors"], out["ref_units"]) == (6, 7) == tuple(map(sum, zip(*counts)))
+
+
+def test_error_counts_cer() -> None:
+    # 今天天气很好 vs 今天天汽很好啊: 1 sub + 1 ins / 6 chars (as above); 你好 vs 你: 1 del / 2 chars
+    assert metrics.error_counts(["今天天气很好", "你好"], ["今天 天汽，很好啊。", "你"], "zh") == [(2, 6), (1, 2)]
+    assert metrics.error_counts(["", "[music]"], ["x", ""], "de") == [(0, 0), (0, 0)]
+
+
+def test_bleu_statistics_sum_to_the_corpus_bleu() -> None:
+    # sentence 1 as in the no-brevity-penalty test: lengths 6/6, matches 5 3 2 1 of totals 6 5 4 3;
+    # sentence 2: an empty hypothesis against 3 reference tokens: hyp_len 0, ref_len 3, nothing to count
+    stats = metrics.bleu_statistics(["the cat sat on the mat", "hello there world"], ["the cat sat on a mat", ""], "en")
+    assert stats == [[6, 6, 5, 3, 2, 1, 6, 5, 4, 3], [0, 3, 0, 0, 0, 0, 0, 0, 0, 0]]
+    summed = [sum(col) for col in zip(*stats)]
+    corpus = bleu(["the cat sat on the mat", "hello there world"], ["the cat sat on a mat", ""], "en")["value"]
+    assert float(metrics.bleu_from_statistics(summed)) == corpus
+    # one row alone: 53.73 as hand-computed above; rows of a 2-D array are scored one by one
+    assert metrics.bleu_from_statistics([stats[0], stats[0]]).tolist() == pytest.approx([53.73, 53.73], abs=0.01)
+    assert metrics.bleu_statistics([], [], "en") == []
