@@ -2,7 +2,8 @@
 
 Transcripts and translations are real (multi-way aligned human translations); only the voice is synthetic.
 Splits written under --out:
-  train/  FLORES-200 dev + NTREX-128 sentences, speech, with translations into every other language
+  train/  FLORES-200 dev + NTREX-128 sentences, speech, with translations into every other language; optionally
+          short Tatoeba sentences, speech, with their English translation
   eval/   FLORES-200 devtest sentences, speech (held out: never used for training or the tokenizer)
   text/   Tatoeba sentence pairs, text only (for the `mt` and `text` tasks)
   tokenizer_text.txt  the training-side text, for training the tiny default's tokenizer
@@ -60,6 +61,34 @@ def speech_items(
     return items
 
 
+def tatoeba_speech_items(shared: Path, languages: list[str], skip: int, limit: int, seed: int) -> list[Item]:
+    """Short spoken sentences: the non-English side of Tatoeba pairs (translation: its English side), and for
+    English the English sides of every pair file (translation: the other side). Lines `[skip, skip + limit)` of
+    each pair file, so they do not repeat the text-only split's first `skip` pairs."""
+    rng = random.Random(seed)
+    pairs = {lang: tatoeba_pairs(shared, lang)[skip : skip + limit] for lang in languages if lang != "en"}
+    items = []
+    for lang, lang_pairs in pairs.items():
+        for i, (eng, other) in enumerate(lang_pairs):
+            record = {"id": f"tatoeba-speech-{lang}-{i:05d}", "language": lang, "duration": 0.0,
+                      "transcript": other.strip(), "translations": {"en": eng.strip()}, "source": "tatoeba+espeak-ng"}
+            items.append(Item(record=record, tts_args=tts_args(lang, rng)))
+    if "en" in languages:
+        seen: set[str] = set()
+        english = []  # round-robin over the pair files, so every file's English side contributes
+        for row in zip(*pairs.values()):
+            for lang, (eng, other) in zip(pairs, row):
+                if eng.strip() not in seen:
+                    seen.add(eng.strip())
+                    english.append((lang, eng.strip(), other.strip()))
+        for i, (lang, eng, other) in enumerate(english[:limit]):
+            record = {"id": f"tatoeba-speech-en-{i:05d}", "language": "en", "duration": 0.0, "transcript": eng,
+                      "translations": {lang: other}, "source": "tatoeba+espeak-ng"}
+            items.append(Item(record=record, tts_args=tts_args("en", rng)))
+    rng.shuffle(items)
+    return items
+
+
 def text_items(shared: Path, languages: list[str], limit: int, seed: int) -> list[Item]:
     items = []
     for lang in languages:
@@ -83,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--languages", default=DEFAULT_LANGUAGES, help="comma-separated ISO 639-1 codes")
     parser.add_argument("--train-per-language", type=int, default=997, help="FLORES dev lines per language")
     parser.add_argument("--ntrex-per-language", type=int, default=0, help="NTREX lines per language (0: none)")
+    parser.add_argument("--tatoeba-speech-per-language", type=int, default=0,
+                        help="short Tatoeba sentences spoken per language (0: none); taken after the text split's")
     parser.add_argument("--eval-per-language", type=int, default=100, help="FLORES devtest lines per language")
     parser.add_argument("--text-per-language", type=int, default=2000, help="Tatoeba pairs per language")
     parser.add_argument("--seed", type=int, default=0)
@@ -104,6 +135,12 @@ def main(argv: list[str] | None = None) -> int:
         ntrex = {lang: ntrex_lines(args.shared, lang) for lang in languages}
         train += speech_items(ntrex, languages, "ntrex", "ntrex128+espeak-ng", args.ntrex_per_language, args.seed + 1)
         tokenizer_text += [s for lang in languages for s in ntrex[lang][: args.ntrex_per_language]]
+    if args.tatoeba_speech_per_language > 0:
+        short = tatoeba_speech_items(args.shared, languages, args.text_per_language,
+                                     args.tatoeba_speech_per_language, args.seed + 4)
+        train += short
+        tokenizer_text += [it.record["transcript"] for it in short]
+        random.Random(args.seed + 5).shuffle(train)  # shards hold a shuffled order: short and long mixed
     build_shards(train, out / "train", total=len(train), **common)
 
     eval_sentences = {lang: flores_lines(args.shared, lang, "devtest", cache) for lang in languages}

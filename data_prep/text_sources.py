@@ -56,6 +56,10 @@ def ntrex_lines(shared: Path, lang: str) -> list[str]:
     return path.read_text(encoding="utf-8").splitlines()
 
 
+# Tatoeba's zho file mixes varieties and scripts; its .labels file names each line's. Only these are kept.
+TATOEBA_KEEP_LABELS = {"zh": {"cmn_Hans"}}
+
+
 def tatoeba_pairs(shared: Path, lang: str) -> list[tuple[str, str]]:
     """(english, lang) sentence pairs from the Tatoeba test set; empty when not shipped."""
     code = TATOEBA_CODES.get(lang)
@@ -65,4 +69,10 @@ def tatoeba_pairs(shared: Path, lang: str) -> list[tuple[str, str]]:
     other = shared / "tatoeba" / f"eng-{code}.{code}"
     if not eng.exists():
         return []
-    return list(zip(eng.read_text(encoding="utf-8").splitlines(), other.read_text(encoding="utf-8").splitlines()))
+    pairs = list(zip(eng.read_text(encoding="utf-8").splitlines(), other.read_text(encoding="utf-8").splitlines()))
+    keep = TATOEBA_KEEP_LABELS.get(lang)
+    labels = shared / "tatoeba" / f"eng-{code}.{code}.labels"
+    if keep and labels.exists():
+        names = [line.split("\t")[0].strip() for line in labels.read_text(encoding="utf-8").splitlines()]
+        pairs = [p for p, name in zip(pairs, names) if name in keep]
+    return pairs

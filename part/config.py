@@ -64,6 +64,10 @@ class ModelConfig:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
+    # Weight of an auxiliary CTC loss on the adapter's outputs, read through the LLM's output head, against the
+    # transcript's tokens (every speech sample, ASR or S2TT). 0: off. It gives the adapter a per-frame signal
+    # towards the LLM's token embeddings, which speeds up the speech-text alignment the LLM loss finds slowly.
+    ctc_weight: float = 0.0
 
 
 @dataclass
@@ -278,6 +282,7 @@ def validate(cfg: TrainConfig, source: str | Path = "config") -> None:
     for name, where in ((m.encoder.pretrained, "model.encoder.pretrained"), (m.llm.pretrained, "model.llm.pretrained")):
         check(name is None or Path(name).is_dir(), f"{where}: directory '{name}' does not exist")
     check(m.llm.pretrained is not None, "model.llm.pretrained: a causal LM directory is required")
+    check(m.ctc_weight >= 0, "model.ctc_weight: must be >= 0")
 
     d = cfg.data
     check(bool(d.train_shards), "data.train_shards: required")

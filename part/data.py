@@ -230,8 +230,10 @@ class Sample:
     target: str
     duration: float
     audio: bytes | None
+    transcript: str = ""  # what is said (speech samples), for the auxiliary CTC loss
     prompt_ids: list[int] = field(default_factory=list)
     target_ids: list[int] = field(default_factory=list)
+    transcript_ids: list[int] = field(default_factory=list)
 
 
 def make_sample(source: Source, key: str, members: dict[str, bytes], shard: str, rng: random.Random,
@@ -272,7 +274,8 @@ def make_sample(source: Source, key: str, members: dict[str, bytes], shard: str,
     else:
         target = text
     prompt = instruction(task, lang, target_lang, text if task in ("mt", "text") else None)
-    return Sample(task, lang, target_lang, key, shard, prompt, target, duration, audio)
+    return Sample(task, lang, target_lang, key, shard, prompt, target, duration, audio,
+                  transcript=text if task in SPEECH_TASKS else "")
 
 
 def bucket(samples: list[Sample], cfg: DataConfig) -> list[list[Sample]]:
@@ -335,6 +338,7 @@ def collate(samples: list[Sample], feature_extractor, counters: Counter) -> dict
         "audio_index": torch.tensor(audio_index),
         "prompt_ids": [torch.tensor(s.prompt_ids) for s in kept],
         "target_ids": [torch.tensor(s.target_ids) for s in kept],
+        "transcript_ids": [torch.tensor(s.transcript_ids, dtype=torch.long) for s in kept],
         "meta": [{"key": s.key, "task": s.task, "language": s.language, "target_language": s.target_language,
                   "reference": s.target, "duration": s.duration} for s in kept],
     }
@@ -343,6 +347,8 @@ def collate(samples: list[Sample], feature_extractor, counters: Counter) -> dict
 def encode_text(tokenizer, sample: Sample, end_token_id: int) -> None:
     sample.prompt_ids = tokenizer(sample.prompt, add_special_tokens=False)["input_ids"]
     sample.target_ids = tokenizer(sample.target, add_special_tokens=False)["input_ids"] + [end_token_id]
+    if sample.transcript:
+        sample.transcript_ids = tokenizer(sample.transcript, add_special_tokens=False)["input_ids"]
 
 
 # ---------------------------------------------------------------- the training stream
@@ -525,4 +531,6 @@ def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
         out[key] = batch[key].to(device, non_blocking=True)
     out["prompt_ids"] = [t.to(device, non_blocking=True) for t in batch["prompt_ids"]]
     out["target_ids"] = [t.to(device, non_blocking=True) for t in batch["target_ids"]]
+    if "transcript_ids" in batch:
+        out["transcript_ids"] = [t.to(device, non_blocking=True) for t in batch["transcript_ids"]]
     return out

@@ -211,6 +211,11 @@ class SpeechLLM(nn.Module):
 
     def assemble(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Builds inputs_embeds, attention_mask and labels: [prompt with audio spliced in] + [target]."""
+        inputs, mask, labels, _, _ = self._assemble(batch)
+        return inputs, mask, labels
+
+    def _assemble(self, batch: dict) -> tuple[torch.Tensor, ...]:
+        """`assemble`, plus the adapter's outputs and their lengths (for the auxiliary CTC loss)."""
         embed = self.llm.get_input_embeddings()
         device = batch["prompt_ids"][0].device if batch["prompt_ids"] else None
         has_audio = batch["audio_index"]
@@ -246,11 +251,11 @@ class SpeechLLM(nn.Module):
         # Keeps every encoder/adapter parameter in the graph even when no sample in the batch has audio, so
         # all ranks reduce the same gradients under ZeRO (a rank skipping a module would hang the others).
         inputs = inputs + 0.0 * audio.sum()
-        return inputs, mask, labels
+        return inputs, mask, labels, audio, audio_lengths
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        inputs, mask, labels = self.assemble(batch)
-        logits = self.llm(inputs_embeds=inputs, attention_mask=mask).logits
+        inputs, mask, labels, audio, audio_lengths = self._assemble(batch)
+        logits = self.llm(inputs_embeds=inputs, attention_mask=mask, use_cache=False).logits
         shift_logits = logits[:, :-1].float()
         shift_labels = labels[:, 1:]
         loss_sum = F.cross_entropy(
@@ -260,7 +265,39 @@ class SpeechLLM(nn.Module):
             reduction="sum",
         )
         tokens = (shift_labels != IGNORE).sum()
-        return {"loss": loss_sum / tokens.clamp(min=1), "loss_sum": loss_sum, "tokens": tokens}
+        out = {"loss": loss_sum / tokens.clamp(min=1), "loss_sum": loss_sum, "tokens": tokens}
+        if self.cfg.ctc_weight > 0:
+            ctc = self.ctc_loss(audio, audio_lengths, batch)
+            out["ctc_loss"] = ctc.detach()
+            out["loss"] = out["loss"] + self.cfg.ctc_weight * ctc
+        return out
+
+    def ctc_loss(self, audio: torch.Tensor, audio_lengths: torch.Tensor, batch: dict) -> torch.Tensor:
+        """CTC of the adapter's frames, read through the LLM's output head, against each speech sample's
+        transcript tokens; the pad token is the blank. Mean over transcript tokens (0 when there are none).
+
+        The head is called on every batch, speech or not, so all ranks make the same module calls under ZeRO-3.
+        """
+        log_probs = self.llm.get_output_embeddings()(audio).float().log_softmax(-1)
+        rows, targets = [], []
+        for i, j in enumerate(batch["audio_index"].tolist()):
+            ids = batch["transcript_ids"][i] if "transcript_ids" in batch else None
+            if j >= 0 and ids is not None and len(ids) > 0:
+                rows.append(j)
+                targets.append(ids)
+        if not rows:
+            return log_probs.sum() * 0.0
+        index = torch.tensor(rows, device=log_probs.device)
+        loss = F.ctc_loss(
+            log_probs[index].transpose(0, 1),
+            torch.cat(targets),
+            audio_lengths[index],
+            torch.tensor([len(t) for t in targets], device=log_probs.device),
+            blank=self.pad_token_id,
+            reduction="sum",
+            zero_infinity=True,  # a transcript longer than its frames cannot be aligned: no gradient, not inf
+        )
+        return loss / sum(len(t) for t in targets)
 
     # ---------------------------------------------------------------- generation
 
