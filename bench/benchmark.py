@@ -18,14 +18,11 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -127,7 +124,7 @@ def resolve_config(args: argparse.Namespace, scratch: Path) -> tuple[object, lis
     """The config with the user's overrides; when its corpus or models are missing, a small corpus and tiny
     models are built under `scratch` (as tests/conftest.py does) and overrides point the config at them."""
     from part.config import ConfigError, load_config
-    from part.data import expand_shards
+    from part.data.shards import expand_shards
 
     overrides = list(args.overrides)
     try:
@@ -142,7 +139,7 @@ def resolve_config(args: argparse.Namespace, scratch: Path) -> tuple[object, lis
     if shutil.which("espeak-ng") is None:
         raise SystemExit("error: espeak-ng is required to build the fallback corpus (launch/setup_env.sh installs it)")
     from data_prep import synthetic
-    from part.tiny import build_tiny
+    from part.model.tiny import build_tiny
 
     corpus, tiny = scratch / "corpus", scratch / "tiny"
     langs = "en,de,zh"
@@ -159,7 +156,7 @@ def resolve_config(args: argparse.Namespace, scratch: Path) -> tuple[object, lis
         f"model.encoder.pretrained={tiny}/whisper", f"model.llm.pretrained={tiny}/llm", "model.llm.tokenizer=null",
         f"data.train_shards={corpus}/train/{{lang}}-*.tar", f"data.text_shards={corpus}/text/{{lang}}-*.tar",
         f"data.eval_shards={corpus}/eval/{{lang}}-*.tar", f"data.languages=[{langs}]",
-        f"ds_config={REPO}/ds_configs/zero3_cpu.json",
+        f"ds_config={REPO}/ds_configs/zero3_cpu.json", "precision=fp32",
     ]
     for i, stage in enumerate(raw.get("stages") or []):
         overrides.append(f"stages.{i}.languages=null")
@@ -198,7 +195,7 @@ def tasks_text(stage) -> str:
 def loader_throughput(cfg, stage, tokenizer, mels: int, workers: int, warmup: int, n: int) -> dict:
     """MixtureStream + make_loader (train.py's loader) with `workers` processes, drained by an idle consumer."""
     from part.config import SPEECH_TASKS
-    from part.data import MixtureStream, make_loader
+    from part.data.stream import MixtureStream, make_loader
 
     data = dataclasses.replace(cfg.data, num_workers=workers)
     t_start = time.perf_counter()
@@ -214,8 +211,8 @@ def loader_throughput(cfg, stage, tokenizer, mels: int, workers: int, warmup: in
     for _ in range(n):
         batch = next(it)
         batches += 1
-        samples += len(batch["meta"])
-        audio += sum(m["duration"] for m in batch["meta"] if m["task"] in SPEECH_TASKS)
+        samples += len(batch)
+        audio += sum(m.duration for m in batch.meta if m.task in SPEECH_TASKS)
     dt = time.perf_counter() - t0
     del it
     return {"workers": workers, "batches": batches, "samples": samples, "audio": audio, "seconds": dt,
@@ -225,56 +222,33 @@ def loader_throughput(cfg, stage, tokenizer, mels: int, workers: int, warmup: in
 # ---------------------------------------------------------------- b. padding
 
 
-@contextmanager
-def recording_bucket() -> Iterator[list[tuple[list, list[list]]]]:
-    """Records every call of part.data.bucket (its input, in arrival order, and its batches) while active."""
-    import part.data as data_module
-
-    original = data_module.bucket
-    calls: list[tuple[list, list[list]]] = []
-
-    def wrapper(samples, cfg):
-        batches = original(samples, cfg)
-        calls.append((list(samples), batches))
-        return batches
-
-    data_module.bucket = wrapper
-    try:
-        yield calls
-    finally:
-        data_module.bucket = original
-
-
 def padding(cfg, stage, tokenizer, mels: int, windows: int) -> dict:
     """Padded-frame fraction of the stream's bucketed batches vs the same samples in arrival order, cut into
-    batches of the same sizes. Both go through part.data.batch_audio_stats (speech samples only)."""
-    from part.data import MixtureStream, batch_audio_stats
+    batches of the same sizes. Both go through part.data.batching.audio_stats (speech samples only)."""
+    from part.data.batching import audio_stats, batch_audio_stats
+    from part.data.stream import BucketedWindow, MixtureStream
 
+    seen: list[BucketedWindow] = []  # every window the stream bucketed, as it bucketed it
     data = dataclasses.replace(cfg.data, num_workers=1)
-    stream = MixtureStream(data, stage, tokenizer, mels, rank=0, world_size=1)
+    stream = MixtureStream(data, stage, tokenizer, mels, rank=0, world_size=1, on_window=seen.append)
     yielded: list[tuple[float, float]] = []  # batch_audio_stats of each batch the stream returned
-    with recording_bucket() as calls:
-        it = iter(stream)  # in this process (no loader workers), so the recording sees every window
-        while len(calls) <= windows:  # window k+1 is bucketed only after every batch of window k was yielded
-            yielded.append(batch_audio_stats(next(it)))
-        it.close()
-    calls = calls[:windows]
-
-    def as_batch(samples) -> dict:
-        return {"meta": [{"task": s.task, "duration": s.duration} for s in samples]}
+    it = iter(stream)  # in this process (no loader workers), so on_window sees every window
+    while len(seen) <= windows:  # window k+1 is bucketed only after every batch of window k was yielded
+        yielded.append(batch_audio_stats(next(it)))
+    it.close()
+    seen = seen[:windows]
 
     real_b = pad_b = real_a = pad_a = 0.0
     n_samples = n_batches = 0
-    sizes_all: list[int] = []
-    for arrival, batches in calls:
+    for window in seen:
+        arrival, batches = window.arrival, window.batches
         sizes = [len(b) for b in batches]
-        sizes_all += sizes
         assert sum(sizes) == len(arrival)
         start = 0
         for b, size in zip(batches, sizes):
-            r, p = batch_audio_stats(as_batch(b))
+            r, p = audio_stats(b)
             real_b, pad_b = real_b + r, pad_b + p
-            r, p = batch_audio_stats(as_batch(arrival[start : start + size]))
+            r, p = audio_stats(arrival[start : start + size])
             real_a, pad_a = real_a + r, pad_a + p
             start += size
         n_samples += len(arrival)
@@ -284,7 +258,7 @@ def padding(cfg, stage, tokenizer, mels: int, windows: int) -> dict:
     for r, p in yielded[:n_batches]:
         real_y, pad_y = real_y + r, pad_y + p
     return {
-        "windows": len(calls), "samples": n_samples, "batches": n_batches,
+        "windows": len(seen), "samples": n_samples, "batches": n_batches,
         "mean_batch": n_samples / max(n_batches, 1), "speech_seconds": real_b,
         "bucketed": 1 - real_b / pad_b if pad_b else 0.0,
         "arrival": 1 - real_a / pad_a if pad_a else 0.0,
@@ -295,19 +269,15 @@ def padding(cfg, stage, tokenizer, mels: int, windows: int) -> dict:
 # ---------------------------------------------------------------- c-h. launcher runs
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(ranks: int, args: argparse.Namespace, cfg_overrides: list[str], workdir: Path, phases: str,
            log_dir: Path) -> dict[str, dict]:
+    from part.train.launcher import deepspeed_command
+
     deepspeed_bin = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
-    cmd = [deepspeed_bin, "--num_gpus", str(ranks), "--master_port", str(free_port()),
-           str(REPO / "bench" / "train_bench_worker.py"), "--config", args.config, "--workdir", str(workdir),
-           "--phases", phases, "--stage", str(args.stage), "--warmup", str(args.warmup), "--steps", str(args.steps),
-           "--replay-steps", str(args.replay_steps), "--switch-steps", str(args.switch_steps), *cfg_overrides]
+    worker_args = ["--config", args.config, "--workdir", str(workdir), "--phases", phases, "--stage", str(args.stage),
+                   "--warmup", str(args.warmup), "--steps", str(args.steps), "--replay-steps", str(args.replay_steps),
+                   "--switch-steps", str(args.switch_steps), *cfg_overrides]
+    cmd = deepspeed_command(REPO / "bench" / "train_bench_worker.py", worker_args, ranks, launcher=deepspeed_bin)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1",
                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     log = log_dir / f"worker_{ranks}rank.log"
@@ -397,7 +367,7 @@ def run(args, parts, scratch: Path, started: float, date: str, load_start: str) 
     info = machine_info()
     t0 = time.perf_counter()
     cfg, overrides, source = resolve_config(args, scratch)
-    from part.model import load_tokenizer
+    from part.model.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model.llm.tokenizer or cfg.model.llm.pretrained)
     mels = num_mel_bins(cfg)

@@ -13,8 +13,8 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from part.audio import SAMPLE_RATE, AudioDecodeError, encode_flac, load_audio
-from part.shards import ShardWriter, write_index
+from part.data.audio import SAMPLE_RATE, AudioDecodeError, encode_flac, load_audio
+from part.data.shards import ShardWriter, write_index
 
 
 @dataclass

@@ -7,17 +7,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from part.model.groups import KNOWN_GROUPS, find_group
+
 TASKS = ("asr", "s2tt", "mt", "text")
 SPEECH_TASKS = ("asr", "s2tt")
-GROUP_PATTERN = re.compile(r"^(adapter|encoder|encoder\.top\.\d+|encoder\.layers\.\d+|llm|llm\.lora|llm\.layers\.\d+)$")
+PRECISIONS = ("bf16", "fp32")
+ZERO_STAGES = (2, 3)
 
 
 class ConfigError(ValueError):
@@ -106,6 +109,8 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-8
     max_bad_steps: int = 5  # consecutive non-finite losses tolerated (each step skipped) before stopping
+    grad_clip: float = 1.0  # global gradient-norm clip; 0: none (DeepSpeed's gradient_clipping)
+    grad_accum_steps: int = 1  # micro-batches per optimizer step (DeepSpeed's gradient_accumulation_steps)
 
 
 @dataclass
@@ -142,7 +147,11 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # The DeepSpeed JSON: engine tuning (buckets, offload, ...). What training means (precision, ZeRO stage,
+    # optim.grad_clip, optim.grad_accum_steps) is owned here; the JSON must agree (see DEEPSPEED_SETTINGS).
     ds_config: str = "ds_configs/zero3.json"
+    precision: str = "bf16"  # bf16 | fp32 (weights, activations and audio features on the device)
+    zero_stage: int = 3
     output_dir: str = "runs/default"
     seed: int = 0
 
@@ -154,8 +163,8 @@ class TrainConfig:
 # ---------------------------------------------------------------- building from plain data
 
 
-def _build(cls: type, data: object, path: str) -> object:
-    """Converts YAML data into dataclass `cls`, naming `path` on any mismatch."""
+def build_config(cls: type, data: object, path: str = "") -> object:
+    """Converts plain (YAML or JSON) data into config dataclass `cls`, naming the dotted `path` on any mismatch."""
     hints = typing.get_type_hints(cls)
     if not isinstance(data, dict):
         raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(data).__name__}")
@@ -176,7 +185,7 @@ def _coerce(tp: object, value: object, path: str) -> object:
         inner = [a for a in args if a is not type(None)]
         return _coerce(inner[0], value, path)
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, path)
+        return build_config(tp, value, path)
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{path}: expected a list, got {value!r}")
@@ -254,7 +263,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainCo
     for override in overrides or []:
         apply_override(data, override)
     try:
-        cfg = _build(TrainConfig, data, "")
+        cfg = build_config(TrainConfig, data)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     validate(cfg, path)
@@ -315,16 +324,18 @@ def validate(cfg: TrainConfig, source: str | Path = "config") -> None:
             check(lang in d.languages, f"{where}.translation_targets: '{lang}' is not in data.languages")
         check(bool(s.trainable), f"{where}.trainable: at least one parameter group")
         for group in s.trainable:
-            check(bool(GROUP_PATTERN.match(group)),
-                  f"{where}.trainable: unknown group '{group}' (adapter, encoder, encoder.top.N, encoder.layers.N, "
-                  "llm, llm.lora, llm.layers.N)")
+            check(find_group(group) is not None, f"{where}.trainable: unknown group '{group}' ({KNOWN_GROUPS})")
             uses_lora |= group == "llm.lora"
     check(not uses_lora or m.llm.lora is not None, "model.llm.lora: a stage trains llm.lora but no LoRA is configured")
+    check(cfg.precision in PRECISIONS, f"precision: '{cfg.precision}' is not one of {', '.join(PRECISIONS)}")
+    check(cfg.zero_stage in ZERO_STAGES, f"zero_stage: {cfg.zero_stage} is not one of {ZERO_STAGES}")
+    check(cfg.optim.grad_clip >= 0, "optim.grad_clip: must be >= 0")
+    check(cfg.optim.grad_accum_steps >= 1, "optim.grad_accum_steps: must be >= 1")
     ds = Path(cfg.ds_config)
     check(ds.is_file(), f"ds_config: file '{ds}' does not exist")
     if ds.is_file():
         try:
-            json.loads(ds.read_text())
+            errors += ds_config_disagreements(cfg, json.loads(ds.read_text()))
         except json.JSONDecodeError as exc:
             errors.append(f"ds_config: '{ds}' is not valid JSON: {exc}")
     check(cfg.checkpoint.every > 0, "checkpoint.every: must be > 0")
@@ -335,3 +346,66 @@ def validate(cfg: TrainConfig, source: str | Path = "config") -> None:
         check(task in SPEECH_TASKS, f"eval.tasks: '{task}' is not one of {SPEECH_TASKS}")
     if errors:
         raise ConfigError(f"{source}: invalid configuration:\n  " + "\n  ".join(errors))
+
+
+# ---------------------------------------------------------------- the DeepSpeed settings the YAML owns
+
+
+@dataclass(frozen=True)
+class DeepSpeedSetting:
+    json_key: tuple[str, ...]  # where DeepSpeed reads it, e.g. ("zero_optimization", "stage")
+    yaml_field: str  # the config field that owns it
+    json_default: object  # DeepSpeed's value when the JSON leaves the key out
+    value: Callable[[TrainConfig], object]  # the owned value, from the config
+
+
+DEEPSPEED_SETTINGS: tuple[DeepSpeedSetting, ...] = (
+    DeepSpeedSetting(("bf16", "enabled"), "precision", False, lambda c: c.precision == "bf16"),
+    DeepSpeedSetting(("fp16", "enabled"), "precision", False, lambda c: False),  # fp16 is not offered
+    DeepSpeedSetting(("zero_optimization", "stage"), "zero_stage", 0, lambda c: c.zero_stage),
+    DeepSpeedSetting(("gradient_accumulation_steps",), "optim.grad_accum_steps", 1, lambda c: c.optim.grad_accum_steps),
+    DeepSpeedSetting(("gradient_clipping",), "optim.grad_clip", 0.0, lambda c: c.optim.grad_clip),
+)
+
+
+def _json_value(ds: dict, key: tuple[str, ...], default: object) -> object:
+    node: object = ds
+    for part in key:
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def ds_config_disagreements(cfg: TrainConfig, ds: dict) -> list[str]:
+    """Errors for every training setting on which the DeepSpeed JSON says something other than the YAML."""
+    errors = []
+    for setting in DEEPSPEED_SETTINGS:
+        found, wanted = _json_value(ds, setting.json_key, setting.json_default), setting.value(cfg)
+        if found != wanted:
+            yaml_value = _field_value(cfg, setting.yaml_field)
+            errors.append(
+                f"ds_config: '{cfg.ds_config}' has {'.'.join(setting.json_key)}={json.dumps(found)}, but "
+                f"{setting.yaml_field} is {yaml_value} (which needs {json.dumps(wanted)}); the YAML owns this "
+                "setting: make the file agree or pick another one"
+            )
+    return errors
+
+
+def _field_value(cfg: TrainConfig, dotted: str) -> object:
+    node: object = cfg
+    for name in dotted.split("."):
+        node = getattr(node, name)
+    return node
+
+
+def deepspeed_config(cfg: TrainConfig) -> dict:
+    """What deepspeed.initialize gets: the ds_config file (engine tuning) with the YAML's settings written over
+    it. The file is never the source of those settings (validation made it agree with them)."""
+    ds = json.loads(Path(cfg.ds_config).read_text())
+    for setting in DEEPSPEED_SETTINGS:
+        node = ds
+        for part in setting.json_key[:-1]:
+            node = node.setdefault(part, {})
+        node[setting.json_key[-1]] = setting.value(cfg)
+    return ds

@@ -12,40 +12,26 @@ come out in input order, one line per file: `path<TAB>text`, or a JSON object wi
 Exit status 2, with a message naming the file and no traceback, on a missing or undecodable file or a clip longer
 than the Whisper encoder's 30 s window; with --skip-bad such files are reported on stderr and left out instead.
 
-Batching: `SpeechLLM.encode_audio` runs the Whisper encoder over the padded batch without an attention mask (and
-its convolutions read the padding next to a clip's end), so a clip batched with longer clips gets other audio
-embeddings than alone, and possibly other text (tests/test_infer.py shows it). Length-sorted batches keep the
-padding small; `--batch-size 1` gives exactly the unbatched result.
+Batching: `SpeechLLM.encode_audio` masks the padding (features, convolutions, attention), so a clip gets the same
+audio embeddings and the same text alone or batched with longer clips (tests/unit/test_infer.py checks it).
+
+This is the command line; the work is done by part.model.inference.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
-import time
-from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 
-import soundfile as sf
 import torch
 
-from part.audio import SAMPLE_RATE, AudioDecodeError, load_audio
-from part.prompts import LANGUAGE_NAMES, instruction
+from part.exit_codes import ExitCode
+from part.model.inference import InferError, check_task, load_model, probe, transcribe
+from part.prompts import LANGUAGE_NAMES
 
-HOP = 160  # Whisper's mel hop (part.data.HOP): 100 frames per second
-EXIT_BAD_INPUT = 2
-MODEL_FILES = ("part_model.json", "model.safetensors", "tokenizer")
 JSONL_FIELDS = ("audio", "task", "language", "target", "text", "duration")
-
-
-class InferError(RuntimeError):
-    """A problem with an input file, a list file or the model directory; the message names it."""
-
-
-# ---------------------------------------------------------------- inputs
 
 
 def read_inputs(items: list[str]) -> list[str]:
@@ -62,195 +48,6 @@ def read_inputs(items: list[str]) -> list[str]:
             raise InferError(f"cannot read list file {list_file}: {exc}") from None
         paths.extend(s for s in (line.strip() for line in lines) if s and not s.startswith("#"))
     return paths
-
-
-def check_task(task: str, language: str, target: str | None) -> None:
-    if task not in ("asr", "s2tt"):
-        raise ValueError(f"task must be asr or s2tt, not '{task}'")
-    if task == "s2tt" and not target:
-        raise ValueError("s2tt needs a target language (--target), e.g. --target en")
-    if task == "s2tt" and target == language:
-        raise ValueError(f"the target language must differ from the spoken language ({language}); use --task asr")
-    if task == "asr" and target:
-        raise ValueError("a target language (--target) is only for --task s2tt")
-
-
-def max_audio_seconds(model) -> float:
-    """The encoder's window: max_source_positions encoder frames, each 2 mel frames of 10 ms (30 s for Whisper)."""
-    return 2 * model.encoder.config.max_source_positions * HOP / SAMPLE_RATE
-
-
-def probe(path: str, max_seconds: float | None) -> float:
-    """Duration from the file's header (cheap: nothing is decoded); raises InferError naming the file."""
-    p = Path(path)
-    if not p.exists():
-        raise InferError(f"{path}: no such file")
-    if not p.is_file():
-        raise InferError(f"{path}: not a file")
-    try:
-        info = sf.info(str(p))
-    except Exception as exc:  # soundfile raises several types; all mean "unreadable"
-        raise InferError(f"{path}: cannot decode audio ({exc})") from None
-    seconds = info.frames / info.samplerate if info.samplerate > 0 and 0 < info.frames < 2**62 else 0.0
-    if max_seconds is not None and seconds > max_seconds:
-        raise InferError(too_long(path, seconds, max_seconds))
-    return seconds
-
-
-def too_long(path: str, seconds: float, max_seconds: float) -> str:
-    return (f"{path}: {seconds:.2f} s of audio is longer than the encoder's {max_seconds:g} s window "
-            "(cut it into shorter clips)")
-
-
-# ---------------------------------------------------------------- model
-
-
-def check_model_dir(model_dir: str | Path) -> Path:
-    """Fails with a message saying what a model directory must contain (and where one might be) when it does not."""
-    path = Path(model_dir)
-    if not path.is_dir():
-        raise InferError(f"--model {path}: no such directory")
-    missing = [name for name in MODEL_FILES if not (path / name).exists()]
-    if missing:
-        hint = ""
-        if (path / "latest").is_file():
-            hint = f"; this looks like a checkpoint directory: use {path / (path / 'latest').read_text().strip()}"
-        elif (path / "final" / "part_model.json").is_file():
-            hint = f"; did you mean {path / 'final'}?"
-        raise InferError(
-            f"--model {path} is not a trained model directory (missing {', '.join(missing)}): expected "
-            f"{', '.join(MODEL_FILES)}/, as training writes to <output_dir>/final and <checkpoint dir>/step_N{hint}"
-        )
-    try:
-        cfg = json.loads((path / "part_model.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise InferError(f"{path / 'part_model.json'}: unreadable ({exc})") from None
-    # The architecture is rebuilt from the pretrained directories named there before model.safetensors is loaded.
-    for key in ("encoder", "llm"):
-        base = (cfg.get(key) or {}).get("pretrained")
-        if base and not Path(base).exists() and (Path(base).is_absolute() or base.startswith(".")
-                                                 or base.count("/") != 1):  # "org/name" may be a hub id
-            raise InferError(
-                f"{path / 'part_model.json'}: {key}.pretrained '{base}' does not exist (relative paths resolve "
-                f"against the current directory, {Path.cwd()}). The model is rebuilt from it before "
-                "model.safetensors is loaded: run from the directory training ran in, or correct the path"
-            )
-    return path
-
-
-def load_model(model_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) from a trained model directory, in eval mode on `device` in `dtype`."""
-    from part.model import SpeechLLM
-
-    path = check_model_dir(model_dir)
-    try:
-        model, tokenizer = SpeechLLM.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise InferError(f"cannot load the model in {path}: {exc}") from exc
-    return model.to(device=device, dtype=dtype).eval(), tokenizer
-
-
-# ---------------------------------------------------------------- inference
-
-
-def transcribe(model, tokenizer, paths: list[str], task: str, language: str, target: str | None = None,
-               beams: int = 1, max_new_tokens: int = 128, batch_size: int = 8, device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.float32, skip_bad: bool = False, progress: bool = False,
-               on_result: Callable[[int, dict], None] | None = None) -> list[dict]:
-    """Transcribes (asr) or translates (s2tt, into `target`) the audio files `paths`, spoken in `language`.
-
-    Returns one dict per path, in input order: audio (the path as given), task, language, target, text,
-    duration (seconds of decoded audio) and token_ids (the generated ids, end token excluded). A missing,
-    undecodable or too long (> 30 s) file raises InferError naming it; with `skip_bad` it is reported on stderr
-    and its dict has `error` (the reason) and text None. The model is moved to `device`/`dtype` and put in eval
-    mode. `on_result(i, record)` is called as each file's result is ready (batches run longest first).
-    """
-    from transformers import WhisperFeatureExtractor
-
-    from part.data import Sample, collate, encode_text, to_device
-
-    check_task(task, language, target)
-    if beams < 1 or max_new_tokens < 1 or batch_size < 1:
-        raise ValueError("beams, max_new_tokens and batch_size must be at least 1")
-    device = torch.device(device)
-    was_training = model.training
-    model.to(device=device, dtype=dtype).eval()
-    max_seconds = max_audio_seconds(model)
-    feature_extractor = WhisperFeatureExtractor(feature_size=model.encoder.config.num_mel_bins)
-    prompt = instruction(task, language, target)
-    results: list[dict | None] = [None] * len(paths)
-
-    def finish(i: int, record: dict) -> None:
-        results[i] = record
-        if on_result is not None:
-            on_result(i, record)
-
-    def bad(i: int, message: str) -> None:
-        if not skip_bad:
-            raise InferError(message)
-        print(f"warning: skipping {message}", file=sys.stderr, flush=True)
-        finish(i, {"audio": paths[i], "task": task, "language": language, "target": target, "text": None,
-                   "duration": None, "token_ids": None, "error": message})
-
-    lengths = []
-    for i, path in enumerate(paths):  # header checks first: a bad file fails before any decoding
-        try:
-            lengths.append((probe(path, max_seconds), i))
-        except InferError as exc:
-            bad(i, str(exc))
-    # Longest first: a batch that does not fit in memory shows up at once, not at the end of a long list.
-    order = [i for _, i in sorted(lengths, key=lambda x: (-x[0], x[1]))]
-    batches = [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
-    start, done_files, done_seconds = time.time(), 0, 0.0
-    last_report = start
-    try:
-        with torch.inference_mode():
-            for b, members in enumerate(batches):
-                samples = []
-                for i in members:
-                    try:
-                        data = Path(paths[i]).read_bytes()
-                        wave = load_audio(data, name=paths[i])  # decoded here to check it; collate decodes again
-                    except AudioDecodeError as exc:  # its message names the file
-                        bad(i, str(exc))
-                        continue
-                    except OSError as exc:
-                        bad(i, f"{paths[i]}: cannot read ({exc})")
-                        continue
-                    seconds = len(wave) / SAMPLE_RATE
-                    if seconds > max_seconds:
-                        bad(i, too_long(paths[i], seconds, max_seconds))
-                        continue
-                    sample = Sample(task, language, target, key=str(i), shard=paths[i], prompt=prompt, target="",
-                                    duration=seconds, audio=data)
-                    encode_text(tokenizer, sample, model.end_token_id)
-                    samples.append(sample)
-                if not samples:
-                    continue
-                counters: Counter = Counter()
-                with contextlib.redirect_stdout(sys.stderr):  # collate's warnings must not mix with the results
-                    batch = collate(samples, feature_extractor, counters)
-                if batch is None or len(batch["meta"]) != len(samples):  # cannot happen: every clip decoded above
-                    raise RuntimeError(f"collate dropped clips of a batch ({dict(counters)})")
-                outputs = model.generate(to_device(batch, device, dtype), max_new_tokens=max_new_tokens,
-                                         num_beams=beams)
-                for sample, ids in zip(samples, outputs):
-                    finish(int(sample.key), {
-                        "audio": sample.shard, "task": task, "language": language, "target": target,
-                        "text": tokenizer.decode(ids, skip_special_tokens=True).strip(),
-                        "duration": round(sample.duration, 3), "token_ids": ids,
-                    })
-                done_files += len(samples)
-                done_seconds += sum(s.duration for s in samples)
-                now = time.time()
-                if progress and (now - last_report >= 2.0 or b + 1 == len(batches)):
-                    last_report = now
-                    print(f"[infer] {done_files}/{len(order)} files, {done_seconds:.0f} s of audio in "
-                          f"{now - start:.0f} s ({done_seconds / max(now - start, 1e-9):.1f}x real time)",
-                          file=sys.stderr, flush=True)
-    finally:
-        model.train(was_training)
-    return results  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------- command line
@@ -338,13 +135,13 @@ def main(argv: list[str] | None = None) -> int:
                              progress=not args.quiet and len(paths) > 2 * args.batch_size, on_result=emit)
     except InferError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return ExitCode.BAD_INPUT
     skipped = sum(r.get("error") is not None for r in results)
     if skipped:
         print(f"warning: skipped {skipped} of {len(results)} files", file=sys.stderr)
         if skipped == len(results):
             print("error: none of the files could be used", file=sys.stderr)
-            return EXIT_BAD_INPUT
+            return ExitCode.BAD_INPUT
     return 0
 
 

@@ -1,194 +1,21 @@
-"""Builds the tiny default: a sentencepiece tokenizer trained on the corpus text, and a few-million-parameter
-Whisper-style encoder and Qwen2-style LLM saved with `save_pretrained`. Training then loads them with
-`from_pretrained`, the same path as a local copy of openai/whisper-small and Qwen/Qwen2.5-1.5B.
+"""Build the tiny default encoder, LLM and tokenizer.
+
+    python -m part.tiny --text corpus.txt --out cache/tiny [--corpus DIR --pretrain-steps N] [size flags]
+
+Writes `<out>/whisper` and `<out>/llm` (with its tokenizer); the work is done by part.model.tiny.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
-import sentencepiece as spm
-import torch
-
-from part.model import load_tokenizer
-from part.prompts import AUDIO_TOKEN, TURN_END, TURN_START
-
-
-def train_tokenizer(text_file: Path, out_dir: Path, vocab_size: int = 4000):
-    """A BPE sentencepiece model with byte fallback (any script round-trips), wrapped as a HF tokenizer."""
-    from transformers import LlamaTokenizer
-
-    with tempfile.TemporaryDirectory() as tmp:
-        prefix = str(Path(tmp) / "spm")
-        spm.SentencePieceTrainer.train(
-            input=str(text_file), model_prefix=prefix, vocab_size=vocab_size, model_type="bpe",
-            character_coverage=0.995, byte_fallback=True, pad_id=0, unk_id=1, bos_id=2, eos_id=3,
-            user_defined_symbols=[AUDIO_TOKEN, TURN_START, TURN_END], input_sentence_size=200000,
-            shuffle_input_sentence=True, minloglevel=2, num_threads=2,
-        )
-        spm_dir = Path(tmp) / "hf"
-        spm_dir.mkdir()
-        (spm_dir / "tokenizer.model").write_bytes(Path(prefix + ".model").read_bytes())
-        tokenizer = LlamaTokenizer.from_pretrained(str(spm_dir), add_bos_token=False, add_eos_token=False, legacy=False)
-    tokenizer.pad_token = "<pad>"
-    tokenizer.save_pretrained(out_dir)
-    return tokenizer
-
-
-@dataclass
-class TextExample:
-    """One pretraining sequence: the chat-formatted prompt, a `slot` (text standing where speech will stand),
-    the rest of the prompt and the target. The loss covers the prompt and target of text tasks, and only the
-    target of slot tasks, as training on speech will."""
-
-    before: str
-    after: str
-    target: str
-    slot: str = ""
-    slot_task: bool = False
-
-
-def text_examples(corpus: Path, translation_targets: tuple[str, ...] = ("en",), seed: int = 0) -> list[TextExample]:
-    """Text-only examples from the corpus' training side (never eval/), chat-formatted as training will see them:
-    continuation of every transcript and its translation into `translation_targets` (the `text` and `mt` tasks),
-    and the
-    speech prompts (`asr`, `s2tt`) with the transcript's own text in the audio slot. The last kind stands in for
-    what a pretrained LLM brings and a tiny one lacks: reading what its prompt holds and writing it out again or
-    in another language. The slot text is what the adapter will have to imitate."""
-    import json
-    import random
-    from collections import Counter
-
-    from part.data import iter_tar_samples
-    from part.prompts import AUDIO_TOKEN, instruction, split_for_text_task
-
-    examples = []
-    counters: Counter = Counter()
-    for split in ("train", "text"):
-        for shard in sorted((corpus / split).glob("*.tar")):
-            for _, members in iter_tar_samples(str(shard), counters):
-                record = json.loads(members["json"])
-                lang, text = record["language"], record["transcript"]
-                translations = record.get("translations", {})
-                head, tail = split_for_text_task(text)
-                examples.append(TextExample(instruction("text", lang, text=head), "", tail + TURN_END))
-                for target in translation_targets:  # the directions training will ask for, not all 56
-                    if target != lang and translations.get(target):
-                        examples.append(TextExample(instruction("mt", lang, target, text), "",
-                                                    translations[target] + TURN_END))
-                before, after = instruction("asr", lang).split(AUDIO_TOKEN)
-                examples.append(TextExample(before, after, text + TURN_END, slot=text, slot_task=True))
-                for target in translation_targets:
-                    if target != lang and translations.get(target):
-                        before, after = instruction("s2tt", lang, target).split(AUDIO_TOKEN)
-                        examples.append(TextExample(before, after, translations[target] + TURN_END, slot=text,
-                                                    slot_task=True))
-    random.Random(seed).shuffle(examples)
-    return examples
-
-
-def encode_example(tokenizer, example: TextExample, max_length: int) -> tuple[list[int], list[int]]:
-    """Token ids and labels (-100 where no loss) of one example, truncated to `max_length`."""
-    def ids(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
-
-    before, slot, after, target = ids(example.before), ids(example.slot), ids(example.after), ids(example.target)
-    tokens = before + slot + after + target
-    n_prompt = len(before) + len(slot) + len(after)
-    labels = [-100] * n_prompt + target if example.slot_task else list(tokens)
-    return tokens[:max_length], labels[:max_length]
-
-
-def pretrain_llm(llm, tokenizer, examples: list[TextExample], steps: int, batch_tokens: int = 2048,
-                 lr: float = 3e-3, max_length: int = 128, log_every: int = 50) -> list[float]:
-    """Stands in for the LLM's pretraining: next-token training on the text examples, a few CPU minutes.
-    Batches hold about `batch_tokens` padded tokens (examples of similar length together). Returns the loss per
-    step."""
-    import random
-    import time
-
-    encoded = [encode_example(tokenizer, ex, max_length) for ex in examples]
-    # Length-sorted chunks, shuffled: little padding, and every batch still mixes tasks and languages.
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
-    batches, current, longest = [], [], 0
-    for i in order:
-        longest_next = max(longest, len(encoded[i][0]))
-        if current and longest_next * (len(current) + 1) > batch_tokens:
-            batches.append(current)
-            current, longest_next = [], len(encoded[i][0])
-        current.append(i)
-        longest = longest_next
-    if current:
-        batches.append(current)
-    random.Random(0).shuffle(batches)
-
-    pad = tokenizer.pad_token_id
-    torch.set_flush_denormal(True)  # on CPU, denormal activations late in training make steps ~10x slower
-    opt = torch.optim.AdamW(llm.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
-    losses, start = [], time.time()
-    llm.train()
-    for step in range(steps):
-        rows = [encoded[i] for i in batches[step % len(batches)]]
-        width = max(len(t) for t, _ in rows)
-        input_ids = torch.tensor([t + [pad] * (width - len(t)) for t, _ in rows])
-        labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in rows])
-        mask = torch.tensor([[1] * len(t) + [0] * (width - len(t)) for t, _ in rows])
-        loss = llm(input_ids=input_ids, attention_mask=mask, labels=labels, use_cache=False).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(llm.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            recent = losses[-log_every:]
-            elapsed = time.time() - start
-            print(f"[tiny] LLM pretraining step {step + 1}/{steps} loss {sum(recent) / len(recent):.3f} "
-                  f"({elapsed:.0f}s, eta {elapsed / (step + 1) * (steps - step - 1):.0f}s)",
-                  file=sys.stderr, flush=True)
-    llm.eval()
-    return losses
-
-
-def build_tiny(text_file: Path, out_dir: Path, vocab_size: int = 4000, seed: int = 0, corpus: Path | None = None,
-               pretrain_steps: int = 0, llm_hidden: int = 192, llm_layers: int = 4, llm_heads: int = 6,
-               pretrain_lr: float = 3e-3, pretrain_batch_tokens: int = 2048) -> tuple[Path, Path]:
-    """Writes `<out>/whisper` and `<out>/llm` (with its tokenizer); returns both paths. With `corpus` and
-    `pretrain_steps`, the LLM is first trained on the corpus' text tasks, as a real LLM would come pretrained."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM, WhisperConfig, WhisperModel
-
-    torch.manual_seed(seed)
-    whisper_dir, llm_dir = out_dir / "whisper", out_dir / "llm"
-    train_tokenizer(text_file, llm_dir, vocab_size)
-    tokenizer = load_tokenizer(str(llm_dir))  # as training will load it
-    whisper = WhisperModel(WhisperConfig(
-        d_model=128, encoder_layers=4, encoder_attention_heads=4, encoder_ffn_dim=512, decoder_layers=1,
-        decoder_attention_heads=4, decoder_ffn_dim=256, num_mel_bins=80, max_source_positions=1500,
-        max_target_positions=64, vocab_size=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-        decoder_start_token_id=1, dropout=0.0,
-    ))
-    whisper.save_pretrained(whisper_dir)
-    llm = Qwen2ForCausalLM(Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=llm_hidden, intermediate_size=llm_hidden * 8 // 3,
-        num_hidden_layers=llm_layers, num_attention_heads=llm_heads, num_key_value_heads=2 if llm_heads % 2 == 0 else 1,
-        max_position_embeddings=1024, tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.convert_tokens_to_ids(TURN_END),
-        bos_token_id=tokenizer.bos_token_id,
-    ))
-    if corpus is not None and pretrain_steps > 0:
-        pretrain_llm(llm, tokenizer, text_examples(corpus, seed=seed), pretrain_steps,
-                     batch_tokens=pretrain_batch_tokens, lr=pretrain_lr)
-    llm.save_pretrained(llm_dir)
-    return whisper_dir, llm_dir
+from part.model.tiny import build_tiny
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m part.tiny", description=__doc__)
     parser.add_argument("--text", type=Path, required=True, help="text file to train the tokenizer on")
     parser.add_argument("--out", type=Path, required=True, help="output directory (gets whisper/ and llm/)")
     parser.add_argument("--vocab-size", type=int, default=4000)

@@ -1,7 +1,13 @@
-"""Shared fixtures: a small real corpus (FLORES sentences spoken by espeak-ng) and the tiny models, built once."""
+"""Shared fixtures: a small real corpus (FLORES sentences spoken by espeak-ng) and the tiny models, built once;
+the model directory and real clips the inference tests use.
+
+tests/unit holds fast in-process tests of the library; tests/integration runs the commands (train.py through the
+deepspeed launcher, `python -m part.infer`, ...) in subprocesses. `-m "not slow"` skips the longest launcher runs.
+"""
 
 from __future__ import annotations
 
+import csv
 import os
 import shutil
 import subprocess
@@ -9,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from data_prep.text_sources import default_shared_dir
 
@@ -40,7 +47,7 @@ def corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_models(corpus, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny")
-    from part.tiny import build_tiny
+    from part.model.tiny import build_tiny
 
     build_tiny(corpus / "tokenizer_text.txt", out, vocab_size=2000)
     return out
@@ -71,6 +78,7 @@ checkpoint: {{dir: {path.parent}/ckpt, every: 3, keep: 3}}
 logging: {{every: 1}}
 eval: {{per_language: 2, max_new_tokens: 8, batch_size: 4}}
 ds_config: {REPO}/ds_configs/zero3_cpu.json
+precision: fp32
 output_dir: {path.parent}/out
 {extra}
 """)
@@ -80,3 +88,58 @@ output_dir: {path.parent}/out
 @pytest.fixture
 def python() -> str:
     return sys.executable
+
+
+# ---------------------------------------------------------------- inference: a saved model and real clips
+
+CLIPS = SHARED / "speech" / "clips"
+OGG = str(CLIPS / "fleurs_de_000.ogg")  # 17.94 s, Opus, 16 kHz, German
+FLAC = str(CLIPS / "ljspeech_LJ001-0002.flac")  # 1.9 s, 22.05 kHz
+WAV = str(CLIPS / "sr_english_one_two_three.wav")  # 2.745 s, 44.1 kHz
+AIFF = str(CLIPS / "sr_french_dictee.aiff")  # 2.533 s, 44.1 kHz
+STEREO = str(CLIPS / "jfk_inaugural.flac")  # 11 s, 44.1 kHz, 2 channels
+LONG = str(CLIPS / "earnings22_4482311_3_62.wav")  # 59.62 s: beyond the encoder's 30 s window
+FIELDS = ("audio", "task", "language", "target", "text", "duration")
+TOKENS = 6  # max_new_tokens: enough to exercise decoding, cheap on CPU
+# SpeechLLM.generate passes inputs_embeds, so transformers notes that its repetition penalties see new tokens only
+IGNORE_INPUTS_EMBEDS_WARNING = pytest.mark.filterwarnings("ignore:Passing `.*` with `inputs_embeds`:UserWarning")
+
+
+@pytest.fixture(scope="session")
+def durations() -> dict[str, float]:
+    with open(SHARED / "speech" / "transcripts.tsv", encoding="utf-8") as fh:
+        return {str(SHARED / "speech" / r["path"]): float(r["duration_s"]) for r in csv.DictReader(fh, delimiter="\t")}
+
+
+@pytest.fixture(scope="session")
+def model_dir(tiny_models, tmp_path_factory):
+    """A directory as training writes it (model.safetensors, part_model.json, tokenizer/)."""
+    from part.config import AdapterConfig, EncoderConfig, LLMConfig, LoraConfig, ModelConfig
+    from part.model.speech_llm import SpeechLLM
+    from part.model.tokenizer import load_tokenizer
+
+    cfg = ModelConfig(encoder=EncoderConfig(pretrained=str(tiny_models / "whisper")),
+                      adapter=AdapterConfig(hidden=64, layers=1, heads=4),
+                      llm=LLMConfig(pretrained=str(tiny_models / "llm"), lora=LoraConfig(rank=4, alpha=8)))
+    tok = load_tokenizer(str(tiny_models / "llm"))
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("infer") / "final"
+    SpeechLLM(cfg, tok).save_pretrained(out, tok)
+    return out
+
+
+@pytest.fixture(scope="session")
+def loaded(model_dir):
+    from part.model.speech_llm import SpeechLLM
+
+    model, tok = SpeechLLM.from_pretrained(model_dir)
+    return model.eval(), tok
+
+
+def check_records(records, paths, durations, task="asr", language="de", target=None):
+    assert [r["audio"] for r in records] == paths  # one per input, in input order
+    for r in records:
+        assert all(k in r for k in FIELDS)
+        assert (r["task"], r["language"], r["target"]) == (task, language, target)
+        assert isinstance(r["text"], str)
+        assert abs(r["duration"] - durations[r["audio"]]) <= 0.05, r

@@ -1,0 +1,165 @@
+"""Duration bucketing, the collator, and the typed Batch that goes from the collator to the model, the evaluator
+and the logger."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+import torch
+
+from part.config import SPEECH_TASKS, DataConfig
+from part.data.audio import SAMPLE_RATE, AudioDecodeError, load_audio
+from part.data.samples import Sample
+
+if TYPE_CHECKING:
+    from part.data.stream import StreamPosition
+
+HOP = 160  # Whisper's mel hop: 100 frames per second
+
+
+@dataclass(frozen=True)
+class SampleMeta:
+    """What a sample in a batch is, next to its tensors: for scoring, logging and the benchmark."""
+
+    key: str
+    task: str
+    language: str
+    target_language: str | None
+    reference: str  # the target text
+    duration: float  # seconds of audio; 0 for text-only samples
+
+
+@dataclass(frozen=True)
+class Batch:
+    """The model's input. Speech samples have a row of `input_features`; text-only ones have audio_index -1."""
+
+    input_features: torch.Tensor  # [clips, mel bins, frames] log-mel, padded to the longest clip
+    feature_frames: torch.Tensor  # [clips] valid frames per clip
+    audio_index: torch.Tensor  # [samples] the sample's row of input_features, or -1
+    prompt_ids: list[torch.Tensor]  # per sample; a speech prompt holds one audio placeholder token
+    target_ids: list[torch.Tensor]  # per sample; ends with the end-of-turn token
+    transcript_ids: list[torch.Tensor] = field(default_factory=list)  # per sample (empty: none), for the CTC loss
+    meta: list[SampleMeta] = field(default_factory=list)
+    position: StreamPosition | None = None  # training stream: where its worker was, for resume
+    is_padding: bool = False  # evaluation filler that keeps ranks in lockstep; its outputs are dropped
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+    def to(self, device: torch.device | str, features_dtype: torch.dtype | None = None) -> Batch:
+        """The tensors on `device`; audio features in `features_dtype` (the model's compute dtype) when given."""
+        return dataclasses.replace(
+            self,
+            input_features=self.input_features.to(device, features_dtype, non_blocking=True),
+            feature_frames=self.feature_frames.to(device, non_blocking=True),
+            audio_index=self.audio_index.to(device, non_blocking=True),
+            prompt_ids=[t.to(device, non_blocking=True) for t in self.prompt_ids],
+            target_ids=[t.to(device, non_blocking=True) for t in self.target_ids],
+            transcript_ids=[t.to(device, non_blocking=True) for t in self.transcript_ids],
+        )
+
+    def pin_memory(self) -> Batch:
+        """Called by the DataLoader (pin_memory=True on CUDA machines) so host-to-device copies can overlap."""
+        return dataclasses.replace(
+            self,
+            input_features=self.input_features.pin_memory(),
+            feature_frames=self.feature_frames.pin_memory(),
+            audio_index=self.audio_index.pin_memory(),
+            prompt_ids=[t.pin_memory() for t in self.prompt_ids],
+            target_ids=[t.pin_memory() for t in self.target_ids],
+            transcript_ids=[t.pin_memory() for t in self.transcript_ids],
+        )
+
+    @property
+    def audio_seconds(self) -> float:
+        return sum(m.duration for m in self.meta)
+
+
+def bucket(samples: list[Sample], cfg: DataConfig) -> list[list[Sample]]:
+    """Sorts by (audio length, text length) and packs batches under the seconds/tokens/size bounds."""
+    order = sorted(samples, key=lambda s: (s.duration, len(s.prompt_ids) + len(s.target_ids)))
+    batches: list[list[Sample]] = []
+    current: list[Sample] = []
+    for s in order:
+        trial = current + [s]
+        longest_audio = max(x.duration for x in trial)
+        longest_text = max(len(x.prompt_ids) + len(x.target_ids) for x in trial)
+        fits = (
+            len(trial) <= cfg.max_batch_size
+            and longest_audio * len(trial) <= cfg.max_batch_seconds
+            and longest_text * len(trial) <= cfg.max_batch_tokens
+        )
+        if current and not fits:
+            batches.append(current)
+            current = [s]
+        else:
+            current = trial
+    if current:
+        batches.append(current)
+    return batches
+
+
+def collate(samples: list[Sample], feature_extractor, counters: Counter) -> Batch | None:
+    """Decodes audio and builds the tensors the model reads. Unreadable clips are dropped and counted."""
+    waves, kept = [], []
+    for s in samples:
+        if s.audio is not None:
+            try:
+                wave = load_audio(s.audio, name=f"{s.shard}:{s.key}")
+            except AudioDecodeError as exc:
+                counters["unreadable_audio"] += 1
+                print(f"warning: {exc}", file=sys.stderr, flush=True)
+                continue
+            waves.append(wave)
+        kept.append(s)
+    if not kept:
+        return None
+    if waves:
+        feats = feature_extractor(waves, sampling_rate=SAMPLE_RATE, padding="longest", truncation=False,
+                                  return_tensors="np")
+        features = torch.from_numpy(feats["input_features"])
+        frames = torch.tensor([max(1, len(w) // HOP) for w in waves])
+    else:  # text-only batch: a short silent input keeps the audio path (and ZeRO-3 gathers) identical on all ranks
+        features = torch.from_numpy(
+            feature_extractor([np.zeros(SAMPLE_RATE // 4, dtype=np.float32)], sampling_rate=SAMPLE_RATE,
+                              padding="longest", return_tensors="np")["input_features"]
+        )
+        frames = torch.tensor([features.shape[-1]])
+    audio_index, j = [], 0
+    for s in kept:
+        audio_index.append(j if s.audio is not None else -1)
+        j += s.audio is not None
+    return Batch(
+        input_features=features,
+        feature_frames=frames,
+        audio_index=torch.tensor(audio_index),
+        prompt_ids=[torch.tensor(s.prompt_ids) for s in kept],
+        target_ids=[torch.tensor(s.target_ids) for s in kept],
+        transcript_ids=[torch.tensor(s.transcript_ids, dtype=torch.long) for s in kept],
+        meta=[SampleMeta(s.key, s.task, s.language, s.target_language, s.target, s.duration) for s in kept],
+    )
+
+
+class HasTaskAndDuration(Protocol):
+    task: str
+    duration: float
+
+
+def audio_stats(items: Iterable[HasTaskAndDuration]) -> tuple[float, float]:
+    """(real audio seconds, padded audio seconds) of a batch's speech samples (Samples or SampleMetas): the
+    padded length is the longest clip times their count."""
+    durations = [x.duration for x in items if x.task in SPEECH_TASKS]
+    if not durations:
+        return 0.0, 0.0
+    return sum(durations), max(durations) * len(durations)
+
+
+def batch_audio_stats(batch: Batch) -> tuple[float, float]:
+    """(real audio seconds, padded audio seconds) of a collated batch, for the padding-fraction figures."""
+    return audio_stats(batch.meta)

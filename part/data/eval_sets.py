@@ -1,0 +1,58 @@
+"""Held-out evaluation batches: deterministic, and the same number on every rank."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections import Counter
+
+from part.config import DataConfig
+from part.data.batching import Batch, collate
+from part.data.samples import Sample, encode_text, make_sample
+from part.data.shards import expand_shards, iter_tar_samples
+from part.prompts import TURN_END
+
+WINDOW_SECONDS = 30.0  # the Whisper encoder's window: longer clips cannot be encoded
+
+
+def eval_batches(cfg: DataConfig, languages: list[str], tasks: list[str], targets: list[str], per_language: int,
+                 batch_size: int, tokenizer, num_mel_bins: int, rank: int, world_size: int) -> list[Batch]:
+    """Deterministic held-out batches for this rank. Every rank gets the same number of batches (the last
+    ones may be repeats marked `is_padding`) so generation under ZeRO-3 stays in lockstep."""
+    from transformers import WhisperFeatureExtractor
+
+    if not cfg.eval_shards:
+        return []
+    fe = WhisperFeatureExtractor(feature_size=num_mel_bins)
+    end_id = tokenizer.convert_tokens_to_ids(TURN_END)
+    counters: Counter = Counter()
+    samples: list[Sample] = []
+    for lang in languages:
+        taken = 0
+        for url in expand_shards(cfg.eval_shards, lang):
+            for key, members in iter_tar_samples(url, counters):
+                if taken >= per_language:
+                    break
+                made = []
+                for task in tasks:
+                    for tgt in targets if task == "s2tt" else [None]:
+                        if tgt == lang:
+                            continue
+                        s = make_sample(task, lang, key, members, url, random.Random(0), [tgt] if tgt else [],
+                                        WINDOW_SECONDS, counters)
+                        if s is not None:
+                            made.append(s)
+                if not made or made[0].language != lang:  # unusable, or another language's clip
+                    continue
+                for s in made:
+                    encode_text(tokenizer, s, end_id)
+                samples.extend(made)
+                taken += 1
+    samples.sort(key=lambda s: s.duration)
+    chunks = [samples[i : i + batch_size] for i in range(0, len(samples), batch_size)]
+    mine = chunks[rank::world_size]
+    n_batches = -(-len(chunks) // world_size) if chunks else 0
+    out = [collate(b, fe, counters) for b in mine]
+    while len(out) < n_batches:
+        out.append(dataclasses.replace(out[0] if out else collate(chunks[0], fe, counters), is_padding=True))
+    return out

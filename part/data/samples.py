@@ -1,0 +1,80 @@
+"""Raw shard members -> a task sample: the prompt and target texts (then token ids) and the audio bytes."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+
+from part.config import SPEECH_TASKS
+from part.data.shards import AUDIO_EXTENSIONS
+from part.prompts import instruction, split_for_text_task
+
+
+@dataclass
+class Sample:
+    task: str
+    language: str
+    target_language: str | None
+    key: str
+    shard: str
+    prompt: str
+    target: str
+    duration: float
+    audio: bytes | None
+    transcript: str = ""  # what is said (speech samples), for the auxiliary CTC loss
+    prompt_ids: list[int] = field(default_factory=list)
+    target_ids: list[int] = field(default_factory=list)
+    transcript_ids: list[int] = field(default_factory=list)
+
+
+def make_sample(task: str, language: str, key: str, members: dict[str, bytes], shard: str, rng: random.Random,
+                targets: list[str], max_duration: float, counters: Counter) -> Sample | None:
+    """Turns raw members into a sample of `task` (read from a `language` source), or counts why it cannot be one
+    and returns None."""
+    try:
+        record = json.loads(members["json"].decode("utf-8"))
+    except (KeyError, UnicodeDecodeError, json.JSONDecodeError):
+        counters["bad_record"] += 1
+        return None
+    text = str(record.get("transcript", "")).strip()
+    if not text:
+        counters["empty_transcript"] += 1
+        return None
+    lang = record.get("language", language)
+    duration = float(record.get("duration", 0.0))
+    audio = next((members[e] for e in AUDIO_EXTENSIONS if e in members), None)
+    target_lang = None
+    if task in SPEECH_TASKS:
+        if audio is None:
+            counters["missing_audio"] += 1
+            return None
+        if duration > max_duration:
+            counters["too_long"] += 1
+            return None
+    else:
+        audio, duration = None, 0.0
+    if task in ("s2tt", "mt"):
+        options = [t for t in targets if t != lang and str(record.get("translations", {}).get(t, "")).strip()]
+        if not options:
+            counters["no_translation"] += 1
+            return None
+        target_lang = rng.choice(options)
+        target = record["translations"][target_lang].strip()
+    elif task == "text":
+        text, target = split_for_text_task(text)
+    else:
+        target = text
+    prompt = instruction(task, lang, target_lang, text if task in ("mt", "text") else None)
+    return Sample(task, lang, target_lang, key, shard, prompt, target, duration, audio,
+                  transcript=text if task in SPEECH_TASKS else "")
+
+
+def encode_text(tokenizer, sample: Sample, end_token_id: int) -> None:
+    """Token ids of the prompt, of the target followed by the end-of-turn token the model learns to stop on, and
+    of the transcript (speech samples)."""
+    sample.prompt_ids = tokenizer(sample.prompt, add_special_tokens=False)["input_ids"]
+    sample.target_ids = tokenizer(sample.target, add_special_tokens=False)["input_ids"] + [end_token_id]
+    if sample.transcript:
+        sample.transcript_ids = tokenizer(sample.transcript, add_special_tokens=False)["input_ids"]

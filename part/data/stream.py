@@ -1,0 +1,167 @@
+"""The training stream of one stage on one rank, and what the trainer keeps of it to resume.
+
+Determinism and resume. Each data worker (rank r, loader worker w; global id g) owns the shards `shards[g::G]`
+of every source and walks them in a per-epoch seeded order. A worker reads a *window* of samples, drawing
+the source of draw k from a counter-seeded RNG (so the mixture depends only on k), sorts the window by
+length, cuts it into batches bounded by audio seconds and tokens, and shuffles those batches. Every batch
+carries the worker state at the start of its window and its index within the window. Restoring that state
+re-reads one window (headers and JSON only: audio of skipped batches is never decoded) and continues with
+the next batch, so a resumed run sees exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from part.config import DataConfig, StageConfig
+from part.data.batching import Batch, bucket, collate
+from part.data.samples import Sample, encode_text, make_sample
+from part.data.sources import Cursor, SourceReader, stage_mixture, stage_shards
+from part.prompts import TURN_END
+
+
+@dataclass(frozen=True)
+class StreamPosition:
+    """Where a data worker was when it made a batch: enough to continue right after that batch."""
+
+    worker: int  # global data-worker id: rank x workers + local worker
+    window_state: dict  # the worker's state at the start of the batch's window (JSON: window, draws, cursors, ...)
+    next_batch: int  # index, within that window, of the batch after this one
+    mixed: dict[str, int]  # samples drawn so far per task/language(-target)
+    skipped: dict[str, int]  # samples skipped so far per reason
+
+
+@dataclass(frozen=True)
+class BucketedWindow:
+    """One window as the stream bucketed it: its samples in arrival order and the batches cut from them (in
+    the order they are yielded). For the padding figures of the benchmark."""
+
+    arrival: list[Sample]
+    batches: list[list[Sample]]
+
+
+class MixtureStream(IterableDataset):
+    """Endless stream of batches for one stage on one rank; see the module docstring for the resume contract.
+
+    `on_window`, when given, sees every window right after it is bucketed (in the process that iterates).
+    """
+
+    def __init__(self, cfg: DataConfig, stage: StageConfig, tokenizer, num_mel_bins: int, rank: int,
+                 world_size: int, resume: dict | None = None,
+                 on_window: Callable[[BucketedWindow], None] | None = None):
+        from transformers import WhisperFeatureExtractor
+
+        self.cfg, self.stage, self.tokenizer = cfg, stage, tokenizer
+        self.rank, self.world_size = rank, world_size
+        self.num_workers = max(1, cfg.num_workers)
+        self.mixture = stage_mixture(cfg, stage)
+        self.feature_extractor = WhisperFeatureExtractor(feature_size=num_mel_bins)
+        self.end_token_id = tokenizer.convert_tokens_to_ids(TURN_END)
+        self.resume = resume or {}
+        self.on_window = on_window
+        self.shards = stage_shards(cfg, stage, world_size)
+
+    def worker_id(self, local: int) -> int:
+        # After a resume the loader restarts at local worker 0; rotating keeps the batch order unchanged.
+        rotated = (local + self.resume.get("consumed", 0)) % self.num_workers
+        return self.rank * self.num_workers + rotated
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        local = info.id if info is not None else 0
+        g = self.worker_id(local)
+        groups = self.world_size * self.num_workers
+        counters: Counter = Counter()
+        mixed: Counter = Counter()
+        saved = self.resume.get("workers", {}).get(str(g))
+        state = saved["state"] if saved else {"window": 0, "draws": 0, "cursors": {}, "mixed": {}, "skipped": {}}
+        skip_batches = saved["next_batch"] if saved else 0
+        counters.update(state.get("skipped", {}))
+        mixed.update(state.get("mixed", {}))
+        seed = f"{self.cfg.seed}/{self.stage.name}/{g}"
+        readers = {
+            src.key: SourceReader(src, self.shards[src.key][g::groups], seed,
+                                  Cursor(*state["cursors"].get(src.key, [0, 0, 0])), counters)
+            for src, _ in self.mixture
+        }
+        sources = [s for s, _ in self.mixture]
+        weights = [w for _, w in self.mixture]
+        targets = self.stage.translation_targets
+        window, draws = state["window"], state["draws"]
+        while True:
+            start_state = {
+                "window": window, "draws": draws,
+                "cursors": {k: r.cursor.as_list() for k, r in readers.items()},
+                "mixed": dict(mixed), "skipped": dict(counters),
+            }
+            samples: list[Sample] = []
+            while len(samples) < self.cfg.window:
+                rng = random.Random(f"{seed}/draw/{draws}")
+                draws += 1
+                source = rng.choices(sources, weights)[0]
+                key, members, shard = readers[source.key].next()
+                sample = make_sample(source.task, source.language, key, members, shard, rng, targets,
+                                     self.cfg.max_duration, counters)
+                if sample is None:
+                    continue
+                encode_text(self.tokenizer, sample, self.end_token_id)
+                samples.append(sample)
+            batches = bucket(samples, self.cfg)
+            random.Random(f"{seed}/window/{window}").shuffle(batches)
+            if self.on_window is not None:
+                self.on_window(BucketedWindow(list(samples), batches))
+            for b, batch_samples in enumerate(batches):
+                if b < skip_batches:
+                    continue
+                mixed.update(s.task + "/" + s.language + ("-" + s.target_language if s.target_language else "")
+                             for s in batch_samples)
+                batch = collate(batch_samples, self.feature_extractor, counters)
+                if batch is None:
+                    continue
+                position = StreamPosition(worker=g, window_state=start_state, next_batch=b + 1,
+                                          mixed=dict(mixed), skipped=dict(counters))
+                yield dataclasses.replace(batch, position=position)
+            skip_batches = 0
+            window += 1
+
+
+def make_loader(dataset: MixtureStream) -> DataLoader:
+    workers = dataset.cfg.num_workers
+    return DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None,
+                      persistent_workers=False, pin_memory=torch.cuda.is_available())
+
+
+class StreamTracker:
+    """Trainer-side bookkeeping of what has been consumed: the resume state and mixture/skip counters.
+
+    Its state is what checkpoints store per rank (`data_rank<r>.json`) and MixtureStream takes as `resume`.
+    """
+
+    def __init__(self, resume: dict | None = None):
+        resume = resume or {}
+        self.consumed = resume.get("consumed", 0)
+        self.workers: dict[str, dict] = dict(resume.get("workers", {}))
+
+    def update(self, position: StreamPosition) -> None:
+        self.consumed += 1
+        self.workers[str(position.worker)] = {
+            "state": position.window_state, "next_batch": position.next_batch,
+            "mixed": position.mixed, "skipped": position.skipped,
+        }
+
+    def state(self) -> dict:
+        return {"consumed": self.consumed, "workers": self.workers}
+
+    def totals(self) -> tuple[Counter, Counter]:
+        mixed, skipped = Counter(), Counter()
+        for w in self.workers.values():
+            mixed.update(w["mixed"])
+            skipped.update(w["skipped"])
+        return mixed, skipped

@@ -1,0 +1,98 @@
+"""Held-out evaluation: generate for ASR and S2TT prompts on every rank in lockstep, score on rank 0."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from part.config import TrainConfig
+from part.data.batching import Batch
+from part.data.eval_sets import eval_batches
+from part.evaluation.metrics import bleu, error_rate, results_table
+
+if TYPE_CHECKING:
+    from part.model.speech_llm import SpeechLLM
+    from part.train.distributed import DistributedContext
+    from part.train.logging import RunLogger
+
+
+def score(records: list[dict]) -> list[dict]:
+    """Rows per ASR language (WER/CER) and per S2TT direction (BLEU) from {task, language, target, ref, hyp}."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in records:
+        groups[(r["task"], r["language"], r.get("target_language"))].append(r)
+    rows = []
+    for (task, lang, target), items in sorted(groups.items(), key=lambda kv: tuple(str(x) for x in kv[0])):
+        refs = [x["reference"] for x in items]
+        hyps = [x["hypothesis"] for x in items]
+        if task == "asr":
+            m = error_rate(refs, hyps, lang)
+            rows.append({"task": "asr", "language": lang, "metric": m["metric"], "value": m["value"], "n": m["n"]})
+        else:
+            b = bleu(refs, hyps, target)
+            rows.append({"task": task, "source": lang, "target": target, "metric": "bleu", "value": b["value"],
+                         "n": b["n"]})
+    return rows
+
+
+@torch.no_grad()
+def generate_records(model: SpeechLLM, batches: list[Batch], tokenizer, device: torch.device, dtype: torch.dtype,
+                     max_new_tokens: int, num_beams: int, synced: bool) -> list[dict]:
+    """One record per real sample: its metadata and the decoded hypothesis. Padding batches run (so every rank
+    makes the same generate calls) but yield nothing."""
+    records = []
+    for batch in batches:
+        outputs = model.generate(batch.to(device, dtype), max_new_tokens=max_new_tokens, num_beams=num_beams,
+                                 synced_gpus=synced)
+        if batch.is_padding:
+            continue
+        for meta, ids in zip(batch.meta, outputs):
+            records.append(dict(dataclasses.asdict(meta),
+                                hypothesis=tokenizer.decode(ids, skip_special_tokens=True).strip()))
+    return records
+
+
+class Evaluator:
+    """Evaluates a model on `data.eval_shards` during a run; collective (every rank calls `run`)."""
+
+    def __init__(self, cfg: TrainConfig, tokenizer, dist: DistributedContext, features_dtype: torch.dtype,
+                 logger: RunLogger):
+        self.cfg, self.tokenizer, self.dist, self.dtype, self.logger = cfg, tokenizer, dist, features_dtype, logger
+
+    def run(self, model: SpeechLLM, step: int, final: bool = False) -> list[dict]:
+        """Writes eval_step_N.{json,md} (final.{json,md} with `final`) and the hypotheses under output_dir on
+        rank 0, and returns the rows there (nothing elsewhere). Leaves the model in training mode."""
+        cfg, dist = self.cfg, self.dist
+        model.eval()
+        batches = eval_batches(cfg.data, cfg.data.languages, cfg.eval.tasks, cfg.stages[-1].translation_targets,
+                               cfg.eval.per_language, cfg.eval.batch_size, self.tokenizer,
+                               model.encoder.config.num_mel_bins, dist.rank, dist.world_size)
+        records = generate_records(model, batches, self.tokenizer, dist.device, self.dtype, cfg.eval.max_new_tokens,
+                                   cfg.eval.num_beams, synced=dist.world_size > 1)
+        gathered = dist.gather_objects(records)  # our own processes' hypotheses, not shard data
+        rows: list[dict] = []
+        if dist.is_main:
+            everything = [r for part in gathered for r in part]
+            rows = score(everything)
+            self._write(everything, rows, step, final)
+        model.train()
+        return rows
+
+    def _write(self, records: list[dict], rows: list[dict], step: int, final: bool) -> None:
+        table, as_dict = results_table(rows)
+        out = Path(self.cfg.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        name = "final" if final else f"eval_step_{step}"
+        (out / f"{name}.json").write_text(json.dumps({"step": step, "rows": rows, "table": as_dict}, indent=1,
+                                                      ensure_ascii=False))
+        (out / f"{name}.md").write_text(table + "\n")
+        with open(out / f"{name}_hypotheses.jsonl", "w", encoding="utf-8") as fh:
+            for r in records:
+                fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+        self.logger.info(f"evaluation at step {step} ({len(records)} utterances):\n{table}")
+        self.logger.metrics(step, rows)

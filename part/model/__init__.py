@@ -1,0 +1,5 @@
+"""The Speech LLM: encoder, adapter, LLM (+ LoRA), its parameter groups, tokenizer, inference, the tiny default.
+
+Nothing here knows about distribution. Import the submodules (`part.model.speech_llm`, `part.model.groups`, ...);
+this package imports nothing, so the config validator can ask `part.model.groups` without loading torch.
+"""

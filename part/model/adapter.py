@@ -1,0 +1,66 @@
+"""The adapter between the speech encoder and the LLM: strided-conv downsampling, a small transformer (or MLP),
+a projection to the LLM's width."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from part.config import AdapterConfig
+
+
+class AdapterBlock(nn.Module):
+    """Pre-norm transformer block. Every weight is used through an nn.Linear/LayerNorm call, so ZeRO-3's module
+    hooks gather it (nn.TransformerEncoderLayer reads its attention output weight directly, which they miss)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.ff = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :])
+        x = x + self.out(attn.transpose(1, 2).reshape(b, t, d))
+        return x + self.ff(self.norm2(x))
+
+
+class Adapter(nn.Module):
+    """Strided-conv downsampling, then a small transformer (or MLP), projected to the LLM's width."""
+
+    def __init__(self, cfg: AdapterConfig, in_dim: int, out_dim: int):
+        super().__init__()
+        self.downsample = cfg.downsample
+        self.conv = nn.Conv1d(in_dim, cfg.hidden, kernel_size=cfg.downsample, stride=cfg.downsample)
+        if cfg.kind == "transformer":
+            self.body = nn.ModuleList(AdapterBlock(cfg.hidden, cfg.heads) for _ in range(cfg.layers))
+        else:
+            self.body = nn.Sequential(
+                nn.Linear(cfg.hidden, cfg.hidden * 2), nn.GELU(), nn.Linear(cfg.hidden * 2, cfg.hidden)
+            )
+        self.norm = nn.LayerNorm(cfg.hidden)
+        self.proj = nn.Linear(cfg.hidden, out_dim)
+
+    def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
+        # ceil: a clip's last partial window counts; the result does not depend on the rest of the batch
+        return torch.div(lengths + self.downsample - 1, self.downsample, rounding_mode="floor").clamp(min=1)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Pad the time axis up to a multiple of the stride so no frame is dropped silently.
+        pad = (-x.shape[1]) % self.downsample
+        x = F.pad(x, (0, 0, 0, pad))
+        x = F.gelu(self.conv(x.transpose(1, 2))).transpose(1, 2)
+        out_lengths = self.output_lengths(lengths)
+        if isinstance(self.body, nn.ModuleList):
+            valid = torch.arange(x.shape[1], device=x.device)[None, :] < out_lengths[:, None]
+            for block in self.body:
+                x = block(x, valid)
+        else:
+            x = self.body(x)
+        return self.proj(self.norm(x)), out_lengths

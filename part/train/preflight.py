@@ -1,0 +1,44 @@
+"""What `train.py --check` (and every rank, before its first step) verifies beyond the config's own validation:
+the data of every stage for the world size, and the trainable groups against the configured model's real
+parameter names (the model built on the meta device from its configs: no weights read, no memory used)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from part.config import ConfigError, TrainConfig
+from part.data.shards import DataError
+from part.data.sources import stage_shards
+
+
+def check_stage_data(cfg: TrainConfig, world_size: int) -> None:
+    """Every stage's sources have shards, at least ranks x loader workers of them; raises DataError."""
+    for stage in cfg.stages:
+        stage_shards(cfg.data, stage, world_size)
+
+
+def empty_group_errors(cfg: TrainConfig) -> list[str]:
+    """A message for every trainable group that selects no parameter of the configured model."""
+    from part.model.groups import group_parameters
+    from part.model.speech_llm import SpeechLLM
+    from part.model.tokenizer import load_tokenizer
+
+    model = SpeechLLM.skeleton(cfg.model, load_tokenizer(cfg.model.llm.tokenizer or cfg.model.llm.pretrained))
+    errors = []
+    for i, stage in enumerate(cfg.stages):
+        for group in stage.trainable:
+            if not group_parameters(model, group):
+                errors.append(f"stages[{i}].trainable: group '{group}' matches no parameter of the configured model "
+                              f"({len(model.encoder.layers)} encoder layers, LoRA "
+                              f"{'on' if cfg.model.llm.lora is not None else 'off'})")
+    return errors
+
+
+def preflight(cfg: TrainConfig, world_size: int, source: str | Path = "config") -> None:
+    """Raises ConfigError, naming `source` and the problem, when the run could not go through."""
+    try:  # every stage's data, before any process starts or any step is spent
+        check_stage_data(cfg, world_size)
+    except DataError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    if errors := empty_group_errors(cfg):
+        raise ConfigError(f"{source}: invalid configuration:\n  " + "\n  ".join(errors))

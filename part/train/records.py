@@ -1,0 +1,23 @@
+"""The typed record one training step returns: what the logger, the trainer's cadence and the benchmark read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    step: int  # optimizer steps done once this one is (1-based: the step number logs and checkpoints use)
+    lr: float
+    loss_sum: float  # summed token losses of the micro-batches that trained
+    tokens: int  # target tokens scored
+    samples: int
+    audio_seconds: float
+    grad_norm: float | None  # None when the step was skipped
+    step_time: float  # seconds, data wait included
+    data_wait: float  # seconds spent waiting for batches
+    skipped: bool = False  # a non-finite loss on some rank: no update was made
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(self.tokens, 1)

@@ -1,0 +1,176 @@
+"""One stage of a run: its model and DeepSpeed engine, its data stream, and the training step.
+
+A stage switch and a resume take the same path: the model is built (from the pretrained directories, or from a
+checkpoint's saved architecture and weights), everything but the stage's trainable groups is frozen, and a new
+engine gets an optimizer that holds state only for those. A resume inside a stage also restores that state.
+The benchmark builds and steps stages through this module too, so what it times is what training runs.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from part.config import OptimConfig, TrainConfig, deepspeed_config, to_dict
+from part.data.batching import Batch
+from part.data.stream import MixtureStream, StreamTracker, make_loader
+from part.model.groups import set_trainable
+from part.model.speech_llm import WEIGHTS_NAME, SpeechLLM
+from part.train.callbacks import TrainerCallback
+from part.train.checkpoint import DS_TAG, Checkpointer
+from part.train.curriculum import StageSpan
+from part.train.distributed import DistributedContext
+from part.train.records import StepRecord
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def features_dtype(cfg: TrainConfig) -> torch.dtype:
+    """The dtype audio features take on the device: the engine's compute precision."""
+    return torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+
+
+def build_optimizer(model: torch.nn.Module, optim: OptimConfig, lr: float) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; matrices decay, biases and norms do not."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr, betas=optim.betas, eps=optim.eps,
+    )
+
+
+@dataclass(frozen=True)
+class BuildTimes:
+    """Seconds spent building a stage (the benchmark reports them)."""
+
+    model: float  # the model from the pretrained directories, or from a checkpoint's saved architecture
+    weights: float  # the checkpoint's weights (0 without one)
+    engine: float  # trainable groups, optimizer, deepspeed.initialize
+    optimizer_state: float  # the checkpoint's optimizer state (0 unless resuming inside the stage)
+
+
+class StageRun:
+    """A stage's model, engine and data stream, built at the stage's start (or a resume) and destroyed at its end."""
+
+    def __init__(self, cfg: TrainConfig, dist: DistributedContext, tokenizer, span: StageSpan, model: SpeechLLM,
+                 engine, optimizer, trainable_counts: dict[str, int], build_times: BuildTimes):
+        self.cfg, self.dist, self.tokenizer, self.span = cfg, dist, tokenizer, span
+        self.model, self.engine, self.optimizer = model, engine, optimizer
+        self.trainable_counts = trainable_counts
+        self.build_times = build_times
+        self.features_dtype = features_dtype(cfg)
+        self.tracker = StreamTracker()
+        self._batches = None
+
+    @classmethod
+    def build(cls, cfg: TrainConfig, dist: DistributedContext, tokenizer, span: StageSpan, lr: float,
+              checkpoint: Path | None = None, restore_optimizer: bool = False) -> StageRun:
+        """The stage's model (pretrained, or the architecture and weights of `checkpoint`) with its trainable
+        groups, and a DeepSpeed engine around it; with `restore_optimizer`, the checkpoint's optimizer state."""
+        import deepspeed
+
+        seed_everything(cfg.seed + span.index)
+        t0 = time.perf_counter()
+        if checkpoint is None:
+            model = SpeechLLM(cfg.model, tokenizer)  # the pretrained encoder and LLM
+        else:  # the architecture saved with the checkpoint, then its weights: pretrained ones are not read again
+            model = SpeechLLM(cfg.model, tokenizer, saved_configs=checkpoint)
+        t1 = time.perf_counter()
+        if checkpoint is not None:
+            model.load_weights(checkpoint / WEIGHTS_NAME)
+        t2 = time.perf_counter()
+        counts = set_trainable(model, span.stage.trainable)
+        optimizer = build_optimizer(model, cfg.optim, lr)
+        engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg))
+        t3 = time.perf_counter()
+        if restore_optimizer:
+            if checkpoint is None:
+                raise ValueError("restore_optimizer needs a checkpoint")
+            engine.load_checkpoint(str(checkpoint), tag=DS_TAG, load_module_strict=False,
+                                   load_optimizer_states=True, load_lr_scheduler_states=False)
+        t4 = time.perf_counter()
+        times = BuildTimes(model=t1 - t0, weights=t2 - t1, engine=t3 - t2, optimizer_state=t4 - t3)
+        return cls(cfg, dist, tokenizer, span, model, engine, optimizer, counts, times)
+
+    # ---------------------------------------------------------------- data
+
+    def stream_layout(self) -> dict:
+        """What a saved data position depends on: it resumes only into the same stage, ranks and workers."""
+        return {"stage": self.span.name, "world_size": self.dist.world_size, "num_workers": self.cfg.data.num_workers}
+
+    def open_stream(self, resume: dict | None = None) -> None:
+        """This stage's data stream on this rank, continuing from `resume` (a tracker state) when given."""
+        stream = MixtureStream(self.cfg.data, self.span.stage, self.tokenizer, self.model.encoder.config.num_mel_bins,
+                               self.dist.rank, self.dist.world_size, resume=resume)
+        self.tracker = StreamTracker(resume)
+        self._batches = iter(make_loader(stream))
+
+    def next_batch(self) -> Batch:
+        """The stream's next batch, recorded as consumed (for the next checkpoint's data position)."""
+        batch = next(self._batches)
+        self.tracker.update(batch.position)
+        return batch
+
+    def close_stream(self) -> None:
+        self._batches = None  # drops the loader iterator: its worker processes shut down
+
+    # ---------------------------------------------------------------- the step
+
+    def train_step(self, step: int, lr: float, fetch: Callable[[], Batch] | None = None,
+                   callbacks: Sequence[TrainerCallback] = ()) -> StepRecord:
+        """Global step `step` (0-based): optim.grad_accum_steps micro-batches from `fetch` (default: the stream),
+        forward, backward, optimizer step. A non-finite loss on any rank skips the micro-batch on every rank."""
+        fetch = fetch or self.next_batch
+        t0 = time.perf_counter()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum, tokens, samples, audio_seconds, wait = 0.0, 0, 0, 0.0, 0.0
+        skipped = False
+        for _ in range(self.cfg.optim.grad_accum_steps):
+            w0 = time.perf_counter()
+            batch = fetch()
+            wait += time.perf_counter() - w0
+            out = self.engine(batch.to(self.dist.device, self.features_dtype))
+            loss = out["loss"]
+            for callback in callbacks:
+                loss = callback.transform_loss(step, loss)
+            # Every rank must agree to skip, or ZeRO's collectives would hang on the ranks that go on.
+            if not self.dist.all_true(bool(torch.isfinite(loss).item())):
+                skipped = True
+                if self.cfg.optim.grad_accum_steps > 1:  # keep DeepSpeed's accumulation boundary; adds nothing
+                    self.engine.step()
+                continue
+            self.engine.backward(loss)
+            self.engine.step()
+            loss_sum += float(out["loss_sum"].detach())
+            tokens += int(out["tokens"])
+            samples += len(batch)
+            audio_seconds += batch.audio_seconds
+        grad_norm = None if skipped else self.engine.get_global_grad_norm()
+        self.dist.synchronize()  # queued device work belongs to this step's time
+        return StepRecord(step=step + 1, lr=lr, loss_sum=loss_sum, tokens=tokens, samples=samples,
+                          audio_seconds=audio_seconds, grad_norm=None if grad_norm is None else float(grad_norm),
+                          step_time=time.perf_counter() - t0, data_wait=wait, skipped=skipped)
+
+    # ---------------------------------------------------------------- checkpoint and teardown
+
+    def save_checkpoint(self, checkpointer: Checkpointer, step: int) -> Path | None:
+        """Collective. Weights, this engine's optimizer partitions and every rank's data position at `step`."""
+        trainer_state = {"engine_stage": self.span.index, "stage": self.span.name, "config": to_dict(self.cfg)}
+        data_state = dict(self.tracker.state(), **self.stream_layout())
+        return checkpointer.save(self.engine, self.model, self.tokenizer, step, trainer_state, data_state)
+
+    def destroy(self) -> None:
+        self.close_stream()
+        self.engine.destroy()

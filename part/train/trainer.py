@@ -1,0 +1,165 @@
+"""The Trainer: owns one run of the PART curriculum from its first (or resumed) step to the exported model.
+
+For each stage: build the stage (model, engine, optimizer for its trainable groups; see stage.py), stream its
+task mixture, step, checkpoint and evaluate at their cadence, then switch. A stage switch goes through the same
+path as a resume (weights from the boundary checkpoint, a fresh optimizer for the new trainable set), so a run
+resumed at or inside any stage continues exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from part.config import TrainConfig
+from part.evaluation.evaluator import Evaluator
+from part.exit_codes import ExitCode
+from part.model.tokenizer import load_tokenizer
+from part.train.callbacks import TrainerCallback
+from part.train.checkpoint import (
+    Checkpointer,
+    export_final,
+    final_is_from,
+    read_data_state,
+    read_trainer_state,
+    step_dir_name,
+)
+from part.train.curriculum import Curriculum, StageSpan
+from part.train.distributed import DistributedContext
+from part.train.logging import RunLogger
+from part.train.records import StepRecord
+from part.train.stage import StageRun, features_dtype
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, resume: bool = False, callbacks: Sequence[TrainerCallback] = (),
+                 dist: DistributedContext | None = None):
+        self.cfg = cfg
+        self.callbacks = list(callbacks)
+        self.dist = dist or DistributedContext.init()
+        if cfg.precision == "bf16" and not self.dist.supports_bf16():
+            raise SystemExit(f"error: precision bf16 ({cfg.ds_config}) is not supported on {self.dist.device.type}; "
+                             "use precision: fp32 with an fp32 DeepSpeed config such as ds_configs/zero3_cpu.json")
+        self.tokenizer = load_tokenizer(cfg.model.llm.tokenizer or cfg.model.llm.pretrained)
+        self.curriculum = Curriculum(cfg.stages)
+        self.checkpointer = Checkpointer(cfg.checkpoint.dir, self.dist.rank, self.dist.world_size,
+                                         keep=cfg.checkpoint.keep)
+        self.logger = RunLogger(cfg, self.dist.rank, self.dist.world_size)
+        self.evaluator = Evaluator(cfg, self.tokenizer, self.dist, features_dtype(cfg), self.logger)
+        self.final_dir = Path(cfg.output_dir) / "final"
+        self.step = 0  # optimizer steps done
+        self.bad_steps_in_a_row = 0
+        self.checkpoint: Path | None = None  # the latest checkpoint of this run: the next stage is built from it
+        self.checkpoint_state: dict | None = None
+        if resume and (latest := self.checkpointer.latest()) is not None:
+            self._adopt_checkpoint(latest)
+            self.step = self.checkpoint_state["step"]
+            self.logger.info(f"resuming from {latest} at step {self.step}")
+        elif resume:
+            self.logger.info(f"--resume: no checkpoint in {cfg.checkpoint.dir}; starting fresh")
+
+    # ---------------------------------------------------------------- the run
+
+    def fit(self) -> ExitCode:
+        """Trains every remaining step, evaluates, exports `<output_dir>/final`; collective. Returns the exit code."""
+        code = ExitCode.OK
+        # Also entered at the last step when the final evaluation/export did not happen (a crash right after the
+        # last checkpoint): the stage is rebuilt from that checkpoint and only the run's end is done.
+        while code is ExitCode.OK and not self._finished():
+            code = self._run_stage(self.curriculum.at(self.step))
+        self.logger.close()
+        self.dist.close()
+        return code
+
+    def _finished(self) -> bool:
+        if self.step < self.curriculum.total_steps:
+            return False
+        return self.dist.rank0_decides(lambda: final_is_from(self.final_dir, self.checkpoint))
+
+    def _run_stage(self, span: StageSpan) -> ExitCode:
+        # Inside a stage the checkpoint's optimizer state carries on; at a boundary the new stage starts fresh.
+        same_stage = self.checkpoint_state is not None and self.checkpoint_state["engine_stage"] == span.index
+        stage = StageRun.build(self.cfg, self.dist, self.tokenizer, span, self.curriculum.lr(self.step),
+                               checkpoint=self.checkpoint, restore_optimizer=same_stage)
+        self.logger.stage(span, stage.trainable_counts, self.step)
+        stage.open_stream(self._data_resume(stage) if same_stage else None)
+        stage.engine.train()
+        code = self._train_until(stage, span.end)
+        stage.close_stream()
+        if code is not ExitCode.OK:
+            return code
+        if self.step == self.curriculum.total_steps:
+            self._finish(stage)
+        stage.destroy()
+        return ExitCode.OK
+
+    def _data_resume(self, stage: StageRun) -> dict | None:
+        """This rank's data position in the checkpoint, when the stream layout it was saved with is this one."""
+        saved = read_data_state(self.checkpoint, self.dist.rank)
+        if saved and all(saved.get(k) == v for k, v in stage.stream_layout().items()):
+            return saved
+        self.logger.info("data: the checkpoint's stream layout differs (stage, ranks or workers); "
+                         "this stage's data stream restarts from its beginning")
+        return None
+
+    def _train_until(self, stage: StageRun, end: int) -> ExitCode:
+        while self.step < end:
+            record = stage.train_step(self.step, self.curriculum.lr(self.step), callbacks=self.callbacks)
+            if record.skipped:
+                self.bad_steps_in_a_row += 1
+                bad = self.bad_steps_in_a_row
+                self.logger.info(f"step {self.step}: non-finite loss, step skipped ({bad} in a row)")
+                if bad >= self.cfg.optim.max_bad_steps:
+                    self.logger.info(f"error: {bad} consecutive non-finite losses at step "
+                                     f"{self.step}; stopping. Lower the learning rate or check the data; resume from "
+                                     "the last checkpoint.")
+                    return ExitCode.NON_FINITE_LOSS
+            else:
+                self.bad_steps_in_a_row = 0
+            self.step = record.step
+            if not record.skipped:
+                self.logger.step(self._summed_over_ranks(record), stage.span, stage.tracker)
+            if self.step % self.cfg.checkpoint.every == 0 or self.step == stage.span.end:
+                if not self._save_checkpoint(stage):
+                    return ExitCode.CHECKPOINT_FAILED
+            if self._evaluation_due():
+                self.evaluator.run(stage.engine.module, self.step)
+                stage.engine.train()
+        return ExitCode.OK
+
+    def _summed_over_ranks(self, record: StepRecord) -> StepRecord:
+        """The global batch's figures (collective), for the log line of this step."""
+        loss_sum, tokens, samples, audio_seconds, wait = self.dist.sum(
+            [record.loss_sum, record.tokens, record.samples, record.audio_seconds, record.data_wait])
+        return StepRecord(step=record.step, lr=record.lr, loss_sum=loss_sum, tokens=int(tokens), samples=int(samples),
+                          audio_seconds=audio_seconds, grad_norm=record.grad_norm, step_time=record.step_time,
+                          data_wait=wait)
+
+    def _save_checkpoint(self, stage: StageRun) -> bool:
+        """Collective. False when the checkpoint the next stage is built from could not be written."""
+        path = stage.save_checkpoint(self.checkpointer, self.step)
+        if path is not None and path.name == step_dir_name(self.step):
+            self.logger.info(f"checkpoint {path}")
+            self._adopt_checkpoint(path)
+        elif self.step == stage.span.end:  # the next stage is built from this checkpoint: it must exist
+            self.logger.info(f"error: the stage-boundary checkpoint at step {self.step} could not be written; "
+                             f"free space in {self.cfg.checkpoint.dir} and rerun with --resume")
+            return False
+        return True
+
+    def _adopt_checkpoint(self, path: Path) -> None:
+        self.checkpoint, self.checkpoint_state = path, read_trainer_state(path)
+
+    def _evaluation_due(self) -> bool:
+        every = self.cfg.eval.every
+        due = bool(every and self.cfg.eval.per_language and self.step % every == 0)
+        return due and self.step < self.curriculum.total_steps  # the run's end evaluates anyway
+
+    def _finish(self, stage: StageRun) -> None:
+        """The run's end: the final evaluation, then `final/` exported from the last checkpoint."""
+        if self.cfg.eval.per_language:
+            self.evaluator.run(stage.engine.module, self.step, final=True)
+        if self.dist.is_main:
+            self.logger.info(f"final model: {self.final_dir} (a copy of checkpoint {self.checkpoint.name})")
+            export_final(self.checkpoint, self.final_dir)
+        self.dist.barrier()

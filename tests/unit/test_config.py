@@ -1,0 +1,101 @@
+import json
+
+import pytest
+from conftest import REPO, write_config
+
+from part.config import ConfigError, deepspeed_config, load_config
+
+ONE_STAGE = "  - {name: s1, steps: 4, tasks: {asr: 1.0}, trainable: [adapter], lr: 1.0e-3, warmup_steps: 1}"
+
+
+def test_loads_with_overrides(tmp_path, corpus, tiny_models):
+    path = write_config(tmp_path / "c.yaml", corpus, tiny_models, ONE_STAGE)
+    cfg = load_config(path, ["stages.0.lr=5e-4", "data.languages=[en, de]", "model.adapter.kind=mlp"])
+    assert cfg.stages[0].lr == 5e-4
+    assert cfg.data.languages == ["en", "de"]
+    assert cfg.model.adapter.kind == "mlp"
+    assert cfg.total_steps == 4
+    assert cfg.model.llm.lora.rank == 4
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.adapter.kindd=mlp", "model.adapter.kindd: unknown field"),
+        ("stages.0.steps=abc", "stages[0].steps: expected an integer"),
+        ("stages.0.trainable=[adapter, encoder.topp.3]", "stages[0].trainable: unknown group 'encoder.topp.3'"),
+        ("stages.0.tasks={}", "stages[0].tasks: empty mixture"),
+        ("stages.0.tasks={asr: 1.0, dance: 1.0}", "stages[0].tasks.dance: unknown task"),
+        ("data.text_shards=null", None),  # asr only: fine without text shards
+        ("stages.0.languages=[en, xx]", "stages[0].languages: 'xx' is not in data.languages"),
+        ("model.llm.pretrained=/nonexistent/llm", "model.llm.pretrained: directory '/nonexistent/llm' does not exist"),
+        ("ds_config=/nonexistent.json", "ds_config: file '/nonexistent.json' does not exist"),
+        ("stages.3.lr=1", "stages.3: no such list index"),
+    ],
+)
+def test_errors_name_the_field(tmp_path, corpus, tiny_models, override, message):
+    path = write_config(tmp_path / "c.yaml", corpus, tiny_models, ONE_STAGE)
+    if message is None:
+        load_config(path, [override])
+        return
+    with pytest.raises(ConfigError) as err:
+        load_config(path, [override])
+    assert message in str(err.value)
+
+
+def test_text_tasks_need_text_shards(tmp_path, corpus, tiny_models):
+    path = write_config(tmp_path / "c.yaml", corpus, tiny_models, ONE_STAGE)
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.tasks\.mt: needs data.text_shards"):
+        load_config(path, ["data.text_shards=null", "stages.0.tasks={asr: 1.0, mt: 0.5}"])
+
+
+def test_lora_group_needs_lora(tmp_path, corpus, tiny_models):
+    path = write_config(tmp_path / "c.yaml", corpus, tiny_models, ONE_STAGE)
+    with pytest.raises(ConfigError, match="model.llm.lora: a stage trains llm.lora"):
+        load_config(path, ["model.llm.lora=null", "stages.0.trainable=[llm.lora]"])
+
+
+def test_shipped_configs_parse():
+    """Every shipped recipe is a valid config tree (directories aside, which exist only after building)."""
+    import yaml
+
+    from part.config import TrainConfig, build_config
+
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        cfg = build_config(TrainConfig, yaml.safe_load(path.read_text()), "")
+        assert cfg.stages, path
+
+
+# ---------------------------------------------------------------- the DeepSpeed settings the YAML owns
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("precision=bf16", "ds_config: '{ds}' has bf16.enabled=false, but precision is bf16"),
+        ("optim.grad_accum_steps=2", "has gradient_accumulation_steps=1, but optim.grad_accum_steps is 2"),
+        ("optim.grad_clip=0.5", "has gradient_clipping=1.0, but optim.grad_clip is 0.5"),
+        ("zero_stage=2", "has zero_optimization.stage=3, but zero_stage is 2"),
+        ("precision=fp16", "precision: 'fp16' is not one of bf16, fp32"),
+    ],
+)
+def test_ds_config_must_agree_with_the_yaml(tmp_path, corpus, tiny_models, override, message):
+    path = write_config(tmp_path / "c.yaml", corpus, tiny_models, ONE_STAGE)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, [override])
+    assert message.format(ds=REPO / "ds_configs" / "zero3_cpu.json") in str(err.value)
+    # the same settings agree with a file that says so
+    load_config(path, ["precision=bf16", f"ds_config={REPO}/ds_configs/zero3.json"])
+    load_config(path, ["zero_stage=2", f"ds_config={REPO}/ds_configs/zero2_cpu.json"])
+
+
+def test_deepspeed_config_is_the_file_with_the_yaml_settings(tmp_path, corpus, tiny_models):
+    path = write_config(tmp_path / "c.yaml", corpus, tiny_models, ONE_STAGE)
+    cfg = load_config(path)
+    ds = deepspeed_config(cfg)
+    on_disk = json.loads((REPO / "ds_configs" / "zero3_cpu.json").read_text())
+    assert ds == on_disk  # validated to agree: writing the YAML's values over the file changes nothing
+    cfg.optim.grad_accum_steps = 4  # were the YAML to say otherwise, the YAML would win
+    assert deepspeed_config(cfg)["gradient_accumulation_steps"] == 4
+    assert deepspeed_config(cfg)["zero_optimization"]["reduce_bucket_size"] == on_disk["zero_optimization"][
+        "reduce_bucket_size"]

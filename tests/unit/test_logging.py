@@ -1,0 +1,46 @@
+"""Rank-0 logging: the console line, train_log.jsonl and an offline wandb run that `wandb sync` can upload."""
+
+import json
+
+from part.config import LoggingConfig, StageConfig, TrainConfig
+from part.data.stream import StreamPosition, StreamTracker
+from part.train.curriculum import Curriculum
+from part.train.logging import RunLogger
+from part.train.records import StepRecord
+
+
+def test_console_jsonl_and_offline_wandb(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    cfg = TrainConfig(stages=[StageConfig(name="s1", steps=4)], output_dir=str(tmp_path),
+                      logging=LoggingConfig(every=2, wandb_project="part-test", wandb_mode="online", run_name="t"))
+    logger = RunLogger(cfg, rank=0, world_size=1)
+    span = Curriculum(cfg.stages).at(0)
+    tracker = StreamTracker()
+    tracker.update(StreamPosition(worker=0, window_state={}, next_batch=1, mixed={"asr/de": 3},
+                                  skipped={"too_long": 1}))
+    logger.stage(span, {"adapter": 1000}, 0)
+    for step in (1, 2):
+        logger.step(StepRecord(step=step, loss_sum=20.0, tokens=10, samples=4, audio_seconds=12.0, lr=1e-3,
+                               grad_norm=0.5, step_time=0.5, data_wait=0.01), span, tracker)
+    logger.close()
+    out = capsys.readouterr().out
+    assert "WANDB_API_KEY is not set; logging offline" in out
+    assert "trainable 1,000 params (adapter=1,000)" in out
+    line = next(x for x in out.splitlines() if x.startswith("[part] step 2/4"))
+    assert "loss 2.0000" in line and "8.0 samples/s" in line and "24.0 audio-s/s" in line and "data-wait 2.0%" in line
+    assert "step 1/4" not in out  # every=2
+    rows = [json.loads(x) for x in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and rows[0]["loss"] == 2.0
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))
+
+
+def test_other_ranks_write_nothing(tmp_path, capsys):
+    cfg = TrainConfig(stages=[StageConfig(name="s1", steps=2)], output_dir=str(tmp_path / "o"),
+                      logging=LoggingConfig(wandb_project="part-test"))
+    logger = RunLogger(cfg, rank=1, world_size=2)
+    logger.info("hello")
+    logger.step(StepRecord(step=1, lr=1e-3, loss_sum=1.0, tokens=1, samples=1, audio_seconds=1.0, grad_norm=None,
+                           step_time=0.1, data_wait=0.0), Curriculum(cfg.stages).at(0), StreamTracker())
+    assert capsys.readouterr().out == ""
+    assert not (tmp_path / "o").exists()

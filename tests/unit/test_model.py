@@ -1,0 +1,243 @@
+"""The Speech LLM on the tiny models: from_pretrained loading, splicing, loss masking, groups, save/load."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from part.config import AdapterConfig, EncoderConfig, LLMConfig, LoraConfig, ModelConfig
+from part.data.batching import Batch
+from part.model.groups import group_parameters, set_trainable
+from part.model.speech_llm import IGNORE, SpeechLLM
+from part.model.tokenizer import load_tokenizer
+from part.prompts import AUDIO_TOKEN, instruction
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(tiny_models):
+    cfg = ModelConfig(encoder=EncoderConfig(pretrained=str(tiny_models / "whisper")),
+                      adapter=AdapterConfig(hidden=64, layers=1, heads=4),
+                      llm=LLMConfig(pretrained=str(tiny_models / "llm"), lora=LoraConfig(rank=4, alpha=8)))
+    tok = load_tokenizer(str(tiny_models / "llm"))
+    torch.manual_seed(0)
+    return SpeechLLM(cfg, tok).eval(), tok
+
+
+def make_batch(tok, frames=(300, 180), text_only=False):
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    prompts, targets, index = [], [], []
+    for i, _ in enumerate(frames):
+        prompts.append(torch.tensor(tok(instruction("asr", "de"), add_special_tokens=False)["input_ids"]))
+        targets.append(torch.tensor(tok("Guten Tag", add_special_tokens=False)["input_ids"] + [end]))
+        index.append(i)
+    if text_only:
+        prompts.append(torch.tensor(tok(instruction("mt", "de", "en", "Hallo"), add_special_tokens=False)["input_ids"]))
+        targets.append(torch.tensor(tok("Hello", add_special_tokens=False)["input_ids"] + [end]))
+        index.append(-1)
+    torch.manual_seed(1)
+    return Batch(input_features=torch.randn(len(frames), 80, max(frames)), feature_frames=torch.tensor(frames),
+                 audio_index=torch.tensor(index), prompt_ids=prompts, target_ids=targets)
+
+
+def test_loaded_from_pretrained_dirs(model_and_tokenizer, tiny_models):
+    """The encoder and LLM weights are the saved ones (the from_pretrained path of real checkpoints)."""
+    from safetensors.torch import load_file
+
+    model, _ = model_and_tokenizer
+    whisper = load_file(str(tiny_models / "whisper" / "model.safetensors"))
+    key = next(k for k in whisper if k.endswith("encoder.layers.0.fc1.weight"))
+    assert torch.equal(model.encoder.layers[0].fc1.weight, whisper[key])
+    llm = load_file(str(tiny_models / "llm" / "model.safetensors"))
+    base = model.llm.get_base_model()
+    assert torch.equal(base.model.layers[0].mlp.up_proj.weight, llm["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_audio_is_spliced_and_only_targets_are_scored(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    batch = make_batch(tok, text_only=True)
+    inputs, mask, labels = model.assemble(batch)
+    # sample 0: 300 mel frames -> 150 encoder frames -> ceil(150 / 4) = 38 adapter frames replace 1 placeholder
+    prompt_len = len(batch.prompt_ids[0])
+    target_len = len(batch.target_ids[0])
+    assert int(mask[0].sum()) == prompt_len - 1 + 38 + target_len
+    assert int(mask[1].sum()) == prompt_len - 1 + 23 + target_len  # 180 -> 90 -> ceil(90 / 4)
+    assert int(mask[2].sum()) == len(batch.prompt_ids[2]) + len(batch.target_ids[2])
+    for i in range(3):
+        assert int((labels[i] != IGNORE).sum()) == len(batch.target_ids[i])
+        scored = labels[i][labels[i] != IGNORE]
+        assert torch.equal(scored, batch.target_ids[i])
+    out = model(batch)
+    assert int(out["tokens"]) == sum(len(t) for t in batch.target_ids)
+    assert torch.isfinite(out["loss"])
+
+
+def test_valid_length_does_not_depend_on_the_batch(model_and_tokenizer):
+    """A clip gets as many audio embeddings alone as when batched with a longer clip."""
+    model, tok = model_and_tokenizer
+    both = make_batch(tok, frames=(300, 180))
+    alone = make_batch(tok, frames=(180,))
+    alone = dataclasses.replace(alone, input_features=both.input_features[1:2, :, :180])
+    with torch.no_grad():
+        emb_alone, _ = model.encode_audio(alone.input_features, alone.feature_frames)
+        emb_both, lengths = model.encode_audio(both.input_features, both.feature_frames)
+    assert int(lengths[1]) == emb_alone.shape[1] == 23
+    assert emb_both.shape[1] == 38
+
+
+def test_lora_starts_as_identity(tiny_models, model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    batch = make_batch(tok)
+    plain_cfg = ModelConfig(encoder=model.cfg.encoder, adapter=model.cfg.adapter,
+                            llm=LLMConfig(pretrained=str(tiny_models / "llm")))
+    plain = SpeechLLM(plain_cfg, tok).eval()
+    plain.encoder.load_state_dict(model.encoder.state_dict())
+    plain.adapter.load_state_dict(model.adapter.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(model(batch)["loss"], plain(batch)["loss"], atol=1e-6)
+
+
+def test_parameter_groups(model_and_tokenizer):
+    model, _ = model_and_tokenizer
+    n_layers = len(model.encoder.layers)
+    top2 = group_parameters(model, "encoder.top.2")
+    assert {n.split(".")[2] for n in top2 if n.startswith("encoder.layers.")} == {str(n_layers - 2), str(n_layers - 1)}
+    assert any(n.startswith("encoder.layer_norm.") for n in top2)
+    assert all("lora_" in n for n in group_parameters(model, "llm.lora"))
+    assert not any("lora_" in n for n in group_parameters(model, "llm"))
+    assert all(".layers.1." in n for n in group_parameters(model, "llm.layers.1"))
+    counts = set_trainable(model, ["adapter", "llm.lora"])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == set(group_parameters(model, "adapter")) | set(group_parameters(model, "llm.lora"))
+    assert counts["adapter"] == sum(p.numel() for n, p in model.named_parameters() if n.startswith("adapter."))
+    with pytest.raises(ValueError, match="unknown parameter group"):
+        group_parameters(model, "decoder")
+
+
+def test_save_and_load_round_trip(model_and_tokenizer, tmp_path):
+    model, tok = model_and_tokenizer
+    batch = make_batch(tok)
+    with torch.no_grad():
+        for p in model.llm.parameters():  # make LoRA non-trivial so its weights must round-trip too
+            if p.ndim == 2 and p.shape[0] < 10:
+                p.add_(0.01)
+        before = model(batch)["loss"]
+    model.save_pretrained(tmp_path / "saved", tok)
+    loaded, tok2 = SpeechLLM.from_pretrained(tmp_path / "saved")
+    loaded.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(batch)["loss"], before)
+    assert tok2.convert_tokens_to_ids(AUDIO_TOKEN) == tok.convert_tokens_to_ids(AUDIO_TOKEN)
+
+
+def test_generate_returns_token_lists(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    out = model.generate(make_batch(tok, text_only=True), max_new_tokens=5)
+    assert len(out) == 3 and all(len(x) <= 5 for x in out)
+    beams = model.generate(make_batch(tok), max_new_tokens=4, num_beams=2)
+    assert len(beams) == 2
+
+
+def test_saved_directory_is_self_contained(tiny_models, tmp_path):
+    """A saved model loads after the pretrained directories it was built from are gone."""
+    import shutil
+
+    shutil.copytree(tiny_models, tmp_path / "src")
+    cfg = ModelConfig(encoder=EncoderConfig(pretrained=str(tmp_path / "src" / "whisper")),
+                      adapter=AdapterConfig(hidden=64, layers=1, heads=4),
+                      llm=LLMConfig(pretrained=str(tmp_path / "src" / "llm"), lora=LoraConfig(rank=4, alpha=8)))
+    tok = load_tokenizer(str(tmp_path / "src" / "llm"))
+    model = SpeechLLM(cfg, tok).eval()
+    model.save_pretrained(tmp_path / "saved", tok)
+    shutil.rmtree(tmp_path / "src")
+    loaded, _ = SpeechLLM.from_pretrained(tmp_path / "saved")
+    batch = make_batch(tok)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(batch)["loss"], model(batch)["loss"])
+
+
+def test_tokenizer_round_trips_every_script(tiny_models):
+    """The tiny tokenizer as training loads it keeps spaces and non-ASCII text (a byte-level class would not)."""
+    tok = load_tokenizer(str(tiny_models / "llm"))
+    for text in ("Grüße aus München", "hello world, again", "你好世界", "Привет, мир"):
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert tok.decode(ids) == text
+    assert len(tok(AUDIO_TOKEN, add_special_tokens=False)["input_ids"]) == 1
+
+
+def _boost_logits(model, boosts: dict[int, float]):
+    """A forward hook on the LM head adding `boosts` to those ids' logits (remove the returned handle)."""
+    def hook(module, args, output):
+        output = output.clone()
+        for token_id, boost in boosts.items():
+            output[..., token_id] += boost
+        return output
+
+    return model.llm.get_output_embeddings().register_forward_hook(hook)
+
+
+def _generate_all_ways(model, tok, tmp_path, max_new_tokens: int) -> list[list[list[int]]]:
+    """Greedy, beam search, and greedy and beam search under synced_gpus (a 1-rank gloo group, as ZeRO-3 runs
+    generation): the outputs of each."""
+    import torch.distributed as dist
+
+    batch = make_batch(tok, text_only=True)
+    outs = [model.generate(batch, max_new_tokens=max_new_tokens),
+            model.generate(batch, max_new_tokens=max_new_tokens, num_beams=2)]
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg_store'}", rank=0, world_size=1)
+    try:
+        outs.append(model.generate(batch, max_new_tokens=max_new_tokens, synced_gpus=True))
+        outs.append(model.generate(batch, max_new_tokens=max_new_tokens, num_beams=2, synced_gpus=True))
+    finally:
+        if started:
+            dist.destroy_process_group()
+    return outs
+
+
+def test_suppressed_ids_are_the_special_tokens_but_not_the_end_token(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    suppressed = set(model.suppressed_token_ids)
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert model.end_token_id == end and end not in suppressed
+    for token in (AUDIO_TOKEN, "<|im_start|>", tok.pad_token, tok.unk_token, tok.bos_token, tok.eos_token):
+        assert tok.convert_tokens_to_ids(token) in suppressed, token
+    assert set(tok.all_special_ids) - {end} <= suppressed
+    assert not suppressed & set(tok("Guten Tag, hello", add_special_tokens=False)["input_ids"])  # text is free
+
+
+def test_generate_never_emits_special_tokens(model_and_tokenizer, tmp_path):
+    """With the LM head biased so that <|im_start|> (then the other special tokens) is the argmax, decoding
+    still never emits a suppressed id, in greedy and beam search, with and without synced_gpus."""
+    model, tok = model_and_tokenizer
+    start = tok.convert_tokens_to_ids("<|im_start|>")
+    boosts = {i: 500.0 for i in model.suppressed_token_ids}
+    boosts[start] = 1000.0
+    handle = _boost_logits(model, boosts)
+    try:
+        # Control: the bias works, without suppression <|im_start|> is what greedy decoding emits.
+        kept = model.suppressed_token_ids
+        model.suppressed_token_ids = []
+        try:
+            unsuppressed = model.generate(make_batch(tok), max_new_tokens=3)
+        finally:
+            model.suppressed_token_ids = kept
+        assert all(ids[0] == start for ids in unsuppressed)
+        for outs in _generate_all_ways(model, tok, tmp_path, max_new_tokens=6):
+            assert len(outs) == 3
+            for ids in outs:
+                assert len(ids) <= 6 and not set(ids) & set(model.suppressed_token_ids), ids
+    finally:
+        handle.remove()
+
+
+def test_generate_stops_at_the_end_token(model_and_tokenizer, tmp_path):
+    """The end-of-turn token is not suppressed: when it is the argmax (above a boosted special token), every
+    sample stops at once, in every decoding mode."""
+    model, tok = model_and_tokenizer
+    handle = _boost_logits(model, {model.end_token_id: 2000.0, tok.convert_tokens_to_ids("<|im_start|>"): 1000.0})
+    try:
+        for outs in _generate_all_ways(model, tok, tmp_path, max_new_tokens=6):
+            assert outs == [[], [], []]
+    finally:
+        handle.remove()
