@@ -1,6 +1,6 @@
-"""DeepSpeed engine smoke test, run under the real launcher by tests/test_ds_configs.py.
+"""DeepSpeed engine smoke test, run under the real launcher by tests/integration/test_ds_launcher.py.
 
-    deepspeed --num_gpus 2 tests/ds_smoke.py ds_configs/zero3_cpu.json [more.json ...] [--steps 2]
+    deepspeed --num_gpus 2 tests/integration/ds_smoke.py ds_configs/zero3_cpu.json [more.json ...] [--steps 2]
 
 For each DeepSpeed JSON given, in the same process: build a tiny two-Linear model and a torch.optim.AdamW
 client optimizer (as the trainer does), hand both to deepspeed.initialize, run --steps forward/backward/step

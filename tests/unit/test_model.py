@@ -10,7 +10,7 @@ from part.data.batching import Batch
 from part.model.groups import group_parameters, set_trainable
 from part.model.speech_llm import IGNORE, SpeechLLM
 from part.model.tokenizer import load_tokenizer
-from part.prompts import AUDIO_TOKEN, instruction
+from part.prompts import AUDIO_TOKEN, TURN_END, instruction
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def model_and_tokenizer(tiny_models):
 
 
 def make_batch(tok, frames=(300, 180), text_only=False):
-    end = tok.convert_tokens_to_ids("<|im_end|>")
+    end = tok.convert_tokens_to_ids(TURN_END)
     prompts, targets, index = [], [], []
     for i, _ in enumerate(frames):
         prompts.append(torch.tensor(tok(instruction("asr", "de"), add_special_tokens=False)["input_ids"]))
@@ -241,3 +241,14 @@ def test_generate_stops_at_the_end_token(model_and_tokenizer, tmp_path):
             assert outs == [[], [], []]
     finally:
         handle.remove()
+
+
+def test_skeleton_has_the_real_parameter_names(model_and_tokenizer):
+    """The meta-device model `train.py --check` resolves groups against: same names, no memory, no weights read."""
+    model, tok = model_and_tokenizer
+    skeleton = SpeechLLM.skeleton(model.cfg, tok)
+    assert [n for n, _ in skeleton.named_parameters()] == [n for n, _ in model.named_parameters()]
+    assert all(p.device.type == "meta" for p in skeleton.parameters())
+    for group in ("adapter", "encoder.top.2", "llm", "llm.lora", "llm.layers.1"):
+        assert group_parameters(skeleton, group) == group_parameters(model, group)
+    assert group_parameters(skeleton, "llm.layers.99") == [] and group_parameters(skeleton, "encoder.layers.9") == []
