@@ -13,8 +13,12 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from part.exit_codes import ExitCode, exit_process
+
+if TYPE_CHECKING:
+    from part.train.callbacks import TrainerCallback
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -23,14 +27,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. stages.0.lr=5e-4")
     parser.add_argument("--resume", action="store_true", help="continue from checkpoint.dir/latest if present")
     parser.add_argument("--check", action="store_true",
-                        help="validate the config and the data of every stage, then exit (no processes started)")
+                        help="validate the config, every stage's data and trainable groups, then exit (start nothing)")
     parser.add_argument("--world-size", type=int, default=1, help="with --check: the number of ranks to check for")
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the launcher
     return parser.parse_intermixed_args(argv)  # flags may come after the overrides
 
 
-def main(argv: list[str] | None = None, callbacks: Sequence = ()) -> int:
-    """`callbacks` (part.train.callbacks.TrainerCallback) are for tests, e.g. tests/integration/nan_loss_train.py."""
+def main(argv: list[str] | None = None, callbacks: Sequence[TrainerCallback] = ()) -> int:
+    """`callbacks` are for tests (fault injection: tests/integration/nan_loss_train.py)."""
     args = parse_args(argv)
     from part.config import ConfigError, load_config
     from part.train.preflight import preflight

@@ -32,7 +32,6 @@ class InferError(RuntimeError):
 # ---------------------------------------------------------------- inputs
 
 
-
 def check_task(task: str, language: str, target: str | None) -> None:
     if task not in ("asr", "s2tt"):
         raise ValueError(f"task must be asr or s2tt, not '{task}'")
