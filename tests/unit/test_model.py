@@ -252,3 +252,42 @@ def test_skeleton_has_the_real_parameter_names(model_and_tokenizer):
     for group in ("adapter", "encoder.top.2", "llm", "llm.lora", "llm.layers.1"):
         assert group_parameters(skeleton, group) == group_parameters(model, group)
     assert group_parameters(skeleton, "llm.layers.99") == [] and group_parameters(skeleton, "encoder.layers.9") == []
+
+
+def test_ctc_loss_reads_the_adapter_through_the_llm_head(model_and_tokenizer):
+    """The auxiliary CTC term: finite, reaches the adapter's weights, counts only speech samples, and is what
+    `forward` adds to the LM loss at `ctc_weight`."""
+    import dataclasses
+
+    model, tok = model_and_tokenizer
+    batch = make_batch(tok, text_only=True)
+    ids = tok("Guten Tag", add_special_tokens=False)["input_ids"]
+    batch = dataclasses.replace(batch, transcript_ids=[torch.tensor(ids), torch.tensor(ids),
+                                                       torch.tensor([], dtype=torch.long)])
+    _, _, _, audio, lengths = model._assemble(batch)
+    ctc = model.ctc_loss(audio, lengths, batch)
+    assert torch.isfinite(ctc) and ctc.item() > 0
+    # By hand: the same CTC over the two speech rows, normalised by their transcript tokens.
+    log_probs = model.llm.get_output_embeddings()(audio).float().log_softmax(-1)
+    expected = torch.nn.functional.ctc_loss(log_probs[:2].transpose(0, 1), torch.tensor(ids + ids), lengths[:2],
+                                            torch.tensor([len(ids)] * 2), blank=model.pad_token_id,
+                                            reduction="sum") / (2 * len(ids))
+    assert torch.allclose(ctc, expected)
+
+    model.zero_grad()
+    ctc.backward()
+    assert model.adapter.proj.weight.grad.abs().sum() > 0
+
+    plain = model(batch)
+    try:
+        model.cfg = dataclasses.replace(model.cfg, ctc_weight=0.5)
+        weighted = model(batch)
+    finally:
+        model.cfg = dataclasses.replace(model.cfg, ctc_weight=0.0)
+    assert "ctc_loss" not in plain
+    assert torch.allclose(weighted["loss"], plain["loss"] + 0.5 * weighted["ctc_loss"])
+
+    # A batch without speech: zero, yet still a graph through the head (every rank makes the same calls).
+    text_only = dataclasses.replace(batch, audio_index=torch.tensor([-1, -1, -1]))
+    zero = model.ctc_loss(audio, lengths, text_only)
+    assert zero.item() == 0.0 and zero.requires_grad
