@@ -57,7 +57,8 @@ class RunLogger:
             fh.write(json.dumps({"step": step, "stage": span.name, "stage_index": span.index, "loss": record.loss,
                                  "lr": record.lr, "samples": float(record.samples),
                                  "audio_seconds": float(record.audio_seconds), "step_time": step_time,
-                                 "data_wait": data_wait}) + "\n")
+                                 "data_wait": data_wait,
+                                 **({"ctc_loss": record.ctc_loss} if record.ctc_loss is not None else {})}) + "\n")
         self.steps_timed += 1
         self.time_in_steps += step_time
         every = self.cfg.logging.every
@@ -66,13 +67,16 @@ class RunLogger:
         remaining = (self.cfg.total_steps - step) * (self.time_in_steps / self.steps_timed)
         wait_frac = data_wait / max(step_time, 1e-9)
         gn = float(record.grad_norm) if record.grad_norm is not None else float("nan")
-        print(f"[part] step {step}/{self.cfg.total_steps} stage {span.index + 1}:{span.name} loss {record.loss:.4f} "
-              f"lr {record.lr:.2e} gnorm {gn:.3f} {record.samples / step_time:.1f} samples/s "
+        ctc = f" ctc {record.ctc_loss:.4f}" if record.ctc_loss is not None else ""
+        print(f"[part] step {step}/{self.cfg.total_steps} stage {span.index + 1}:{span.name} "
+              f"loss {record.loss:.4f}{ctc} lr {record.lr:.2e} gnorm {gn:.3f} "
+              f"{record.samples / step_time:.1f} samples/s "
               f"{record.audio_seconds / step_time:.1f} audio-s/s data-wait {100 * wait_frac:.1f}% "
               f"eta {remaining / 60:.1f} min", flush=True)
         if self.wandb:
             mixed, skipped = tracker.totals()
             self.wandb.log({"train/loss": record.loss, "train/lr": record.lr, "train/grad_norm": gn,
+                            **({"train/ctc_loss": record.ctc_loss} if record.ctc_loss is not None else {}),
                             "train/samples_per_s": record.samples / step_time,
                             "train/audio_s_per_s": record.audio_seconds / step_time, "train/data_wait": wait_frac,
                             "stage/index": span.index, **{f"data/mixed/{k}": v for k, v in mixed.items()},

@@ -17,7 +17,13 @@ class StepRecord:
     step_time: float  # seconds, data wait included
     data_wait: float  # seconds spent waiting for batches
     skipped: bool = False  # a non-finite loss on some rank: no update was made
+    ctc_sum: float = 0.0  # the auxiliary CTC loss (model.ctc_weight > 0), summed over micro-batches ...
+    ctc_batches: int = 0  # ... and their number (0: no CTC term)
 
     @property
     def loss(self) -> float:
         return self.loss_sum / max(self.tokens, 1)
+
+    @property
+    def ctc_loss(self) -> float | None:
+        return self.ctc_sum / self.ctc_batches if self.ctc_batches else None

@@ -136,6 +136,7 @@ class StageRun:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss_sum, tokens, samples, audio_seconds, wait = 0.0, 0, 0, 0.0, 0.0
+        ctc_sum, ctc_batches = 0.0, 0
         skipped = False
         for _ in range(self.cfg.optim.grad_accum_steps):
             w0 = time.perf_counter()
@@ -157,11 +158,15 @@ class StageRun:
             tokens += int(out["tokens"])
             samples += len(batch)
             audio_seconds += batch.audio_seconds
+            if "ctc_loss" in out:
+                ctc_sum += float(out["ctc_loss"])
+                ctc_batches += 1
         grad_norm = None if skipped else self.engine.get_global_grad_norm()
         self.dist.synchronize()  # queued device work belongs to this step's time
         return StepRecord(step=step + 1, lr=lr, loss_sum=loss_sum, tokens=tokens, samples=samples,
                           audio_seconds=audio_seconds, grad_norm=None if grad_norm is None else float(grad_norm),
-                          step_time=time.perf_counter() - t0, data_wait=wait, skipped=skipped)
+                          step_time=time.perf_counter() - t0, data_wait=wait, skipped=skipped, ctc_sum=ctc_sum,
+                          ctc_batches=ctc_batches)
 
     # ---------------------------------------------------------------- checkpoint and teardown
 

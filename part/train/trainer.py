@@ -129,11 +129,12 @@ class Trainer:
 
     def _summed_over_ranks(self, record: StepRecord) -> StepRecord:
         """The global batch's figures (collective), for the log line of this step."""
-        loss_sum, tokens, samples, audio_seconds, wait = self.dist.sum(
-            [record.loss_sum, record.tokens, record.samples, record.audio_seconds, record.data_wait])
+        loss_sum, tokens, samples, audio_seconds, wait, ctc_sum, ctc_batches = self.dist.sum(
+            [record.loss_sum, record.tokens, record.samples, record.audio_seconds, record.data_wait, record.ctc_sum,
+             record.ctc_batches])
         return StepRecord(step=record.step, lr=record.lr, loss_sum=loss_sum, tokens=int(tokens), samples=int(samples),
                           audio_seconds=audio_seconds, grad_norm=record.grad_norm, step_time=record.step_time,
-                          data_wait=wait)
+                          data_wait=wait, ctc_sum=ctc_sum, ctc_batches=int(ctc_batches))
 
     def _save_checkpoint(self, stage: StageRun) -> bool:
         """Collective. False when the checkpoint the next stage is built from could not be written."""

@@ -15,7 +15,7 @@ from conftest import REPO, write_config
 
 # Every group trainable, one stage: the fastest way to memorise a handful of clips with the tiny random models.
 STAGES = """\
-  - {name: memorise, steps: 160, tasks: {asr: 1.0}, trainable: [adapter, encoder, llm], lr: 3.0e-3,
+  - {name: memorise, steps: 100, tasks: {asr: 1.0}, trainable: [adapter, encoder, llm], lr: 3.0e-3,
      warmup_steps: 10, min_lr_ratio: 0.3}
 """
 
@@ -40,6 +40,7 @@ def test_eight_clips_are_memorised(corpus, tiny_models, tmp_path):
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert log[0]["loss"] > 2.0, log[0]  # it starts from not knowing the clips ...
     assert log[-1]["loss"] < 0.1, log[-5:]  # ... and ends knowing them
+    assert log[-1]["ctc_loss"] < log[0]["ctc_loss"] / 2, (log[0], log[-1])  # the CTC term is logged and learns
 
     final = json.loads((out / "final.json").read_text())
     (row,) = [r for r in final["rows"] if r["task"] == "asr"]
