@@ -64,7 +64,7 @@ def text_examples(corpus: Path, translation_targets: tuple[str, ...] = ("en",), 
     from collections import Counter
 
     from part.data.shards import iter_tar_samples
-    from part.prompts import AUDIO_TOKEN, instruction, split_for_text_task
+    from part.prompts import instruction, split_for_text_task
 
     examples = []
     counters: Counter = Counter()
@@ -113,7 +113,7 @@ def encode_example(tokenizer, example: TextExample, max_length: int, rng=None,
     if not example.slot_task:
         prompt = ids(example.before + example.after)
         tokens = prompt + target
-        return tokens[:max_length], list(tokens)[:max_length]
+        return tokens[:max_length], tokens[:max_length]  # two slices: two lists
     prompt = ids(example.before + AUDIO_TOKEN + example.after)
     slot = ids(example.slot)
     if rng is not None and rng.random() < slot_noise:
