@@ -230,7 +230,7 @@ class Bench:
         from part.train.checkpoint import Checkpointer
 
         a = self.args
-        checkpointer = Checkpointer(self.workdir / "ckpt", self.rank, self.world, keep=2)
+        checkpointer = Checkpointer(self.workdir / "ckpt", self.dist, keep=2)
         self.barrier()
         t0 = time.perf_counter()
         path = self.stage.save_checkpoint(checkpointer, self.step_index)

@@ -62,11 +62,28 @@ class LLMConfig:
     lora: LoraConfig | None = None  # when set, LoRA adapters are added (zero-initialised) for stages to train
 
 
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+
+
+@dataclass
+class ActivationCheckpointingConfig:
+    """Recompute each transformer layer's activations in the backward pass instead of keeping them: memory for
+    about a third more compute. Only where gradients flow through (a frozen encoder below the adapter keeps
+    nothing anyway)."""
+
+    encoder: bool = False
+    llm: bool = False
+
+
 @dataclass
 class ModelConfig:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
+    # The LLM's attention kernel (transformers' attn_implementation): sdpa | eager | flash_attention_2 (needs the
+    # flash_attn package). The encoder runs sdpa (eager when this is eager): its padding mask is an additive one.
+    attn_implementation: str = "sdpa"
+    activation_checkpointing: ActivationCheckpointingConfig = field(default_factory=ActivationCheckpointingConfig)
     # Weight of an auxiliary CTC loss on the adapter's outputs, read through the LLM's output head, against the
     # transcript's tokens (every speech sample, ASR or S2TT). 0: off. It gives the adapter a per-frame signal
     # towards the LLM's token embeddings, which speeds up the speech-text alignment the LLM loss finds slowly.
@@ -292,6 +309,14 @@ def validate(cfg: TrainConfig, source: str | Path = "config") -> None:
         check(name is None or Path(name).is_dir(), f"{where}: directory '{name}' does not exist")
     check(m.llm.pretrained is not None, "model.llm.pretrained: a causal LM directory is required")
     check(m.ctc_weight >= 0, "model.ctc_weight: must be >= 0")
+    check(m.attn_implementation in ATTENTION_IMPLEMENTATIONS,
+          f"model.attn_implementation: '{m.attn_implementation}' is not one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
+    if m.attn_implementation == "flash_attention_2":
+        import importlib.util
+
+        check(importlib.util.find_spec("flash_attn") is not None,
+              "model.attn_implementation: flash_attention_2 needs the flash_attn package, which is not installed "
+              "(pip install flash-attn, or use sdpa)")
 
     d = cfg.data
     check(bool(d.train_shards), "data.train_shards: required")

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase, WhisperConfig, WhisperModel
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
@@ -32,13 +33,24 @@ IGNORE = -100
 WEIGHTS_NAME = "model.safetensors"
 
 
-def build_encoder(cfg: EncoderConfig, weights: bool = True) -> WhisperEncoder:
+def encoder_attention(attn_implementation: str) -> str:
+    """The encoder's kernel for the model's `attn_implementation`: its additive padding mask needs sdpa or eager."""
+    return "eager" if attn_implementation == "eager" else "sdpa"
+
+
+def _encoder_from_config(config: WhisperConfig, attn_implementation: str) -> WhisperEncoder:
+    config._attn_implementation = encoder_attention(attn_implementation)
+    return WhisperEncoder(config)
+
+
+def build_encoder(cfg: EncoderConfig, weights: bool = True, attn_implementation: str = "sdpa") -> WhisperEncoder:
     """A pretrained Whisper encoder (`from_pretrained` of a local directory; with `weights=False`, its architecture
     only) or a fresh one from the config."""
     if cfg.pretrained and not weights:
-        return WhisperEncoder(WhisperConfig.from_pretrained(cfg.pretrained))
+        return _encoder_from_config(WhisperConfig.from_pretrained(cfg.pretrained), attn_implementation)
     if cfg.pretrained:
-        whisper = WhisperModel.from_pretrained(cfg.pretrained, dtype=torch.float32)
+        whisper = WhisperModel.from_pretrained(cfg.pretrained, dtype=torch.float32,
+                                               attn_implementation=encoder_attention(attn_implementation))
         encoder = whisper.get_encoder()
         del whisper  # the decoder is not needed
         return encoder
@@ -55,7 +67,7 @@ def build_encoder(cfg: EncoderConfig, weights: bool = True) -> WhisperEncoder:
         dropout=0.0,
         encoder_layerdrop=0.0,
     )
-    return WhisperEncoder(config)
+    return _encoder_from_config(config, attn_implementation)
 
 
 class SpeechLLM(nn.Module):
@@ -66,17 +78,23 @@ class SpeechLLM(nn.Module):
         `weights=False`, from the pretrained directories' configs, without reading any weights."""
         super().__init__()
         self.cfg = cfg
+        attn = cfg.attn_implementation
         if saved_configs is not None:
-            self.encoder = WhisperEncoder(WhisperConfig.from_pretrained(saved_configs / "encoder_config"))
-            llm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(saved_configs / "llm_config"))
+            self.encoder = _encoder_from_config(WhisperConfig.from_pretrained(saved_configs / "encoder_config"), attn)
+            llm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(saved_configs / "llm_config"),
+                                                   attn_implementation=attn)
         elif weights:
-            self.encoder = build_encoder(cfg.encoder)
-            llm = AutoModelForCausalLM.from_pretrained(cfg.llm.pretrained, dtype=torch.float32)
+            self.encoder = build_encoder(cfg.encoder, attn_implementation=attn)
+            llm = AutoModelForCausalLM.from_pretrained(cfg.llm.pretrained, dtype=torch.float32,
+                                                       attn_implementation=attn)
         else:
-            self.encoder = build_encoder(cfg.encoder, weights=False)
-            llm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.llm.pretrained))
+            self.encoder = build_encoder(cfg.encoder, weights=False, attn_implementation=attn)
+            llm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.llm.pretrained),
+                                                   attn_implementation=attn)
         if len(tokenizer) > llm.get_input_embeddings().num_embeddings:
             llm.resize_token_embeddings(len(tokenizer))
+        if cfg.activation_checkpointing.llm:  # non-reentrant: the LLM's own inputs (embeddings) may need no grad
+            llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.llm.lora is not None:
             llm = add_lora(llm, cfg.llm.lora)
         self.llm = llm
@@ -113,8 +131,9 @@ class SpeechLLM(nn.Module):
         x = x + enc.embed_positions(torch.arange(x.shape[1], device=x.device))
         mask = torch.zeros(x.shape[0], 1, 1, x.shape[1], dtype=x.dtype, device=x.device)
         mask = mask.masked_fill(~valid[:, None, None, :], torch.finfo(x.dtype).min).expand(-1, -1, x.shape[1], -1)
+        recompute = self.cfg.activation_checkpointing.encoder and self.training and torch.is_grad_enabled()
         for layer in enc.layers:
-            x = layer(x, mask)
+            x = checkpoint(layer, x, mask, use_reentrant=False) if recompute else layer(x, mask)
         x = enc.layer_norm(x) * valid[..., None]
         return self.adapter(x, enc_lengths)
 

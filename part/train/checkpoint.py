@@ -15,12 +15,15 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import deepspeed
 import torch
-import torch.distributed as dist
 
 from part.model.speech_llm import SpeechLLM
+
+if TYPE_CHECKING:
+    from part.train.distributed import DistributedContext
 
 LATEST = "latest"
 DS_TAG = "ds"
@@ -46,13 +49,18 @@ def gather_state_dict(model: SpeechLLM, rank: int) -> dict[str, torch.Tensor]:
 
 
 class Checkpointer:
-    def __init__(self, root: str | Path, rank: int, world_size: int, keep: int = 2):
+    def __init__(self, root: str | Path, dist: DistributedContext | None, keep: int = 2):
+        """`dist`: the ranks' collectives (None: one process, no process group)."""
         self.root = Path(root)
-        self.rank, self.world_size, self.keep = rank, world_size, keep
+        self.dist, self.keep = dist, keep
+        self.rank, self.world_size = (dist.rank, dist.world_size) if dist is not None else (0, 1)
 
     def _barrier(self) -> None:
-        if dist.is_initialized():
-            dist.barrier()
+        if self.dist is not None:
+            self.dist.barrier()
+
+    def _all_ranks_ok(self, ok: bool) -> bool:
+        return self.dist.all_true(ok) if self.dist is not None else ok
 
     def latest(self) -> Path | None:
         pointer = self.root / LATEST
@@ -74,7 +82,7 @@ class Checkpointer:
             partial.mkdir()
         self._barrier()
         state = gather_state_dict(model, self.rank)
-        ok = torch.tensor([1])
+        ok = True
         try:
             if save_optimizer:
                 # frozen weights are in model.safetensors already; DeepSpeed need not store them again
@@ -86,10 +94,10 @@ class Checkpointer:
                 (partial / "trainer_state.json").write_text(json.dumps(full, indent=1))
         except OSError as exc:  # e.g. disk full: keep the previous checkpoint, report, go on training
             print(f"[rank {self.rank}] checkpoint at step {step} failed: {exc}; keeping the previous one", flush=True)
-            ok = torch.tensor([0])
-        if dist.is_initialized():
-            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-        if not bool(ok.item()):
+            ok = False
+        # Through the ranks' context, on the engine's device: NCCL has no CPU tensors (a CPU flag here killed
+        # every GPU run at its first checkpoint, while gloo accepted it).
+        if not self._all_ranks_ok(ok):
             if self.rank == 0:
                 shutil.rmtree(partial, ignore_errors=True)
             self._barrier()

@@ -1,4 +1,8 @@
-"""Process setup under the `deepspeed` launcher, and the collectives the trainer needs, in one place."""
+"""Process setup under the `deepspeed` launcher, and the collectives the trainer needs, in one place.
+
+Every collective of this repository's code goes through `DistributedContext`, and every tensor it hands to one
+is made on `self.device`: NCCL refuses CPU tensors (gloo does not, so CPU tests alone would not show it).
+part/train/collective_guard.py enforces both in the launcher tests."""
 
 from __future__ import annotations
 
@@ -18,8 +22,9 @@ class DistributedContext:
     device: torch.device
 
     @classmethod
-    def init(cls) -> DistributedContext:
-        """Joins the process group the launcher set up (gloo on CPU, NCCL on GPUs) and picks this rank's device."""
+    def init(cls, device: torch.device | None = None) -> DistributedContext:
+        """Joins the process group the launcher set up (gloo on CPU, NCCL on GPUs) and picks this rank's device
+        (`device` overrides it, for tests)."""
         import deepspeed
         from deepspeed.accelerator import get_accelerator
 
@@ -31,7 +36,7 @@ class DistributedContext:
         else:  # denormal floats late in training make CPU steps up to ~10x slower; flushing them costs nothing
             torch.set_flush_denormal(True)
         return cls(dist.get_rank(), dist.get_world_size(), local_rank,
-                   torch.device(accelerator.device_name(local_rank)))
+                   device or torch.device(accelerator.device_name(local_rank)))
 
     @property
     def is_main(self) -> bool:
@@ -68,7 +73,10 @@ class DistributedContext:
         return gathered
 
     def barrier(self) -> None:
-        dist.barrier()
+        if self.device.type == "cuda":  # NCCL's barrier otherwise guesses the device from the rank
+            dist.barrier(device_ids=[self.device.index if self.device.index is not None else self.local_rank])
+        else:
+            dist.barrier()
 
     def synchronize(self) -> None:
         """Waits for this rank's queued device work (so wall-clock step times are real times)."""
@@ -77,5 +85,5 @@ class DistributedContext:
         get_accelerator().synchronize()
 
     def close(self) -> None:
-        dist.barrier()
+        self.barrier()
         dist.destroy_process_group()

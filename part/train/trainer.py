@@ -42,8 +42,7 @@ class Trainer:
                              "use precision: fp32 with an fp32 DeepSpeed config such as ds_configs/zero3_cpu.json")
         self.tokenizer = load_tokenizer(cfg.model.llm.tokenizer or cfg.model.llm.pretrained)
         self.curriculum = Curriculum(cfg.stages)
-        self.checkpointer = Checkpointer(cfg.checkpoint.dir, self.dist.rank, self.dist.world_size,
-                                         keep=cfg.checkpoint.keep)
+        self.checkpointer = Checkpointer(cfg.checkpoint.dir, self.dist, keep=cfg.checkpoint.keep)
         self.logger = RunLogger(cfg, self.dist.rank, self.dist.world_size)
         self.evaluator = Evaluator(cfg, self.tokenizer, self.dist, features_dtype(cfg), self.logger)
         self.final_dir = Path(cfg.output_dir) / "final"

@@ -1,4 +1,5 @@
-"""Test-only entry point: train.py with a callback that makes the loss of chosen steps non-finite.
+"""Test-only entry point: train.py (under the collective guard) with a callback that makes the loss of chosen
+steps non-finite.
 
     deepspeed --num_gpus 2 tests/integration/nan_loss_train.py --nan-steps 1,3,4 --config c.yaml [train.py args]
 
@@ -14,8 +15,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: train.py and part/
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # guarded_train
 
-import train  # noqa: E402  (after the path set-up above)
+from guarded_train import guarded_main  # noqa: E402  (after the path set-up above)
+
 from part.exit_codes import exit_process  # noqa: E402
 from part.train.callbacks import TrainerCallback  # noqa: E402
 
@@ -33,4 +36,4 @@ if __name__ == "__main__":
     parser.add_argument("--nan-steps", required=True, help="0-based global steps whose loss becomes NaN, e.g. 1,3,4")
     ours, rest = parser.parse_known_args()
     steps = {int(s) for s in ours.nan_steps.split(",") if s}
-    exit_process(train.main(rest, callbacks=[NonFiniteLossAt(steps)]))
+    exit_process(guarded_main(rest, callbacks=[NonFiniteLossAt(steps)]))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -56,12 +57,16 @@ def env() -> dict:
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
 
 
-def deepspeed_cmd(config: Path, *extra: str, nproc: int = 2, script: str = "train.py") -> list[str]:
+# train.py under the collective guard: a collective given a tensor off the rank's device fails the run
+GUARDED = "tests/integration/guarded_train.py"
+
+
+def deepspeed_cmd(config: Path, *extra: str, nproc: int = 2, script: str = GUARDED) -> list[str]:
     launcher = str(Path(sys.executable).parent / "deepspeed")
     return deepspeed_command(script, ["--config", str(config), *extra], nproc, launcher=launcher)
 
 
-def run_ds(config: Path, *extra: str, timeout: int = 600, script: str = "train.py"):
+def run_ds(config: Path, *extra: str, timeout: int = 600, script: str = GUARDED):
     proc = subprocess.run(deepspeed_cmd(config, *extra, script=script), cwd=REPO, env=env(), capture_output=True,
                           text=True, timeout=timeout)
     return proc
@@ -79,6 +84,9 @@ def reference(corpus, tiny_models, tmp_path_factory):
     proc = run_ds(config, "checkpoint.keep=10", "eval.per_language=2")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "terminate called" not in proc.stdout + proc.stderr
+    # both ranks ran under the collective guard and it checked the run's traffic (ours and DeepSpeed's)
+    checked = [int(n) for n in re.findall(r"collective guard: (\d+) collectives checked", proc.stdout)]
+    assert len(checked) == 2 and min(checked) > 100, checked
     return {"root": root, "config": config, "stdout": proc.stdout, "ckpt": root / "ckpt", "out": root / "out"}
 
 

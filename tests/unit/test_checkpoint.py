@@ -37,7 +37,7 @@ def model_and_tokenizer(tiny_models):
 
 def test_publish_prune_and_reload(tmp_path, model_and_tokenizer):
     model, tok = model_and_tokenizer
-    ck = Checkpointer(tmp_path / "ck", rank=0, world_size=1, keep=2)
+    ck = Checkpointer(tmp_path / "ck", None, keep=2)
     engine = FakeEngine()
     for step in (10, 20, 30):
         with torch.no_grad():
@@ -58,7 +58,7 @@ def test_publish_prune_and_reload(tmp_path, model_and_tokenizer):
 
 def test_full_disk_keeps_previous_checkpoint(tmp_path, model_and_tokenizer, capsys):
     model, tok = model_and_tokenizer
-    ck = Checkpointer(tmp_path / "ck", rank=0, world_size=1)
+    ck = Checkpointer(tmp_path / "ck", None)
     engine = FakeEngine()
     good = ck.save(engine, model, tok, 5, {"engine_stage": 0, "stage": "s1"}, {})
     engine.fail = True
@@ -70,7 +70,7 @@ def test_full_disk_keeps_previous_checkpoint(tmp_path, model_and_tokenizer, caps
 
 def test_crash_mid_save_leaves_latest_intact(tmp_path, model_and_tokenizer):
     model, tok = model_and_tokenizer
-    ck = Checkpointer(tmp_path / "ck", rank=0, world_size=1)
+    ck = Checkpointer(tmp_path / "ck", None)
     good = ck.save(FakeEngine(), model, tok, 5, {"engine_stage": 0, "stage": "s1"}, {})
     # a process killed while writing step 6 leaves a partial directory and never moves `latest`
     crashed = tmp_path / "ck" / "step_0000006.partial"
@@ -86,10 +86,10 @@ def test_latest_pointing_at_incomplete_directory_is_an_error(tmp_path):
     (root / "step_0000001").mkdir(parents=True)
     (root / "latest").write_text("step_0000001")
     with pytest.raises(FileNotFoundError, match="step_0000001, which has no trainer_state.json"):
-        Checkpointer(root, 0, 1).latest()
+        Checkpointer(root, None).latest()
 
 
 def test_trainer_state_is_json(tmp_path, model_and_tokenizer):
     model, tok = model_and_tokenizer
-    path = Checkpointer(tmp_path, 0, 1).save(FakeEngine(), model, tok, 1, {"engine_stage": 2, "stage": "x"}, {})
+    path = Checkpointer(tmp_path, None).save(FakeEngine(), model, tok, 1, {"engine_stage": 2, "stage": "x"}, {})
     assert json.loads((path / "trainer_state.json").read_text())["engine_stage"] == 2

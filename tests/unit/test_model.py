@@ -291,3 +291,40 @@ def test_ctc_loss_reads_the_adapter_through_the_llm_head(model_and_tokenizer):
     text_only = dataclasses.replace(batch, audio_index=torch.tensor([-1, -1, -1]))
     zero = model.ctc_loss(audio, lengths, text_only)
     assert zero.item() == 0.0 and zero.requires_grad
+
+
+def _grads(model, batch):
+    model.zero_grad()
+    out = model(batch)
+    out["loss"].backward()
+    return out["loss"].detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_activation_checkpointing_and_attention_kernels_change_no_number(tiny_models):
+    """Recomputing the encoder's and the LLM's layers in backward gives the same loss and gradients; sdpa and
+    eager attention give the same loss (the config switches change memory and speed, not the model)."""
+    def build(**fields):
+        cfg = ModelConfig(encoder=EncoderConfig(pretrained=str(tiny_models / "whisper")),
+                          adapter=AdapterConfig(hidden=64, layers=1, heads=4),
+                          llm=LLMConfig(pretrained=str(tiny_models / "llm")), **fields)
+        torch.manual_seed(0)
+        model = SpeechLLM(cfg, tok).train()
+        set_trainable(model, ["adapter", "encoder", "llm"])
+        return model
+
+    tok = load_tokenizer(str(tiny_models / "llm"))
+    batch = make_batch(tok, text_only=True)
+    loss, grads = _grads(build(), batch)
+    from part.config import ActivationCheckpointingConfig
+
+    recomputed = build(activation_checkpointing=ActivationCheckpointingConfig(encoder=True, llm=True))
+    assert recomputed.llm.is_gradient_checkpointing
+    loss_ckpt, grads_ckpt = _grads(recomputed, batch)
+    assert torch.allclose(loss, loss_ckpt, atol=1e-6)
+    assert grads.keys() == grads_ckpt.keys() and any(k.startswith("encoder.layers.0") for k in grads)
+    for name, g in grads.items():
+        assert torch.allclose(g, grads_ckpt[name], atol=1e-5, rtol=1e-4), name
+    eager = build(attn_implementation="eager")
+    assert eager.llm.config._attn_implementation == "eager" and eager.encoder.config._attn_implementation == "eager"
+    loss_eager, _ = _grads(eager, batch)
+    assert torch.allclose(loss, loss_eager, atol=1e-4)

@@ -1,0 +1,261 @@
+"""The floating-point operations of one training micro-batch, written out per component, for MFU.
+
+Counted: every matrix product and convolution, and attention's two products (QK^T and AV), on the padded shapes
+the model really runs (padding is work the chip does; the padded fraction is reported separately). A product of
+M x K by K x N is 2 M K N operations. Backward is counted only where it happens: the gradient with respect to a
+product's input when that input needs one (gradients flow through it towards something trainable), and with
+respect to its weight when the weight trains. So a frozen encoder under the adapter costs its forward only, a
+frozen LLM costs its forward plus the input gradients that reach the adapter, and LoRA adds its own small
+products. Activation checkpointing's recomputation is not model work and is not counted (MFU, not HFU).
+Elementwise work (norms, softmax, activations, the loss) is not counted either: it is a few percent at most.
+
+`tests/unit/test_flops.py` checks the count against `torch.utils.flop_counter.FlopCounterMode` on the tiny
+model, forward and backward, for each kind of stage.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from part.data.batching import Batch
+    from part.model.speech_llm import SpeechLLM
+
+
+@dataclass(frozen=True)
+class Trainable:
+    """Which parts train (read off `requires_grad`; ZeRO-3 keeps the flags on its partitioned parameters)."""
+
+    encoder_convs: bool = False
+    encoder_layers: frozenset[int] = frozenset()
+    adapter: bool = False
+    llm_layers: frozenset[int] = frozenset()  # layers whose own (non-LoRA) weights train
+    lora: bool = False
+    llm_head: bool = False  # the output head / tied embeddings
+
+    @classmethod
+    def from_model(cls, model: SpeechLLM) -> Trainable:
+        enc, llm = set(), set()
+        convs = adapter = lora = head = False
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            if name.startswith("encoder."):
+                if m := re.match(r"encoder\.layers\.(\d+)\.", name):
+                    enc.add(int(m.group(1)))
+                elif name.startswith("encoder.conv"):
+                    convs = True
+            elif name.startswith("adapter."):
+                adapter = True
+            elif "lora_" in name:
+                lora = True
+            elif m := re.search(r"\.layers\.(\d+)\.", name):
+                llm.add(int(m.group(1)))
+            elif "embed_tokens" in name or "lm_head" in name:
+                head = True
+        return cls(convs, frozenset(enc), adapter, frozenset(llm), lora, head)
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """The dimensions of the model the count needs (read from its configs)."""
+
+    n_mels: int
+    enc_dim: int
+    enc_layers: int
+    enc_ffn: int
+    downsample: int
+    adapter_kind: str
+    adapter_hidden: int
+    adapter_layers: int
+    llm_dim: int
+    llm_layers: int
+    llm_q_dim: int  # heads x head_dim
+    llm_kv_dim: int  # key/value heads x head_dim
+    llm_ffn: int
+    vocab: int
+    lora_rank: int  # 0: no LoRA
+    lora_targets: tuple[str, ...]
+    ctc: bool
+
+    @classmethod
+    def from_model(cls, model: SpeechLLM) -> Shapes:
+        e = model.encoder.config
+        base = model.llm.get_base_model() if model.cfg.llm.lora is not None else model.llm
+        c = base.config
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        a, lora = model.cfg.adapter, model.cfg.llm.lora
+        return cls(
+            n_mels=e.num_mel_bins, enc_dim=e.d_model, enc_layers=e.encoder_layers, enc_ffn=e.encoder_ffn_dim,
+            downsample=a.downsample, adapter_kind=a.kind, adapter_hidden=a.hidden, adapter_layers=a.layers,
+            llm_dim=c.hidden_size, llm_layers=c.num_hidden_layers, llm_q_dim=c.num_attention_heads * head_dim,
+            llm_kv_dim=kv_heads * head_dim, llm_ffn=c.intermediate_size,
+            vocab=base.get_output_embeddings().weight.shape[0],
+            lora_rank=lora.rank if lora else 0, lora_targets=tuple(lora.target_modules) if lora else (),
+            ctc=model.cfg.ctc_weight > 0,
+        )
+
+
+@dataclass(frozen=True)
+class BatchShapes:
+    """The padded shapes one micro-batch runs at."""
+
+    audio_clips: int  # rows of the encoder's input
+    mel_frames: int  # its padded length
+    sequences: int  # rows of the LLM's input
+    sequence_length: int  # its padded length
+
+    @classmethod
+    def from_batch(cls, batch: Batch, downsample: int, audio_token_id: int) -> BatchShapes:
+        clips, _, mel = batch.input_features.shape
+        frames = [(int(f) + 1) // 2 for f in batch.feature_frames.tolist()]  # conv2 has stride 2
+        adapter_frames = [math.ceil(f / downsample) for f in frames]
+        lengths = []
+        for prompt, target, j in zip(batch.prompt_ids, batch.target_ids, batch.audio_index.tolist()):
+            n = len(prompt) + len(target)
+            lengths.append(n - 1 + adapter_frames[j] if j >= 0 and (prompt == audio_token_id).any() else n)
+        return cls(clips, mel, len(lengths), max(lengths))
+
+
+@dataclass
+class Count:
+    """Forward and backward operations of one component."""
+
+    forward: float = 0.0
+    backward: float = 0.0
+
+    def add(self, ops: float, input_grad: bool, weight_grad: bool) -> None:
+        """A product of `ops` forward operations; its backward repeats it once per gradient it needs."""
+        self.forward += ops
+        self.backward += ops * (int(input_grad) + int(weight_grad))
+
+    @property
+    def total(self) -> float:
+        return self.forward + self.backward
+
+
+@dataclass
+class StepFlops:
+    encoder: Count = field(default_factory=Count)
+    adapter: Count = field(default_factory=Count)
+    llm: Count = field(default_factory=Count)
+    head: Count = field(default_factory=Count)  # the LLM's output head (and the CTC head on the adapter frames)
+
+    @property
+    def total(self) -> float:
+        return sum(c.total for c in (self.encoder, self.adapter, self.llm, self.head))
+
+    def as_dict(self) -> dict[str, dict[str, float]]:
+        return {k: {"forward": c.forward, "backward": c.backward}
+                for k, c in (("encoder", self.encoder), ("adapter", self.adapter), ("llm", self.llm),
+                             ("head", self.head))}
+
+
+def _attention_layer(count: Count, tokens: float, rows: int, length: int, q_dim: int, kv_dim: int, out_dim: int,
+                     ffn: list[tuple[int, int]], grad_in: bool, attn_weights: bool, ffn_weights: bool,
+                     lora: tuple[int, tuple[str, ...], bool] = (0, (), False), dim: int = 0) -> bool:
+    """One pre-norm transformer layer; returns whether its output needs a gradient.
+
+    `ffn`: the feed-forward products as (in, out) pairs, applied to the same normed input except the last one
+    (whose input is their product). `lora`: (rank, target module names, trains)."""
+    rank, targets, lora_trains = lora
+    lora_on = rank > 0 and lora_trains
+
+    def linear(name: str, n_in: int, n_out: int, input_grad: bool, weight_grad: bool) -> None:
+        count.add(2 * tokens * n_in * n_out, input_grad, weight_grad)
+        if rank > 0 and name in targets:  # x A (n_in x r), then (x A) B (r x n_out)
+            count.add(2 * tokens * n_in * rank, input_grad, lora_on)
+            count.add(2 * tokens * rank * n_out, lora_on or input_grad, lora_on)
+
+    def lora_reaches(names: tuple[str, ...]) -> bool:
+        return lora_on and any(n in targets for n in names)
+
+    for name, n_out in (("q_proj", q_dim), ("k_proj", kv_dim), ("v_proj", kv_dim)):
+        linear(name, dim, n_out, grad_in, attn_weights)
+    qkv_grad = grad_in or attn_weights or lora_reaches(("q_proj", "k_proj", "v_proj"))
+    # QK^T and AV: rows x heads x length^2 x head_dim, twice; the backward needs both operands' gradients
+    count.add(2 * 2 * rows * length * length * q_dim, qkv_grad, qkv_grad)
+    linear("o_proj", q_dim, out_dim, qkv_grad, attn_weights)
+    hidden_grad = qkv_grad or attn_weights or lora_reaches(("o_proj",))
+    names = ("gate_proj", "up_proj", "down_proj") if len(ffn) == 3 else ("fc1", "fc2")
+    for (n_in, n_out), name in zip(ffn[:-1], names):
+        linear(name, n_in, n_out, hidden_grad, ffn_weights)
+    inner_grad = hidden_grad or ffn_weights or lora_reaches(names[:-1])
+    linear(names[-1], ffn[-1][0], ffn[-1][1], inner_grad, ffn_weights)
+    return inner_grad or ffn_weights or lora_reaches(names[-1:])
+
+
+def step_flops(s: Shapes, b: BatchShapes, t: Trainable) -> StepFlops:
+    """The operations of one micro-batch of shapes `b` through a model of shapes `s` with `t` training."""
+    out = StepFlops()
+    # ---- encoder: two convolutions (kernel 3; the second has stride 2), then its layers
+    clips, mel = b.audio_clips, b.mel_frames
+    enc_frames = (mel + 1) // 2
+    d = s.enc_dim
+    below_trains = t.encoder_convs
+    out.encoder.add(2 * clips * mel * s.n_mels * 3 * d, False, t.encoder_convs)
+    # conv2's input needs a gradient when conv1 trains
+    out.encoder.add(2 * clips * enc_frames * d * 3 * d, t.encoder_convs, t.encoder_convs)
+    grad = below_trains
+    for i in range(s.enc_layers):
+        trains = i in t.encoder_layers
+        grad = _attention_layer(out.encoder, clips * enc_frames, clips, enc_frames, d, d, d,
+                                [(d, s.enc_ffn), (s.enc_ffn, d)], grad, trains, trains, dim=d)
+    # ---- adapter: strided conv (kernel = stride = downsample), blocks, projection to the LLM's width
+    frames = math.ceil(enc_frames / s.downsample)
+    h = s.adapter_hidden
+    tokens = clips * frames
+    a = t.adapter
+    out.adapter.add(2 * tokens * d * s.downsample * h, grad, a)
+    grad = grad or a
+    if s.adapter_kind == "transformer":
+        for _ in range(s.adapter_layers):  # one fused qkv product; counted as q, k, v of width h each
+            grad = _attention_layer(out.adapter, tokens, clips, frames, h, h, h, [(h, 4 * h), (4 * h, h)],
+                                    grad, a, a, dim=h)
+    else:
+        out.adapter.add(2 * tokens * h * 2 * h, grad, a)
+        out.adapter.add(2 * tokens * 2 * h * h, grad, a)
+    out.adapter.add(2 * tokens * h * s.llm_dim, grad, a)
+    audio_grad = grad or a
+    if s.ctc:  # the CTC head: the LLM's output head on every adapter frame
+        out.head.add(2 * tokens * s.llm_dim * s.vocab, audio_grad, t.llm_head)
+    # ---- LLM
+    rows, length = b.sequences, b.sequence_length
+    tokens = rows * length
+    grad = audio_grad or t.llm_head
+    lora = (s.lora_rank, s.lora_targets, t.lora)
+    for i in range(s.llm_layers):
+        trains = i in t.llm_layers
+        grad = _attention_layer(out.llm, tokens, rows, length, s.llm_q_dim, s.llm_kv_dim, s.llm_dim,
+                                [(s.llm_dim, s.llm_ffn), (s.llm_dim, s.llm_ffn), (s.llm_ffn, s.llm_dim)],
+                                grad, trains, trains, lora=lora, dim=s.llm_dim)
+    out.head.add(2 * tokens * s.llm_dim * s.vocab, grad, t.llm_head)
+    return out
+
+
+def batch_flops(model: SpeechLLM, batch: Batch) -> StepFlops:
+    """The count for `batch` through `model` as it is set to train now."""
+    shapes = BatchShapes.from_batch(batch, model.cfg.adapter.downsample, model.audio_token_id)
+    return step_flops(Shapes.from_model(model), shapes, Trainable.from_model(model))
+
+
+# Dense bf16 matrix throughput per GPU (vendor datasheets, without sparsity), for MFU.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,
+                   "A10G": 70e12, "L4": 121e12}
+
+
+def peak_flops(device: torch.device, precision: str) -> float | None:
+    """The chip's peak for the run's precision; None where unknown (CPUs, unlisted GPUs): MFU is then not given."""
+    if device.type != "cuda" or precision != "bf16":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_BF16_FLOPS.items():
+        if key in name:
+            return value
+    return None
