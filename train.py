@@ -29,8 +29,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--check", action="store_true",
                         help="validate the config, every stage's data and trainable groups, then exit (start nothing)")
     parser.add_argument("--world-size", type=int, default=1, help="with --check: the number of ranks to check for")
+    parser.add_argument("--device-memory-gb", type=float, default=None,
+                        help="with --check: one device's memory for the per-stage estimate (default: this "
+                             "machine's GPU, else 80)")
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the launcher
     return parser.parse_intermixed_args(argv)  # flags may come after the overrides
+
+
+def print_memory_estimate(cfg, world_size: int, device_memory_gb: float | None) -> None:
+    import torch
+
+    from part.train.memory import GIB, estimate_stages, memory_table
+
+    if device_memory_gb is None:
+        cuda = torch.cuda.is_available()
+        device_bytes = torch.cuda.get_device_properties(0).total_memory if cuda else 80 * GIB
+    else:
+        device_bytes = device_memory_gb * GIB
+    table, warnings = memory_table(estimate_stages(cfg, world_size), device_bytes)
+    print(f"estimated memory per rank ({world_size} ranks, ZeRO-{cfg.zero_stage}, {cfg.precision}, "
+          f"device {device_bytes / GIB:.0f} GiB):\n{table}")
+    for warning in warnings:
+        print(warning)
 
 
 def main(argv: list[str] | None = None, callbacks: Sequence[TrainerCallback] = ()) -> int:
@@ -47,6 +67,7 @@ def main(argv: list[str] | None = None, callbacks: Sequence[TrainerCallback] = (
         return ExitCode.BAD_INPUT
     if args.check:
         print(f"{args.config}: OK ({len(cfg.stages)} stages, {cfg.total_steps} steps)")
+        print_memory_estimate(cfg, int(os.environ.get("WORLD_SIZE", args.world_size)), args.device_memory_gb)
         return ExitCode.OK
     from part.train.trainer import Trainer  # imports DeepSpeed: not for --check
 

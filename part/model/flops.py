@@ -96,7 +96,7 @@ class Shapes:
             downsample=a.downsample, adapter_kind=a.kind, adapter_hidden=a.hidden, adapter_layers=a.layers,
             llm_dim=c.hidden_size, llm_layers=c.num_hidden_layers, llm_q_dim=c.num_attention_heads * head_dim,
             llm_kv_dim=kv_heads * head_dim, llm_ffn=c.intermediate_size,
-            vocab=base.get_output_embeddings().weight.shape[0],
+            vocab=c.vocab_size,  # the config, not the weight: ZeRO-3 partitions leave it empty
             lora_rank=lora.rank if lora else 0, lora_targets=tuple(lora.target_modules) if lora else (),
             ctc=model.cfg.ctc_weight > 0,
         )
@@ -110,6 +110,7 @@ class BatchShapes:
     mel_frames: int  # its padded length
     sequences: int  # rows of the LLM's input
     sequence_length: int  # its padded length
+    sequence_tokens: int  # its positions without padding
 
     @classmethod
     def from_batch(cls, batch: Batch, downsample: int, audio_token_id: int) -> BatchShapes:
@@ -120,7 +121,7 @@ class BatchShapes:
         for prompt, target, j in zip(batch.prompt_ids, batch.target_ids, batch.audio_index.tolist()):
             n = len(prompt) + len(target)
             lengths.append(n - 1 + adapter_frames[j] if j >= 0 and (prompt == audio_token_id).any() else n)
-        return cls(clips, mel, len(lengths), max(lengths))
+        return cls(clips, mel, len(lengths), max(lengths), sum(lengths))
 
 
 @dataclass

@@ -84,6 +84,15 @@ class DistributedContext:
 
         get_accelerator().synchronize()
 
+    def peak_memory(self, reset: bool = False) -> int | None:
+        """Bytes allocated at most on this rank's GPU since the last reset (None on CPU)."""
+        if self.device.type != "cuda":
+            return None
+        peak = torch.cuda.max_memory_allocated(self.device)
+        if reset:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return peak
+
     def close(self) -> None:
         self.barrier()
         dist.destroy_process_group()

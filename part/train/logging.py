@@ -15,8 +15,10 @@ from part.train.records import StepRecord
 
 
 class RunLogger:
-    def __init__(self, cfg: TrainConfig, rank: int, world_size: int):
+    def __init__(self, cfg: TrainConfig, rank: int, world_size: int, peak_flops: float | None = None):
+        """`peak_flops`: one device's peak for the run's precision (None: unknown, MFU not reported)."""
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.peak_flops = peak_flops
         self.start = time.time()
         self.steps_timed = 0
         self.time_in_steps = 0.0
@@ -52,12 +54,17 @@ class RunLogger:
             return
         step, step_time = record.step, record.step_time
         data_wait = record.data_wait / self.world_size  # mean over ranks
+        # model FLOP utilisation: the step's operations over what all devices could do in its time
+        mfu = record.flops / (step_time * self.world_size * self.peak_flops) if self.peak_flops else None
         # Every step, full precision: what the plots and the resume tests read.
         with open(Path(self.cfg.output_dir) / "train_log.jsonl", "a") as fh:
             fh.write(json.dumps({"step": step, "stage": span.name, "stage_index": span.index, "loss": record.loss,
                                  "lr": record.lr, "samples": float(record.samples),
                                  "audio_seconds": float(record.audio_seconds), "step_time": step_time,
-                                 "data_wait": data_wait,
+                                 "data_wait": data_wait, "tokens": record.sequence_tokens, "flops": record.flops,
+                                 **({"mfu": mfu} if mfu is not None else {}),
+                                 **({"peak_memory_gib": record.peak_memory / 1024**3}
+                                    if record.peak_memory is not None else {}),
                                  **({"ctc_loss": record.ctc_loss} if record.ctc_loss is not None else {})}) + "\n")
         self.steps_timed += 1
         self.time_in_steps += step_time
@@ -71,7 +78,8 @@ class RunLogger:
         print(f"[part] step {step}/{self.cfg.total_steps} stage {span.index + 1}:{span.name} "
               f"loss {record.loss:.4f}{ctc} lr {record.lr:.2e} gnorm {gn:.3f} "
               f"{record.samples / step_time:.1f} samples/s "
-              f"{record.audio_seconds / step_time:.1f} audio-s/s data-wait {100 * wait_frac:.1f}% "
+              f"{record.audio_seconds / step_time:.1f} audio-s/s {record.sequence_tokens / step_time:.0f} tok/s "
+              f"{'' if mfu is None else f'mfu {100 * mfu:.1f}% '}data-wait {100 * wait_frac:.1f}% "
               f"eta {remaining / 60:.1f} min", flush=True)
         if self.wandb:
             mixed, skipped = tracker.totals()
@@ -79,6 +87,8 @@ class RunLogger:
                             **({"train/ctc_loss": record.ctc_loss} if record.ctc_loss is not None else {}),
                             "train/samples_per_s": record.samples / step_time,
                             "train/audio_s_per_s": record.audio_seconds / step_time, "train/data_wait": wait_frac,
+                            "train/tokens_per_s": record.sequence_tokens / step_time,
+                            **({"train/mfu": mfu} if mfu is not None else {}),
                             "stage/index": span.index, **{f"data/mixed/{k}": v for k, v in mixed.items()},
                             **{f"data/skipped/{k}": v for k, v in skipped.items()}}, step=step)
 

@@ -19,6 +19,9 @@ class StepRecord:
     skipped: bool = False  # a non-finite loss on some rank: no update was made
     ctc_sum: float = 0.0  # the auxiliary CTC loss (model.ctc_weight > 0), summed over micro-batches ...
     ctc_batches: int = 0  # ... and their number (0: no CTC term)
+    sequence_tokens: int = 0  # positions through the LLM (prompt, audio frames, target; padding not counted)
+    flops: float = 0.0  # model operations of the step, forward and backward (part/model/flops.py)
+    peak_memory: int | None = None  # bytes allocated at most on the device during the stage so far (GPU only)
 
     @property
     def loss(self) -> float:

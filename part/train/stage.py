@@ -20,6 +20,7 @@ import torch
 from part.config import OptimConfig, TrainConfig, deepspeed_config, to_dict
 from part.data.batching import Batch
 from part.data.stream import MixtureStream, StreamTracker, make_loader
+from part.model.flops import BatchShapes, Shapes, Trainable, step_flops
 from part.model.groups import set_trainable
 from part.model.speech_llm import WEIGHTS_NAME, SpeechLLM
 from part.train.callbacks import TrainerCallback
@@ -69,6 +70,7 @@ class StageRun:
         self.model, self.engine, self.optimizer = model, engine, optimizer
         self.trainable_counts = trainable_counts
         self.build_times = build_times
+        self.flop_shapes, self.trainable_parts = Shapes.from_model(model), Trainable.from_model(model)
         self.features_dtype = features_dtype(cfg)
         self.tracker = StreamTracker()
         self._batches = None
@@ -101,6 +103,7 @@ class StageRun:
                                    load_optimizer_states=True, load_lr_scheduler_states=False)
         t4 = time.perf_counter()
         times = BuildTimes(model=t1 - t0, weights=t2 - t1, engine=t3 - t2, optimizer_state=t4 - t3)
+        dist.peak_memory(reset=True)  # the stage's peak, from here
         return cls(cfg, dist, tokenizer, span, model, engine, optimizer, counts, times)
 
     # ---------------------------------------------------------------- data
@@ -137,6 +140,7 @@ class StageRun:
             group["lr"] = lr
         loss_sum, tokens, samples, audio_seconds, wait = 0.0, 0, 0, 0.0, 0.0
         ctc_sum, ctc_batches = 0.0, 0
+        sequence_tokens, flops = 0, 0.0
         skipped = False
         for _ in range(self.cfg.optim.grad_accum_steps):
             w0 = time.perf_counter()
@@ -158,6 +162,9 @@ class StageRun:
             tokens += int(out["tokens"])
             samples += len(batch)
             audio_seconds += batch.audio_seconds
+            shapes = BatchShapes.from_batch(batch, self.flop_shapes.downsample, self.model.audio_token_id)
+            sequence_tokens += shapes.sequence_tokens
+            flops += step_flops(self.flop_shapes, shapes, self.trainable_parts).total
             if "ctc_loss" in out:
                 ctc_sum += float(out["ctc_loss"])
                 ctc_batches += 1
@@ -166,7 +173,8 @@ class StageRun:
         return StepRecord(step=step + 1, lr=lr, loss_sum=loss_sum, tokens=tokens, samples=samples,
                           audio_seconds=audio_seconds, grad_norm=None if grad_norm is None else float(grad_norm),
                           step_time=time.perf_counter() - t0, data_wait=wait, skipped=skipped, ctc_sum=ctc_sum,
-                          ctc_batches=ctc_batches)
+                          ctc_batches=ctc_batches, sequence_tokens=sequence_tokens, flops=flops,
+                          peak_memory=self.dist.peak_memory())
 
     # ---------------------------------------------------------------- checkpoint and teardown
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from part.config import TrainConfig
 from part.evaluation.evaluator import Evaluator
 from part.exit_codes import ExitCode
+from part.model.flops import peak_flops
 from part.model.tokenizer import load_tokenizer
 from part.train.callbacks import TrainerCallback
 from part.train.checkpoint import (
@@ -43,7 +44,8 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg.model.llm.tokenizer or cfg.model.llm.pretrained)
         self.curriculum = Curriculum(cfg.stages)
         self.checkpointer = Checkpointer(cfg.checkpoint.dir, self.dist, keep=cfg.checkpoint.keep)
-        self.logger = RunLogger(cfg, self.dist.rank, self.dist.world_size)
+        self.logger = RunLogger(cfg, self.dist.rank, self.dist.world_size,
+                                peak_flops=peak_flops(self.dist.device, cfg.precision))
         self.evaluator = Evaluator(cfg, self.tokenizer, self.dist, features_dtype(cfg), self.logger)
         self.final_dir = Path(cfg.output_dir) / "final"
         self.step = 0  # optimizer steps done
@@ -128,12 +130,13 @@ class Trainer:
 
     def _summed_over_ranks(self, record: StepRecord) -> StepRecord:
         """The global batch's figures (collective), for the log line of this step."""
-        loss_sum, tokens, samples, audio_seconds, wait, ctc_sum, ctc_batches = self.dist.sum(
+        loss_sum, tokens, samples, audio_seconds, wait, ctc_sum, ctc_batches, sequence_tokens, flops = self.dist.sum(
             [record.loss_sum, record.tokens, record.samples, record.audio_seconds, record.data_wait, record.ctc_sum,
-             record.ctc_batches])
+             record.ctc_batches, record.sequence_tokens, record.flops])
         return StepRecord(step=record.step, lr=record.lr, loss_sum=loss_sum, tokens=int(tokens), samples=int(samples),
                           audio_seconds=audio_seconds, grad_norm=record.grad_norm, step_time=record.step_time,
-                          data_wait=wait, ctc_sum=ctc_sum, ctc_batches=int(ctc_batches))
+                          data_wait=wait, ctc_sum=ctc_sum, ctc_batches=int(ctc_batches),
+                          sequence_tokens=int(sequence_tokens), flops=flops, peak_memory=record.peak_memory)
 
     def _save_checkpoint(self, stage: StageRun) -> bool:
         """Collective. False when the checkpoint the next stage is built from could not be written."""

@@ -26,6 +26,12 @@ def test_check_fails_before_any_process(tmp_path, corpus, tiny_models):
                           cwd=REPO, capture_output=True, text=True)
     assert good.returncode == 0, good.stderr
     assert "OK (1 stages, 4 steps)" in good.stdout
+    # the per-stage memory estimate, and its warning on a device too small for the stage
+    assert "estimated memory per rank (2 ranks, ZeRO-3" in good.stdout and "| s1 |" in good.stdout
+    assert "warning" not in good.stdout
+    small = subprocess.run([sys.executable, "train.py", "--config", str(path), "--check", "--device-memory-gb",
+                            "0.01"], cwd=REPO, capture_output=True, text=True)
+    assert small.returncode == 0 and "warning: stage 's1' needs about" in small.stdout, small.stdout
 
 
 def test_check_rejects_a_group_that_matches_no_parameter(tmp_path, corpus, tiny_models):

@@ -1,0 +1,334 @@
+"""The GPU check: real model shapes, random weights, noise audio; the whole training path on one GPU.
+
+    python bench/gpu_check.py --out docs/gpu_check     # on a GPU machine (bench/gpu_check.sh sets it up)
+    python bench/gpu_check.py --small --out /tmp/gc   # the same path at toy shapes on CPU: the script's own test
+
+Builds a Whisper-large-v3-shaped encoder (32 layers, d 1280, 128 mel bins) and a Qwen2.5-1.5B-shaped LLM
+(28 layers, d 1536, its 151,936-token vocabulary) with random weights, and noise-audio shards through
+`data_prep.manifest`; prints `train.py --check`'s per-stage memory estimate; trains three PART stages (adapter;
+adapter + whole encoder; adapter + LoRA on ASR + S2TT) through the `deepspeed` launcher with a checkpoint inside
+each stage, kills the run (SIGKILL) after the first checkpoint of stage 2 and resumes it, evaluates; then reports
+per stage: tokens/s, audio-seconds/s, step time (median, p90, max after warm-up), MFU and peak memory. The report
+(markdown) and the logs go to `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+LANGUAGES = ("en", "de")
+SAMPLE_RATE = 16000
+WARMUP_STEPS = 2  # per stage (and after the resume): allocator growth, first-call compilation
+
+
+def log(message: str) -> None:
+    print(f"[gpu-check {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# ---------------------------------------------------------------- assets
+
+def pseudo_sentences(n: int, rng: random.Random) -> list[str]:
+    """Word-like text (no corpus travels to the GPU machine): syllables drawn from a fixed inventory."""
+    syllables = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
+    return [" ".join("".join(rng.choice(syllables) for _ in range(rng.randint(1, 3)))
+                     for _ in range(rng.randint(4, 18))).capitalize() + "." for _ in range(n)]
+
+
+def build_shards(work: Path, clips: int, eval_clips: int, seed: int = 0) -> Path:
+    """Noise clips of 2-28 s with pseudo-text transcripts and English 'translations', as webdataset shards."""
+    import numpy as np
+    import soundfile as sf
+
+    from data_prep import manifest
+
+    rng = random.Random(seed)
+    audio_dir = work / "audio"
+    audio_dir.mkdir(parents=True, exist_ok=True)
+    shards = work / "shards"
+    for split, n in (("train", clips), ("eval", eval_clips)):
+        rows = []
+        for lang in LANGUAGES:
+            texts, translations = pseudo_sentences(n, rng), pseudo_sentences(n, rng)
+            for i, (text, translation) in enumerate(zip(texts, translations)):
+                path = audio_dir / f"{split}-{lang}-{i:05d}.flac"
+                seconds = rng.uniform(2, 28)
+                noise = np.random.default_rng(rng.randrange(1 << 30)).normal(0, 0.1, int(seconds * SAMPLE_RATE))
+                sf.write(path, noise.astype("float32"), SAMPLE_RATE)
+                rows.append({"audio": str(path), "text": text, "language": lang, "translation_en": translation})
+        listing = work / f"{split}.jsonl"
+        listing.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        code = manifest.main(["--manifest", str(listing), "--out", str(shards / split), "--shard-samples",
+                              str(max(4, n // 4)), "--workers", "4"])
+        if code != 0:
+            raise SystemExit(f"building the {split} shards failed ({code})")
+    return shards
+
+
+def build_models(work: Path, small: bool, device: str) -> tuple[Path, Path]:
+    """Random-weight encoder and LLM directories of the real shapes (`small`: toy shapes), 16-bit on disk."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM, WhisperConfig, WhisperModel
+
+    from part.model.tiny import train_tokenizer
+    from part.prompts import TURN_END
+
+    whisper_dir, llm_dir = work / "whisper", work / "llm"
+    text = work / "tokenizer_text.txt"
+    text.write_text("\n".join(pseudo_sentences(4000, random.Random(1))))
+    tokenizer = train_tokenizer(text, llm_dir, vocab_size=1000)
+    dtype = torch.float32 if small else torch.bfloat16
+    torch.manual_seed(0)
+    enc = dict(d_model=1280, encoder_layers=32, encoder_attention_heads=20, encoder_ffn_dim=5120, num_mel_bins=128)
+    if small:
+        enc = dict(d_model=128, encoder_layers=4, encoder_attention_heads=4, encoder_ffn_dim=512, num_mel_bins=80)
+    with torch.device(device):
+        whisper = WhisperModel(WhisperConfig(**enc, decoder_layers=1,
+                                             decoder_attention_heads=enc["encoder_attention_heads"],
+                                             decoder_ffn_dim=512, max_source_positions=1500, max_target_positions=64,
+                                             vocab_size=51866, dropout=0.0)).to(dtype)
+    whisper.save_pretrained(whisper_dir)
+    del whisper
+    llm_shape = dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6,
+                     num_key_value_heads=2) if small else \
+        dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+             num_key_value_heads=2)
+    with torch.device(device):
+        llm = Qwen2ForCausalLM(Qwen2Config(**llm_shape, vocab_size=151936, max_position_embeddings=32768,
+                                           tie_word_embeddings=True, rope_theta=1e6,
+                                           pad_token_id=tokenizer.pad_token_id,
+                                           eos_token_id=tokenizer.convert_tokens_to_ids(TURN_END))).to(dtype)
+    llm.save_pretrained(llm_dir)
+    return whisper_dir, llm_dir
+
+
+STAGES = """\
+  - {{name: s1_adapter_asr, steps: {n}, tasks: {{asr: 1.0}}, trainable: [adapter], lr: 1.0e-4, warmup_steps: 1}}
+  - {{name: s2_adapter_encoder, steps: {n}, tasks: {{asr: 1.0}}, trainable: [adapter, encoder], lr: 2.0e-5,
+     warmup_steps: 1}}
+  - {{name: s3_adapter_lora_s2tt, steps: {n}, tasks: {{asr: 0.5, s2tt: 0.5}}, translation_targets: [en],
+     trainable: [adapter, llm.lora], lr: 1.0e-4, warmup_steps: 1}}
+"""
+
+
+def write_config(work: Path, shards: Path, whisper: Path, llm: Path, small: bool, steps: int, every: int,
+                 batch_seconds: float, zero: int, eval_per_language: int) -> Path:
+    ds = f"zero{zero}_cpu.json" if small else f"zero{zero}.json"
+    path = work / f"gpu_check_zero{zero}.yaml"
+    path.write_text(f"""# written by bench/gpu_check.py
+model:
+  encoder: {{pretrained: {whisper}}}
+  adapter: {{downsample: 4, kind: transformer, hidden: {64 if small else 2048}, layers: 2, heads: {4 if small else 16}}}
+  llm:
+    pretrained: {llm}
+    lora: {{rank: 16, alpha: 32, target_modules: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]}}
+  attn_implementation: sdpa
+  activation_checkpointing: {{encoder: true, llm: true}}
+data:
+  train_shards: {shards}/train/{{lang}}-*.tar
+  eval_shards: {shards}/eval/{{lang}}-*.tar
+  languages: [{", ".join(LANGUAGES)}]
+  num_workers: {1 if small else 4}
+  window: 64
+  max_batch_seconds: {batch_seconds}
+  max_batch_tokens: 8192
+  max_batch_size: 32
+  max_duration: 30
+stages:
+{STAGES.format(n=steps)}
+checkpoint: {{dir: {work}/run/checkpoints, every: {every}, keep: 2}}
+logging: {{every: 1}}
+eval: {{per_language: {eval_per_language}, tasks: [asr, s2tt], max_new_tokens: 16, batch_size: 8}}
+ds_config: {REPO}/ds_configs/{ds}
+precision: {"fp32" if small else "bf16"}
+zero_stage: {zero}
+output_dir: {work}/run
+""")
+    return path
+
+
+# ---------------------------------------------------------------- the run
+
+def launch(config: Path, log_file: Path, *extra: str) -> subprocess.Popen:
+    from part.train.launcher import deepspeed_command
+
+    # the launcher through this interpreter: on a machine where the packages were installed with --target,
+    # no `deepspeed` script is on the PATH
+    cmd = deepspeed_command("train.py", ["--config", str(config), *extra], 1, launcher="deepspeed")
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", *cmd[1:]]
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=path,
+               PYTORCH_CUDA_ALLOC_CONF=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True"))
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(log_file, "a"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def last_step(train_log: Path) -> int:
+    if not train_log.exists():
+        return 0
+    lines = train_log.read_text().splitlines()
+    return json.loads(lines[-1])["step"] if lines else 0
+
+
+def run_with_kill(config: Path, work: Path, out: Path, kill_after: int, timeout: float) -> tuple[int, float]:
+    """Trains; SIGKILLs the whole launcher group once step `kill_after` is logged; resumes. Returns (code, s)."""
+    train_log = work / "run" / "train_log.jsonl"
+    log_file = out / f"train_{config.stem}.log"
+    t0 = time.time()
+    proc = launch(config, log_file)
+    while proc.poll() is None and last_step(train_log) < kill_after and time.time() - t0 < timeout:
+        time.sleep(0.5)
+    if proc.poll() is None:
+        log(f"step {last_step(train_log)} logged: SIGKILL to the launcher and its ranks")
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        log("resuming")
+        proc = launch(config, log_file, "--resume")
+    else:
+        log(f"the run ended (code {proc.returncode}) before the kill point")
+    try:
+        code = proc.wait(timeout=max(1.0, timeout - (time.time() - t0)))
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        code = -9
+    return code, time.time() - t0
+
+
+# ---------------------------------------------------------------- the report
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def stage_report(train_log: Path, warmup: int = WARMUP_STEPS) -> list[dict]:
+    """Per stage, from train_log.jsonl (the last record of a step counts: a resume repeats steps), after the
+    first `warmup` steps of each stage and of each resumed segment."""
+    records: dict[int, dict] = {}
+    segment_starts = []
+    previous = None
+    for line in train_log.read_text().splitlines():
+        r = json.loads(line)
+        if previous is not None and r["step"] <= previous:
+            segment_starts.append(r["step"])
+        previous = r["step"]
+        records[r["step"]] = r
+    by_stage: dict[str, list[dict]] = {}
+    for step in sorted(records):
+        by_stage.setdefault(records[step]["stage"], []).append(records[step])
+    skip = set()
+    for start in segment_starts:
+        skip.update(range(start, start + warmup))
+    rows = []
+    for stage, recs in by_stage.items():
+        steady = [r for r in recs[warmup:] if r["step"] not in skip] or recs[-1:]
+        times = [r["step_time"] for r in steady]
+        total = sum(times)
+        median = statistics.median(times)
+        # the device's peak, as the trainer used it for each record's MFU
+        peak = next((r["flops"] / r["step_time"] / r["mfu"] for r in steady if r.get("mfu")), None)
+        rows.append({
+            "stage": stage, "steps": len(recs), "timed": len(steady),
+            "median_s": median, "p90_s": percentile(times, 0.9), "max_s": max(times),
+            "max_over_median": max(times) / median,
+            "tokens_per_s": sum(r.get("tokens", 0) for r in steady) / total,
+            "audio_s_per_s": sum(r["audio_seconds"] for r in steady) / total,
+            "tflops_per_s": sum(r.get("flops", 0.0) for r in steady) / total / 1e12,
+            "mfu": sum(r.get("flops", 0.0) for r in steady) / total / peak if peak else None,
+            "peak_memory_gib": max((r.get("peak_memory_gib", 0.0) for r in recs), default=0.0),
+            "first_steps_s": [round(r["step_time"], 2) for r in recs[:warmup]],
+        })
+    return rows
+
+
+def report_markdown(rows: list[dict]) -> str:
+    lines = ["| stage | steps (timed) | tokens/s | audio-s/s | step s median | p90 | max | max/median | TFLOP/s | MFU "
+             "| peak GiB | warm-up steps s |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for r in rows:
+        mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+        lines.append(f"| {r['stage']} | {r['steps']} ({r['timed']}) | {r['tokens_per_s']:.0f} | "
+                     f"{r['audio_s_per_s']:.0f} | {r['median_s']:.2f} | {r['p90_s']:.2f} | {r['max_s']:.2f} | "
+                     f"{r['max_over_median']:.2f} | {r['tflops_per_s']:.1f} | {mfu} | {r['peak_memory_gib']:.1f} | "
+                     f"{r['first_steps_s']} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/part_gpu_check"), help="scratch directory")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "gpu_check", help="report and logs")
+    parser.add_argument("--small", action="store_true", help="toy shapes, fp32, CPU: the script's own test")
+    parser.add_argument("--steps", type=int, default=8, help="steps per stage")
+    parser.add_argument("--every", type=int, default=6, help="checkpoint every this many steps")
+    parser.add_argument("--batch-seconds", type=float, default=480, help="data.max_batch_seconds")
+    parser.add_argument("--clips", type=int, default=160, help="training clips per language")
+    parser.add_argument("--timeout", type=float, default=420, help="seconds for the training run, resume included")
+    parser.add_argument("--zero", type=int, choices=(2, 3), default=3, help="ZeRO stage (ds_configs/zeroN.json)")
+    parser.add_argument("--no-kill", action="store_true", help="no kill -9 and resume (throughput only)")
+    parser.add_argument("--eval-per-language", type=int, default=8, help="held-out clips per language (0: none)")
+    args = parser.parse_args(argv)
+    import torch
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    device = "cpu" if args.small or not torch.cuda.is_available() else "cuda"
+    log(f"torch {torch.__version__}, device {torch.cuda.get_device_name(0) if device == 'cuda' else 'cpu'}")
+    t0 = time.time()
+    shards, whisper, llm = args.work / "shards", args.work / "whisper", args.work / "llm"
+    if (llm / "model.safetensors").exists():
+        log(f"reusing the shards and models in {args.work}")
+    else:
+        build_shards(args.work, args.clips, 8)
+        log(f"noise shards built ({time.time() - t0:.0f} s)")
+        build_models(args.work, args.small, device)
+        log(f"models written ({time.time() - t0:.0f} s)")
+    config = write_config(args.work, shards, whisper, llm, args.small, args.steps, args.every, args.batch_seconds,
+                          args.zero, args.eval_per_language)
+    import shutil
+
+    shutil.rmtree(args.work / "run", ignore_errors=True)
+    check = subprocess.run([sys.executable, "train.py", "--config", str(config), "--check"], cwd=REPO,
+                           capture_output=True, text=True)
+    (args.out / f"check_zero{args.zero}.txt").write_text(check.stdout + check.stderr)
+    print(check.stdout, flush=True)
+    if check.returncode != 0:
+        print(check.stderr[-3000:])
+        return check.returncode
+    # inside stage 2, after its first checkpoint (never, with --no-kill)
+    kill_after = 10**9 if args.no_kill else args.steps + args.every + 1
+    code, seconds = run_with_kill(config, args.work, args.out, kill_after, args.timeout)
+    log(f"training (kill and resume included) ended with code {code} in {seconds:.0f} s")
+    if code != 0:
+        print("".join((args.out / f"train_{config.stem}.log").read_text().splitlines(keepends=True)[-80:]), flush=True)
+    train_log = args.work / "run" / "train_log.jsonl"
+    name = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
+    killed = "no kill" if args.no_kill else f"kill -9 at step {kill_after}, resume included"
+    results = [f"# GPU check ({time.strftime('%Y-%m-%d')}, {name}, ZeRO-{args.zero})",
+               "", f"training exit code {code}; wall {seconds:.0f} s ({killed})",
+               "", "## train.py --check", "", "```", check.stdout.strip(), "```", ""]
+    if train_log.exists():
+        shutil.copy(train_log, args.out / f"train_log_zero{args.zero}.jsonl")
+        results += ["## Throughput per stage", "", report_markdown(stage_report(train_log)), ""]
+    final = args.work / "run" / "final.md"
+    if final.exists():
+        results += ["## Evaluation (random weights: the numbers only show it ran)", "", final.read_text(), ""]
+    text = "\n".join(results)
+    (args.out / f"gpu_check_zero{args.zero}.md").write_text(text)
+    print(text, flush=True)
+    log(f"done in {time.time() - t0:.0f} s")
+    return 0 if code == 0 and (final.exists() or not args.eval_per_language) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

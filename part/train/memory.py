@@ -1,0 +1,143 @@
+"""Per-rank device memory of each stage, estimated before anything starts (`train.py --check` prints it).
+
+Model states follow DeepSpeed's own estimators (deepspeed.runtime.zero.stage3 / stage_1_and_2
+`estimate_zero*_model_states_mem_needs`), made aware of what a stage trains: a frozen parameter costs only its
+16-bit copy, a trainable one also its gradients, fp32 master copy and Adam's two moments (18 bytes in all). Under
+ZeRO-3 all of it is partitioned over the ranks, plus the largest layer gathered whole; under ZeRO-1/2 the
+16-bit parameters stay whole on every rank. Offloaded optimizer states (the `*offload*` DeepSpeed configs) leave
+the device.
+
+Activations are estimated for the largest micro-batch the data settings allow (`data.max_batch_seconds` of audio
+and `data.max_batch_tokens` of text): per layer that gradients pass through, the tensors autograd keeps
+(normed inputs, q/k/v, attention output, the feed-forward's inner activations; memory-efficient attention keeps no
+score matrix), or only each layer's input with activation checkpointing; plus the LLM's logits in 16 and 32 bit.
+It is an estimate: the allocator's fragmentation and temporary buffers come on top (the warning leaves 10%).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from part.config import TrainConfig
+from part.model.flops import Shapes, Trainable
+
+GIB = 1024**3
+MEL_FRAMES_PER_SECOND = 100  # Whisper's 10 ms hop; its encoder halves it
+
+
+@dataclass(frozen=True)
+class StageMemory:
+    stage: str
+    params: float  # bytes per rank
+    grads: float
+    optimizer: float  # fp32 master weights and Adam's moments
+    activations: float
+
+    @property
+    def total(self) -> float:
+        return self.params + self.grads + self.optimizer + self.activations
+
+
+def model_state_bytes(total_params: int, trainable_params: int, largest_layer_params: int, zero_stage: int,
+                      world_size: int, precision: str, offload_optimizer: bool = False) -> tuple[float, float, float]:
+    """(parameters, gradients, optimizer states) in bytes per rank."""
+    width = 2 if precision == "bf16" else 4
+    # fp32 gradient partitions (+ 16-bit ones under ZeRO-1/2, as DeepSpeed's zero2 estimator counts them)
+    grad_bytes = 4 + (2 if precision == "bf16" and zero_stage < 3 else 0)
+    optim_bytes = 12 if precision == "bf16" else 8  # fp32 master (bf16 only) + Adam's m and v
+    n = world_size
+    if zero_stage == 3:
+        params = width * total_params / n + 2 * width * largest_layer_params  # the gathered layer, prefetched
+        grads = grad_bytes * trainable_params / n
+    elif zero_stage == 2:
+        params = width * total_params
+        grads = grad_bytes * trainable_params / n
+    else:  # 0 and 1: gradients whole on every rank
+        params = width * total_params
+        grads = grad_bytes * trainable_params
+    optimizer = 0.0 if offload_optimizer else optim_bytes * trainable_params / (n if zero_stage >= 1 else 1)
+    return params, grads, optimizer
+
+
+def _layer_elements(dim: int, kv_dim: int, ffn: int, gated: bool) -> int:
+    """Elements autograd keeps per token for one pre-norm transformer layer (memory-efficient attention)."""
+    return 6 * dim + 2 * kv_dim + (3 if gated else 2) * ffn
+
+
+def activation_bytes(s: Shapes, t: Trainable, cfg: TrainConfig) -> float:
+    """Activations of the largest micro-batch the data settings allow, for trainable set `t`."""
+    width = 2 if cfg.precision == "bf16" else 4
+    ckpt = cfg.model.activation_checkpointing
+    clips_frames = cfg.data.max_batch_seconds * MEL_FRAMES_PER_SECOND // 2  # encoder frames in the batch
+    adapter_frames = clips_frames / s.downsample
+    llm_tokens = cfg.data.max_batch_tokens + adapter_frames
+
+    def stack(tokens: float, layers: int, elements: int, dim: int, checkpointed: bool) -> float:
+        if layers == 0:
+            return 0.0
+        if checkpointed:  # each layer's input, plus one layer recomputed whole in backward
+            return width * tokens * (layers * dim + elements)
+        return width * tokens * layers * elements
+
+    total = 0.0
+    trained_encoder = sorted(t.encoder_layers)
+    if trained_encoder or t.encoder_convs:  # gradients pass from the lowest trained layer up
+        layers = s.enc_layers - (0 if t.encoder_convs else trained_encoder[0])
+        total += stack(clips_frames, layers, _layer_elements(s.enc_dim, s.enc_dim, s.enc_ffn, False), s.enc_dim,
+                       ckpt.encoder)
+    if t.adapter or trained_encoder or t.encoder_convs:
+        h = s.adapter_hidden
+        total += width * adapter_frames * s.adapter_layers * _layer_elements(h, h, 4 * h, False)
+    # the LLM: gradients pass through all of it whenever anything trains (the adapter sits below it)
+    total += stack(llm_tokens, s.llm_layers, _layer_elements(s.llm_dim, s.llm_kv_dim, s.llm_ffn, True), s.llm_dim,
+                   ckpt.llm)
+    # logits (16 bit), their fp32 copy for the loss and its gradient
+    head_tokens = llm_tokens + (adapter_frames if s.ctc else 0)
+    total += head_tokens * s.vocab * (width + 4 + 4)
+    return total
+
+
+def estimate_stages(cfg: TrainConfig, world_size: int, model=None) -> list[StageMemory]:
+    """Every stage's per-rank estimate; `model`: the skeleton (meta device) the config describes."""
+    import json
+    from pathlib import Path
+
+    from part.model.groups import set_trainable
+
+    if model is None:
+        from part.model.speech_llm import SpeechLLM
+        from part.model.tokenizer import load_tokenizer
+
+        model = SpeechLLM.skeleton(cfg.model, load_tokenizer(cfg.model.llm.tokenizer or cfg.model.llm.pretrained))
+    ds = json.loads(Path(cfg.ds_config).read_text())
+    offload = (ds.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device", "none") != "none"
+    shapes = Shapes.from_model(model)
+    total_params = sum(p.numel() for p in model.parameters())
+    layers = list(model.encoder.layers) + [m for name, m in model.llm.named_modules()
+                                           if name.endswith(tuple(f"layers.{i}" for i in range(shapes.llm_layers)))]
+    largest = max([sum(p.numel() for p in layer.parameters()) for layer in layers]
+                  + [model.llm.get_input_embeddings().weight.numel()])
+    out = []
+    for stage in cfg.stages:
+        set_trainable(model, stage.trainable)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        params, grads, optimizer = model_state_bytes(total_params, trainable, largest, cfg.zero_stage, world_size,
+                                                     cfg.precision, offload)
+        acts = activation_bytes(shapes, Trainable.from_model(model), cfg)
+        out.append(StageMemory(stage.name, params, grads, optimizer, acts))
+    return out
+
+
+def memory_table(estimates: list[StageMemory], device_bytes: float | None) -> tuple[str, list[str]]:
+    """A markdown table in GiB, and a warning for every stage over 90% of `device_bytes`."""
+    lines = ["| stage | params | grads | optimizer | activations | total (GiB per rank) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    warnings = []
+    for e in estimates:
+        lines.append(f"| {e.stage} | {e.params / GIB:.1f} | {e.grads / GIB:.1f} | {e.optimizer / GIB:.1f} | "
+                     f"{e.activations / GIB:.1f} | {e.total / GIB:.1f} |")
+        if device_bytes and e.total > 0.9 * device_bytes:
+            warnings.append(f"warning: stage '{e.stage}' needs about {e.total / GIB:.0f} GiB per rank, more than "
+                            f"90% of the device's {device_bytes / GIB:.0f} GiB: lower data.max_batch_seconds / "
+                            "data.max_batch_tokens, turn on model.activation_checkpointing, or use more ranks")
+    return "\n".join(lines), warnings
