@@ -381,6 +381,7 @@ def test_large_recipes_parse_and_match():
     assert [s.name for s in part.stages][0] == "s1_adapter_asr" and len(part.stages) == 5
     assert len(base.stages) == 1 and not [g for g in base.stages[0].trainable if g.startswith("llm")]
     assert part.model == base.model and part.data == base.data and part.eval == base.eval
-    assert part.ds_config == base.ds_config == "ds_configs/zero3.json"
+    assert part.ds_config == base.ds_config == "ds_configs/zero2.json" and part.zero_stage == base.zero_stage == 2
+    assert part.model.activation_checkpointing.encoder and part.model.activation_checkpointing.llm
     assert part.logging.wandb_project and part.model.llm.lora is not None
     assert "{lang}" in part.data.train_shards

@@ -1,0 +1,69 @@
+"""Per-stage memory of the large recipes, from `train.py --check`'s estimate, without downloading anything.
+
+    python bench/large_recipe_memory.py [--world-size 8] [--device-memory-gb 80] [configs/part_large.yaml ...]
+
+The recipes point at local copies of openai/whisper-large-v3 and Qwen/Qwen2.5-7B-Instruct. The estimate needs only
+their architectures, so this writes config-only directories of those published shapes (and a small tokenizer:
+the vocabulary size the estimate uses is the LLM config's), points the recipes at them and at a small corpus for
+the data check, and prints the table `train.py --check` prints. The recipes' comments quote its output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+WHISPER_LARGE_V3 = dict(d_model=1280, encoder_layers=32, encoder_attention_heads=20, encoder_ffn_dim=5120,
+                        decoder_layers=32, decoder_attention_heads=20, decoder_ffn_dim=5120, num_mel_bins=128,
+                        vocab_size=51866, max_source_positions=1500, max_target_positions=448)
+QWEN25_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                 num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768, tie_word_embeddings=False)
+
+
+def write_shapes(root: Path) -> tuple[Path, Path]:
+    from transformers import Qwen2Config, WhisperConfig
+
+    from part.model.tiny import train_tokenizer
+
+    whisper, llm = root / "whisper-large-v3", root / "Qwen2.5-7B-Instruct"
+    WhisperConfig(**WHISPER_LARGE_V3).save_pretrained(whisper)
+    Qwen2Config(**QWEN25_7B).save_pretrained(llm)
+    text = root / "text.txt"
+    text.write_text("\n".join(f"sentence number {i} of a small tokenizer corpus" for i in range(2000)))
+    train_tokenizer(text, llm, vocab_size=300)
+    return whisper, llm
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("configs", nargs="*", default=["configs/part_large.yaml", "configs/baseline_large.yaml"])
+    parser.add_argument("--world-size", type=int, default=8)
+    parser.add_argument("--device-memory-gb", type=float, default=80)
+    parser.add_argument("--corpus", type=Path, default=REPO / "cache" / "corpus",
+                        help="any corpus in this repo's shard layout, for the data check (launch/demo.sh builds one)")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        whisper, llm = write_shapes(Path(tmp))
+        code = 0
+        for config in args.configs:
+            overrides = [f"model.encoder.pretrained={whisper}", f"model.llm.pretrained={llm}",
+                         f"data.train_shards={args.corpus}/train/{{lang}}-*.tar",
+                         f"data.text_shards={args.corpus}/text/{{lang}}-*.tar",
+                         f"data.eval_shards={args.corpus}/eval/{{lang}}-*.tar", "data.languages=[en]",
+                         "data.num_workers=1"]
+            proc = subprocess.run([sys.executable, "train.py", "--config", config, "--check", "--world-size",
+                                   str(args.world_size), "--device-memory-gb", str(args.device_memory_gb),
+                                   *overrides], cwd=REPO, capture_output=True, text=True)
+            print(f"## {config}\n{proc.stdout}{proc.stderr if proc.returncode else ''}", flush=True)
+            code = code or proc.returncode
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""The GPU check's per-stage report (bench/gpu_check.py): steady-state steps only, a resume's repeated steps
+counted once, MFU from the records' own peak."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+from gpu_check import report_markdown, stage_report  # noqa: E402
+
+PEAK = 1e15
+
+
+def record(step: int, stage: str, seconds: float, flops: float = 2e14) -> dict:
+    return {"step": step, "stage": stage, "step_time": seconds, "tokens": 1000, "audio_seconds": 100.0,
+            "flops": flops, "mfu": flops / seconds / PEAK, "peak_memory_gib": step / 10}
+
+
+def test_report_per_stage(tmp_path):
+    log = tmp_path / "train_log.jsonl"
+    rows = [record(1, "a", 9.0), record(2, "a", 5.0), record(3, "a", 1.0), record(4, "a", 2.0), record(5, "a", 1.0),
+            record(6, "b", 7.0), record(7, "b", 6.0), record(8, "b", 1.0), record(9, "b", 3.0),
+            # killed after step 9, resumed from step 7: steps 8-9 again, then 10; the resume's first two are warm-up
+            record(8, "b", 8.0), record(9, "b", 4.0), record(10, "b", 2.0)]
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    a, b = stage_report(log)
+    assert (a["stage"], a["steps"], a["timed"]) == ("a", 5, 3)
+    assert a["median_s"] == 1.0 and a["max_s"] == 2.0 and a["max_over_median"] == 2.0
+    assert a["tokens_per_s"] == pytest.approx(3000 / 4.0) and a["mfu"] == pytest.approx(3 * 2e14 / 4.0 / PEAK)
+    assert a["first_steps_s"] == [9.0, 5.0] and a["peak_memory_gib"] == 0.5
+    # stage b: steps 6-10 once each (the resumed 8 and 9 replace the first ones), 6-7 warm-up, 8-9 resume warm-up
+    assert (b["steps"], b["timed"], b["median_s"]) == (5, 1, 2.0)
+    assert "| a | 5 (3) |" in report_markdown([a, b])
+
+
+def test_no_mfu_without_a_peak(tmp_path):
+    log = tmp_path / "train_log.jsonl"
+    rows = [dict(record(i, "cpu", 1.0), mfu=None) for i in range(1, 5)]
+    for r in rows:
+        del r["mfu"]
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (row,) = stage_report(log)
+    assert row["mfu"] is None and "n/a" in report_markdown([row])
