@@ -33,13 +33,6 @@ PREFIX = "BENCH_JSON "
 PAD_TARGET = 0.10
 WAIT_TARGET = 0.05
 # Dense bf16 tensor-core peak per GPU (FLOP/s), matched on the device name; the first matching key wins.
-PEAK_BF16 = [
-    ("H200", 989e12),
-    ("H100 PCIe", 756e12),
-    ("H100 NVL", 835e12),
-    ("H100", 989e12),
-    ("A100", 312e12),
-]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -307,21 +300,13 @@ def train_summary(run: dict) -> dict:
     samples = sum(r["samples"] for r in rows)
     audio = sum(r["audio_seconds"] for r in rows)
     tokens = sum(r["tokens"] for r in rows)
+    flops = sum(r.get("flops", 0.0) for r in rows)
     steps = rows[0]["steps"]
     waits = [r["wait"] / r["time"] for r in rows]
     return {"steps": steps, "step_time": span / steps, "samples_s": samples / span, "audio_s": audio / span,
-            "tokens_s": tokens / span, "per_rank_samples_s": samples / span / len(rows),
+            "tokens_s": tokens / span, "flops_s": flops / span, "per_rank_samples_s": samples / span / len(rows),
             "wait_mean": sum(waits) / len(waits), "wait_max": max(waits), "samples_per_step": samples / steps,
             "max_step": max(r["max_step"] for r in rows), "warmup": rows[0].get("warmup_times", [])}
-
-
-def peak_flops(name: str | None) -> float | None:
-    if not name:
-        return None
-    for key, peak in PEAK_BF16:
-        if key.lower() in name.lower():
-            return peak
-    return None
 
 
 # ---------------------------------------------------------------- report
@@ -582,6 +567,8 @@ def report(args, info, cfg, source, s1, mixed, loader_rows, pad_rows, window_row
                     "full resume (s)", "save / step", "first step after resume (s)"], rows)
         L += [""]
 
+    from part.model.flops import peak_bf16_flops
+
     L += ["### h. GPU tokens/s and MFU", ""]
     if not cuda:
         L += ["Skipped: no CUDA device on this machine (torch.cuda.is_available() is False).", ""]
@@ -591,14 +578,14 @@ def report(args, info, cfg, source, s1, mixed, loader_rows, pad_rows, window_row
             s = summaries[n]
             name = run["train"].get("device_name")
             params = run["params"]["per_rank"][0]["params"]
-            peak = peak_flops(name)
-            mfu = f"{6 * params * s['tokens_s'] / (peak * n):.2%}" if peak else "n/a"
+            peak = peak_bf16_flops(name)
+            mfu = f"{s['flops_s'] / (peak * n):.2%}" if peak else "n/a"
             peak_text = f"{peak / 1e12:.0f} TFLOP/s" if peak else "n/a"
             rows.append([n, name, f"{params:,}", f"{s['tokens_s']:.0f}", peak_text, mfu])
         L += table(["ranks", "device", "parameters", "tokens/s", "peak bf16 per GPU", "MFU"], rows)
-        L += ["", "tokens: LLM positions (prompt + target + adapter audio frames); MFU = 6 x params x tokens/s / "
-              "(peak x GPUs), an approximation (frozen parameters need no weight gradients; the encoder sees frames, "
-              f"not tokens). ds_config {r0['ds_config']}.", ""]
+        L += ["", "tokens: LLM positions (prompt + target + adapter audio frames); MFU = the steps' model "
+              "operations (part/model/flops.py: forward, and the backward products the stage's trainable set needs) "
+              f"/ time / (peak x GPUs). ds_config {r0['ds_config']}.", ""]
     return L
 
 

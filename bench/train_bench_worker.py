@@ -102,18 +102,6 @@ class Bench:
         self.stage = None
         gc.collect()
 
-    def llm_tokens(self, batch: Batch) -> int:
-        """Positions the LLM processes (prompt + target + the adapter's audio frames), for tokens/s and MFU."""
-        down = self.cfg.model.adapter.downsample
-        frames = batch.feature_frames.tolist()
-        total = 0
-        for p, t, j in zip(batch.prompt_ids, batch.target_ids, batch.audio_index.tolist()):
-            total += len(p) + len(t)
-            if j >= 0:
-                enc = (frames[j] + 1) // 2
-                total += max(1, -(-enc // down)) - 1  # the placeholder token is replaced by the audio frames
-        return total
-
     def step_on(self, batch: Batch, step: int) -> float:
         """One training step of the stage on a batch already in hand; its time (s)."""
         record = self.stage.train_step(step, self.curriculum.lr(step), fetch=lambda: batch)
@@ -147,7 +135,7 @@ class Bench:
         self.kept: list[Batch] = []
         rows, warmup_times = [], []
         step = span.start
-        fetched: list[Batch] = []  # this step's batches: kept for the replay, counted for tokens/s
+        fetched: list[Batch] = []  # this step's batches: kept for the replay
 
         def fetch() -> Batch:
             fetched.append(stage.next_batch())
@@ -165,11 +153,11 @@ class Bench:
             if len(self.kept) < max(1, a.replay_steps):
                 self.kept += list(fetched)
             rows.append({"time": record.step_time, "wait": record.data_wait, "samples": record.samples,
-                         "audio_seconds": record.audio_seconds,
-                         "tokens": sum(self.llm_tokens(b) for b in fetched)})
+                         "audio_seconds": record.audio_seconds, "tokens": record.sequence_tokens,
+                         "flops": record.flops})
         self.step_index = step
         self.mean_step_time = sum(r["time"] for r in rows) / len(rows)
-        summary = {k: sum(r[k] for r in rows) for k in ("time", "wait", "samples", "audio_seconds", "tokens")}
+        summary = {k: sum(r[k] for r in rows) for k in ("time", "wait", "samples", "audio_seconds", "tokens", "flops")}
         summary["steps"] = len(rows)
         summary["max_step"] = max(r["time"] for r in rows)
         summary["warmup_times"] = warmup_times

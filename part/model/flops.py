@@ -6,7 +6,8 @@ M x K by K x N is 2 M K N operations. Backward is counted only where it happens:
 product's input when that input needs one (gradients flow through it towards something trainable), and with
 respect to its weight when the weight trains. So a frozen encoder under the adapter costs its forward only, a
 frozen LLM costs its forward plus the input gradients that reach the adapter, and LoRA adds its own small
-products. Activation checkpointing's recomputation is not model work and is not counted (MFU, not HFU).
+products. The output head runs only at the positions the loss scores (the target
+tokens). Activation checkpointing's recomputation is not model work and is not counted (MFU, not HFU).
 Elementwise work (norms, softmax, activations, the loss) is not counted either: it is a few percent at most.
 
 `tests/unit/test_flops.py` checks the count against `torch.utils.flop_counter.FlopCounterMode` on the tiny
@@ -111,6 +112,7 @@ class BatchShapes:
     sequences: int  # rows of the LLM's input
     sequence_length: int  # its padded length
     sequence_tokens: int  # its positions without padding
+    target_tokens: int  # positions the output head scores (the loss covers only these)
 
     @classmethod
     def from_batch(cls, batch: Batch, downsample: int, audio_token_id: int) -> BatchShapes:
@@ -121,7 +123,7 @@ class BatchShapes:
         for prompt, target, j in zip(batch.prompt_ids, batch.target_ids, batch.audio_index.tolist()):
             n = len(prompt) + len(target)
             lengths.append(n - 1 + adapter_frames[j] if j >= 0 and (prompt == audio_token_id).any() else n)
-        return cls(clips, mel, len(lengths), max(lengths), sum(lengths))
+        return cls(clips, mel, len(lengths), max(lengths), sum(lengths), sum(len(t) for t in batch.target_ids))
 
 
 @dataclass
@@ -236,7 +238,7 @@ def step_flops(s: Shapes, b: BatchShapes, t: Trainable) -> StepFlops:
         grad = _attention_layer(out.llm, tokens, rows, length, s.llm_q_dim, s.llm_kv_dim, s.llm_dim,
                                 [(s.llm_dim, s.llm_ffn), (s.llm_dim, s.llm_ffn), (s.llm_ffn, s.llm_dim)],
                                 grad, trains, trains, lora=lora, dim=s.llm_dim)
-    out.head.add(2 * tokens * s.llm_dim * s.vocab, grad, t.llm_head)
+    out.head.add(2 * b.target_tokens * s.llm_dim * s.vocab, grad, t.llm_head)  # target positions only
     return out
 
 
@@ -246,17 +248,21 @@ def batch_flops(model: SpeechLLM, batch: Batch) -> StepFlops:
     return step_flops(Shapes.from_model(model), shapes, Trainable.from_model(model))
 
 
-# Dense bf16 matrix throughput per GPU (vendor datasheets, without sparsity), for MFU.
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,
-                   "A10G": 70e12, "L4": 121e12}
+# Dense bf16 matrix throughput per GPU (vendor datasheets, without sparsity), for MFU; the first name contained in
+# the device's name wins, so variants come before their family.
+PEAK_BF16_FLOPS = (("H200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H800", 989e12),
+                   ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10G", 70e12))
+
+
+def peak_bf16_flops(device_name: str | None) -> float | None:
+    for key, value in PEAK_BF16_FLOPS:
+        if device_name and key.lower() in device_name.lower():
+            return value
+    return None
 
 
 def peak_flops(device: torch.device, precision: str) -> float | None:
     """The chip's peak for the run's precision; None where unknown (CPUs, unlisted GPUs): MFU is then not given."""
     if device.type != "cuda" or precision != "bf16":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, value in PEAK_BF16_FLOPS.items():
-        if key in name:
-            return value
-    return None
+    return peak_bf16_flops(torch.cuda.get_device_name(device))

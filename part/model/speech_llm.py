@@ -185,16 +185,15 @@ class SpeechLLM(nn.Module):
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         inputs, mask, labels, audio, audio_lengths = self._assemble(batch)
-        logits = self.llm(inputs_embeds=inputs, attention_mask=mask, use_cache=False).logits
-        shift_logits = logits[:, :-1].float()
+        base = self.llm.get_base_model() if self.cfg.llm.lora is not None else self.llm
+        hidden = base.get_decoder()(inputs_embeds=inputs, attention_mask=mask, use_cache=False).last_hidden_state
+        # The output head only where a target token is predicted: prompts and audio frames (most positions) need
+        # no logits, which over a 152k vocabulary would be most of the step's memory.
         shift_labels = labels[:, 1:]
-        loss_sum = F.cross_entropy(
-            shift_logits.reshape(-1, shift_logits.shape[-1]),
-            shift_labels.reshape(-1),
-            ignore_index=IGNORE,
-            reduction="sum",
-        )
-        tokens = (shift_labels != IGNORE).sum()
+        scored = shift_labels != IGNORE
+        logits = base.get_output_embeddings()(hidden[:, :-1][scored]).float()
+        loss_sum = F.cross_entropy(logits, shift_labels[scored], reduction="sum")
+        tokens = scored.sum()
         out = {"loss": loss_sum / tokens.clamp(min=1), "loss_sum": loss_sum, "tokens": tokens}
         if self.cfg.ctc_weight > 0:
             ctc = self.ctc_loss(audio, audio_lengths, batch)

@@ -10,7 +10,8 @@ the device.
 Activations are estimated for the largest micro-batch the data settings allow (`data.max_batch_seconds` of audio
 and `data.max_batch_tokens` of text): per layer that gradients pass through, the tensors autograd keeps
 (normed inputs, q/k/v, attention output, the feed-forward's inner activations; memory-efficient attention keeps no
-score matrix), or only each layer's input with activation checkpointing; plus the LLM's logits in 16 and 32 bit.
+score matrix), or only each layer's input with activation checkpointing; plus the logits (16 and 32 bit) at the
+target positions, which the text tokens bound.
 It is an estimate: the allocator's fragmentation and temporary buffers come on top (the warning leaves 10%).
 """
 
@@ -91,8 +92,9 @@ def activation_bytes(s: Shapes, t: Trainable, cfg: TrainConfig) -> float:
     # the LLM: gradients pass through all of it whenever anything trains (the adapter sits below it)
     total += stack(llm_tokens, s.llm_layers, _layer_elements(s.llm_dim, s.llm_kv_dim, s.llm_ffn, True), s.llm_dim,
                    ckpt.llm)
-    # logits (16 bit), their fp32 copy for the loss and its gradient
-    head_tokens = llm_tokens + (adapter_frames if s.ctc else 0)
+    # logits (16 bit), their fp32 copy for the loss and its gradient: at the target positions only (at most the
+    # batch's text tokens), and at every adapter frame for the CTC term
+    head_tokens = cfg.data.max_batch_tokens + (adapter_frames if s.ctc else 0)
     total += head_tokens * s.vocab * (width + 4 + 4)
     return total
 
