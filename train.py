@@ -69,9 +69,14 @@ def main(argv: list[str] | None = None, callbacks: Sequence[TrainerCallback] = (
         print(f"{args.config}: OK ({len(cfg.stages)} stages, {cfg.total_steps} steps)")
         print_memory_estimate(cfg, int(os.environ.get("WORLD_SIZE", args.world_size)), args.device_memory_gb)
         return ExitCode.OK
-    from part.train.trainer import Trainer  # imports DeepSpeed: not for --check
+    from part.train.trainer import RunRefused, Trainer  # imports DeepSpeed: not for --check
 
-    return Trainer(cfg, resume=args.resume, callbacks=callbacks).fit()
+    try:
+        trainer = Trainer(cfg, resume=args.resume, callbacks=callbacks)
+    except RunRefused as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return ExitCode.BAD_INPUT
+    return trainer.fit()
 
 
 if __name__ == "__main__":

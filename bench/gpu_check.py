@@ -275,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-seconds", type=float, default=480, help="data.max_batch_seconds")
     parser.add_argument("--clips", type=int, default=160, help="training clips per language")
     parser.add_argument("--timeout", type=float, default=420, help="seconds for the training run, resume included")
-    parser.add_argument("--zero", type=int, choices=(2, 3), default=3, help="ZeRO stage (ds_configs/zeroN.json)")
+    parser.add_argument("--zero", type=int, choices=(2, 3), default=2,
+                        help="ZeRO stage (ds_configs/zeroN.json); 2 by default: on one GPU ZeRO-3 only costs")
     parser.add_argument("--no-kill", action="store_true", help="no kill -9 and resume (throughput only)")
     parser.add_argument("--eval-per-language", type=int, default=8, help="held-out clips per language (0: none)")
     args = parser.parse_args(argv)

@@ -307,6 +307,8 @@ def validate(cfg: TrainConfig, source: str | Path = "config") -> None:
     check(m.adapter.hidden % max(m.adapter.heads, 1) == 0, "model.adapter.hidden: must be divisible by heads")
     for name, where in ((m.encoder.pretrained, "model.encoder.pretrained"), (m.llm.pretrained, "model.llm.pretrained")):
         check(name is None or Path(name).is_dir(), f"{where}: directory '{name}' does not exist")
+        check(name is None or not Path(name).is_dir() or (Path(name) / "config.json").is_file(),
+              f"{where}: '{name}' is not a model directory (no config.json)")
     check(m.llm.pretrained is not None, "model.llm.pretrained: a causal LM directory is required")
     check(m.ctc_weight >= 0, "model.ctc_weight: must be >= 0")
     check(m.attn_implementation in ATTENTION_IMPLEMENTATIONS,
@@ -323,7 +325,10 @@ def validate(cfg: TrainConfig, source: str | Path = "config") -> None:
     check(bool(d.languages), "data.languages: at least one language")
     check(d.num_workers >= 0, "data.num_workers: must be >= 0")
     check(d.temperature > 0, "data.temperature: must be > 0")
-    check(d.window >= d.max_batch_size, "data.window: must be >= data.max_batch_size")
+    check(d.max_batch_size >= 1, "data.max_batch_size: must be >= 1")
+    check(d.window >= max(d.max_batch_size, 1), "data.window: must be >= data.max_batch_size (and >= 1)")
+    check(d.max_batch_seconds > 0, "data.max_batch_seconds: must be > 0")
+    check(d.max_batch_tokens > 0, "data.max_batch_tokens: must be > 0")
     check(0 < d.max_duration <= 30, "data.max_duration: must be in (0, 30] seconds (the Whisper encoder's window)")
 
     check(bool(cfg.stages), "stages: at least one stage")
@@ -337,6 +342,9 @@ def validate(cfg: TrainConfig, source: str | Path = "config") -> None:
         check(s.steps > 0, f"{where}.steps: must be > 0")
         check(s.lr > 0, f"{where}.lr: must be > 0")
         check(0 <= s.warmup_steps <= s.steps, f"{where}.warmup_steps: must be between 0 and steps")
+        check(0 <= s.min_lr_ratio <= 1, f"{where}.min_lr_ratio: must be in [0, 1] (a fraction of lr)")
+        check(s.tasks.get("s2tt", 0) <= 0 and s.tasks.get("mt", 0) <= 0 or bool(s.translation_targets),
+              f"{where}.translation_targets: empty, but the stage has translation tasks (s2tt/mt)")
         check(bool(s.tasks) and sum(s.tasks.values()) > 0, f"{where}.tasks: empty mixture")
         for task, weight in s.tasks.items():
             check(task in TASKS, f"{where}.tasks.{task}: unknown task (known: {', '.join(TASKS)})")
@@ -360,13 +368,23 @@ def validate(cfg: TrainConfig, source: str | Path = "config") -> None:
     check(ds.is_file(), f"ds_config: file '{ds}' does not exist")
     if ds.is_file():
         try:
-            errors += ds_config_disagreements(cfg, json.loads(ds.read_text()))
+            ds_json = json.loads(ds.read_text())
         except json.JSONDecodeError as exc:
             errors.append(f"ds_config: '{ds}' is not valid JSON: {exc}")
+        else:
+            if isinstance(ds_json, dict) and "zero_optimization" in ds_json:
+                errors += ds_config_disagreements(cfg, ds_json)
+            else:
+                errors.append(f"ds_config: '{ds}' is not a DeepSpeed config (a JSON object with zero_optimization)")
     check(cfg.checkpoint.every > 0, "checkpoint.every: must be > 0")
     check(cfg.checkpoint.keep >= 1, "checkpoint.keep: must be >= 1")
     check(cfg.logging.wandb_mode in ("offline", "online", "disabled"), "logging.wandb_mode: offline|online|disabled")
+    check(cfg.logging.every >= 1, "logging.every: must be >= 1")
     check(cfg.eval.num_beams >= 1, "eval.num_beams: must be >= 1")
+    check(cfg.eval.batch_size >= 1, "eval.batch_size: must be >= 1")
+    check(cfg.eval.per_language >= 0, "eval.per_language: must be >= 0")
+    check(cfg.eval.every >= 0, "eval.every: must be >= 0 (0: only at the end)")
+    check(cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens: must be >= 1")
     for task in cfg.eval.tasks:
         check(task in SPEECH_TASKS, f"eval.tasks: '{task}' is not one of {SPEECH_TASKS}")
     if errors:

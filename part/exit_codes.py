@@ -14,6 +14,7 @@ class ExitCode(IntEnum):
     BAD_INPUT = 2  # invalid configuration, data layout, arguments or input files: found before any work started
     NON_FINITE_LOSS = 3  # optim.max_bad_steps non-finite losses in a row; resume from the last checkpoint
     CHECKPOINT_FAILED = 4  # the stage-boundary checkpoint could not be written (the next stage is built from it)
+    NON_FINITE_WEIGHTS = 5  # the weights became non-finite: nothing was saved; the last good checkpoint is kept
 
 
 def exit_process(code: int) -> NoReturn:

@@ -7,13 +7,19 @@ Layout of `step_0000100/`:
   part_model.json, tokenizer/   so the directory loads with `SpeechLLM.from_pretrained`
   trainer_state.json    step, the stage the optimizer belongs to, data positions per rank, counters
   ds/                   DeepSpeed's optimizer partitions (torch.save format, the only pickled part)
+  SHA256SUMS            every other file's SHA-256 (`sha256sum -c` format), written last, checked at resume
+
+Non-finite weights are never written: the ranks agree before anything is, and the trainer stops. A checkpoint
+whose files do not match SHA256SUMS is skipped at resume, loudly, for the newest one that matches.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,10 +33,52 @@ if TYPE_CHECKING:
 
 LATEST = "latest"
 DS_TAG = "ds"
+SUMS = "SHA256SUMS"
+
+
+class NonFiniteWeightsError(RuntimeError):
+    """Raised on every rank when a checkpoint would hold NaN or inf weights (nothing was written)."""
 
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:07d}"
+
+
+def step_of(path: Path) -> int:
+    return int(path.name.split("_")[1])
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_sums(ckpt: Path) -> None:
+    """SHA256SUMS over every file of `ckpt` (relative paths), in `sha256sum -c` format."""
+    files = sorted(f for f in ckpt.rglob("*") if f.is_file() and f.name != SUMS)
+    (ckpt / SUMS).write_text("".join(f"{_sha256(f)}  {f.relative_to(ckpt).as_posix()}\n" for f in files))
+
+
+def verify_sums(ckpt: Path) -> str | None:
+    """None when every file listed in SHA256SUMS is there with its digest; else what is wrong, naming the file."""
+    sums = ckpt / SUMS
+    if not sums.exists():
+        return f"{sums} is missing"
+    for line in sums.read_text().splitlines():
+        digest, name = line.split("  ", 1)
+        file = ckpt / name
+        if not file.is_file():
+            return f"{file} is missing"
+        if _sha256(file) != digest:
+            return f"{file} does not match its SHA-256 in {SUMS} (corrupted or changed after the save)"
+    return None
+
+
+def _finite(state: dict[str, torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in state.values() if t.is_floating_point())
 
 
 def gather_state_dict(model: SpeechLLM, rank: int) -> dict[str, torch.Tensor]:
@@ -62,14 +110,40 @@ class Checkpointer:
     def _all_ranks_ok(self, ok: bool) -> bool:
         return self.dist.all_true(ok) if self.dist is not None else ok
 
+    def complete(self) -> list[Path]:
+        """Published checkpoints (a trainer_state.json, not a .partial), oldest first by step number."""
+        if not self.root.is_dir():
+            return []
+        found = [p for p in self.root.glob("step_*") if p.is_dir() and not p.name.endswith(".partial")
+                 and p.name.split("_")[1].isdigit() and (p / "trainer_state.json").exists()]
+        return sorted(found, key=step_of)
+
     def latest(self) -> Path | None:
+        """What `latest` names; without the pointer, the newest complete checkpoint."""
         pointer = self.root / LATEST
         if not pointer.exists():
-            return None
+            done = self.complete()
+            return done[-1] if done else None
         path = self.root / pointer.read_text().strip()
         if not (path / "trainer_state.json").exists():
             raise FileNotFoundError(f"{pointer} names {path}, which has no trainer_state.json")
         return path
+
+    def newest_good(self, report: Callable[[str], None] = print) -> Path | None:
+        """The checkpoint to resume from: `latest` (or the newest complete one) when its files match their
+        SHA-256 sums, else the newest older one that does; every one skipped is reported. Reads every file:
+        call it on one rank."""
+        pointer = self.root / LATEST
+        first = self.latest() if pointer.exists() and (self.root / pointer.read_text().strip()).exists() else None
+        if not pointer.exists() and (done := self.complete()):
+            report(f"{pointer} is missing; using the newest complete checkpoint, {done[-1].name}")
+        candidates = [p for p in reversed(self.complete()) if first is None or step_of(p) <= step_of(first)]
+        for path in candidates:
+            problem = verify_sums(path)
+            if problem is None:
+                return path
+            report(f"error: checkpoint {path.name} is damaged: {problem}; falling back to the one before it")
+        return None
 
     def save(self, engine, model: SpeechLLM, tokenizer, step: int, trainer_state: dict,
              data_state: dict, save_optimizer: bool = True) -> Path:
@@ -82,6 +156,10 @@ class Checkpointer:
             partial.mkdir()
         self._barrier()
         state = gather_state_dict(model, self.rank)
+        # Never written, published or exported: every rank agrees before anything is, then all raise.
+        if not self._all_ranks_ok(_finite(state)):
+            self._abandon(partial)
+            raise NonFiniteWeightsError(f"the weights at step {step} are not finite; nothing was saved")
         ok = True
         try:
             if save_optimizer:
@@ -92,16 +170,23 @@ class Checkpointer:
                 model.save_pretrained(partial, tokenizer, state)
                 full = dict(trainer_state, step=step, world_size=self.world_size)
                 (partial / "trainer_state.json").write_text(json.dumps(full, indent=1))
-        except OSError as exc:  # e.g. disk full: keep the previous checkpoint, report, go on training
-            print(f"[rank {self.rank}] checkpoint at step {step} failed: {exc}; keeping the previous one", flush=True)
+        except Exception as exc:  # noqa: BLE001  disk full (not always an OSError), ...: keep the previous one
+            print(f"[rank {self.rank}] checkpoint at step {step} failed: {type(exc).__name__}: {exc}; keeping the "
+                  "previous one", flush=True)
             ok = False
         # Through the ranks' context, on the engine's device: NCCL has no CPU tensors (a CPU flag here killed
         # every GPU run at its first checkpoint, while gloo accepted it).
         if not self._all_ranks_ok(ok):
-            if self.rank == 0:
-                shutil.rmtree(partial, ignore_errors=True)
-            self._barrier()
-            return self.latest()
+            return self._abandon(partial)
+        if self.rank == 0:  # every rank's files are written: their sums, last
+            try:
+                write_sums(partial)
+                ok = True
+            except Exception as exc:  # noqa: BLE001
+                print(f"[rank 0] checkpoint at step {step}: writing {SUMS} failed: {exc}", flush=True)
+                ok = False
+        if not self._all_ranks_ok(ok):
+            return self._abandon(partial)
         if self.rank == 0:
             if final.exists():
                 shutil.rmtree(final)
@@ -109,14 +194,22 @@ class Checkpointer:
             tmp_pointer = self.root / (LATEST + ".partial")
             tmp_pointer.write_text(final.name)
             os.replace(tmp_pointer, self.root / LATEST)
-            self._prune()
+            self._prune(keep_also=final)
         self._barrier()
         return final
 
-    def _prune(self) -> None:
-        done = sorted(p for p in self.root.glob("step_*") if p.is_dir() and not p.name.endswith(".partial"))
-        for old in done[: -self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
+    def _abandon(self, partial: Path) -> Path | None:
+        """Collective: drops a save that did not complete on every rank; the previous checkpoint stays."""
+        if self.rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        self._barrier()
+        return self.latest()
+
+    def _prune(self, keep_also: Path) -> None:
+        """Keeps the newest `keep` checkpoints by step number, and always `keep_also` (the one just written)."""
+        for old in self.complete()[: -self.keep]:
+            if old != keep_also:
+                shutil.rmtree(old, ignore_errors=True)
         for stale in self.root.glob("step_*.partial"):
             shutil.rmtree(stale, ignore_errors=True)
 

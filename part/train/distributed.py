@@ -60,6 +60,12 @@ class DistributedContext:
         dist.broadcast(value, 0)
         return bool(value.item())
 
+    def rank0_int(self, question: Callable[[], int]) -> int:
+        """Rank 0's integer answer to `question` on every rank."""
+        value = torch.tensor([question() if self.rank == 0 else 0], dtype=torch.int64, device=self.device)
+        dist.broadcast(value, 0)
+        return int(value.item())
+
     def sum(self, values: Sequence[float]) -> list[float]:
         """Element-wise sums over ranks, in float64."""
         t = torch.tensor(list(values), dtype=torch.float64, device=self.device)

@@ -35,6 +35,17 @@ class RunLogger:
             self.wandb = wandb.init(project=cfg.logging.wandb_project, name=cfg.logging.run_name, mode=mode,
                                     config=to_dict(cfg), dir=cfg.output_dir)
 
+    def resumed_at(self, step: int) -> None:
+        """Drops train_log.jsonl's records after `step` (the run resumes there and logs them again), so each
+        step is in the log once."""
+        path = Path(self.cfg.output_dir) / "train_log.jsonl"
+        if self.rank != 0 or not path.exists():
+            return
+        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        tmp = path.with_suffix(".jsonl.partial")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+
     def info(self, message: str) -> None:
         if self.rank == 0:
             print(f"[part] {message}", flush=True)
@@ -62,6 +73,7 @@ class RunLogger:
                                  "lr": record.lr, "samples": float(record.samples),
                                  "audio_seconds": float(record.audio_seconds), "step_time": step_time,
                                  "data_wait": data_wait, "tokens": record.sequence_tokens, "flops": record.flops,
+                                 "skipped_samples": record.skipped_samples,
                                  **({"mfu": mfu} if mfu is not None else {}),
                                  **({"peak_memory_gib": record.peak_memory / 1024**3}
                                     if record.peak_memory is not None else {}),
@@ -80,6 +92,7 @@ class RunLogger:
               f"{record.samples / step_time:.1f} samples/s "
               f"{record.audio_seconds / step_time:.1f} audio-s/s {record.sequence_tokens / step_time:.0f} tok/s "
               f"{'' if mfu is None else f'mfu {100 * mfu:.1f}% '}data-wait {100 * wait_frac:.1f}% "
+              f"{f'skipped {record.skipped_samples} samples ' if record.skipped_samples else ''}"
               f"eta {remaining / 60:.1f} min", flush=True)
         if self.wandb:
             mixed, skipped = tracker.totals()

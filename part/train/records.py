@@ -21,6 +21,7 @@ class StepRecord:
     ctc_batches: int = 0  # ... and their number (0: no CTC term)
     sequence_tokens: int = 0  # positions through the LLM (prompt, audio frames, target; padding not counted)
     flops: float = 0.0  # model operations of the step, forward and backward (part/model/flops.py)
+    skipped_samples: int = 0  # bad or unusable samples the stage's stream has skipped so far (counted by reason)
     peak_memory: int | None = None  # bytes allocated at most on the device during the stage so far (GPU only)
 
     @property

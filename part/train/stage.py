@@ -174,6 +174,7 @@ class StageRun:
                           audio_seconds=audio_seconds, grad_norm=None if grad_norm is None else float(grad_norm),
                           step_time=time.perf_counter() - t0, data_wait=wait, skipped=skipped, ctc_sum=ctc_sum,
                           ctc_batches=ctc_batches, sequence_tokens=sequence_tokens, flops=flops,
+                          skipped_samples=sum(self.tracker.totals()[1].values()),
                           peak_memory=self.dist.peak_memory())
 
     # ---------------------------------------------------------------- checkpoint and teardown

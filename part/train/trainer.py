@@ -19,6 +19,7 @@ from part.model.tokenizer import load_tokenizer
 from part.train.callbacks import TrainerCallback
 from part.train.checkpoint import (
     Checkpointer,
+    NonFiniteWeightsError,
     export_final,
     final_is_from,
     read_data_state,
@@ -30,6 +31,10 @@ from part.train.distributed import DistributedContext
 from part.train.logging import RunLogger
 from part.train.records import StepRecord
 from part.train.stage import StageRun, features_dtype
+
+
+class RunRefused(Exception):
+    """The run cannot start as asked (e.g. a fresh start over another run's checkpoints); the message says why."""
 
 
 class Trainer:
@@ -52,12 +57,25 @@ class Trainer:
         self.bad_steps_in_a_row = 0
         self.checkpoint: Path | None = None  # the latest checkpoint of this run: the next stage is built from it
         self.checkpoint_state: dict | None = None
-        if resume and (latest := self.checkpointer.latest()) is not None:
-            self._adopt_checkpoint(latest)
-            self.step = self.checkpoint_state["step"]
-            self.logger.info(f"resuming from {latest} at step {self.step}")
-        elif resume:
-            self.logger.info(f"--resume: no checkpoint in {cfg.checkpoint.dir}; starting fresh")
+        if resume:
+            # rank 0 reads and checks the files (SHA-256) and falls back past damaged checkpoints, loudly
+            step = self.dist.rank0_int(lambda: self._newest_good_step())
+            if step >= 0:
+                path = self.checkpointer.root / step_dir_name(step)
+                self._adopt_checkpoint(path)
+                self.step = self.checkpoint_state["step"]
+                self.logger.resumed_at(self.step)
+                self.logger.info(f"resuming from {path} at step {self.step}")
+            else:
+                self.logger.info(f"--resume: no checkpoint in {cfg.checkpoint.dir}; starting fresh")
+        elif self.dist.rank0_decides(lambda: bool(self.checkpointer.complete())):
+            raise RunRefused(f"checkpoint.dir {cfg.checkpoint.dir} holds checkpoints of an earlier run; continue it "
+                             "with --resume, or start fresh in an empty checkpoint.dir (its pruning would otherwise "
+                             "mix the two runs)")
+
+    def _newest_good_step(self) -> int:
+        path = self.checkpointer.newest_good(report=self.logger.info)
+        return -1 if path is None else int(read_trainer_state(path)["step"])
 
     # ---------------------------------------------------------------- the run
 
@@ -121,8 +139,8 @@ class Trainer:
             if not record.skipped:
                 self.logger.step(self._summed_over_ranks(record), stage.span, stage.tracker)
             if self.step % self.cfg.checkpoint.every == 0 or self.step == stage.span.end:
-                if not self._save_checkpoint(stage):
-                    return ExitCode.CHECKPOINT_FAILED
+                if (code := self._save_checkpoint(stage)) is not ExitCode.OK:
+                    return code
             if self._evaluation_due():
                 self.evaluator.run(stage.engine.module, self.step)
                 stage.engine.train()
@@ -130,25 +148,34 @@ class Trainer:
 
     def _summed_over_ranks(self, record: StepRecord) -> StepRecord:
         """The global batch's figures (collective), for the log line of this step."""
-        loss_sum, tokens, samples, audio_seconds, wait, ctc_sum, ctc_batches, sequence_tokens, flops = self.dist.sum(
-            [record.loss_sum, record.tokens, record.samples, record.audio_seconds, record.data_wait, record.ctc_sum,
-             record.ctc_batches, record.sequence_tokens, record.flops])
+        loss_sum, tokens, samples, audio_seconds, wait, ctc_sum, ctc_batches, sequence_tokens, flops, skipped = (
+            self.dist.sum([record.loss_sum, record.tokens, record.samples, record.audio_seconds, record.data_wait,
+                           record.ctc_sum, record.ctc_batches, record.sequence_tokens, record.flops,
+                           record.skipped_samples]))
         return StepRecord(step=record.step, lr=record.lr, loss_sum=loss_sum, tokens=int(tokens), samples=int(samples),
                           audio_seconds=audio_seconds, grad_norm=record.grad_norm, step_time=record.step_time,
                           data_wait=wait, ctc_sum=ctc_sum, ctc_batches=int(ctc_batches),
-                          sequence_tokens=int(sequence_tokens), flops=flops, peak_memory=record.peak_memory)
+                          sequence_tokens=int(sequence_tokens), flops=flops, skipped_samples=int(skipped),
+                          peak_memory=record.peak_memory)
 
-    def _save_checkpoint(self, stage: StageRun) -> bool:
-        """Collective. False when the checkpoint the next stage is built from could not be written."""
-        path = stage.save_checkpoint(self.checkpointer, self.step)
+    def _save_checkpoint(self, stage: StageRun) -> ExitCode:
+        """Collective. Not OK when the weights are non-finite (nothing saved) or the checkpoint the next stage is
+        built from could not be written."""
+        try:
+            path = stage.save_checkpoint(self.checkpointer, self.step)
+        except NonFiniteWeightsError as exc:
+            last = self.checkpoint.name if self.checkpoint else "none"
+            self.logger.info(f"error: {exc}. The last good checkpoint ({last}) is kept; lower the learning rate "
+                             "or check the data, then resume.")
+            return ExitCode.NON_FINITE_WEIGHTS
         if path is not None and path.name == step_dir_name(self.step):
             self.logger.info(f"checkpoint {path}")
             self._adopt_checkpoint(path)
         elif self.step == stage.span.end:  # the next stage is built from this checkpoint: it must exist
             self.logger.info(f"error: the stage-boundary checkpoint at step {self.step} could not be written; "
                              f"free space in {self.cfg.checkpoint.dir} and rerun with --resume")
-            return False
-        return True
+            return ExitCode.CHECKPOINT_FAILED
+        return ExitCode.OK
 
     def _adopt_checkpoint(self, path: Path) -> None:
         self.checkpoint, self.checkpoint_state = path, read_trainer_state(path)

@@ -170,18 +170,20 @@ def test_kill_9_then_resume_matches_uninterrupted(reference, tmp_path):
     assert launcher.returncode != 0
     assert (tmp_path / "ckpt" / "latest").read_text().strip() in ("step_0000006", "step_0000007")
     resumed_from = int((tmp_path / "ckpt" / "latest").read_text().strip().split("_")[1])
-    first = losses(tmp_path / "out")
-    shutil.move(tmp_path / "out" / "train_log.jsonl", tmp_path / "first_log.jsonl")
+    logged_before = [json.loads(line)["step"] for line in (tmp_path / "out" / "train_log.jsonl").open()]
+    assert max(logged_before) > resumed_from  # steps after the checkpoint were logged, then lost
 
     proc = run_ds(config, "--resume", "eval.per_language=0")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert f"resuming from {tmp_path / 'ckpt' / f'step_{resumed_from:07d}'}" in proc.stdout
-    second = losses(tmp_path / "out")
-    assert sorted(second) == list(range(resumed_from + 1, 14))  # only the steps since the checkpoint are redone
-    ref = losses(reference["out"])
+    assert f"[part] step {resumed_from + 1}/" in proc.stdout  # only the steps since the checkpoint are redone
+    assert f"[part] step {resumed_from}/" not in proc.stdout
+    # the log holds every step once: the resume dropped the lost steps' records before logging them again
+    logged = [json.loads(line)["step"] for line in (tmp_path / "out" / "train_log.jsonl").open()]
+    assert logged == list(range(1, 14))
+    got, ref = losses(tmp_path / "out"), losses(reference["out"])
     for step in range(1, 14):
-        got = second.get(step, first.get(step))
-        assert got == pytest.approx(ref[step], rel=1e-5, abs=1e-6), (step, got, ref[step])
+        assert got[step] == pytest.approx(ref[step], rel=1e-5, abs=1e-6), (step, got[step], ref[step])
 
 
 def test_resume_exactly_at_a_stage_boundary(reference, tmp_path):
@@ -191,9 +193,14 @@ def test_resume_exactly_at_a_stage_boundary(reference, tmp_path):
     config.write_text(reference["config"].read_text().replace(str(reference["root"]), str(tmp_path)))
     (tmp_path / "ckpt").mkdir()
     shutil.copytree(reference["ckpt"] / "step_0000005", tmp_path / "ckpt" / "step_0000005")
-    (tmp_path / "ckpt" / "latest").write_text("step_0000005")
+    # a fresh start over another run's checkpoints is refused (its pruning would mix the two runs)
+    proc = run_ds(config, "eval.per_language=0", timeout=300)
+    assert proc.returncode == 2 and "holds checkpoints of an earlier run" in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "out" / "train_log.jsonl").exists()
+    # no `latest` pointer (it was not copied): --resume takes the newest complete checkpoint, after its hashes
     proc = run_ds(config, "--resume", "eval.per_language=0")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "latest is missing; using the newest complete checkpoint, step_0000005" in proc.stdout
     got, ref = losses(tmp_path / "out"), losses(reference["out"])
     assert sorted(got) == list(range(6, 14))
     for step in got:

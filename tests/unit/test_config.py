@@ -31,6 +31,18 @@ def test_loads_with_overrides(tmp_path, corpus, tiny_models):
         ("model.llm.pretrained=/nonexistent/llm", "model.llm.pretrained: directory '/nonexistent/llm' does not exist"),
         ("ds_config=/nonexistent.json", "ds_config: file '/nonexistent.json' does not exist"),
         ("stages.3.lr=1", "stages.3: no such list index"),
+        # values that would crash or hang later, refused up front
+        ("data.max_batch_size=0", "data.max_batch_size: must be >= 1"),
+        ("data.window=0", "data.window: must be >= data.max_batch_size"),
+        ("data.max_batch_seconds=0", "data.max_batch_seconds: must be > 0"),
+        ("stages.0.min_lr_ratio=-0.5", "stages[0].min_lr_ratio: must be in [0, 1]"),
+        ("logging.every=0", "logging.every: must be >= 1"),
+        ("eval.batch_size=0", "eval.batch_size: must be >= 1"),
+        ("eval.max_new_tokens=0", "eval.max_new_tokens: must be >= 1"),
+        ("stages.0.tasks={asr: 0.5, s2tt: 0.5}", None),
+        ("stages.0.translation_targets=[]", None),  # asr only: no translation target needed
+        ("model.llm.pretrained=/tmp", "model.llm.pretrained: '/tmp' is not a model directory"),
+        ("ds_config=configs/tiny_part.yaml", "ds_config: 'configs/tiny_part.yaml' is not valid JSON"),
     ],
 )
 def test_errors_name_the_field(tmp_path, corpus, tiny_models, override, message):
@@ -41,6 +53,16 @@ def test_errors_name_the_field(tmp_path, corpus, tiny_models, override, message)
     with pytest.raises(ConfigError) as err:
         load_config(path, [override])
     assert message in str(err.value)
+
+
+def test_translation_tasks_need_targets_and_ds_config_must_be_deepspeed(tmp_path, corpus, tiny_models):
+    path = write_config(tmp_path / "c.yaml", corpus, tiny_models, ONE_STAGE)
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.translation_targets: empty, but the stage has translation"):
+        load_config(path, ["stages.0.tasks={asr: 0.5, s2tt: 0.5}", "stages.0.translation_targets=[]"])
+    not_deepspeed = tmp_path / "x.json"
+    not_deepspeed.write_text('{"model": 1}')
+    with pytest.raises(ConfigError, match="is not a DeepSpeed config"):
+        load_config(path, [f"ds_config={not_deepspeed}"])
 
 
 def test_text_tasks_need_text_shards(tmp_path, corpus, tiny_models):
