@@ -46,7 +46,8 @@ fi
 output_dir=$(python -c "import sys; from part.config import load_config; print(load_config(sys.argv[1], sys.argv[2:]).output_dir)" "$CONFIG" "$@")
 python train.py --config "$CONFIG" --check --world-size "$NPROC" "$@"
 stamp "5/5 training $CONFIG on $NPROC ranks, then evaluation"
-deepspeed --num_gpus "$NPROC" train.py --config "$CONFIG" --resume "$@"
+MASTER_PORT=${MASTER_PORT:-$(python -c 'from part.train.launcher import free_port; print(free_port())')}
+deepspeed --num_gpus "$NPROC" --master_port "$MASTER_PORT" train.py --config "$CONFIG" --resume "$@"
 stamp "done"
 echo
 echo "== results ($output_dir/final.md; hypotheses in final_hypotheses.jsonl) =="

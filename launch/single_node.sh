@@ -22,7 +22,7 @@
 #                is set, its first NUM_GPUS ids, or all of them -- deepspeed drops CUDA_VISIBLE_DEVICES when
 #                given --num_gpus, so the script turns it into --include localhost:<ids> instead)
 #   NPROC        ranks on a CPU-only machine                   (default 2)
-#   MASTER_PORT  rendezvous port on 127.0.0.1                  (default 29500; change it to run two jobs at once)
+#   MASTER_PORT  rendezvous port on 127.0.0.1                  (default: a free port, so two jobs can run at once)
 #   OMP_NUM_THREADS  CPU-only: threads per rank                (default: cores / NPROC, at least 1)
 #   PYTHON, DEEPSPEED  the interpreter and the launcher        (default: python, deepspeed from PATH)
 #   DRY_RUN=1    print the two commands instead of running them
@@ -40,9 +40,10 @@ cd "$ROOT"
 source "$ROOT/launch/lib.sh"
 
 CONFIG=${CONFIG:-configs/tiny_part.yaml}
-MASTER_PORT=${MASTER_PORT:-29500}
 NPROC=${NPROC:-2}
 PYTHON=${PYTHON:-python}
+# a free port unless one is given: a second run on the same machine must not collide with the first
+MASTER_PORT=${MASTER_PORT:-$("$PYTHON" -c 'from part.train.launcher import free_port; print(free_port())')}
 DEEPSPEED=${DEEPSPEED:-deepspeed}
 DRY_RUN=${DRY_RUN:-0}
 

@@ -105,9 +105,13 @@ def bucket(samples: list[Sample], cfg: DataConfig) -> list[list[Sample]]:
     return batches
 
 
-def collate(samples: list[Sample], feature_extractor, counters: Counter) -> Batch | None:
-    """Decodes audio and builds the tensors the model reads. Unreadable clips are dropped and counted."""
-    waves, kept = [], []
+MIN_SECONDS = 0.1  # shorter clips do not fill the log-mel frontend's window
+
+
+def collate(samples: list[Sample], feature_extractor, counters: Counter, max_duration: float = 30.0) -> Batch | None:
+    """Decodes audio and builds the tensors the model reads. Unreadable clips, and clips whose decoded length is
+    over `max_duration` or under MIN_SECONDS (whatever their record says), are dropped, counted and named."""
+    waves, kept, seconds = [], [], []
     for s in samples:
         if s.audio is not None:
             try:
@@ -116,7 +120,15 @@ def collate(samples: list[Sample], feature_extractor, counters: Counter) -> Batc
                 counters["unreadable_audio"] += 1
                 print(f"warning: {exc}", file=sys.stderr, flush=True)
                 continue
+            length = len(wave) / SAMPLE_RATE
+            if not MIN_SECONDS <= length <= max_duration:
+                reason = "too_long" if length > max_duration else "too_short"
+                counters[reason] += 1
+                print(f"warning: {s.shard}:{s.key}: the clip is {length:.2f} s long (its record says "
+                      f"{s.duration:g} s); skipped as {reason}", file=sys.stderr, flush=True)
+                continue
             waves.append(wave)
+            seconds.append(length)
         kept.append(s)
     if not kept:
         return None
@@ -131,9 +143,10 @@ def collate(samples: list[Sample], feature_extractor, counters: Counter) -> Batc
                               padding="longest", return_tensors="np")["input_features"]
         )
         frames = torch.tensor([features.shape[-1]])
-    audio_index, j = [], 0
+    audio_index, durations, j = [], [], 0
     for s in kept:
         audio_index.append(j if s.audio is not None else -1)
+        durations.append(seconds[j] if s.audio is not None else 0.0)  # measured, not the record's
         j += s.audio is not None
     return Batch(
         input_features=features,
@@ -142,7 +155,7 @@ def collate(samples: list[Sample], feature_extractor, counters: Counter) -> Batc
         prompt_ids=[torch.tensor(s.prompt_ids) for s in kept],
         target_ids=[torch.tensor(s.target_ids) for s in kept],
         transcript_ids=[torch.tensor(s.transcript_ids, dtype=torch.long) for s in kept],
-        meta=[SampleMeta(s.key, s.task, s.language, s.target_language, s.target, s.duration) for s in kept],
+        meta=[SampleMeta(s.key, s.task, s.language, s.target_language, s.target, d) for s, d in zip(kept, durations)],
     )
 
 

@@ -52,7 +52,7 @@ def eval_batches(cfg: DataConfig, languages: list[str], tasks: list[str], target
     chunks = [samples[i : i + batch_size] for i in range(0, len(samples), batch_size)]
     mine = chunks[rank::world_size]
     n_batches = -(-len(chunks) // world_size) if chunks else 0
-    out = [collate(b, fe, counters) for b in mine]
+    out = [batch for batch in (collate(b, fe, counters) for b in mine) if batch is not None]  # all clips bad
     while len(out) < n_batches:
         out.append(dataclasses.replace(out[0] if out else collate(chunks[0], fe, counters), is_padding=True))
     return out

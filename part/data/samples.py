@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -38,12 +39,24 @@ def make_sample(task: str, language: str, key: str, members: dict[str, bytes], s
     except (KeyError, UnicodeDecodeError, json.JSONDecodeError):
         counters["bad_record"] += 1
         return None
+    if not isinstance(record, dict):
+        counters["bad_record"] += 1
+        return None
     text = str(record.get("transcript", "")).strip()
     if not text:
         counters["empty_transcript"] += 1
         return None
     lang = record.get("language", language)
-    duration = float(record.get("duration", 0.0))
+    if lang != language:  # a sample of another (maybe unlisted) language in this language's shards
+        counters["other_language"] += 1
+        return None
+    try:  # only for bucketing: the collator measures the decoded clip and drops it if it is really too long
+        duration = float(record.get("duration", 0.0))
+    except (TypeError, ValueError):
+        duration = math.nan
+    if not math.isfinite(duration) or duration < 0:
+        counters["bad_duration"] += 1
+        return None
     audio = next((members[e] for e in AUDIO_EXTENSIONS if e in members), None)
     target_lang = None
     if task in SPEECH_TASKS:
@@ -56,12 +69,14 @@ def make_sample(task: str, language: str, key: str, members: dict[str, bytes], s
     else:
         audio, duration = None, 0.0
     if task in ("s2tt", "mt"):
-        options = [t for t in targets if t != lang and str(record.get("translations", {}).get(t, "")).strip()]
+        translations = record.get("translations")
+        translations = translations if isinstance(translations, dict) else {}
+        options = [t for t in targets if t != lang and str(translations.get(t, "")).strip()]
         if not options:
             counters["no_translation"] += 1
             return None
         target_lang = rng.choice(options)
-        target = record["translations"][target_lang].strip()
+        target = str(translations[target_lang]).strip()
     elif task == "text":
         text, target = split_for_text_task(text)
     else:

@@ -112,6 +112,9 @@ class MixtureStream(IterableDataset):
                 if sample is None:
                     continue
                 encode_text(self.tokenizer, sample, self.end_token_id)
+                if len(sample.prompt_ids) + len(sample.target_ids) > self.cfg.max_batch_tokens:
+                    counters["too_many_tokens"] += 1  # alone it would overflow any batch's token budget
+                    continue
                 samples.append(sample)
             batches = bucket(samples, self.cfg)
             random.Random(f"{seed}/window/{window}").shuffle(batches)
@@ -122,7 +125,7 @@ class MixtureStream(IterableDataset):
                     continue
                 mixed.update(s.task + "/" + s.language + ("-" + s.target_language if s.target_language else "")
                              for s in batch_samples)
-                batch = collate(batch_samples, self.feature_extractor, counters)
+                batch = collate(batch_samples, self.feature_extractor, counters, self.cfg.max_duration)
                 if batch is None:
                     continue
                 position = StreamPosition(worker=g, window_state=start_state, next_batch=b + 1,

@@ -173,6 +173,45 @@ def test_bad_data_is_skipped_and_counted(tmp_path, tokenizer):
     assert "ok1" in keys and "broken" not in keys and "empty" not in keys and "long" not in keys
 
 
+def test_poison_samples_are_skipped_counted_and_named(tmp_path, tokenizer, capsys):
+    """Records that lie or are malformed: each is a counted skip naming shard and key, never a crash (an exact
+    resume would replay a crash forever)."""
+    wave = load_audio(SHARED / "speech" / "clips" / "fleurs_en_000.ogg")
+    good, long_clip = encode_flac(wave[:16000]), encode_flac(np.tile(wave, 8)[: 16000 * 45])
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    poison = [
+        ("liar", record("liar", "says five seconds", duration=5.0), long_clip),  # 45 s labelled 5 s
+        ("tiny", record("tiny", "a blip"), encode_flac(wave[:40])),  # 2.5 ms: too short for the frontend
+        ("strdur", json.dumps({"id": "strdur", "language": "en", "duration": "2.0s", "transcript": "x"}).encode(),
+         good),
+        ("nulldur", json.dumps({"id": "nulldur", "language": "en", "duration": None, "transcript": "x"}).encode(),
+         good),
+        ("nandur", b'{"id": "nandur", "language": "en", "duration": NaN, "transcript": "x"}', good),
+        ("negdur", record("negdur", "negative", duration=-1.0), good),
+        ("alist", b'["not", "an", "object"]', good),
+        ("huge", record("huge", "word " * 20000), good),  # one sample over the batch token budget
+        ("french", json.dumps({"id": "french", "language": "fr", "duration": 1.0, "transcript": "bonjour"}).encode(),
+         good),
+    ]
+    members = []
+    for key, rec, audio in poison + [(f"ok{i}", record(f"ok{i}", f"fine sample {i}"), good) for i in range(4)]:
+        members += [(f"{key}.json", rec), (f"{key}.flac", audio)]
+    write_tar(shards / "en-000000.tar", members)
+    cfg = DataConfig(train_shards=f"{shards}/{{lang}}-*.tar", languages=["en"], num_workers=0, window=13,
+                     max_batch_size=4, max_batch_seconds=200, max_batch_tokens=2048, max_duration=30)
+    stream = MixtureStream(cfg, StageConfig(name="poison", steps=1, tasks={"asr": 1.0}), tokenizer, 80, 0, 1)
+    batches = take(stream, 3)
+    skipped = batches[-1].position.skipped
+    for reason, n in (("too_long", 1), ("too_short", 1), ("bad_duration", 4), ("bad_record", 1),
+                      ("too_many_tokens", 1), ("other_language", 1)):
+        assert skipped[reason] >= n, (reason, skipped)
+    keys = {m.key for b in batches for m in b.meta}
+    assert keys and keys <= {f"ok{i}" for i in range(4)}
+    assert all(abs(m.duration - 1.0) < 0.01 for b in batches for m in b.meta)  # measured, not the label
+    assert "en-000000.tar:liar: the clip is 45.00 s long (its record says 5 s)" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_continues_the_same_stream(corpus, tokenizer, workers):
     """Batches after a resume are exactly the batches an uninterrupted stream yields next."""
