@@ -15,6 +15,7 @@ class ExitCode(IntEnum):
     NON_FINITE_LOSS = 3  # optim.max_bad_steps non-finite losses in a row; resume from the last checkpoint
     CHECKPOINT_FAILED = 4  # the stage-boundary checkpoint could not be written (the next stage is built from it)
     NON_FINITE_WEIGHTS = 5  # the weights became non-finite: nothing was saved; the last good checkpoint is kept
+    STOPPED = 6  # SIGTERM/SIGINT: every rank wrote a checkpoint at the step boundary and stopped; --resume goes on
 
 
 def exit_process(code: int) -> NoReturn:

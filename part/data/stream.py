@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import signal
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -135,10 +136,18 @@ class MixtureStream(IterableDataset):
             window += 1
 
 
+def _leave_signals_to_the_rank(worker_id: int) -> None:
+    """Loader workers ignore SIGTERM/SIGINT: a stop signal reaches the whole process group, and a worker dying
+    on it would kill its rank before the rank writes its checkpoint. The rank shuts its workers down itself."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def make_loader(dataset: MixtureStream) -> DataLoader:
     workers = dataset.cfg.num_workers
     return DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None,
-                      persistent_workers=False, pin_memory=torch.cuda.is_available())
+                      persistent_workers=False, pin_memory=torch.cuda.is_available(),
+                      worker_init_fn=_leave_signals_to_the_rank if workers else None)
 
 
 class StreamTracker:

@@ -8,6 +8,7 @@ resumed at or inside any stage continues exactly as an uninterrupted one.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from part.train.curriculum import Curriculum, StageSpan
 from part.train.distributed import DistributedContext
 from part.train.logging import RunLogger
 from part.train.records import StepRecord
+from part.train.resume_check import resume_conflicts
 from part.train.stage import StageRun, features_dtype
 
 
@@ -57,13 +59,19 @@ class Trainer:
         self.bad_steps_in_a_row = 0
         self.checkpoint: Path | None = None  # the latest checkpoint of this run: the next stage is built from it
         self.checkpoint_state: dict | None = None
+        self.stop_signal: int | None = None  # SIGTERM/SIGINT seen: checkpoint at the next step boundary, stop
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_stop_signal)
         if resume:
             # rank 0 reads and checks the files (SHA-256) and falls back past damaged checkpoints, loudly
-            step = self.dist.rank0_int(lambda: self._newest_good_step())
+            step = self.dist.rank0_int(self._newest_good_step)
             if step >= 0:
                 path = self.checkpointer.root / step_dir_name(step)
                 self._adopt_checkpoint(path)
                 self.step = self.checkpoint_state["step"]
+                if conflicts := resume_conflicts(self.checkpoint_state["config"], cfg, self.step):
+                    raise RunRefused(f"--resume from {path}: the config changed where a resume cannot follow "
+                                     "(part/train/resume_check.py says what may change):\n  " + "\n  ".join(conflicts))
                 self.logger.resumed_at(self.step)
                 self.logger.info(f"resuming from {path} at step {self.step}")
             else:
@@ -72,6 +80,14 @@ class Trainer:
             raise RunRefused(f"checkpoint.dir {cfg.checkpoint.dir} holds checkpoints of an earlier run; continue it "
                              "with --resume, or start fresh in an empty checkpoint.dir (its pruning would otherwise "
                              "mix the two runs)")
+
+    def _on_stop_signal(self, signum: int, frame) -> None:
+        if self.stop_signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the checkpoint
+        if self.stop_signal is None:
+            print(f"[rank {self.dist.rank}] {signal.Signals(signum).name}: stopping after a checkpoint at the next "
+                  "step", flush=True)
+        self.stop_signal = signum
 
     def _newest_good_step(self) -> int:
         path = self.checkpointer.newest_good(report=self.logger.info)
@@ -138,9 +154,15 @@ class Trainer:
             self.step = record.step
             if not record.skipped:
                 self.logger.step(self._summed_over_ranks(record), stage.span, stage.tracker)
-            if self.step % self.cfg.checkpoint.every == 0 or self.step == stage.span.end:
+            # one collective a step: a signal may have reached only some ranks (or reach them a step apart)
+            stopping = not self.dist.all_true(self.stop_signal is None)
+            if self.step % self.cfg.checkpoint.every == 0 or self.step == stage.span.end or stopping:
                 if (code := self._save_checkpoint(stage)) is not ExitCode.OK:
                     return code
+            if stopping:
+                self.logger.info(f"stopped by a signal at step {self.step}, after checkpoint {self.checkpoint.name}; "
+                                 "continue with --resume")
+                return ExitCode.STOPPED
             if self._evaluation_due():
                 self.evaluator.run(stage.engine.module, self.step)
                 stage.engine.train()

@@ -197,6 +197,9 @@ def test_resume_exactly_at_a_stage_boundary(reference, tmp_path):
     proc = run_ds(config, "eval.per_language=0", timeout=300)
     assert proc.returncode == 2 and "holds checkpoints of an earlier run" in proc.stderr, proc.stderr[-3000:]
     assert not (tmp_path / "out" / "train_log.jsonl").exists()
+    # a changed length of the finished stage 1 would resume stage-1 weights and data into stage 2's place: refused
+    proc = run_ds(config, "--resume", "eval.per_language=0", "stages.0.steps=6", timeout=300)
+    assert proc.returncode == 2 and "stages[0].steps: 5 in the checkpoint, 6 now" in proc.stderr, proc.stderr[-3000:]
     # no `latest` pointer (it was not copied): --resume takes the newest complete checkpoint, after its hashes
     proc = run_ds(config, "--resume", "eval.per_language=0")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -262,3 +265,38 @@ def test_two_nodes_then_single_node_resume(corpus, tiny_models, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "resuming from" in proc.stdout and "step_0000003" in proc.stdout
     assert sorted(losses(tmp_path / "out")) == [1, 2, 3, 4, 5]  # 1-3 from the two nodes, 4-5 resumed
+
+
+def test_sigterm_to_the_launch_script_checkpoints_then_resumes(reference, tmp_path):
+    """SIGTERM to launch/single_node.sh (what SLURM or Kubernetes send before preemption) reaches every rank: all
+    write a checkpoint at the next step boundary and exit 6, no process of the run is left; --resume then goes on
+    with the uninterrupted run's losses."""
+    config = tmp_path / "c.yaml"
+    config.write_text(reference["config"].read_text().replace(str(reference["root"]), str(tmp_path)))
+    launcher = Path(sys.executable).parent / "deepspeed"
+    script_env = dict(env(), CONFIG=str(config), NPROC="2", PYTHON=sys.executable, DEEPSPEED=str(launcher))
+    script = subprocess.Popen(["bash", "launch/single_node.sh", "eval.per_language=0"], cwd=REPO, env=script_env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen, deadline = [], time.time() + 400
+    for line in script.stdout:
+        seen.append(line)
+        if "[part] step 4/" in line:  # inside stage 1; its checkpoints are at steps 3 and 5
+            break
+        assert time.time() < deadline, "".join(seen[-50:])
+    script.send_signal(signal.SIGTERM)
+    seen += script.stdout.readlines()
+    assert script.wait(timeout=120) == 6, "".join(seen[-60:])
+    out = "".join(seen)
+    stopped = int(re.search(r"stopped by a signal at step (\d+)", out).group(1))
+    assert stopped in (4, 5)
+    assert (tmp_path / "ckpt" / "latest").read_text().strip() == f"step_{stopped:07d}"
+    assert [json.loads(x)["step"] for x in (tmp_path / "out" / "train_log.jsonl").open()] == list(range(1, stopped + 1))
+    time.sleep(1)
+    orphans = [p.pid for p in psutil.process_iter(["cmdline"]) if str(config) in " ".join(p.info["cmdline"] or [])]
+    assert not orphans, orphans
+    proc = run_ds(config, "--resume", "eval.per_language=0")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    got, ref = losses(tmp_path / "out"), losses(reference["out"])
+    assert sorted(got) == list(range(1, 14))
+    for step in range(1, 14):
+        assert got[step] == pytest.approx(ref[step], rel=1e-5, abs=1e-6), (step, got[step], ref[step])
