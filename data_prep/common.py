@@ -140,6 +140,9 @@ def build_shards(
                 for result in pool.map(_convert_star, chunk, chunksize=8):
                     consume(result)
     shards = [s for w in writers.values() for s in w.close()]
+    if not shards:  # every item skipped: the summary says why; an index of nothing is not written
+        log(f"[{out_dir.name}] no sample survived\n{summary.table()}")
+        return summary
     extra = {**(index_extra or {}), "skipped": dict(summary.skipped)}
     write_index(out_dir, shards, extra)
     log(f"[{out_dir.name}] wrote {len(shards)} shards in {time.time() - started:.1f}s\n{summary.table()}")

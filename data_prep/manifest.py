@@ -53,7 +53,10 @@ def write_selected(items: list[Item], args: argparse.Namespace, index_extra: dic
     items = select(items, seed=None if args.no_shuffle else args.seed, limit=args.limit)
     if warn_missing_audio(items) and missing_note:
         log_stderr(missing_note)
-    build_shards(items, args.out, total=len(items), index_extra=index_extra, **build_options(args))
+    summary = build_shards(items, args.out, total=len(items), index_extra=index_extra, **build_options(args))
+    if not summary.written:  # the summary table above says why; no traceback, no empty index
+        log_stderr(f"error: no sample of {len(items)} survived; nothing was written to {args.out}")
+        raise SystemExit(2)
 
 
 def folders_with(root: Path, filename: str) -> list[str]:
@@ -84,6 +87,8 @@ def iso639_1(tag: str) -> str:
     if norm in LANGUAGE_ALIASES:
         return LANGUAGE_ALIASES[norm]
     primary = norm.split("-")[0]
+    if not re.fullmatch(r"[a-z]{2,3}", primary):  # 'English' would name shards english-000000.tar
+        raise ValueError(f"language {tag!r} is not an ISO 639 code (e.g. 'en', 'zh-CN', 'cmn_hans_cn')")
     return LANGUAGE_ALIASES.get(primary, primary)
 
 
@@ -203,10 +208,14 @@ def manifest_item(row: dict, where: str, base_dir: Path, default_source: str) ->
     translations = row.get("translations") or {}
     if not isinstance(translations, dict) or not all(isinstance(v, str) for v in translations.values()):
         raise TypeError(f"{where}: field 'translations' must be an object of language -> text")
-    translations = {iso639_1(k): v for k, v in translations.items()}
-    for key, value in row.items():
-        if key.startswith("translation_") and isinstance(value, str) and value.strip():
-            translations[iso639_1(key[len("translation_"):])] = value
+    try:
+        language = iso639_1(str(row["language"]))
+        translations = {iso639_1(k): v for k, v in translations.items()}
+        for key, value in row.items():
+            if key.startswith("translation_") and isinstance(value, str) and value.strip():
+                translations[iso639_1(key[len("translation_"):])] = value
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
 
     audio = Path(str(row["audio"]).strip())
     audio_path = audio if audio.is_absolute() else base_dir / audio
@@ -222,7 +231,7 @@ def manifest_item(row: dict, where: str, base_dir: Path, default_source: str) ->
         if start is not None:
             raw_id += f"_{round(start * 1000)}-{'end' if end is None else round(end * 1000)}"
     source = str(row.get("source") or default_source)
-    rec = make_record(sanitize_id(str(raw_id)), iso639_1(str(row["language"])), row["text"], source, translations)
+    rec = make_record(sanitize_id(str(raw_id)), language, row["text"], source, translations)
     return Item(record=rec, audio_path=str(audio_path), start=start, end=end)
 
 

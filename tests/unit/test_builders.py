@@ -470,6 +470,20 @@ def test_manifest_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert manifest.main(["--manifest", str(no_language), "--out", str(tmp_path / "o")]) == 2
     assert "no_language.tsv:1" in capsys.readouterr().err
 
+    named = tmp_path / "named.tsv"  # a language name, not a code: it would write english-000000.tar
+    named.write_text("audio\ttext\tlanguage\na.wav\thi\tEnglish\n")
+    with pytest.raises(ValueError, match=r"named\.tsv:2: language 'English' is not an ISO 639 code"):
+        read_manifests([named])
+    # every row bad (missing audio): the summary and an error, exit 2, no traceback, no index of nothing
+    all_bad = tmp_path / "all_bad.tsv"
+    all_bad.write_text("audio\ttext\tlanguage\nmissing1.wav\thi\ten\nmissing2.wav\tho\ten\n")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        manifest.main(["--manifest", str(all_bad), "--out", str(tmp_path / "nothing"), "--workers", "1"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "no sample of 2 survived" in err and "unreadable_audio=2" in err
+    assert not (tmp_path / "nothing" / "index.json").exists()
+
     empty_audio = tmp_path / "empty_audio.tsv"
     empty_audio.write_text("audio\ttext\tlanguage\na.wav\thi\ten\n\thello\ten\n")
     with pytest.raises(ValueError, match=r"empty_audio\.tsv:3: missing field 'audio'"):
