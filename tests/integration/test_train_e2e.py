@@ -269,8 +269,8 @@ def test_two_nodes_then_single_node_resume(corpus, tiny_models, tmp_path):
 
 def test_sigterm_to_the_launch_script_checkpoints_then_resumes(reference, tmp_path):
     """SIGTERM to launch/single_node.sh (what SLURM or Kubernetes send before preemption) reaches every rank: all
-    write a checkpoint at the next step boundary and exit 6, no process of the run is left; --resume then goes on
-    with the uninterrupted run's losses."""
+    write a checkpoint at the next step boundary and stop (exit 6; the launcher exits as terminated), no
+    process of the run is left; --resume then goes on with the uninterrupted run's losses."""
     config = tmp_path / "c.yaml"
     config.write_text(reference["config"].read_text().replace(str(reference["root"]), str(tmp_path)))
     launcher = Path(sys.executable).parent / "deepspeed"
@@ -285,8 +285,9 @@ def test_sigterm_to_the_launch_script_checkpoints_then_resumes(reference, tmp_pa
         assert time.time() < deadline, "".join(seen[-50:])
     script.send_signal(signal.SIGTERM)
     seen += script.stdout.readlines()
-    assert script.wait(timeout=120) == 6, "".join(seen[-60:])
+    assert script.wait(timeout=120) != 0, "".join(seen[-60:])
     out = "".join(seen)
+    assert out.count("SIGTERM: stopping after a checkpoint at the next step") == 2  # both ranks
     stopped = int(re.search(r"stopped by a signal at step (\d+)", out).group(1))
     assert stopped in (4, 5)
     assert (tmp_path / "ckpt" / "latest").read_text().strip() == f"step_{stopped:07d}"

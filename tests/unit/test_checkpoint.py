@@ -120,6 +120,9 @@ def test_hashes_are_checked_and_a_damaged_checkpoint_falls_back(tmp_path, model_
     reports = []
     assert ck.newest_good(report=reports.append) == first
     assert len(reports) == 1 and "step_0000020 is damaged" in reports[0] and "model.safetensors" in reports[0]
+    (first / SUMS).unlink()  # as an older version wrote it: used, and said to be unverified
+    reports.clear()
+    assert ck.newest_good(report=reports.append) == first and "not verified" in reports[-1]
 
 
 def test_non_finite_weights_are_never_written(tmp_path, model_and_tokenizer):
