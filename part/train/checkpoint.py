@@ -134,8 +134,13 @@ class Checkpointer:
         SHA-256 sums, else the newest older one that does; every one skipped is reported. Reads every file:
         call it on one rank."""
         pointer = self.root / LATEST
-        first = self.latest() if pointer.exists() and (self.root / pointer.read_text().strip()).exists() else None
-        if not pointer.exists() and (done := self.complete()):
+        first = None
+        if pointer.exists():
+            try:
+                first = self.latest()
+            except FileNotFoundError as exc:  # it names a checkpoint that is gone or incomplete
+                report(f"{exc}; using the newest complete checkpoint instead")
+        elif done := self.complete():
             report(f"{pointer} is missing; using the newest complete checkpoint, {done[-1].name}")
         candidates = [p for p in reversed(self.complete()) if first is None or step_of(p) <= step_of(first)]
         for path in candidates:

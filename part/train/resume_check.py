@@ -10,9 +10,9 @@ the data position in the wrong place:
 - what the data stream's position means (`data.*` but `num_workers`, which is checked with the stream layout
   and only restarts the stage's stream), `seed`, `precision` and `zero_stage` (the optimizer partitions).
 
-Allowed, and tested: everything of later stages, the resumed stage's own length, learning rate and warm-up
-(the schedule follows the new values from the resumed step on), evaluation, logging, checkpoint cadence and
-`output_dir`.
+Allowed, and tested: everything of later stages, the length of the stage the checkpoint belongs to (also when it
+was the run's last: more steps continue it with its optimizer state), learning rates and warm-up (the schedule
+follows the new values from the resumed step on), evaluation, logging, checkpoint cadence and `output_dir`.
 """
 
 from __future__ import annotations
@@ -52,10 +52,10 @@ def resume_conflicts(saved: dict, cfg: TrainConfig, step: int) -> list[str]:
         end = start + old["steps"]
         for key in STAGE_FIELDS_FIXED:
             problems += _differences(old.get(key), new.get(key), f"stages[{i}].{key}")
-        if end <= step and old["steps"] != new["steps"]:  # finished: its length places every later boundary
-            problems.append(f"stages[{i}].steps: {old['steps']} in the checkpoint, {new['steps']} now (the stage is "
-                            f"finished at step {step})")
-        elif end > step and new["steps"] < step - start:
+        if end < step and old["steps"] != new["steps"]:  # finished: its length places every later boundary
+            problems.append(f"stages[{i}].steps: {old['steps']} in the checkpoint, {new['steps']} now (the stage "
+                            f"finished at step {end}, before the resumed step {step})")
+        elif end >= step and new["steps"] < step - start:  # the checkpoint's own stage: longer is fine
             problems.append(f"stages[{i}].steps: {new['steps']} now ends the stage before the resumed step {step}")
         start = end
     if cfg.total_steps < step:

@@ -97,6 +97,9 @@ def test_latest_pointing_at_incomplete_directory_is_an_error(tmp_path):
     (root / "latest").write_text("step_0000001")
     with pytest.raises(FileNotFoundError, match="step_0000001, which has no trainer_state.json"):
         Checkpointer(root, None).latest()
+    reports = []  # a resume does not stop there: it reports and takes the newest complete one (none here)
+    assert Checkpointer(root, None).newest_good(report=reports.append) is None
+    assert "which has no trainer_state.json; using the newest complete checkpoint instead" in reports[0]
 
 
 def test_trainer_state_is_json(tmp_path, model_and_tokenizer):

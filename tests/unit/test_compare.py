@@ -325,6 +325,7 @@ def test_main_skip_training(runs, tmp_path, capsys):
     """The whole command on existing run dirs: configs validated (model dirs faked), nothing trained."""
     for d in ("whisper", "llm"):
         (tmp_path / d).mkdir()
+        (tmp_path / d / "config.json").write_text("{}")  # what --check asks of a model directory
     configs = {}
     for name, src in (("part", "tiny_part"), ("baseline", "tiny_baseline")):
         data = yaml.safe_load((REPO / f"configs/{src}.yaml").read_text())

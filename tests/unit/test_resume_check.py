@@ -47,6 +47,7 @@ def test_refused(edit, step, field):
 @pytest.mark.parametrize("edit, step", [
     (lambda c: setattr(c.stages[2], "trainable", ["adapter", "llm"]), 15),  # a later stage
     (lambda c: setattr(c.stages[1], "steps", 20), 15),  # the resumed stage's own length
+    (lambda c: setattr(c.stages[0], "steps", 15), 10),  # the stage the boundary checkpoint ends: extended
     (lambda c: setattr(c.stages[1], "lr", 1e-5), 15),
     (lambda c: setattr(c.stages[1], "trainable", ["adapter", "encoder"]), 10),  # at the boundary: not begun
     (lambda c: setattr(c.eval, "per_language", 200), 15),
