@@ -243,11 +243,14 @@ def final_is_from(final: Path, ckpt_dir: Path | None) -> bool:
     return ckpt_dir is not None and marker.exists() and json.loads(marker.read_text())["checkpoint"] == str(ckpt_dir)
 
 
-def export_final(ckpt_dir: Path, final: Path) -> None:
-    """The inference-ready part of the last checkpoint (weights, model config, tokenizer), without optimizer."""
+def export_final(ckpt_dir: Path, final: Path, extra_files: dict[str, str] | None = None) -> None:
+    """The inference-ready part of the last checkpoint (weights, model config, tokenizer), without optimizer;
+    `extra_files` (name -> text, e.g. the model card) are written with it."""
     tmp = final.with_name(final.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    for name, text in (extra_files or {}).items():
+        (tmp / name).write_text(text)
     for name in ("model.safetensors", "part_model.json"):
         shutil.copy2(ckpt_dir / name, tmp / name)
     for name in ("tokenizer", "encoder_config", "llm_config"):

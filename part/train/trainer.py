@@ -12,7 +12,9 @@ import signal
 from collections.abc import Sequence
 from pathlib import Path
 
-from part.config import TrainConfig
+import yaml
+
+from part.config import TrainConfig, to_dict
 from part.evaluation.evaluator import Evaluator
 from part.exit_codes import ExitCode
 from part.model.flops import peak_flops
@@ -30,9 +32,12 @@ from part.train.checkpoint import (
 from part.train.curriculum import Curriculum, StageSpan
 from part.train.distributed import DistributedContext
 from part.train.logging import RunLogger
+from part.train.model_card import model_card
 from part.train.records import StepRecord
 from part.train.resume_check import resume_conflicts
 from part.train.stage import StageRun, features_dtype
+
+TRAIN_CONFIG = "train_config.yaml"  # the resolved config, exported with the final model
 
 
 class RunRefused(Exception):
@@ -212,6 +217,13 @@ class Trainer:
         if self.cfg.eval.per_language:
             self.evaluator.run(stage.engine.module, self.step, final=True)
         if self.dist.is_main:
-            self.logger.info(f"final model: {self.final_dir} (a copy of checkpoint {self.checkpoint.name})")
-            export_final(self.checkpoint, self.final_dir)
+            self.logger.info(f"final model: {self.final_dir} (a copy of checkpoint {self.checkpoint.name}, with a "
+                             "model card and the resolved config)")
+            metrics = Path(self.cfg.output_dir) / "final.md"
+            again = f"{self.cfg.output_dir.rstrip('/')}_again"
+            command = (f"deepspeed --num_gpus {self.dist.world_size} train.py --config "
+                       f"{self.final_dir / TRAIN_CONFIG} output_dir={again} checkpoint.dir={again}/checkpoints")
+            card = model_card(self.cfg, self.checkpoint, metrics.read_text() if metrics.exists() else None, command)
+            config_yaml = yaml.safe_dump(to_dict(self.cfg), sort_keys=False, allow_unicode=True)
+            export_final(self.checkpoint, self.final_dir, {"README.md": card, TRAIN_CONFIG: config_yaml})
         self.dist.barrier()

@@ -99,6 +99,11 @@ def test_trains_all_stages_and_loss_falls(reference):
         assert f"'{name}'" in reference["stdout"]
     final = json.loads((reference["out"] / "final.json").read_text())
     assert {r["task"] for r in final["rows"]} == {"asr", "s2tt"}
+    # the model card: sources, stages, data, the final table, the command; the resolved config loads again
+    card = (reference["out"] / "final" / "README.md").read_text()
+    assert "whisper" in card and "| s3_lora | 3 | asr 0.5, s2tt 0.5 | adapter, llm.lora |" in card
+    assert "| en |" in card and "| asr | wer | average |" in card and "train_config.yaml" in card
+    assert load_config(reference["out"] / "final" / "train_config.yaml").stages[2].name == "s3_lora"
     assert (reference["out"] / "final.md").read_text().count("average") == 3  # wer, cer, bleu
 
 
