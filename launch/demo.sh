@@ -48,6 +48,7 @@ python train.py --config "$CONFIG" --check --world-size "$NPROC" "$@"
 stamp "5/5 training $CONFIG on $NPROC ranks, then evaluation"
 MASTER_PORT=${MASTER_PORT:-$(python -c 'from part.train.launcher import free_port; print(free_port())')}
 deepspeed --num_gpus "$NPROC" --master_port "$MASTER_PORT" train.py --config "$CONFIG" --resume "$@"
+python -m part.plot "$output_dir"
 stamp "done"
 echo
 echo "== results ($output_dir/final.md; hypotheses in final_hypotheses.jsonl) =="

@@ -1,0 +1,33 @@
+"""Draw one run: `python -m part.plot RUN_DIR [--out PNG]`.
+
+Reads RUN_DIR's train_log.jsonl, eval_step_*.json and final.json (what train.py writes into output_dir) and
+writes RUN_DIR/run.png: the training loss with the stage boundaries, and the held-out ASR error rate per language
+and S2TT BLEU per direction at each evaluation (`eval.every`, and the final one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from part.exit_codes import ExitCode, exit_process
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", help="a train.py output_dir (e.g. runs/tiny_part)")
+    parser.add_argument("--out", help="the PNG to write (default: RUN_DIR/run.png)")
+    args = parser.parse_args(argv)
+    from part.evaluation.plots import plot_run
+
+    try:
+        path = plot_run(args.run_dir, args.out)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return ExitCode.BAD_INPUT
+    print(f"wrote {path}")
+    return ExitCode.OK
+
+
+if __name__ == "__main__":
+    exit_process(main())
