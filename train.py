@@ -27,7 +27,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. stages.0.lr=5e-4")
     parser.add_argument("--resume", action="store_true", help="continue from checkpoint.dir/latest if present")
     parser.add_argument("--check", action="store_true",
-                        help="validate the config, every stage's data and trainable groups, then exit (start nothing)")
+                        help="validate the config, every stage's data and trainable groups, print each stage's memory "
+                             "estimate per rank, then exit (start nothing)")
     parser.add_argument("--world-size", type=int, default=1, help="with --check: the number of ranks to check for")
     parser.add_argument("--device-memory-gb", type=float, default=None,
                         help="with --check: one device's memory for the per-stage estimate (default: this "
