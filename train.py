@@ -25,7 +25,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML config (see configs/)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. stages.0.lr=5e-4")
-    parser.add_argument("--resume", action="store_true", help="continue from checkpoint.dir/latest (checked against its SHA256SUMS; a damaged one "
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from checkpoint.dir/latest (checked against its SHA256SUMS; a damaged one "
                              "falls back to the newest good one) if present; refused if the config changed where "
                              "a resume cannot follow")
     parser.add_argument("--check", action="store_true",
