@@ -1,0 +1,39 @@
+"""Test-only entry point: train.py (under the collective guard) where rank 0's weight file cannot be written at
+chosen steps, as on a full disk (the exception is not an OSError, as safetensors' is not).
+
+    deepspeed --num_gpus 2 tests/integration/save_fault_train.py --fail-steps 3 --config c.yaml [train.py args]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: train.py and part/
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # guarded_train
+
+from guarded_train import guarded_main  # noqa: E402  (after the path set-up above)
+
+from part.exit_codes import exit_process  # noqa: E402
+from part.model import speech_llm  # noqa: E402
+
+
+def failing_at(steps: set[int]):
+    original = speech_llm.SpeechLLM.save_pretrained
+
+    def save_pretrained(self, out_dir, tokenizer, state=None):
+        step = int(Path(out_dir).name.split("_")[1].split(".")[0])
+        if step in steps:
+            raise RuntimeError(f"injected: no space left writing the weights of step {step}")
+        return original(self, out_dir, tokenizer, state)
+
+    return save_pretrained
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--fail-steps", required=True, help="steps whose checkpoint cannot be written, e.g. 3,5")
+    ours, rest = parser.parse_known_args()
+    speech_llm.SpeechLLM.save_pretrained = failing_at({int(s) for s in ours.fail_steps.split(",") if s})
+    exit_process(guarded_main(rest))
