@@ -31,7 +31,8 @@
 # Variables:
 #   HOSTFILE     the hostfile                                   (default: hostfile at the repo root)
 #   MASTER_ADDR  address of node rank 0, reachable from all     (default: first host of the hostfile)
-#   MASTER_PORT  rendezvous port on MASTER_ADDR                 (default 29500)
+#   MASTER_PORT  rendezvous port on MASTER_ADDR                 (default 29500: every node must name the same
+#                port, so it cannot be a free port picked on one of them; set it to run two jobs at once)
 #   CONFIG       YAML config                                    (default configs/tiny_part.yaml)
 #   NO_SSH=1     launch only this node's ranks (no ssh/pdsh); needs NODE_RANK
 #   NODE_RANK    0-based index of this node in the hostfile     (NO_SSH=1 only; default $SLURM_NODEID)

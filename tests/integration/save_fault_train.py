@@ -1,7 +1,8 @@
 """Test-only entry point: train.py (under the collective guard) where rank 0's weight file cannot be written at
-chosen steps, as on a full disk (the exception is not an OSError, as safetensors' is not).
+chosen steps, as on a full disk (the exception is not an OSError, as safetensors' is not), or where the weights
+gathered for a checkpoint hold a NaN.
 
-    deepspeed --num_gpus 2 tests/integration/save_fault_train.py --fail-steps 3 --config c.yaml [train.py args]
+    deepspeed --num_gpus 2 tests/integration/save_fault_train.py [--fail-steps 3] [--nan-steps 4] --config c.yaml ...
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from guarded_train import guarded_main  # noqa: E402  (after the path set-up abo
 
 from part.exit_codes import exit_process  # noqa: E402
 from part.model import speech_llm  # noqa: E402
+from part.train import checkpoint  # noqa: E402
 
 
 def failing_at(steps: set[int]):
@@ -31,9 +33,26 @@ def failing_at(steps: set[int]):
     return save_pretrained
 
 
+class NanAt:
+    """gather_state_dict, with a NaN in the first floating-point weight on rank 0 at the chosen saves."""
+
+    def __init__(self, saves: set[int]):
+        self.saves, self.calls, self.original = saves, 0, checkpoint.gather_state_dict
+
+    def __call__(self, model, rank):
+        state = self.original(model, rank)
+        self.calls += 1
+        if self.calls in self.saves and state:
+            name = next(k for k, v in state.items() if v.is_floating_point())
+            state[name].view(-1)[0] = float("nan")
+        return state
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--fail-steps", required=True, help="steps whose checkpoint cannot be written, e.g. 3,5")
+    parser.add_argument("--fail-steps", default="", help="steps whose checkpoint cannot be written, e.g. 3,5")
+    parser.add_argument("--nan-saves", default="", help="1-based saves of this run whose weights get a NaN, e.g. 2")
     ours, rest = parser.parse_known_args()
     speech_llm.SpeechLLM.save_pretrained = failing_at({int(s) for s in ours.fail_steps.split(",") if s})
+    checkpoint.gather_state_dict = NanAt({int(s) for s in ours.nan_saves.split(",") if s})
     exit_process(guarded_main(rest))

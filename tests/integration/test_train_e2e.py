@@ -271,6 +271,20 @@ def test_a_failed_save_keeps_the_previous_checkpoint_on_every_rank(corpus, tiny_
     assert sorted(losses(tmp_path / "out")) == [1, 2, 3, 4, 5]
 
 
+def test_non_finite_weights_stop_the_run_and_are_never_saved(corpus, tiny_models, tmp_path):
+    """The weights gathered for the second checkpoint (step 4) hold a NaN: nothing of it is written, both ranks
+    stop with exit 5, step 2's checkpoint stays `latest`, and no final/ is exported."""
+    stages = "  - {name: s1, steps: 5, tasks: {asr: 1.0}, trainable: [adapter], lr: 1.0e-3, warmup_steps: 1}"
+    config = write_config(tmp_path / "c.yaml", corpus, tiny_models, stages, "")
+    proc = run_ds(config, "--nan-saves", "2", "checkpoint.every=2", "eval.per_language=0",
+                  script="tests/integration/save_fault_train.py")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 5, out[-4000:]
+    assert "the weights at step 4 are not finite; nothing was saved" in out
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["latest", "step_0000002"]
+    assert not (tmp_path / "out" / "final").exists()
+
+
 def test_two_nodes_then_single_node_resume(corpus, tiny_models, tmp_path):
     """Two launchers (--no_ssh, node ranks 0 and 1, hostfile 127.0.0.1 + localhost) train as 2 nodes x 1 rank
     with shards split by node; a single-node 2-rank run resumes the checkpoint."""
