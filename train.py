@@ -40,7 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_intermixed_args(argv)  # flags may come after the overrides
 
 
-def print_memory_estimate(cfg, world_size: int, device_memory_gb: float | None) -> None:
+def print_memory_estimate(cfg, model, world_size: int, device_memory_gb: float | None) -> None:
+    """`model`: the skeleton preflight built."""
     import torch
 
     from part.train.memory import GIB, estimate_stages, memory_table
@@ -50,7 +51,7 @@ def print_memory_estimate(cfg, world_size: int, device_memory_gb: float | None) 
         device_bytes = torch.cuda.get_device_properties(0).total_memory if cuda else 80 * GIB
     else:
         device_bytes = device_memory_gb * GIB
-    table, warnings = memory_table(estimate_stages(cfg, world_size), device_bytes)
+    table, warnings = memory_table(estimate_stages(cfg, world_size, model), device_bytes)
     print(f"estimated memory per rank ({world_size} ranks, ZeRO-{cfg.zero_stage}, {cfg.precision}, "
           f"device {device_bytes / GIB:.0f} GiB):\n{table}")
     for warning in warnings:
@@ -65,13 +66,13 @@ def main(argv: list[str] | None = None, callbacks: Sequence[TrainerCallback] = (
 
     try:  # before any process starts or any step is spent; WORLD_SIZE is set by the launcher (and the scripts)
         cfg = load_config(args.config, args.overrides)
-        preflight(cfg, int(os.environ.get("WORLD_SIZE", args.world_size)), source=args.config)
+        model = preflight(cfg, int(os.environ.get("WORLD_SIZE", args.world_size)), source=args.config)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return ExitCode.BAD_INPUT
     if args.check:
         print(f"{args.config}: OK ({len(cfg.stages)} stages, {cfg.total_steps} steps)")
-        print_memory_estimate(cfg, int(os.environ.get("WORLD_SIZE", args.world_size)), args.device_memory_gb)
+        print_memory_estimate(cfg, model, int(os.environ.get("WORLD_SIZE", args.world_size)), args.device_memory_gb)
         return ExitCode.OK
     from part.train.trainer import RunRefused, Trainer  # imports DeepSpeed: not for --check
 

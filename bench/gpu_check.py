@@ -213,23 +213,14 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def stage_report(train_log: Path, warmup: int = WARMUP_STEPS) -> list[dict]:
-    """Per stage, from train_log.jsonl (the last record of a step counts: a resume repeats steps), after the
-    first `warmup` steps of each stage and of each resumed segment."""
-    records: dict[int, dict] = {}
-    segment_starts = []
-    previous = None
-    for line in train_log.read_text().splitlines():
-        r = json.loads(line)
-        if previous is not None and r["step"] <= previous:
-            segment_starts.append(r["step"])
-        previous = r["step"]
-        records[r["step"]] = r
+    """Per stage, from train_log.jsonl (one record per step, as `load_run` reads it), after the first `warmup`
+    steps of each stage and of each process (a resumed run's first steps: `process_steps` counts them)."""
+    from part.evaluation.comparison import load_run
+
     by_stage: dict[str, list[dict]] = {}
-    for step in sorted(records):
-        by_stage.setdefault(records[step]["stage"], []).append(records[step])
-    skip = set()
-    for start in segment_starts:
-        skip.update(range(start, start + warmup))
+    for record in load_run(train_log.parent)["train"]:
+        by_stage.setdefault(record["stage"], []).append(record)
+    skip = {r["step"] for recs in by_stage.values() for r in recs if r.get("process_steps", warmup + 1) <= warmup}
     rows = []
     for stage, recs in by_stage.items():
         steady = [r for r in recs[warmup:] if r["step"] not in skip] or recs[-1:]

@@ -187,7 +187,24 @@ SUMMARY_LABELS = {
 # ---------------------------------------------------------------- plotting
 
 
-def _smooth(values: list[float], window: int) -> list[float]:
+def draw_stage_boundaries(axes, stages: Sequence[Mapping]) -> None:
+    """A dotted vertical line at each stage's start (but the first) and the stage's name along it."""
+    for ax in axes:
+        transform = ax.get_xaxis_transform()  # x in data, y in axes fraction
+        for stage in stages:
+            if stage["start"] > 0:
+                ax.axvline(stage["start"], color="0.5", linestyle=":", linewidth=1)
+            ax.text(stage["start"], 0.02, f" {stage['name']}", transform=transform, rotation=90,
+                    fontsize=7, color="0.35", ha="left", va="bottom", clip_on=True)
+
+
+def save_figure(fig, path: Path) -> None:
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=FIG_DPI)
+
+
+def smooth(values: list[float], window: int) -> list[float]:
     """Trailing moving average (the first points average what there is)."""
     out, total = [], 0.0
     for i, v in enumerate(values):
@@ -217,7 +234,7 @@ def plot_curves(runs: Mapping[str, dict], stages: list[dict], path: Path) -> Pat
             steps, losses = zip(*points)
             window = max(1, min(50, len(losses) // 20))
             ax_loss.plot(steps, losses, color=colors[name], alpha=0.2, linewidth=0.8)
-            ax_loss.plot(steps, _smooth(list(losses), window), color=colors[name], linewidth=1.8,
+            ax_loss.plot(steps, smooth(list(losses), window), color=colors[name], linewidth=1.8,
                          label=f"{name} (moving avg {window})")
         ax_loss.set_title("(a) training loss")
         ax_loss.set_xlabel("step")
@@ -251,18 +268,10 @@ def plot_curves(runs: Mapping[str, dict], stages: list[dict], path: Path) -> Pat
         if ends:
             for ax in (ax_loss, ax_err):
                 ax.set_xlim(0, max(ends) * 1.02)
-        for ax in (ax_loss, ax_err):
-            transform = ax.get_xaxis_transform()  # x in data, y in axes fraction
-            for stage in stages:
-                if stage["start"] > 0:
-                    ax.axvline(stage["start"], color="0.5", linestyle=":", linewidth=1)
-                ax.text(stage["start"], 0.02, f" {stage['name']}", transform=transform, rotation=90,
-                        fontsize=7, color="0.35", ha="left", va="bottom", clip_on=True)
+        draw_stage_boundaries((ax_loss, ax_err), stages)
         if stages:
             fig.suptitle("stage boundaries (dotted): PART's curriculum; the baseline is one stage", fontsize=9)
-        fig.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=FIG_DPI)
+        save_figure(fig, path)
     finally:
         plt.close(fig)
     return path

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from part.evaluation.comparison import FIG_DPI, _smooth, load_run
+from part.evaluation.comparison import FIG_DPI, draw_stage_boundaries, load_run, save_figure, smooth
 
 
 def plot_run(output_dir: str | Path, path: str | Path | None = None) -> Path:
@@ -27,7 +27,7 @@ def plot_run(output_dir: str | Path, path: str | Path | None = None) -> Path:
                 xs, ys = zip(*values)
                 window = max(1, min(50, len(ys) // 20))
                 ax_loss.plot(xs, ys, color=color, alpha=0.2, linewidth=0.8)
-                ax_loss.plot(xs, _smooth(list(ys), window), color=color, linewidth=1.8, label=f"{label} (avg {window})")
+                ax_loss.plot(xs, smooth(list(ys), window), color=color, linewidth=1.8, label=f"{label} (avg {window})")
         ax_loss.set_title("(a) training loss")
         ax_loss.set_xlabel("step")
         if ax_loss.get_legend_handles_labels()[0]:
@@ -50,16 +50,9 @@ def plot_run(output_dir: str | Path, path: str | Path | None = None) -> Path:
         end = max(steps + [e["step"] for e in run["evals"]] + [0])
         for ax in (ax_loss, ax_asr, ax_st):
             ax.set_xlim(0, max(end, 1) * 1.02)
-            transform = ax.get_xaxis_transform()
-            for stage in run["stages"]:
-                if stage["start"] > 0:
-                    ax.axvline(stage["start"], color="0.5", linestyle=":", linewidth=1)
-                ax.text(stage["start"], 0.02, f" {stage['name']}", transform=transform, rotation=90, fontsize=7,
-                        color="0.35", ha="left", va="bottom", clip_on=True)
+        draw_stage_boundaries((ax_loss, ax_asr, ax_st), run["stages"])
         fig.suptitle(f"{Path(output_dir).name}: stage boundaries dotted", fontsize=9)
-        fig.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=FIG_DPI)
+        save_figure(fig, path)
     finally:
         plt.close(fig)
     return path

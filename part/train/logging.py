@@ -67,18 +67,19 @@ class RunLogger:
         data_wait = record.data_wait / self.world_size  # mean over ranks
         # model FLOP utilisation: the step's operations over what all devices could do in its time
         mfu = record.flops / (step_time * self.world_size * self.peak_flops) if self.peak_flops else None
-        # Every step, full precision: what the plots and the resume tests read.
+        # Every step, full precision: what the plots and the resume tests read. `process_steps` counts the steps
+        # this process logged (1, 2, ... again after a resume), so reports can leave out each process's warm-up.
+        self.steps_timed += 1
         with open(Path(self.cfg.output_dir) / "train_log.jsonl", "a") as fh:
             fh.write(json.dumps({"step": step, "stage": span.name, "stage_index": span.index, "loss": record.loss,
                                  "lr": record.lr, "samples": float(record.samples),
                                  "audio_seconds": float(record.audio_seconds), "step_time": step_time,
                                  "data_wait": data_wait, "tokens": record.sequence_tokens, "flops": record.flops,
-                                 "skipped_samples": record.skipped_samples,
+                                 "skipped_samples": record.skipped_samples, "process_steps": self.steps_timed,
                                  **({"mfu": mfu} if mfu is not None else {}),
                                  **({"peak_memory_gib": record.peak_memory / 1024**3}
                                     if record.peak_memory is not None else {}),
                                  **({"ctc_loss": record.ctc_loss} if record.ctc_loss is not None else {})}) + "\n")
-        self.steps_timed += 1
         self.time_in_steps += step_time
         every = self.cfg.logging.every
         if step % every and step != span.end:

@@ -99,18 +99,14 @@ def activation_bytes(s: Shapes, t: Trainable, cfg: TrainConfig) -> float:
     return total
 
 
-def estimate_stages(cfg: TrainConfig, world_size: int, model=None) -> list[StageMemory]:
-    """Every stage's per-rank estimate; `model`: the skeleton (meta device) the config describes."""
+def estimate_stages(cfg: TrainConfig, world_size: int, model) -> list[StageMemory]:
+    """Every stage's per-rank estimate; `model`: the skeleton (meta device) the config describes
+    (part.train.preflight.skeleton). Its trainable flags are changed."""
     import json
     from pathlib import Path
 
     from part.model.groups import set_trainable
 
-    if model is None:
-        from part.model.speech_llm import SpeechLLM
-        from part.model.tokenizer import load_tokenizer
-
-        model = SpeechLLM.skeleton(cfg.model, load_tokenizer(cfg.model.llm.tokenizer or cfg.model.llm.pretrained))
     ds = json.loads(Path(cfg.ds_config).read_text())
     offload = (ds.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device", "none") != "none"
     shapes = Shapes.from_model(model)

@@ -17,13 +17,18 @@ def check_stage_data(cfg: TrainConfig, world_size: int) -> None:
         stage_shards(cfg.data, stage, world_size)
 
 
-def empty_group_errors(cfg: TrainConfig) -> list[str]:
-    """A message for every trainable group that selects no parameter of the configured model."""
-    from part.model.groups import group_parameters
+def skeleton(cfg: TrainConfig):
+    """The configured model on the meta device (its real parameter names; no weights read, no memory used)."""
     from part.model.speech_llm import SpeechLLM
     from part.model.tokenizer import load_tokenizer
 
-    model = SpeechLLM.skeleton(cfg.model, load_tokenizer(cfg.model.llm.tokenizer or cfg.model.llm.pretrained))
+    return SpeechLLM.skeleton(cfg.model, load_tokenizer(cfg.model.llm.tokenizer or cfg.model.llm.pretrained))
+
+
+def empty_group_errors(cfg: TrainConfig, model) -> list[str]:
+    """A message for every trainable group that selects no parameter of `model` (the skeleton)."""
+    from part.model.groups import group_parameters
+
     errors = []
     for i, stage in enumerate(cfg.stages):
         for group in stage.trainable:
@@ -34,11 +39,14 @@ def empty_group_errors(cfg: TrainConfig) -> list[str]:
     return errors
 
 
-def preflight(cfg: TrainConfig, world_size: int, source: str | Path = "config") -> None:
-    """Raises ConfigError, naming `source` and the problem, when the run could not go through."""
+def preflight(cfg: TrainConfig, world_size: int, source: str | Path = "config"):
+    """Raises ConfigError, naming `source` and the problem, when the run could not go through. Returns the
+    skeleton it checked the groups against (for `--check`'s memory estimate)."""
     try:  # every stage's data, before any process starts or any step is spent
         check_stage_data(cfg, world_size)
     except DataError as exc:
         raise ConfigError(f"{source}: {exc}") from None
-    if errors := empty_group_errors(cfg):
+    model = skeleton(cfg)
+    if errors := empty_group_errors(cfg, model):
         raise ConfigError(f"{source}: invalid configuration:\n  " + "\n  ".join(errors))
+    return model

@@ -15,24 +15,27 @@ from gpu_check import report_markdown, stage_report  # noqa: E402
 PEAK = 1e15
 
 
-def record(step: int, stage: str, seconds: float, flops: float = 2e14) -> dict:
+def record(step: int, stage: str, seconds: float, flops: float = 2e14, process_steps: int | None = None) -> dict:
     return {"step": step, "stage": stage, "step_time": seconds, "tokens": 1000, "audio_seconds": 100.0,
-            "flops": flops, "mfu": flops / seconds / PEAK, "peak_memory_gib": step / 10}
+            "flops": flops, "mfu": flops / seconds / PEAK, "peak_memory_gib": step / 10,
+            "process_steps": step if process_steps is None else process_steps}
 
 
 def test_report_per_stage(tmp_path):
     log = tmp_path / "train_log.jsonl"
     rows = [record(1, "a", 9.0), record(2, "a", 5.0), record(3, "a", 1.0), record(4, "a", 2.0), record(5, "a", 1.0),
-            record(6, "b", 7.0), record(7, "b", 6.0), record(8, "b", 1.0), record(9, "b", 3.0),
-            # killed after step 9, resumed from step 7: steps 8-9 again, then 10; the resume's first two are warm-up
-            record(8, "b", 8.0), record(9, "b", 4.0), record(10, "b", 2.0)]
+            record(6, "b", 7.0), record(7, "b", 6.0),
+            # killed after step 9, resumed from step 7: the resume dropped the first 8-9 from the log and logged them
+            # again as its process's steps 1-2 (its warm-up), then 10
+            record(8, "b", 8.0, process_steps=1), record(9, "b", 4.0, process_steps=2),
+            record(10, "b", 2.0, process_steps=3)]
     log.write_text("".join(json.dumps(r) + "\n" for r in rows))
     a, b = stage_report(log)
     assert (a["stage"], a["steps"], a["timed"]) == ("a", 5, 3)
     assert a["median_s"] == 1.0 and a["max_s"] == 2.0 and a["max_over_median"] == 2.0
     assert a["tokens_per_s"] == pytest.approx(3000 / 4.0) and a["mfu"] == pytest.approx(3 * 2e14 / 4.0 / PEAK)
     assert a["first_steps_s"] == [9.0, 5.0] and a["peak_memory_gib"] == 0.5
-    # stage b: steps 6-10 once each (the resumed 8 and 9 replace the first ones), 6-7 warm-up, 8-9 resume warm-up
+    # stage b: steps 6-10, 6-7 its warm-up, 8-9 the resumed process's warm-up
     assert (b["steps"], b["timed"], b["median_s"]) == (5, 1, 2.0)
     assert "| a | 5 (3) |" in report_markdown([a, b])
 

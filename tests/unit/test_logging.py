@@ -34,6 +34,7 @@ def test_console_jsonl_and_offline_wandb(tmp_path, monkeypatch, capsys):
     rows = [json.loads(x) for x in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and rows[0]["loss"] == 2.0
     assert [r["skipped_samples"] for r in rows] == [0, 1] and rows[1]["flops"] == 1e12 and rows[1]["tokens"] == 300
+    assert [r["process_steps"] for r in rows] == [1, 2]
     # a resume at step 1 drops the later records, which the resumed run logs again: each step once
     logger.resumed_at(1)
     assert [json.loads(x)["step"] for x in (tmp_path / "train_log.jsonl").read_text().splitlines()] == [1]
