@@ -82,12 +82,13 @@ def build_models(work: Path, small: bool, device: str) -> tuple[Path, Path]:
     from transformers import Qwen2Config, Qwen2ForCausalLM, WhisperConfig, WhisperModel
 
     from part.model.tiny import train_tokenizer
-    from part.prompts import TURN_END
+    from part.prompts import PromptFormat
 
     whisper_dir, llm_dir = work / "whisper", work / "llm"
     text = work / "tokenizer_text.txt"
     text.write_text("\n".join(pseudo_sentences(4000, random.Random(1))))
     tokenizer = train_tokenizer(text, llm_dir, vocab_size=1000)
+    end = PromptFormat.from_tokenizer(tokenizer).end_token
     dtype = torch.float32 if small else torch.bfloat16
     torch.manual_seed(0)
     enc = dict(d_model=1280, encoder_layers=32, encoder_attention_heads=20, encoder_ffn_dim=5120, num_mel_bins=128)
@@ -108,7 +109,7 @@ def build_models(work: Path, small: bool, device: str) -> tuple[Path, Path]:
         llm = Qwen2ForCausalLM(Qwen2Config(**llm_shape, vocab_size=151936, max_position_embeddings=32768,
                                            tie_word_embeddings=True, rope_theta=1e6,
                                            pad_token_id=tokenizer.pad_token_id,
-                                           eos_token_id=tokenizer.convert_tokens_to_ids(TURN_END))).to(dtype)
+                                           eos_token_id=tokenizer.convert_tokens_to_ids(end))).to(dtype)
     llm.save_pretrained(llm_dir)
     return whisper_dir, llm_dir
 

@@ -10,21 +10,24 @@ from part.config import DataConfig
 from part.data.batching import Batch, collate
 from part.data.samples import Sample, encode_text, make_sample
 from part.data.shards import expand_shards, iter_tar_samples
-from part.prompts import TURN_END
+from part.prompts import PromptFormat
 
 WINDOW_SECONDS = 30.0  # the Whisper encoder's window: longer clips cannot be encoded
 
 
 def eval_batches(cfg: DataConfig, languages: list[str], tasks: list[str], targets: list[str], per_language: int,
-                 batch_size: int, tokenizer, num_mel_bins: int, rank: int, world_size: int) -> list[Batch]:
+                 batch_size: int, tokenizer, num_mel_bins: int, rank: int, world_size: int,
+                 prompts: PromptFormat | None = None) -> list[Batch]:
     """Deterministic held-out batches for this rank. Every rank gets the same number of batches (the last
-    ones may be repeats marked `is_padding`) so generation under ZeRO-3 stays in lockstep."""
+    ones may be repeats marked `is_padding`) so generation under ZeRO-3 stays in lockstep. Prompts are written
+    in `prompts` (by default the tokenizer's format, `PromptFormat.from_tokenizer`)."""
     from transformers import WhisperFeatureExtractor
 
     if not cfg.eval_shards:
         return []
     fe = WhisperFeatureExtractor(feature_size=num_mel_bins)
-    end_id = tokenizer.convert_tokens_to_ids(TURN_END)
+    prompts = prompts or PromptFormat.from_tokenizer(tokenizer)
+    end_id = tokenizer.convert_tokens_to_ids(prompts.end_token)
     counters: Counter = Counter()
     samples: list[Sample] = []
     for lang in languages:
@@ -39,7 +42,7 @@ def eval_batches(cfg: DataConfig, languages: list[str], tasks: list[str], target
                         if tgt == lang:
                             continue
                         s = make_sample(task, lang, key, members, url, random.Random(0), [tgt] if tgt else [],
-                                        WINDOW_SECONDS, counters)
+                                        WINDOW_SECONDS, counters, prompts)
                         if s is not None:
                             made.append(s)
                 if not made or made[0].language != lang:  # unusable, or another language's clip

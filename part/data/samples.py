@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from part.config import SPEECH_TASKS
 from part.data.shards import AUDIO_EXTENSIONS
-from part.prompts import instruction, split_for_text_task
+from part.prompts import PromptFormat, split_for_text_task
 
 
 @dataclass
@@ -31,9 +31,9 @@ class Sample:
 
 
 def make_sample(task: str, language: str, key: str, members: dict[str, bytes], shard: str, rng: random.Random,
-                targets: list[str], max_duration: float, counters: Counter) -> Sample | None:
-    """Turns raw members into a sample of `task` (read from a `language` source), or counts why it cannot be one
-    and returns None."""
+                targets: list[str], max_duration: float, counters: Counter, prompts: PromptFormat) -> Sample | None:
+    """Turns raw members into a sample of `task` (read from a `language` source), its prompt written in the LLM's
+    format `prompts`, or counts why it cannot be one and returns None."""
     try:
         record = json.loads(members["json"].decode("utf-8"))
     except (KeyError, UnicodeDecodeError, json.JSONDecodeError):
@@ -81,14 +81,14 @@ def make_sample(task: str, language: str, key: str, members: dict[str, bytes], s
         text, target = split_for_text_task(text)
     else:
         target = text
-    prompt = instruction(task, lang, target_lang, text if task in ("mt", "text") else None)
+    prompt = prompts.prompt(task, lang, target_lang, text if task in ("mt", "text") else None)
     return Sample(task, lang, target_lang, key, shard, prompt, target, duration, audio,
                   transcript=text if task in SPEECH_TASKS else "")
 
 
 def encode_text(tokenizer, sample: Sample, end_token_id: int) -> None:
-    """Token ids of the prompt, of the target followed by the end-of-turn token the model learns to stop on, and
-    of the transcript (speech samples)."""
+    """Token ids of the prompt, of the target followed by the end-of-turn token the model learns to stop on (the
+    prompt format's `end_token`), and of the transcript (speech samples)."""
     sample.prompt_ids = tokenizer(sample.prompt, add_special_tokens=False)["input_ids"]
     sample.target_ids = tokenizer(sample.target, add_special_tokens=False)["input_ids"] + [end_token_id]
     if sample.transcript:

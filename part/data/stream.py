@@ -25,7 +25,7 @@ from part.config import DataConfig, StageConfig
 from part.data.batching import Batch, bucket, collate
 from part.data.samples import Sample, encode_text, make_sample
 from part.data.sources import Cursor, SourceReader, stage_mixture, stage_shards
-from part.prompts import TURN_END
+from part.prompts import PromptFormat
 
 
 @dataclass(frozen=True)
@@ -52,11 +52,12 @@ class MixtureStream(IterableDataset):
     """Endless stream of batches for one stage on one rank; see the module docstring for the resume contract.
 
     `on_window`, when given, sees every window right after it is bucketed (in the process that iterates).
+    `prompts` is the LLM's prompt format (by default the tokenizer's: `PromptFormat.from_tokenizer`).
     """
 
     def __init__(self, cfg: DataConfig, stage: StageConfig, tokenizer, num_mel_bins: int, rank: int,
                  world_size: int, resume: dict | None = None,
-                 on_window: Callable[[BucketedWindow], None] | None = None):
+                 on_window: Callable[[BucketedWindow], None] | None = None, prompts: PromptFormat | None = None):
         from transformers import WhisperFeatureExtractor
 
         self.cfg, self.stage, self.tokenizer = cfg, stage, tokenizer
@@ -64,7 +65,8 @@ class MixtureStream(IterableDataset):
         self.num_workers = max(1, cfg.num_workers)
         self.mixture = stage_mixture(cfg, stage)
         self.feature_extractor = WhisperFeatureExtractor(feature_size=num_mel_bins)
-        self.end_token_id = tokenizer.convert_tokens_to_ids(TURN_END)
+        self.prompts = prompts or PromptFormat.from_tokenizer(tokenizer)
+        self.end_token_id = tokenizer.convert_tokens_to_ids(self.prompts.end_token)
         self.resume = resume or {}
         self.on_window = on_window
         self.shards = stage_shards(cfg, stage, world_size)
@@ -109,7 +111,7 @@ class MixtureStream(IterableDataset):
                 source = rng.choices(sources, weights)[0]
                 key, members, shard = readers[source.key].next()
                 sample = make_sample(source.task, source.language, key, members, shard, rng, targets,
-                                     self.cfg.max_duration, counters)
+                                     self.cfg.max_duration, counters, self.prompts)
                 if sample is None:
                     continue
                 encode_text(self.tokenizer, sample, self.end_token_id)

@@ -20,7 +20,6 @@ import torch
 
 from part.data.audio import SAMPLE_RATE, AudioDecodeError, load_audio
 from part.data.batching import HOP
-from part.prompts import instruction
 
 MODEL_FILES = ("part_model.json", "model.safetensors", "tokenizer")
 
@@ -146,7 +145,7 @@ def transcribe(model, tokenizer, paths: list[str], task: str, language: str, tar
     model.to(device=device, dtype=dtype).eval()
     max_seconds = max_audio_seconds(model)
     feature_extractor = WhisperFeatureExtractor(feature_size=model.encoder.config.num_mel_bins)
-    prompt = instruction(task, language, target)
+    prompt = model.prompt_format.prompt(task, language, target)  # the model's own chat template
     results: list[dict | None] = [None] * len(paths)
 
     def finish(i: int, record: dict) -> None:

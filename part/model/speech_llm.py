@@ -24,7 +24,7 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 from part.config import EncoderConfig, LoraConfig, ModelConfig, build_config
 from part.model.adapter import Adapter
 from part.model.tokenizer import load_tokenizer, suppressed_token_ids
-from part.prompts import AUDIO_TOKEN, TURN_END
+from part.prompts import AUDIO_TOKEN, PromptFormat
 
 if TYPE_CHECKING:
     from part.data.batching import Batch  # the collator's output is the model's input
@@ -100,9 +100,11 @@ class SpeechLLM(nn.Module):
         self.llm = llm
         self.adapter = Adapter(cfg.adapter, self.encoder.config.d_model, llm.config.hidden_size)
         self.audio_token_id = tokenizer.convert_tokens_to_ids(AUDIO_TOKEN)
-        self.end_token_id = tokenizer.convert_tokens_to_ids(TURN_END)
+        # The LLM's chat template (ChatML without one): how prompts are written and the token that ends a turn.
+        self.prompt_format = PromptFormat.from_tokenizer(tokenizer)
+        self.end_token_id = tokenizer.convert_tokens_to_ids(self.prompt_format.end_token)
         self.pad_token_id = tokenizer.pad_token_id
-        self.suppressed_token_ids = suppressed_token_ids(tokenizer, self.end_token_id)
+        self.suppressed_token_ids = suppressed_token_ids(tokenizer, self.prompt_format)
 
     @classmethod
     def skeleton(cls, cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> SpeechLLM:

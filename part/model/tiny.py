@@ -15,7 +15,7 @@ import sentencepiece as spm
 import torch
 
 from part.model.tokenizer import load_tokenizer
-from part.prompts import AUDIO_TOKEN, TURN_END, TURN_START
+from part.prompts import AUDIO_TOKEN, CHATML, TURN_END, TURN_START, PromptFormat
 
 
 def train_tokenizer(text_file: Path, out_dir: Path, vocab_size: int = 4000):
@@ -52,19 +52,21 @@ class TextExample:
     slot_task: bool = False
 
 
-def text_examples(corpus: Path, translation_targets: tuple[str, ...] = ("en",), seed: int = 0) -> list[TextExample]:
+def text_examples(corpus: Path, translation_targets: tuple[str, ...] = ("en",), seed: int = 0,
+                  prompts: PromptFormat = CHATML) -> list[TextExample]:
     """Text-only examples from the corpus' training side (never eval/), chat-formatted as training will see them:
     continuation of every transcript and its translation into `translation_targets` (the `text` and `mt` tasks),
     and the
     speech prompts (`asr`, `s2tt`) with the transcript's own text in the audio slot. The last kind stands in for
     what a pretrained LLM brings and a tiny one lacks: reading what its prompt holds and writing it out again or
-    in another language. The slot text is what the adapter will have to imitate."""
+    in another language. The slot text is what the adapter will have to imitate.
+    `prompts` is the LLM's prompt format (ChatML, as the tokenizers built here have no chat template)."""
     import json
     import random
     from collections import Counter
 
     from part.data.shards import iter_tar_samples
-    from part.prompts import instruction, split_for_text_task
+    from part.prompts import split_for_text_task
 
     examples = []
     counters: Counter = Counter()
@@ -75,17 +77,18 @@ def text_examples(corpus: Path, translation_targets: tuple[str, ...] = ("en",), 
                 lang, text = record["language"], record["transcript"]
                 translations = record.get("translations", {})
                 head, tail = split_for_text_task(text)
-                examples.append(TextExample(instruction("text", lang, text=head), "", tail + TURN_END))
+                end = prompts.end_token
+                examples.append(TextExample(prompts.prompt("text", lang, text=head), "", tail + end))
                 for target in translation_targets:  # the directions training will ask for, not all 56
                     if target != lang and translations.get(target):
-                        examples.append(TextExample(instruction("mt", lang, target, text), "",
-                                                    translations[target] + TURN_END))
-                before, after = instruction("asr", lang).split(AUDIO_TOKEN)
-                examples.append(TextExample(before, after, text + TURN_END, slot=text, slot_task=True))
+                        examples.append(TextExample(prompts.prompt("mt", lang, target, text), "",
+                                                    translations[target] + end))
+                before, after = prompts.prompt("asr", lang).split(AUDIO_TOKEN)
+                examples.append(TextExample(before, after, text + end, slot=text, slot_task=True))
                 for target in translation_targets:
                     if target != lang and translations.get(target):
-                        before, after = instruction("s2tt", lang, target).split(AUDIO_TOKEN)
-                        examples.append(TextExample(before, after, translations[target] + TURN_END, slot=text,
+                        before, after = prompts.prompt("s2tt", lang, target).split(AUDIO_TOKEN)
+                        examples.append(TextExample(before, after, translations[target] + end, slot=text,
                                                     slot_task=True))
     random.Random(seed).shuffle(examples)
     return examples
