@@ -1,6 +1,6 @@
 """Train a Speech LLM with the PART curriculum under DeepSpeed.
 
-    deepspeed --num_gpus 8 train.py --config configs/part_large.yaml [--resume] [key.sub=value ...]
+    deepspeed --num_gpus 8 train.py --config configs/part_large.yaml [--resume [--reevaluate]] [key.sub=value ...]
     python train.py --config configs/part_large.yaml --check --world-size 8   # validate; start nothing
 
 Reads the config, checks it with every stage's data and the model's parameter groups, then hands the run to
@@ -28,7 +28,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true",
                         help="continue from checkpoint.dir/latest (checked against its SHA256SUMS; a damaged one "
                              "falls back to the newest good one) if present; refused if the config changed where "
-                             "a resume cannot follow")
+                             "a resume cannot follow. A run that is already complete (all stages trained, final/ "
+                             "and its evaluation saved) only prints its saved results")
+    parser.add_argument("--reevaluate", action="store_true",
+                        help="with --resume, on an already complete run: evaluate the final model again (and "
+                             "export final/ with the new table) instead of only printing the saved results")
     parser.add_argument("--check", action="store_true",
                         help="validate the config, every stage's data and trainable groups, print each stage's memory "
                              "estimate per rank, then exit (start nothing)")
@@ -37,7 +41,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="with --check: one device's memory for the per-stage estimate (default: this "
                              "machine's GPU, else 80)")
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the launcher
-    return parser.parse_intermixed_args(argv)  # flags may come after the overrides
+    args = parser.parse_intermixed_args(argv)  # flags may come after the overrides
+    if args.reevaluate and not args.resume:
+        parser.error("--reevaluate evaluates a finished run again: use it with --resume")
+    return args
 
 
 def print_memory_estimate(cfg, model, world_size: int, device_memory_gb: float | None) -> None:
@@ -77,7 +84,7 @@ def main(argv: list[str] | None = None, callbacks: Sequence[TrainerCallback] = (
     from part.train.trainer import RunRefused, Trainer  # imports DeepSpeed: not for --check
 
     try:
-        trainer = Trainer(cfg, resume=args.resume, callbacks=callbacks)
+        trainer = Trainer(cfg, resume=args.resume, callbacks=callbacks, reevaluate=args.reevaluate)
     except RunRefused as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return ExitCode.BAD_INPUT

@@ -137,12 +137,19 @@ class CheckpointConfig:
     keep: int = 2
 
 
+WANDB_MODES = ("offline", "online", "disabled")
+
+
 @dataclass
 class LoggingConfig:
-    every: int = 10
-    wandb_project: str | None = None  # None: no wandb
-    wandb_mode: str = "offline"  # offline unless WANDB_API_KEY is set and mode is `online`
+    every: int = 10  # the console line, and wandb's records, every this many steps (and at each stage's end)
+    # wandb: None, or wandb_mode `disabled`: none. `offline` writes the run to <output_dir>/wandb/offline-run-*
+    # and never contacts a server (upload later with `wandb sync`); `online` needs WANDB_API_KEY (without it:
+    # offline).
+    wandb_project: str | None = None
+    wandb_mode: str = "offline"
     run_name: str | None = None
+    wandb_samples: int = 5  # utterances per task and language in each evaluation's wandb hypotheses table
 
 
 @dataclass
@@ -378,7 +385,14 @@ def validate(cfg: TrainConfig, source: str | Path = "config") -> None:
                 errors.append(f"ds_config: '{ds}' is not a DeepSpeed config (a JSON object with zero_optimization)")
     check(cfg.checkpoint.every > 0, "checkpoint.every: must be > 0")
     check(cfg.checkpoint.keep >= 1, "checkpoint.keep: must be >= 1")
-    check(cfg.logging.wandb_mode in ("offline", "online", "disabled"), "logging.wandb_mode: offline|online|disabled")
+    check(cfg.logging.wandb_mode in WANDB_MODES,
+          f"logging.wandb_mode: '{cfg.logging.wandb_mode}' is not one of {', '.join(WANDB_MODES)}")
+    check(cfg.logging.wandb_samples >= 0, "logging.wandb_samples: must be >= 0")
+    if cfg.logging.wandb_project and cfg.logging.wandb_mode != "disabled":
+        import importlib.util
+
+        check(importlib.util.find_spec("wandb") is not None,
+              "logging.wandb_project: wandb is not installed (pip install wandb, or logging.wandb_mode: disabled)")
     check(cfg.logging.every >= 1, "logging.every: must be >= 1")
     check(cfg.eval.num_beams >= 1, "eval.num_beams: must be >= 1")
     check(cfg.eval.batch_size >= 1, "eval.batch_size: must be >= 1")

@@ -95,4 +95,4 @@ class Evaluator:
             for r in records:
                 fh.write(json.dumps(r, ensure_ascii=False) + "\n")
         self.logger.info(f"evaluation at step {step} ({len(records)} utterances):\n{table}")
-        self.logger.metrics(step, rows)
+        self.logger.evaluation(step, rows, records)

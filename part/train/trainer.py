@@ -8,7 +8,9 @@ resumed at or inside any stage continues exactly as an uninterrupted one.
 
 from __future__ import annotations
 
+import json
 import signal
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,7 +33,7 @@ from part.train.checkpoint import (
 )
 from part.train.curriculum import Curriculum, StageSpan
 from part.train.distributed import DistributedContext
-from part.train.logging import RunLogger
+from part.train.logging import DataCounters, RunLogger
 from part.train.model_card import model_card
 from part.train.records import StepRecord
 from part.train.resume_check import resume_conflicts
@@ -46,8 +48,11 @@ class RunRefused(Exception):
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool = False, callbacks: Sequence[TrainerCallback] = (),
-                 dist: DistributedContext | None = None):
+                 dist: DistributedContext | None = None, reevaluate: bool = False):
+        """`reevaluate`: a resumed run that is already complete evaluates its final model again (and exports it
+        with the new table); without it such a run only reports its saved results."""
         self.cfg = cfg
+        self.reevaluate = reevaluate
         self.callbacks = list(callbacks)
         self.dist = dist or DistributedContext.init()
         if cfg.precision == "bf16" and not self.dist.supports_bf16():
@@ -101,8 +106,18 @@ class Trainer:
     # ---------------------------------------------------------------- the run
 
     def fit(self) -> ExitCode:
-        """Trains every remaining step, evaluates, exports `<output_dir>/final`; collective. Returns the exit code."""
+        """Trains every remaining step, evaluates, exports `<output_dir>/final`; collective. Returns the exit code.
+        A run that is already complete (every stage trained, final/ exported from the last checkpoint and its
+        final evaluation saved) says so and prints the saved table, unless `reevaluate` asks for the run's end
+        again."""
         code = ExitCode.OK
+        if self._finished():
+            if self.reevaluate:
+                self.logger.info(f"run already complete at step {self.step}; --reevaluate: evaluating the final "
+                                 "model again")
+                code = self._run_stage(self.curriculum.at(self.step))
+            else:
+                self._report_complete()
         # Also entered at the last step when the final evaluation/export did not happen (a crash right after the
         # last checkpoint): the stage is rebuilt from that checkpoint and only the run's end is done.
         while code is ExitCode.OK and not self._finished():
@@ -112,9 +127,36 @@ class Trainer:
         return code
 
     def _finished(self) -> bool:
+        """Every step trained, final/ exported from the last checkpoint, and (when evaluation is configured) the
+        final evaluation of that step saved: nothing left to do."""
         if self.step < self.curriculum.total_steps:
             return False
-        return self.dist.rank0_decides(lambda: final_is_from(self.final_dir, self.checkpoint))
+        return self.dist.rank0_decides(lambda: final_is_from(self.final_dir, self.checkpoint)
+                                       and (not self.cfg.eval.per_language or self._final_metrics() is not None))
+
+    def _final_metrics(self) -> dict | None:
+        """final.json when it holds this run's final evaluation (of the current step), else None."""
+        path = Path(self.cfg.output_dir) / "final.json"
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        return saved if saved.get("step") == self.step and path.with_suffix(".md").exists() else None
+
+    def _report_complete(self) -> None:
+        """Rank 0: the run was complete before this process started; nothing was trained or evaluated."""
+        if not self.dist.is_main:
+            return
+        out = Path(self.cfg.output_dir)
+        stages = len(self.curriculum.spans)
+        self.logger.info(f"run already complete: all {stages} stages ({self.step} steps) are trained and the final "
+                         f"model is exported ({self.final_dir}, from checkpoint {self.checkpoint.name}); nothing "
+                         "was trained or evaluated. Pass --reevaluate to evaluate the final model again.")
+        if self.cfg.eval.per_language:
+            self.logger.info(f"saved results of step {self.step} ({out / 'final.md'}; hypotheses in "
+                             f"{out / 'final_hypotheses.jsonl'}):\n{(out / 'final.md').read_text().rstrip()}")
+        else:
+            self.logger.info("no final evaluation is configured (eval.per_language: 0)")
 
     def _run_stage(self, span: StageSpan) -> ExitCode:
         # Inside a stage the checkpoint's optimizer state carries on; at a boundary the new stage starts fresh.
@@ -122,7 +164,8 @@ class Trainer:
         stage = StageRun.build(self.cfg, self.dist, self.tokenizer, span, self.curriculum.lr(self.step),
                                checkpoint=self.checkpoint, restore_optimizer=same_stage)
         self.logger.stage(span, stage.trainable_counts, self.step)
-        stage.open_stream(self._data_resume(stage) if same_stage else None)
+        if self.step < span.end:  # else only the run's end is left: no data needed
+            stage.open_stream(self._data_resume(stage) if same_stage else None)
         stage.engine.train()
         code = self._train_until(stage, span.end)
         stage.close_stream()
@@ -158,7 +201,8 @@ class Trainer:
                 self.bad_steps_in_a_row = 0
             self.step = record.step
             if not record.skipped:
-                self.logger.step(self._summed_over_ranks(record), stage.span, stage.tracker)
+                counters = self._data_counters(stage) if self.logger.wandb_due(self.step, stage.span) else None
+                self.logger.step(self._summed_over_ranks(record), stage.span, counters)
             # one collective a step: a signal may have reached only some ranks (or reach them a step apart)
             stopping = not self.dist.all_true(self.stop_signal is None)
             if self.step % self.cfg.checkpoint.every == 0 or self.step == stage.span.end or stopping:
@@ -184,6 +228,14 @@ class Trainer:
                           data_wait=wait, ctc_sum=ctc_sum, ctc_batches=int(ctc_batches),
                           sequence_tokens=int(sequence_tokens), flops=flops, skipped_samples=int(skipped),
                           peak_memory=record.peak_memory)
+
+    def _data_counters(self, stage: StageRun) -> DataCounters:
+        """The stage's samples drawn per task/language and skipped per reason, summed over ranks (collective)."""
+        mixed, skipped = Counter(), Counter()
+        for rank_mixed, rank_skipped in self.dist.gather_objects(tuple(map(dict, stage.tracker.totals()))):
+            mixed.update(rank_mixed)
+            skipped.update(rank_skipped)
+        return mixed, skipped
 
     def _save_checkpoint(self, stage: StageRun) -> ExitCode:
         """Collective. Not OK when the weights are non-finite (nothing saved) or the checkpoint the next stage is
