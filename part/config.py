@@ -45,6 +45,11 @@ class AdapterConfig:
     hidden: int = 256
     layers: int = 2
     heads: int = 4
+    # Start the output projection at the LLM's token-embedding statistics (bias = the embeddings' mean vector,
+    # weights scaled to their spread) instead of PyTorch's default, whose outputs are ~20x larger than a token
+    # embedding: a frozen LLM then first reads the audio as ordinary (average) tokens. Ignored when loading a
+    # trained model.
+    init_from_embeddings: bool = True
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
     python -m part.convert whisper-ct2 SRC_DIR OUT_DIR
     python -m part.convert whisper-ct2 --from-packages OUT_DIR
+    python -m part.convert whisper-llm WHISPER_DIR OUT_DIR --corpus CORPUS_DIR [--languages en,de ...]
 
 `whisper-ct2` reads a CTranslate2 Whisper model (the format faster-whisper uses): `model.bin` — or
 `model.bin.part1`, `model.bin.part2`, ... which are read in order as one stream, so the parts never need to be
@@ -18,6 +19,11 @@ CTranslate2 float16, with model.bin split in two parts across them). `--package 
 
 The work (and the CTranslate2 binary format, parsed without a ctranslate2 dependency) is in
 part.model.whisper_ct2.
+
+`whisper-llm` turns a converted Whisper's text decoder into the demo's stand-in decoder-only LLM
+(OPTForCausalLM + Whisper's tokenizer with the prompt tokens): the cross-attention is replaced by its mean output
+over the corpus' clips, then a short fine-tune on the corpus' training text teaches it to read the audio slot of
+the speech prompts (part.model.whisper_llm.build_standin_llm).
 """
 
 from __future__ import annotations
@@ -72,12 +78,31 @@ def build_parser() -> argparse.ArgumentParser:
         "wheels)",
     )
     ct2.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="dtype of the saved weights")
+    llm = sub.add_parser(
+        "whisper-llm",
+        help="Whisper's text decoder -> a decoder-only stand-in LLM that reads the audio slot",
+        description="Build the stand-in LLM from a converted Whisper directory: cross-attention replaced by its mean "
+        "over real clips, then a copy fine-tune on the corpus' training text (speech prompts with the transcript "
+        "in the audio slot, translation, continuation). Example:\n"
+        "  python -m part.convert whisper-llm cache/whisper-base cache/whisper-llm --corpus cache/corpus",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    llm.add_argument("whisper", type=Path, metavar="WHISPER_DIR", help="transformers Whisper directory")
+    llm.add_argument("out", type=Path, metavar="OUT_DIR", help="output directory (OPTForCausalLM + tokenizer)")
+    llm.add_argument("--corpus", type=Path, required=True, help="shard corpus with train/ (and text/) tars")
+    llm.add_argument("--languages", default="en,de,es,zh", help="comma-separated languages to use")
+    llm.add_argument("--mean-clips", type=int, default=16, help="clips per language for the cross-attention mean")
+    llm.add_argument("--copy-steps", type=int, default=300, help="fine-tuning steps (0: conversion only)")
+    llm.add_argument("--copy-lr", type=float, default=3e-4, help="peak learning rate of the fine-tune")
+    llm.add_argument("--batch-tokens", type=int, default=1024, help="padded tokens per fine-tuning batch")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "whisper-llm":
+        return _whisper_llm(args)
     if args.from_packages == (args.src is not None):
         parser.error("whisper-ct2 needs exactly one of SRC_DIR and --from-packages")
     if args.package and not args.from_packages:
@@ -88,6 +113,24 @@ def main(argv: list[str] | None = None) -> int:
         )
         convert_whisper_ct2(files, args.out, _DTYPES[args.dtype], log=lambda m: print(f"[convert] {m}", flush=True))
     except (CT2FormatError, CT2SourceError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return ExitCode.BAD_INPUT
+    return ExitCode.OK
+
+
+def _whisper_llm(args: argparse.Namespace) -> int:
+    from part.model.whisper_llm import build_standin_llm
+
+    languages = tuple(x.strip() for x in args.languages.split(",") if x.strip())
+    for path, what in ((args.whisper / "model.safetensors", "WHISPER_DIR"), (args.corpus / "train", "--corpus")):
+        if not path.exists():
+            print(f"error: {what}: {path} not found", file=sys.stderr)
+            return ExitCode.BAD_INPUT
+    try:
+        build_standin_llm(args.whisper, args.corpus, args.out, languages, mean_clips_per_language=args.mean_clips,
+                          copy_steps=args.copy_steps, copy_lr=args.copy_lr, batch_tokens=args.batch_tokens,
+                          log=lambda m: print(f"[whisper-llm] {m}", file=sys.stderr, flush=True))
+    except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return ExitCode.BAD_INPUT
     return ExitCode.OK

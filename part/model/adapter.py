@@ -47,6 +47,18 @@ class Adapter(nn.Module):
         self.norm = nn.LayerNorm(cfg.hidden)
         self.proj = nn.Linear(cfg.hidden, out_dim)
 
+    @torch.no_grad()
+    def init_from_embeddings(self, embeddings: torch.Tensor, seed: int = 0) -> None:
+        """Sets the output projection so that, for the normalised hidden state it reads, outputs are distributed
+        like the rows of `embeddings` ([vocab, out_dim], the LLM's input embeddings): their mean vector as the
+        bias, and weights scaled so the spread around it has the embeddings' mean distance from their mean."""
+        mean = embeddings.float().mean(0)
+        spread = (embeddings.float() - mean).norm(dim=1).mean()
+        probe = torch.randn(1024, self.proj.in_features, generator=torch.Generator().manual_seed(seed))
+        current = (probe @ self.proj.weight.float().T).norm(dim=1).mean()
+        self.proj.weight.mul_(spread / current)
+        self.proj.bias.copy_(mean)
+
     def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
         # ceil: a clip's last partial window counts; the result does not depend on the rest of the batch
         return torch.div(lengths + self.downsample - 1, self.downsample, rounding_mode="floor").clamp(min=1)

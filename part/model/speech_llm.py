@@ -99,6 +99,8 @@ class SpeechLLM(nn.Module):
             llm = add_lora(llm, cfg.llm.lora)
         self.llm = llm
         self.adapter = Adapter(cfg.adapter, self.encoder.config.d_model, llm.config.hidden_size)
+        if cfg.adapter.init_from_embeddings and weights and saved_configs is None:
+            self.adapter.init_from_embeddings(llm.get_input_embeddings().weight[: len(tokenizer)])
         self.audio_token_id = tokenizer.convert_tokens_to_ids(AUDIO_TOKEN)
         # The LLM's chat template (ChatML without one): how prompts are written and the token that ends a turn.
         self.prompt_format = PromptFormat.from_tokenizer(tokenizer)

@@ -53,13 +53,15 @@ class TextExample:
 
 
 def text_examples(corpus: Path, translation_targets: tuple[str, ...] = ("en",), seed: int = 0,
+                  languages: tuple[str, ...] | None = None, slot_repeats: int = 1,
                   prompts: PromptFormat = CHATML) -> list[TextExample]:
     """Text-only examples from the corpus' training side (never eval/), chat-formatted as training will see them:
     continuation of every transcript and its translation into `translation_targets` (the `text` and `mt` tasks),
     and the
     speech prompts (`asr`, `s2tt`) with the transcript's own text in the audio slot. The last kind stands in for
     what a pretrained LLM brings and a tiny one lacks: reading what its prompt holds and writing it out again or
-    in another language. The slot text is what the adapter will have to imitate.
+    in another language. The slot text is what the adapter will have to imitate. `languages` keeps only those
+    records; `slot_repeats` > 1 repeats every slot example, for an LLM whose main lesson is reading the slot.
     `prompts` is the LLM's prompt format (ChatML, as the tokenizers built here have no chat template)."""
     import json
     import random
@@ -75,6 +77,8 @@ def text_examples(corpus: Path, translation_targets: tuple[str, ...] = ("en",), 
             for _, members in iter_tar_samples(str(shard), counters):
                 record = json.loads(members["json"])
                 lang, text = record["language"], record["transcript"]
+                if languages is not None and lang not in languages:
+                    continue
                 translations = record.get("translations", {})
                 head, tail = split_for_text_task(text)
                 end = prompts.end_token
@@ -84,12 +88,12 @@ def text_examples(corpus: Path, translation_targets: tuple[str, ...] = ("en",), 
                         examples.append(TextExample(prompts.prompt("mt", lang, target, text), "",
                                                     translations[target] + end))
                 before, after = prompts.prompt("asr", lang).split(AUDIO_TOKEN)
-                examples.append(TextExample(before, after, text + end, slot=text, slot_task=True))
+                examples += [TextExample(before, after, text + end, slot=text, slot_task=True)] * slot_repeats
                 for target in translation_targets:
                     if target != lang and translations.get(target):
                         before, after = prompts.prompt("s2tt", lang, target).split(AUDIO_TOKEN)
-                        examples.append(TextExample(before, after, translations[target] + end, slot=text,
-                                                    slot_task=True))
+                        examples += [TextExample(before, after, translations[target] + end, slot=text,
+                                                 slot_task=True)] * slot_repeats
     random.Random(seed).shuffle(examples)
     return examples
 
@@ -129,15 +133,19 @@ def encode_example(tokenizer, example: TextExample, max_length: int, rng=None,
 
 
 def pretrain_llm(llm, tokenizer, examples: list[TextExample], steps: int, batch_tokens: int = 2048,
-                 lr: float = 3e-3, max_length: int = 160, log_every: int = 50, slot_noise: float = 0.5) -> list[float]:
+                 lr: float = 3e-3, max_length: int = 160, log_every: int = 50, slot_noise: float = 0.5,
+                 freeze_embeddings: bool = False, log_prefix: str = "[tiny] LLM pretraining") -> list[float]:
     """Stands in for the LLM's pretraining: next-token training on the text examples, a few CPU minutes.
     Batches hold about `batch_tokens` padded tokens (examples of similar length together). Returns the loss per
-    step."""
+    step. The output head runs only where a label is (over a large vocabulary it would dominate the step);
+    `freeze_embeddings` keeps the (tied) token embeddings as they are, for fine-tuning a pretrained LLM."""
     import random
     import time
 
     rng = random.Random(0)
     encoded = [encode_example(tokenizer, ex, max_length, rng, slot_noise) for ex in examples]
+    # An example cut before its target has nothing to learn from (and a batch of them no loss at all).
+    encoded = [(t, lab) for t, lab in encoded if any(x != -100 for x in lab[1:])]
     # Length-sorted chunks, shuffled: little padding, and every batch still mixes tasks and languages.
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
     batches, current, longest = [], [], 0
@@ -154,7 +162,11 @@ def pretrain_llm(llm, tokenizer, examples: list[TextExample], steps: int, batch_
 
     pad = tokenizer.pad_token_id
     torch.set_flush_denormal(True)  # on CPU, denormal activations late in training make steps ~10x slower
-    opt = torch.optim.AdamW(llm.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    embeddings = llm.get_input_embeddings().weight
+    if freeze_embeddings:
+        embeddings.requires_grad_(False)
+    params = [p for p in llm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
     losses, start = [], time.time()
     llm.train()
@@ -164,9 +176,13 @@ def pretrain_llm(llm, tokenizer, examples: list[TextExample], steps: int, batch_
         input_ids = torch.tensor([t + [pad] * (width - len(t)) for t, _ in rows])
         labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in rows])
         mask = torch.tensor([[1] * len(t) + [0] * (width - len(t)) for t, _ in rows])
-        loss = llm(input_ids=input_ids, attention_mask=mask, labels=labels, use_cache=False).loss
+        hidden = llm.get_decoder()(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
+        targets = labels[:, 1:]
+        scored = targets != -100
+        logits = llm.get_output_embeddings()(hidden[:, :-1][scored])
+        loss = torch.nn.functional.cross_entropy(logits.float(), targets[scored])
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(llm.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         opt.zero_grad()
@@ -174,10 +190,11 @@ def pretrain_llm(llm, tokenizer, examples: list[TextExample], steps: int, batch_
         if (step + 1) % log_every == 0 or step + 1 == steps:
             recent = losses[-log_every:]
             elapsed = time.time() - start
-            print(f"[tiny] LLM pretraining step {step + 1}/{steps} loss {sum(recent) / len(recent):.3f} "
+            print(f"{log_prefix} step {step + 1}/{steps} loss {sum(recent) / len(recent):.3f} "
                   f"({elapsed:.0f}s, eta {elapsed / (step + 1) * (steps - step - 1):.0f}s)",
                   file=sys.stderr, flush=True)
     llm.eval()
+    embeddings.requires_grad_(True)
     return losses
 
 

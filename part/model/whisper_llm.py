@@ -178,3 +178,101 @@ def build_whisper_llm(whisper_dir: Path, out_dir: Path, cross_attention_means: l
     n = sum(p.numel() for p in model.parameters())
     log(f"Whisper decoder -> {out_dir} (OPTForCausalLM, {n / 1e6:.1f}M parameters, vocabulary {len(tokenizer)})")
     return out_dir
+
+
+@torch.no_grad()
+def cross_attention_means(whisper_dir: Path, clips: list[tuple[object, str, str]],
+                          log: Callable[[str], None] = print) -> list[torch.Tensor]:
+    """Each decoder layer's cross-attention output averaged over every transcript position of real clips: the
+    constant that stands in for the audio once the cross-attention is gone (`whisper_decoder_to_opt`).
+
+    `clips`: (16 kHz waveform, language code, transcript). Whisper reads each clip (padded to its 30 s window)
+    and its transcript teacher-forced after its own prompt (start, language, transcribe, no timestamps)."""
+    from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
+
+    whisper_dir = Path(whisper_dir)
+    model = WhisperForConditionalGeneration.from_pretrained(whisper_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(whisper_dir)
+    features = WhisperFeatureExtractor.from_pretrained(whisper_dir)
+    layers = model.model.decoder.layers
+    sums = [torch.zeros(model.config.d_model) for _ in layers]
+    count = 0
+
+    def keep(i: int):
+        def hook(module, inputs, output):
+            first = output[0] if isinstance(output, tuple) else output
+            sums[i].add_(first[0].sum(0))
+        return hook
+
+    handles = [layer.encoder_attn.register_forward_hook(keep(i)) for i, layer in enumerate(layers)]
+    try:
+        for wave, lang, text in clips:
+            mel = features(wave, sampling_rate=16000, return_tensors="pt").input_features
+            prompt = [tokenizer.convert_tokens_to_ids(t) for t in
+                      ("<|startoftranscript|>", f"<|{lang}|>", "<|transcribe|>", "<|notimestamps|>")]
+            ids = prompt + tokenizer(" " + text.strip(), add_special_tokens=False)["input_ids"]
+            ids = ids[: model.config.max_target_positions]
+            model(input_features=mel, decoder_input_ids=torch.tensor([ids]), use_cache=False)
+            count += len(ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if count == 0:
+        raise ValueError("cross_attention_means needs at least one clip")
+    log(f"cross-attention means over {len(clips)} clips ({count} decoder positions)")
+    return [s / count for s in sums]
+
+
+def corpus_clips(corpus: Path, languages: tuple[str, ...], per_language: int) -> list[tuple[object, str, str]]:
+    """The first `per_language` training clips of each language in a shard corpus (`train/*.tar`): (16 kHz
+    waveform, language, transcript)."""
+    import json
+    from collections import Counter
+
+    from part.data.audio import load_audio
+    from part.data.shards import iter_tar_samples
+
+    taken: dict[str, list] = {lang: [] for lang in languages}
+    counters: Counter = Counter()
+    for shard in sorted((Path(corpus) / "train").glob("*.tar")):
+        for key, members in iter_tar_samples(str(shard), counters):
+            record = json.loads(members["json"])
+            lang = record.get("language")
+            audio = next((members[ext] for ext in ("flac", "wav", "ogg", "mp3") if ext in members), None)
+            if lang in taken and len(taken[lang]) < per_language and audio is not None:
+                taken[lang].append((load_audio(audio, name=f"{shard}:{key}"), lang, record["transcript"]))
+        if all(len(v) >= per_language for v in taken.values()):
+            break
+    if missing := [lang for lang, v in taken.items() if not v]:
+        raise ValueError(f"{corpus}/train: no clips of {', '.join(missing)}")
+    return [clip for lang in languages for clip in taken[lang]]
+
+
+def build_standin_llm(whisper_dir: Path, corpus: Path, out_dir: Path, languages: tuple[str, ...],
+                      mean_clips_per_language: int = 16, copy_steps: int = 300, copy_lr: float = 3e-4,
+                      batch_tokens: int = 1024, slot_repeats: int = 3, max_length: int = 384, seed: int = 0,
+                      log: Callable[[str], None] = print) -> list[float]:
+    """The demo's stand-in LLM: Whisper's decoder with its cross-attention replaced by the mean over real clips of
+    `corpus`, then fine-tuned for `copy_steps` on the corpus' training text with the prompts training will use
+    (the slot tasks, speech prompts with the transcript as text in the audio slot, repeated `slot_repeats` times,
+    half of them written CTC-style), the token embeddings frozen. What it learns is to read the audio slot and
+    write it out or translate it: the ability the frozen-LLM stages rely on, which a real LLM brings.
+    Returns the fine-tune's loss per step."""
+    from part.model.tiny import pretrain_llm, text_examples
+    from part.model.tokenizer import load_tokenizer
+
+    torch.manual_seed(seed)
+    clips = corpus_clips(corpus, languages, mean_clips_per_language)
+    means = cross_attention_means(whisper_dir, clips, log=log)
+    build_whisper_llm(whisper_dir, out_dir, cross_attention_means=means, log=log)
+    losses: list[float] = []
+    if copy_steps > 0:
+        tokenizer = load_tokenizer(str(out_dir))
+        llm = OPTForCausalLM.from_pretrained(out_dir, dtype=torch.float32)
+        examples = text_examples(corpus, seed=seed, languages=languages, slot_repeats=slot_repeats)
+        log(f"copy fine-tune: {copy_steps} steps over {len(examples)} text examples ({', '.join(languages)})")
+        losses = pretrain_llm(llm, tokenizer, examples, copy_steps, batch_tokens=batch_tokens, lr=copy_lr,
+                              max_length=min(max_length, llm.config.max_position_embeddings),
+                              freeze_embeddings=True, log_every=25, log_prefix="[whisper-llm] copy fine-tune")
+        llm.save_pretrained(out_dir)
+    return losses
