@@ -41,8 +41,9 @@ if [ ! -f cache/corpus/eval/index.json ]; then
 fi
 if [ ! -f cache/whisper-llm/config.json ]; then
   stamp "4/5 stand-in LLM: Whisper-base's text decoder, fine-tuned to read the audio slot (about 8 minutes)"
-  python -m part.convert whisper-llm cache/whisper-base cache/whisper-llm.partial --corpus cache/corpus \
-    --languages "$LANGUAGES" --copy-steps 300
+  # One process: all the cores (the ranks' one-thread setting above is for training).
+  OMP_NUM_THREADS=$(nproc) python -m part.convert whisper-llm cache/whisper-base cache/whisper-llm.partial \
+    --corpus cache/corpus --languages "$LANGUAGES" --copy-steps 300
   rm -rf cache/whisper-llm && mv cache/whisper-llm.partial cache/whisper-llm
 fi
 output_dir=$(python -c "import sys; from part.config import load_config; print(load_config(sys.argv[1], sys.argv[2:]).output_dir)" "$CONFIG" "$@")
