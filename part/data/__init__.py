@@ -1,6 +1,7 @@
 """Streaming data: WebDataset tar shards -> task/language mixture -> duration-bucketed, tokenized batches.
 
-Knows nothing of the model: it needs a tokenizer and the number of mel bins, nothing else.
+Knows nothing of the model: it needs a tokenizer and the encoder's feature extractor (an `AudioFeatures` of
+part/model/encoders.py, which it calls without knowing its family), nothing else.
 
   audio.py      decoding, resampling, FLAC encoding
   shards.py     the shard format: writing (builders), reading, shard patterns, index.json

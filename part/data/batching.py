@@ -16,11 +16,10 @@ import torch
 from part.config import SPEECH_TASKS, DataConfig
 from part.data.audio import SAMPLE_RATE, AudioDecodeError, load_audio
 from part.data.samples import Sample
+from part.model.encoders import audio_features
 
 if TYPE_CHECKING:
     from part.data.stream import StreamPosition
-
-HOP = 160  # Whisper's mel hop: 100 frames per second
 
 
 @dataclass(frozen=True)
@@ -39,8 +38,10 @@ class SampleMeta:
 class Batch:
     """The model's input. Speech samples have a row of `input_features`; text-only ones have audio_index -1."""
 
-    input_features: torch.Tensor  # [clips, mel bins, frames] log-mel, padded to the longest clip
-    feature_frames: torch.Tensor  # [clips] valid frames per clip
+    # The encoder family's features, padded to the longest clip: [clips, mel bins, frames] log-mel (Whisper),
+    # [clips, samples] waveform (wav2vec2, HuBERT, WavLM), [clips, frames, 160] stacked fbank (w2v-BERT)
+    input_features: torch.Tensor
+    feature_frames: torch.Tensor  # [clips] valid time steps (frames or samples) per clip
     audio_index: torch.Tensor  # [samples] the sample's row of input_features, or -1
     prompt_ids: list[torch.Tensor]  # per sample; a speech prompt holds one audio placeholder token
     target_ids: list[torch.Tensor]  # per sample; ends with the end-of-turn token
@@ -105,12 +106,15 @@ def bucket(samples: list[Sample], cfg: DataConfig) -> list[list[Sample]]:
     return batches
 
 
-MIN_SECONDS = 0.1  # shorter clips do not fill the log-mel frontend's window
+MIN_SECONDS = 0.1  # shorter clips do not fill the encoders' front ends (a few 25 ms windows)
 
 
 def collate(samples: list[Sample], feature_extractor, counters: Counter, max_duration: float = 30.0) -> Batch | None:
     """Decodes audio and builds the tensors the model reads. Unreadable clips, and clips whose decoded length is
-    over `max_duration` or under MIN_SECONDS (whatever their record says), are dropped, counted and named."""
+    over `max_duration` or under MIN_SECONDS (whatever their record says), are dropped, counted and named.
+    `feature_extractor`: the model's `audio_features` (part.model.encoders.AudioFeatures; a bare transformers
+    extractor works too), which alone computes the features and their valid lengths."""
+    features_of = audio_features(feature_extractor)
     waves, kept, seconds = [], [], []
     for s in samples:
         if s.audio is not None:
@@ -133,16 +137,9 @@ def collate(samples: list[Sample], feature_extractor, counters: Counter, max_dur
     if not kept:
         return None
     if waves:
-        feats = feature_extractor(waves, sampling_rate=SAMPLE_RATE, padding="longest", truncation=False,
-                                  return_tensors="np")
-        features = torch.from_numpy(feats["input_features"])
-        frames = torch.tensor([max(1, len(w) // HOP) for w in waves])
+        features, frames = features_of(waves)
     else:  # text-only batch: a short silent input keeps the audio path (and ZeRO-3 gathers) identical on all ranks
-        features = torch.from_numpy(
-            feature_extractor([np.zeros(SAMPLE_RATE // 4, dtype=np.float32)], sampling_rate=SAMPLE_RATE,
-                              padding="longest", return_tensors="np")["input_features"]
-        )
-        frames = torch.tensor([features.shape[-1]])
+        features, frames = features_of([np.zeros(SAMPLE_RATE // 4, dtype=np.float32)])
     audio_index, durations, j = [], [], 0
     for s in kept:
         audio_index.append(j if s.audio is not None else -1)

@@ -10,22 +10,22 @@ from part.config import DataConfig
 from part.data.batching import Batch, collate
 from part.data.samples import Sample, encode_text, make_sample
 from part.data.shards import expand_shards, iter_tar_samples
+from part.model.encoders import MAX_CLIP_SECONDS, AudioFeatures, audio_features
 from part.prompts import PromptFormat
 
-WINDOW_SECONDS = 30.0  # the Whisper encoder's window: longer clips cannot be encoded
+WINDOW_SECONDS = MAX_CLIP_SECONDS  # the longest clip an encoder is given (Whisper's window)
 
 
 def eval_batches(cfg: DataConfig, languages: list[str], tasks: list[str], targets: list[str], per_language: int,
-                 batch_size: int, tokenizer, num_mel_bins: int, rank: int, world_size: int,
+                 batch_size: int, tokenizer, features: AudioFeatures | int, rank: int, world_size: int,
                  prompts: PromptFormat | None = None) -> list[Batch]:
     """Deterministic held-out batches for this rank. Every rank gets the same number of batches (the last
     ones may be repeats marked `is_padding`) so generation under ZeRO-3 stays in lockstep. Prompts are written
-    in `prompts` (by default the tokenizer's format, `PromptFormat.from_tokenizer`)."""
-    from transformers import WhisperFeatureExtractor
-
+    in `prompts` (by default the tokenizer's format, `PromptFormat.from_tokenizer`). `features`: the model's
+    `audio_features` (an int: Whisper log-mel with that many bins)."""
     if not cfg.eval_shards:
         return []
-    fe = WhisperFeatureExtractor(feature_size=num_mel_bins)
+    fe = audio_features(features)
     prompts = prompts or PromptFormat.from_tokenizer(tokenizer)
     end_id = tokenizer.convert_tokens_to_ids(prompts.end_token)
     counters: Counter = Counter()

@@ -25,6 +25,7 @@ from part.config import DataConfig, StageConfig
 from part.data.batching import Batch, bucket, collate
 from part.data.samples import Sample, encode_text, make_sample
 from part.data.sources import Cursor, SourceReader, stage_mixture, stage_shards
+from part.model.encoders import AudioFeatures, audio_features
 from part.prompts import PromptFormat
 
 
@@ -51,20 +52,19 @@ class BucketedWindow:
 class MixtureStream(IterableDataset):
     """Endless stream of batches for one stage on one rank; see the module docstring for the resume contract.
 
-    `on_window`, when given, sees every window right after it is bucketed (in the process that iterates).
+    `features` computes the audio features: the model's `audio_features` (an int: Whisper log-mel with that many
+    bins). `on_window`, when given, sees every window right after it is bucketed (in the process that iterates).
     `prompts` is the LLM's prompt format (by default the tokenizer's: `PromptFormat.from_tokenizer`).
     """
 
-    def __init__(self, cfg: DataConfig, stage: StageConfig, tokenizer, num_mel_bins: int, rank: int,
+    def __init__(self, cfg: DataConfig, stage: StageConfig, tokenizer, features: AudioFeatures | int, rank: int,
                  world_size: int, resume: dict | None = None,
                  on_window: Callable[[BucketedWindow], None] | None = None, prompts: PromptFormat | None = None):
-        from transformers import WhisperFeatureExtractor
-
         self.cfg, self.stage, self.tokenizer = cfg, stage, tokenizer
         self.rank, self.world_size = rank, world_size
         self.num_workers = max(1, cfg.num_workers)
         self.mixture = stage_mixture(cfg, stage)
-        self.feature_extractor = WhisperFeatureExtractor(feature_size=num_mel_bins)
+        self.feature_extractor = audio_features(features)
         self.prompts = prompts or PromptFormat.from_tokenizer(tokenizer)
         self.end_token_id = tokenizer.convert_tokens_to_ids(self.prompts.end_token)
         self.resume = resume or {}

@@ -71,7 +71,7 @@ class Evaluator:
         model.eval()
         batches = eval_batches(cfg.data, cfg.data.languages, cfg.eval.tasks, cfg.stages[-1].translation_targets,
                                cfg.eval.per_language, cfg.eval.batch_size, self.tokenizer,
-                               model.encoder.config.num_mel_bins, dist.rank, dist.world_size)
+                               model.audio_features, dist.rank, dist.world_size)
         records = generate_records(model, batches, self.tokenizer, dist.device, self.dtype, cfg.eval.max_new_tokens,
                                    cfg.eval.num_beams, synced=dist.world_size > 1)
         gathered = dist.gather_objects(records)  # our own processes' hypotheses, not shard data

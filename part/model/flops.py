@@ -10,6 +10,14 @@ products. The output head runs only at the positions the loss scores (the target
 tokens). Activation checkpointing's recomputation is not model work and is not counted (MFU, not HFU).
 Elementwise work (norms, softmax, activations, the loss) is not counted either: it is a few percent at most.
 
+The encoder is counted exactly for Whisper (its two convolutions and its layers). For the other families
+(part/model/encoders.py, `cost_shapes`) it is approximate: their front end (wav2vec2's CNN feature encoder and
+position convolution, w2v-BERT's projection) as a per-frame constant whose backward counts both gradients when it
+trains, their layers as Whisper-like layers plus, for w2v-BERT's Conformer layers, a per-frame constant for the
+second feed-forward and the convolution module and one more product of attention's size (its relative-key position
+scores); WavLM's position-bias gates are left out. On the tiny encoders of tests/unit/test_encoders.py the
+encoder's count is within 15% of FlopCounterMode's.
+
 `tests/unit/test_flops.py` checks the count against `torch.utils.flop_counter.FlopCounterMode` on the tiny
 model, forward and backward, for each kind of stage.
 """
@@ -23,6 +31,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from part.model.encoders import WHISPER_FRAME_CONVS, conv_lengths
+
 if TYPE_CHECKING:
     from part.data.batching import Batch
     from part.model.speech_llm import SpeechLLM
@@ -32,7 +42,7 @@ if TYPE_CHECKING:
 class Trainable:
     """Which parts train (read off `requires_grad`; ZeRO-3 keeps the flags on its partitioned parameters)."""
 
-    encoder_convs: bool = False
+    encoder_convs: bool = False  # the encoder's front end below its layers (Whisper: its two convolutions)
     encoder_layers: frozenset[int] = frozenset()
     adapter: bool = False
     llm_layers: frozenset[int] = frozenset()  # layers whose own (non-LoRA) weights train
@@ -43,13 +53,16 @@ class Trainable:
     def from_model(cls, model: SpeechLLM) -> Trainable:
         enc, llm = set(), set()
         convs = adapter = lora = head = False
+        layout = model.encoder_layout
+        layer = re.compile(re.escape(layout.layer_prefix) + r"\.(\d+)\.")
+        front = tuple(m + "." for m in layout.front)
         for name, p in model.named_parameters():
             if not p.requires_grad:
                 continue
             if name.startswith("encoder."):
-                if m := re.match(r"encoder\.layers\.(\d+)\.", name):
+                if m := layer.match(name):
                     enc.add(int(m.group(1)))
-                elif name.startswith("encoder.conv"):
+                elif name.startswith(front):
                     convs = True
             elif name.startswith("adapter."):
                 adapter = True
@@ -64,9 +77,9 @@ class Trainable:
 
 @dataclass(frozen=True)
 class Shapes:
-    """The dimensions of the model the count needs (read from its configs)."""
+    """The dimensions of the model the count needs (read from its configs; the encoder's from its family)."""
 
-    n_mels: int
+    n_mels: int  # Whisper's mel bins (0 for the other families)
     enc_dim: int
     enc_layers: int
     enc_ffn: int
@@ -83,17 +96,29 @@ class Shapes:
     lora_rank: int  # 0: no LoRA
     lora_targets: tuple[str, ...]
     ctc: bool
+    # The encoder beyond Whisper's shapes (part/model/encoders.py, `EncoderFamily.cost_shapes`; the defaults are
+    # Whisper's): its front end's forward operations per encoder frame (None: Whisper's two convolutions over
+    # n_mels), each layer's operations per frame beyond attention and a two-product feed-forward, its products of
+    # attention's size (frames x frames x width) beyond QK^T and AV, the elements a layer keeps per frame beyond
+    # those, the elements the front end keeps per frame when it trains (0: not counted, as for Whisper's), the
+    # convolutions from feature steps to encoder frames (kernel, stride, padding) and the encoder frames per second.
+    enc_front_flops: float | None = None
+    enc_layer_flops: float = 0.0
+    enc_layer_attention_products: int = 0
+    enc_layer_elements: int = 0
+    enc_front_elements: int = 0
+    enc_convs: tuple[tuple[int, int, int], ...] = WHISPER_FRAME_CONVS
+    enc_frames_per_second: float = 50.0
 
     @classmethod
     def from_model(cls, model: SpeechLLM) -> Shapes:
-        e = model.encoder.config
         base = model.llm.get_base_model() if model.cfg.llm.lora is not None else model.llm
         c = base.config
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
         a, lora = model.cfg.adapter, model.cfg.llm.lora
         return cls(
-            n_mels=e.num_mel_bins, enc_dim=e.d_model, enc_layers=e.encoder_layers, enc_ffn=e.encoder_ffn_dim,
+            **model.encoder_family.cost_shapes(),
             downsample=a.downsample, adapter_kind=a.kind, adapter_hidden=a.hidden, adapter_layers=a.layers,
             llm_dim=c.hidden_size, llm_layers=c.num_hidden_layers, llm_q_dim=c.num_attention_heads * head_dim,
             llm_kv_dim=kv_heads * head_dim, llm_ffn=c.intermediate_size,
@@ -108,22 +133,26 @@ class BatchShapes:
     """The padded shapes one micro-batch runs at."""
 
     audio_clips: int  # rows of the encoder's input
-    mel_frames: int  # its padded length
+    mel_frames: int  # its padded length (in feature steps: mel frames for Whisper)
+    encoder_frames: int  # the encoder's padded length
     sequences: int  # rows of the LLM's input
     sequence_length: int  # its padded length
     sequence_tokens: int  # its positions without padding
     target_tokens: int  # positions the output head scores (the loss covers only these)
 
     @classmethod
-    def from_batch(cls, batch: Batch, downsample: int, audio_token_id: int) -> BatchShapes:
-        clips, _, mel = batch.input_features.shape
-        frames = [(int(f) + 1) // 2 for f in batch.feature_frames.tolist()]  # conv2 has stride 2
-        adapter_frames = [math.ceil(f / downsample) for f in frames]
+    def from_batch(cls, batch: Batch, shapes: Shapes, audio_token_id: int) -> BatchShapes:
+        clips = batch.input_features.shape[0]
+        # the padded length: Whisper's mel frames; the other families' features are padded to the longest clip
+        mel = batch.input_features.shape[-1] if shapes.n_mels else int(batch.feature_frames.max())
+        frames = [conv_lengths(int(f), shapes.enc_convs) for f in batch.feature_frames.tolist()]
+        adapter_frames = [math.ceil(f / shapes.downsample) for f in frames]
         lengths = []
         for prompt, target, j in zip(batch.prompt_ids, batch.target_ids, batch.audio_index.tolist()):
             n = len(prompt) + len(target)
             lengths.append(n - 1 + adapter_frames[j] if j >= 0 and (prompt == audio_token_id).any() else n)
-        return cls(clips, mel, len(lengths), max(lengths), sum(lengths), sum(len(t) for t in batch.target_ids))
+        return cls(clips, mel, conv_lengths(mel, shapes.enc_convs), len(lengths), max(lengths), sum(lengths),
+                   sum(len(t) for t in batch.target_ids))
 
 
 @dataclass
@@ -197,19 +226,28 @@ def _attention_layer(count: Count, tokens: float, rows: int, length: int, q_dim:
 def step_flops(s: Shapes, b: BatchShapes, t: Trainable) -> StepFlops:
     """The operations of one micro-batch of shapes `b` through a model of shapes `s` with `t` training."""
     out = StepFlops()
-    # ---- encoder: two convolutions (kernel 3; the second has stride 2), then its layers
+    # ---- encoder: its front end (Whisper: two convolutions, kernel 3, the second with stride 2), then its layers
     clips, mel = b.audio_clips, b.mel_frames
-    enc_frames = (mel + 1) // 2
+    enc_frames = b.encoder_frames
     d = s.enc_dim
     below_trains = t.encoder_convs
-    out.encoder.add(2 * clips * mel * s.n_mels * 3 * d, False, t.encoder_convs)
-    # conv2's input needs a gradient when conv1 trains
-    out.encoder.add(2 * clips * enc_frames * d * 3 * d, t.encoder_convs, t.encoder_convs)
+    if s.enc_front_flops is None:
+        out.encoder.add(2 * clips * mel * s.n_mels * 3 * d, False, t.encoder_convs)
+        # conv2's input needs a gradient when conv1 trains
+        out.encoder.add(2 * clips * enc_frames * d * 3 * d, t.encoder_convs, t.encoder_convs)
+    else:  # approximate (module docstring)
+        out.encoder.add(s.enc_front_flops * clips * enc_frames, t.encoder_convs, t.encoder_convs)
     grad = below_trains
     for i in range(s.enc_layers):
         trains = i in t.encoder_layers
+        grad_in = grad
         grad = _attention_layer(out.encoder, clips * enc_frames, clips, enc_frames, d, d, d,
                                 [(d, s.enc_ffn), (s.enc_ffn, d)], grad, trains, trains, dim=d)
+        if s.enc_layer_flops:  # approximate: the rest of a Conformer layer
+            out.encoder.add(s.enc_layer_flops * clips * enc_frames, grad_in or trains, trains)
+        if s.enc_layer_attention_products:  # approximate: position scores, their backward like QK^T's
+            out.encoder.add(2 * clips * enc_frames * enc_frames * d * s.enc_layer_attention_products,
+                            grad_in or trains, grad_in or trains)
     # ---- adapter: strided conv (kernel = stride = downsample), blocks, projection to the LLM's width
     frames = math.ceil(enc_frames / s.downsample)
     h = s.adapter_hidden
@@ -244,8 +282,8 @@ def step_flops(s: Shapes, b: BatchShapes, t: Trainable) -> StepFlops:
 
 def batch_flops(model: SpeechLLM, batch: Batch) -> StepFlops:
     """The count for `batch` through `model` as it is set to train now."""
-    shapes = BatchShapes.from_batch(batch, model.cfg.adapter.downsample, model.audio_token_id)
-    return step_flops(Shapes.from_model(model), shapes, Trainable.from_model(model))
+    shapes = Shapes.from_model(model)
+    return step_flops(shapes, BatchShapes.from_batch(batch, shapes, model.audio_token_id), Trainable.from_model(model))
 
 
 # Dense bf16 matrix throughput per GPU (vendor datasheets, without sparsity), for MFU; the first name contained in

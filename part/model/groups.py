@@ -1,8 +1,9 @@
 """The model's trainable parameter groups: one registry, asked by the config validator and by the trainer.
 
 A group is a name pattern (`adapter`, `encoder.top.N`, ...) and a rule that picks parameter names. The rules
-read names only (and the encoder's layer count), so they work as well on a model built on the meta device,
-which is how `train.py --check` finds a group that matches no parameter of the configured model.
+read names only (and the encoder's layout: its layer count and where its layers sit, which each encoder family
+declares in part/model/encoders.py), so they work as well on a model built on the meta device, which is how
+`train.py --check` finds a group that matches no parameter of the configured model.
 """
 
 from __future__ import annotations
@@ -15,8 +16,24 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from part.model.speech_llm import SpeechLLM
 
-# (the match of the group's name, every parameter name of the model, the encoder's layer count) -> picked names
-Selector = Callable[[re.Match[str], Sequence[str], int], list[str]]
+
+@dataclass(frozen=True)
+class EncoderLayout:
+    """Where the encoder's parts sit among the model's parameter names. The defaults are Whisper's (its encoder
+    is `encoder`: `encoder.layers.N`, then the final `encoder.layer_norm`); other families say theirs
+    (`EncoderFamily.layout`)."""
+
+    layers: int  # transformer layers
+    layer_prefix: str = "encoder.layers"  # layer i is `{layer_prefix}.{i}`
+    top: tuple[str, ...] = ("encoder.layer_norm",)  # modules above the last layer (trained with `encoder.top.N`)
+    front: tuple[str, ...] = ("encoder.conv1", "encoder.conv2")  # the front end below the first layer
+
+    def layer(self, index: int | str) -> str:
+        return f"{self.layer_prefix}.{index}."
+
+
+# (the match of the group's name, every parameter name of the model, the encoder's layout) -> picked names
+Selector = Callable[[re.Match[str], Sequence[str], EncoderLayout], list[str]]
 
 
 @dataclass(frozen=True)
@@ -26,34 +43,34 @@ class ParameterGroup:
     select: Selector
 
 
-def _adapter(match: re.Match[str], names: Sequence[str], encoder_layers: int) -> list[str]:
+def _adapter(match: re.Match[str], names: Sequence[str], encoder: EncoderLayout) -> list[str]:
     return [n for n in names if n.startswith("adapter.")]
 
 
-def _encoder(match: re.Match[str], names: Sequence[str], encoder_layers: int) -> list[str]:
+def _encoder(match: re.Match[str], names: Sequence[str], encoder: EncoderLayout) -> list[str]:
     return [n for n in names if n.startswith("encoder.")]
 
 
-def _encoder_top(match: re.Match[str], names: Sequence[str], encoder_layers: int) -> list[str]:
-    """The top N encoder layers and the encoder's final norm (which sits on top of them)."""
-    k = int(match.group(1))
-    top = tuple(f"encoder.layers.{i}." for i in range(max(0, encoder_layers - k), encoder_layers))
-    return [n for n in names if n.startswith(top) or n.startswith("encoder.layer_norm.")]
+def _encoder_top(match: re.Match[str], names: Sequence[str], encoder: EncoderLayout) -> list[str]:
+    """The top N encoder layers and what sits above them (the final norm, in the families that have one)."""
+    k, n_layers = int(match.group(1)), encoder.layers
+    top = tuple(encoder.layer(i) for i in range(max(0, n_layers - k), n_layers)) + tuple(m + "." for m in encoder.top)
+    return [n for n in names if n.startswith(top)]
 
 
-def _encoder_layer(match: re.Match[str], names: Sequence[str], encoder_layers: int) -> list[str]:
-    return [n for n in names if n.startswith(match.group(0) + ".")]
+def _encoder_layer(match: re.Match[str], names: Sequence[str], encoder: EncoderLayout) -> list[str]:
+    return [n for n in names if n.startswith(encoder.layer(match.group(1)))]
 
 
-def _llm(match: re.Match[str], names: Sequence[str], encoder_layers: int) -> list[str]:
+def _llm(match: re.Match[str], names: Sequence[str], encoder: EncoderLayout) -> list[str]:
     return [n for n in names if n.startswith("llm.") and "lora_" not in n]
 
 
-def _llm_lora(match: re.Match[str], names: Sequence[str], encoder_layers: int) -> list[str]:
+def _llm_lora(match: re.Match[str], names: Sequence[str], encoder: EncoderLayout) -> list[str]:
     return [n for n in names if n.startswith("llm.") and "lora_" in n]
 
 
-def _llm_layer(match: re.Match[str], names: Sequence[str], encoder_layers: int) -> list[str]:
+def _llm_layer(match: re.Match[str], names: Sequence[str], encoder: EncoderLayout) -> list[str]:
     # The LLM's layers sit at different depths per architecture (and under peft's wrapper): match ".layers.K.".
     k = match.group(1)
     return [n for n in names if n.startswith("llm.") and f".layers.{k}." in n and "lora_" not in n]
@@ -78,19 +95,21 @@ def find_group(name: str) -> tuple[ParameterGroup, re.Match[str]] | None:
     return None
 
 
-def select_parameters(group: str, parameter_names: Sequence[str], encoder_layers: int) -> list[str]:
-    """The names of `parameter_names` in `group`; ValueError for a name no group pattern matches."""
+def select_parameters(group: str, parameter_names: Sequence[str], encoder: EncoderLayout | int) -> list[str]:
+    """The names of `parameter_names` in `group`; ValueError for a name no group pattern matches. `encoder`: the
+    encoder's layout, or its layer count for Whisper's names."""
     found = find_group(group)
     if found is None:
         raise ValueError(f"unknown parameter group '{group}' (known: {KNOWN_GROUPS})")
     spec, match = found
-    return spec.select(match, parameter_names, encoder_layers)
+    layout = encoder if isinstance(encoder, EncoderLayout) else EncoderLayout(encoder)
+    return spec.select(match, parameter_names, layout)
 
 
 def group_parameters(model: SpeechLLM, group: str) -> list[str]:
     """Parameter names of `model` in `group`."""
     names = [n for n, _ in model.named_parameters()]
-    return select_parameters(group, names, len(model.encoder.layers))
+    return select_parameters(group, names, model.encoder_layout)
 
 
 def set_trainable(model: SpeechLLM, groups: Sequence[str]) -> dict[str, int]:

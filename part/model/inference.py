@@ -19,7 +19,6 @@ import soundfile as sf
 import torch
 
 from part.data.audio import SAMPLE_RATE, AudioDecodeError, load_audio
-from part.data.batching import HOP
 
 MODEL_FILES = ("part_model.json", "model.safetensors", "tokenizer")
 
@@ -43,8 +42,8 @@ def check_task(task: str, language: str, target: str | None) -> None:
 
 
 def max_audio_seconds(model) -> float:
-    """The encoder's window: max_source_positions encoder frames, each 2 mel frames of 10 ms (30 s for Whisper)."""
-    return 2 * model.encoder.config.max_source_positions * HOP / SAMPLE_RATE
+    """The longest clip the model's encoder takes: Whisper's window (30 s), the same 30 s for the other families."""
+    return model.encoder_family.max_seconds
 
 
 def probe(path: str, max_seconds: float | None) -> float:
@@ -132,8 +131,6 @@ def transcribe(model, tokenizer, paths: list[str], task: str, language: str, tar
     and its dict has `error` (the reason) and text None. The model is moved to `device`/`dtype` and put in eval
     mode. `on_result(i, record)` is called as each file's result is ready (batches run longest first).
     """
-    from transformers import WhisperFeatureExtractor
-
     from part.data.batching import collate
     from part.data.samples import Sample, encode_text
 
@@ -144,7 +141,7 @@ def transcribe(model, tokenizer, paths: list[str], task: str, language: str, tar
     was_training = model.training
     model.to(device=device, dtype=dtype).eval()
     max_seconds = max_audio_seconds(model)
-    feature_extractor = WhisperFeatureExtractor(feature_size=model.encoder.config.num_mel_bins)
+    feature_extractor = model.audio_features  # the encoder family's
     prompt = model.prompt_format.prompt(task, language, target)  # the model's own chat template
     results: list[dict | None] = [None] * len(paths)
 

@@ -1,4 +1,5 @@
-"""Speech LLM: a Whisper-style encoder, a downsampling adapter and a decoder-only LLM.
+"""Speech LLM: a speech encoder (Whisper, wav2vec2/HuBERT/WavLM or w2v-BERT 2.0: part/model/encoders.py), a
+downsampling adapter and a decoder-only LLM.
 
 The adapter's outputs replace the audio placeholder in the prompt's token embeddings; the loss covers only
 the target tokens. Nothing here knows about distribution: ZeRO-3 gathers parameters through module hooks,
@@ -17,12 +18,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.checkpoint import checkpoint
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase, WhisperConfig, WhisperModel
-from transformers.models.whisper.modeling_whisper import WhisperEncoder
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from part.config import EncoderConfig, LoraConfig, ModelConfig, build_config
 from part.model.adapter import Adapter
+from part.model.encoders import AudioFeatures, EncoderFamily, encoder_family, family_for
+from part.model.groups import EncoderLayout
 from part.model.tokenizer import load_tokenizer, suppressed_token_ids
 from part.prompts import AUDIO_TOKEN, PromptFormat
 
@@ -33,41 +34,10 @@ IGNORE = -100
 WEIGHTS_NAME = "model.safetensors"
 
 
-def encoder_attention(attn_implementation: str) -> str:
-    """The encoder's kernel for the model's `attn_implementation`: its additive padding mask needs sdpa or eager."""
-    return "eager" if attn_implementation == "eager" else "sdpa"
-
-
-def _encoder_from_config(config: WhisperConfig, attn_implementation: str) -> WhisperEncoder:
-    config._attn_implementation = encoder_attention(attn_implementation)
-    return WhisperEncoder(config)
-
-
-def build_encoder(cfg: EncoderConfig, weights: bool = True, attn_implementation: str = "sdpa") -> WhisperEncoder:
-    """A pretrained Whisper encoder (`from_pretrained` of a local directory; with `weights=False`, its architecture
-    only) or a fresh one from the config."""
-    if cfg.pretrained and not weights:
-        return _encoder_from_config(WhisperConfig.from_pretrained(cfg.pretrained), attn_implementation)
-    if cfg.pretrained:
-        whisper = WhisperModel.from_pretrained(cfg.pretrained, dtype=torch.float32,
-                                               attn_implementation=encoder_attention(attn_implementation))
-        encoder = whisper.get_encoder()
-        del whisper  # the decoder is not needed
-        return encoder
-    config = WhisperConfig(
-        d_model=cfg.d_model,
-        encoder_layers=cfg.layers,
-        encoder_attention_heads=cfg.heads,
-        encoder_ffn_dim=cfg.ffn_dim,
-        num_mel_bins=cfg.num_mel_bins,
-        decoder_layers=1,
-        decoder_attention_heads=cfg.heads,
-        decoder_ffn_dim=cfg.ffn_dim,
-        max_source_positions=1500,
-        dropout=0.0,
-        encoder_layerdrop=0.0,
-    )
-    return _encoder_from_config(config, attn_implementation)
+def build_encoder(cfg: EncoderConfig, weights: bool = True, attn_implementation: str = "sdpa") -> nn.Module:
+    """The encoder `cfg` names: its pretrained directory's family and weights (with `weights=False`, its
+    architecture only), or a fresh Whisper-style one from the config (part/model/encoders.py)."""
+    return family_for(cfg).build(weights=weights and bool(cfg.pretrained), attn_implementation=attn_implementation)
 
 
 class SpeechLLM(nn.Module):
@@ -79,16 +49,20 @@ class SpeechLLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         attn = cfg.attn_implementation
+        # The encoder's family (from its config.json's model_type) builds it, computes its features and encodes.
         if saved_configs is not None:
-            self.encoder = _encoder_from_config(WhisperConfig.from_pretrained(saved_configs / "encoder_config"), attn)
+            self.encoder_family: EncoderFamily = encoder_family(saved_configs / "encoder_config")
+            self.encoder = self.encoder_family.build(weights=False, attn_implementation=attn)
             llm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(saved_configs / "llm_config"),
                                                    attn_implementation=attn)
         elif weights:
-            self.encoder = build_encoder(cfg.encoder, attn_implementation=attn)
+            self.encoder_family = family_for(cfg.encoder)
+            self.encoder = self.encoder_family.build(weights=bool(cfg.encoder.pretrained), attn_implementation=attn)
             llm = AutoModelForCausalLM.from_pretrained(cfg.llm.pretrained, dtype=torch.float32,
                                                        attn_implementation=attn)
         else:
-            self.encoder = build_encoder(cfg.encoder, weights=False, attn_implementation=attn)
+            self.encoder_family = family_for(cfg.encoder)
+            self.encoder = self.encoder_family.build(weights=False, attn_implementation=attn)
             llm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.llm.pretrained),
                                                    attn_implementation=attn)
         if len(tokenizer) > llm.get_input_embeddings().num_embeddings:
@@ -98,7 +72,7 @@ class SpeechLLM(nn.Module):
         if cfg.llm.lora is not None:
             llm = add_lora(llm, cfg.llm.lora)
         self.llm = llm
-        self.adapter = Adapter(cfg.adapter, self.encoder.config.d_model, llm.config.hidden_size)
+        self.adapter = Adapter(cfg.adapter, self.encoder_family.width, llm.config.hidden_size)
         if cfg.adapter.init_from_embeddings and weights and saved_configs is None:
             self.adapter.init_from_embeddings(llm.get_input_embeddings().weight[: len(tokenizer)])
         self.audio_token_id = tokenizer.convert_tokens_to_ids(AUDIO_TOKEN)
@@ -117,29 +91,30 @@ class SpeechLLM(nn.Module):
 
     # ---------------------------------------------------------------- audio path
 
-    def encode_audio(self, features: torch.Tensor, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Variable-length Whisper encoding (no padding to 30 s), then the adapter.
+    @property
+    def audio_features(self) -> AudioFeatures:
+        """The encoder family's feature extractor: what the data pipeline computes this model's input with."""
+        return self.encoder_family.features
 
-        features: [B, n_mels, T] log-mel; frames: [B] valid mel frames. Returns [B, N, H] and valid lengths [B].
+    @property
+    def encoder_layout(self) -> EncoderLayout:
+        """The encoder's layers among the parameter names (for the parameter groups)."""
+        return self.encoder_family.layout()
+
+    @property
+    def encoder_layers(self) -> nn.ModuleList:
+        return self.encoder_family.layers(self.encoder)
+
+    def encode_audio(self, features: torch.Tensor, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Variable-length encoding (no padding to Whisper's 30 s), then the adapter.
+
+        features: the batch's padded features as `audio_features` makes them; frames: [B] valid steps of each.
+        Returns [B, N, H] and valid lengths [B]. Padding is masked, so a clip encodes to the same embeddings alone
+        or batched with longer clips.
         """
-        enc = self.encoder
-        # Padding is masked everywhere (features, conv outputs, attention keys, outputs), so a clip encodes to
-        # the same embeddings alone or batched with longer clips.
-        valid_mel = (torch.arange(features.shape[-1], device=features.device)[None] < frames[:, None])[:, None]
-        x = F.gelu(enc.conv1(features * valid_mel)) * valid_mel
-        x = F.gelu(enc.conv2(x)).transpose(1, 2)
-        if x.shape[1] > enc.config.max_source_positions:
-            raise ValueError(f"audio of {features.shape[-1]} mel frames exceeds the encoder's 30 s window")
-        enc_lengths = torch.div(frames + 1, 2, rounding_mode="floor")  # conv2 has stride 2
-        valid = torch.arange(x.shape[1], device=x.device)[None] < enc_lengths[:, None]
-        x = x + enc.embed_positions(torch.arange(x.shape[1], device=x.device))
-        mask = torch.zeros(x.shape[0], 1, 1, x.shape[1], dtype=x.dtype, device=x.device)
-        mask = mask.masked_fill(~valid[:, None, None, :], torch.finfo(x.dtype).min).expand(-1, -1, x.shape[1], -1)
         recompute = self.cfg.activation_checkpointing.encoder and self.training and torch.is_grad_enabled()
-        for layer in enc.layers:
-            x = checkpoint(layer, x, mask, use_reentrant=False) if recompute else layer(x, mask)
-        x = enc.layer_norm(x) * valid[..., None]
-        return self.adapter(x, enc_lengths)
+        x, lengths = self.encoder_family.encode(self.encoder, features, frames, recompute)
+        return self.adapter(x, lengths)
 
     # ---------------------------------------------------------------- sequence assembly
 
@@ -290,8 +265,9 @@ class SpeechLLM(nn.Module):
         save_file(state, str(out_dir / WEIGHTS_NAME))
         (out_dir / "part_model.json").write_text(json.dumps(asdict(self.cfg), indent=1))
         tokenizer.save_pretrained(out_dir / "tokenizer")
-        # The architectures, so the directory loads without the pretrained directories it started from.
-        self.encoder.config.save_pretrained(out_dir / "encoder_config")
+        # The architectures (and the encoder's feature extractor), so the directory loads without the pretrained
+        # directories it started from.
+        self.encoder_family.save(self.encoder, out_dir / "encoder_config")
         base = self.llm.get_base_model() if self.cfg.llm.lora is not None else self.llm
         base.config.save_pretrained(out_dir / "llm_config")
 

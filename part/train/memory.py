@@ -13,6 +13,10 @@ and `data.max_batch_tokens` of text): per layer that gradients pass through, the
 score matrix), or only each layer's input with activation checkpointing; plus the logits (16 and 32 bit) at the
 target positions, which the text tokens bound.
 It is an estimate: the allocator's fragmentation and temporary buffers come on top (the warning leaves 10%).
+The encoder's layers are counted as Whisper's; for the other families (part/model/encoders.py) that is
+approximate: every family gives 50 frames per second, w2v-BERT's Conformer layers add their second feed-forward
+and convolution module (`Shapes.enc_layer_elements`), and a trained wav2vec2-style CNN front end adds its outputs
+over the waveform (`Shapes.enc_front_elements`; Whisper's two small convolutions are left out, as before).
 """
 
 from __future__ import annotations
@@ -23,7 +27,6 @@ from part.config import TrainConfig
 from part.model.flops import Shapes, Trainable
 
 GIB = 1024**3
-MEL_FRAMES_PER_SECOND = 100  # Whisper's 10 ms hop; its encoder halves it
 
 
 @dataclass(frozen=True)
@@ -69,7 +72,7 @@ def activation_bytes(s: Shapes, t: Trainable, cfg: TrainConfig) -> float:
     """Activations of the largest micro-batch the data settings allow, for trainable set `t`."""
     width = 2 if cfg.precision == "bf16" else 4
     ckpt = cfg.model.activation_checkpointing
-    clips_frames = cfg.data.max_batch_seconds * MEL_FRAMES_PER_SECOND // 2  # encoder frames in the batch
+    clips_frames = cfg.data.max_batch_seconds * s.enc_frames_per_second // 1  # encoder frames in the batch
     adapter_frames = clips_frames / s.downsample
     llm_tokens = cfg.data.max_batch_tokens + adapter_frames
 
@@ -84,8 +87,10 @@ def activation_bytes(s: Shapes, t: Trainable, cfg: TrainConfig) -> float:
     trained_encoder = sorted(t.encoder_layers)
     if trained_encoder or t.encoder_convs:  # gradients pass from the lowest trained layer up
         layers = s.enc_layers - (0 if t.encoder_convs else trained_encoder[0])
-        total += stack(clips_frames, layers, _layer_elements(s.enc_dim, s.enc_dim, s.enc_ffn, False), s.enc_dim,
-                       ckpt.encoder)
+        elements = _layer_elements(s.enc_dim, s.enc_dim, s.enc_ffn, False) + s.enc_layer_elements
+        total += stack(clips_frames, layers, elements, s.enc_dim, ckpt.encoder)
+        if t.encoder_convs:  # the front end's own activations (not recomputed: checkpointing covers the layers)
+            total += width * clips_frames * s.enc_front_elements
     if t.adapter or trained_encoder or t.encoder_convs:
         h = s.adapter_hidden
         total += width * adapter_frames * s.adapter_layers * _layer_elements(h, h, 4 * h, False)
@@ -111,7 +116,7 @@ def estimate_stages(cfg: TrainConfig, world_size: int, model) -> list[StageMemor
     offload = (ds.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device", "none") != "none"
     shapes = Shapes.from_model(model)
     total_params = sum(p.numel() for p in model.parameters())
-    layers = list(model.encoder.layers) + [m for name, m in model.llm.named_modules()
+    layers = list(model.encoder_layers) + [m for name, m in model.llm.named_modules()
                                            if name.endswith(tuple(f"layers.{i}" for i in range(shapes.llm_layers)))]
     largest = max([sum(p.numel() for p in layer.parameters()) for layer in layers]
                   + [model.llm.get_input_embeddings().weight.numel()])

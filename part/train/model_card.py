@@ -44,7 +44,7 @@ def model_card(cfg: TrainConfig, checkpoint: Path, metrics_markdown: str | None,
         "",
         f"- speech encoder: `{m.encoder.pretrained or 'a randomly initialised Whisper-style encoder'}`",
         f"- adapter: {m.adapter.kind}, {m.adapter.layers} layers, hidden {m.adapter.hidden}, "
-        f"downsampling x{m.adapter.downsample} on top of the encoder's x2",
+        f"downsampling x{m.adapter.downsample} on top of the encoder's 50 frames per second",
         f"- LLM: `{m.llm.pretrained}`" + (f", LoRA rank {m.llm.lora.rank} on {', '.join(m.llm.lora.target_modules)}"
                                           if m.llm.lora else ""),
         f"- auxiliary CTC weight: {m.ctc_weight}" if m.ctc_weight else "- no auxiliary CTC loss",

@@ -34,7 +34,7 @@ def empty_group_errors(cfg: TrainConfig, model) -> list[str]:
         for group in stage.trainable:
             if not group_parameters(model, group):
                 errors.append(f"stages[{i}].trainable: group '{group}' matches no parameter of the configured model "
-                              f"({len(model.encoder.layers)} encoder layers, LoRA "
+                              f"({model.encoder_layout.layers} encoder layers, LoRA "
                               f"{'on' if cfg.model.llm.lora is not None else 'off'})")
     return errors
 
@@ -46,7 +46,12 @@ def preflight(cfg: TrainConfig, world_size: int, source: str | Path = "config"):
         check_stage_data(cfg, world_size)
     except DataError as exc:
         raise ConfigError(f"{source}: {exc}") from None
-    model = skeleton(cfg)
+    from part.model.encoders import EncoderError
+
+    try:
+        model = skeleton(cfg)
+    except EncoderError as exc:
+        raise ConfigError(f"{source}: model.encoder.pretrained: {exc}") from None
     if errors := empty_group_errors(cfg, model):
         raise ConfigError(f"{source}: invalid configuration:\n  " + "\n  ".join(errors))
     return model

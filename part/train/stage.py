@@ -114,7 +114,7 @@ class StageRun:
 
     def open_stream(self, resume: dict | None = None) -> None:
         """This stage's data stream on this rank, continuing from `resume` (a tracker state) when given."""
-        stream = MixtureStream(self.cfg.data, self.span.stage, self.tokenizer, self.model.encoder.config.num_mel_bins,
+        stream = MixtureStream(self.cfg.data, self.span.stage, self.tokenizer, self.model.audio_features,
                                self.dist.rank, self.dist.world_size, resume=resume)
         self.tracker = StreamTracker(resume)
         self._batches = iter(make_loader(stream))
@@ -162,7 +162,7 @@ class StageRun:
             tokens += int(out["tokens"])
             samples += len(batch)
             audio_seconds += batch.audio_seconds
-            shapes = BatchShapes.from_batch(batch, self.flop_shapes.downsample, self.model.audio_token_id)
+            shapes = BatchShapes.from_batch(batch, self.flop_shapes, self.model.audio_token_id)
             sequence_tokens += shapes.sequence_tokens
             flops += step_flops(self.flop_shapes, shapes, self.trainable_parts).total
             if "ctc_loss" in out:
