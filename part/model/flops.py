@@ -109,6 +109,10 @@ class Shapes:
     enc_front_elements: int = 0
     enc_convs: tuple[tuple[int, int, int], ...] = WHISPER_FRAME_CONVS
     enc_frames_per_second: float = 50.0
+    # The LLM's feed-forward: gated (SwiGLU: gate_proj, up_proj, down_proj; Qwen2, Llama) or two products (fc1,
+    # fc2: OPT, the Whisper-decoder stand-in), and the name of its attention output projection (for LoRA).
+    llm_gated: bool = True
+    llm_out_proj: str = "o_proj"
 
     @classmethod
     def from_model(cls, model: SpeechLLM) -> Shapes:
@@ -117,11 +121,15 @@ class Shapes:
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
         a, lora = model.cfg.adapter, model.cfg.llm.lora
+        names = [n for n, _ in base.named_parameters()]  # names only: under ZeRO-3 the tensors may be empty
+        gated = any(".gate_proj." in n for n in names)
+        out_proj = "o_proj" if any(".o_proj." in n for n in names) else "out_proj"
+        ffn = c.intermediate_size if gated else getattr(c, "ffn_dim", None) or c.intermediate_size
         return cls(
             **model.encoder_family.cost_shapes(),
             downsample=a.downsample, adapter_kind=a.kind, adapter_hidden=a.hidden, adapter_layers=a.layers,
             llm_dim=c.hidden_size, llm_layers=c.num_hidden_layers, llm_q_dim=c.num_attention_heads * head_dim,
-            llm_kv_dim=kv_heads * head_dim, llm_ffn=c.intermediate_size,
+            llm_kv_dim=kv_heads * head_dim, llm_ffn=ffn, llm_gated=gated, llm_out_proj=out_proj,
             vocab=c.vocab_size,  # the config, not the weight: ZeRO-3 partitions leave it empty
             lora_rank=lora.rank if lora else 0, lora_targets=tuple(lora.target_modules) if lora else (),
             ctc=model.cfg.ctc_weight > 0,
@@ -191,7 +199,8 @@ class StepFlops:
 
 def _attention_layer(count: Count, tokens: float, rows: int, length: int, q_dim: int, kv_dim: int, out_dim: int,
                      ffn: list[tuple[int, int]], grad_in: bool, attn_weights: bool, ffn_weights: bool,
-                     lora: tuple[int, tuple[str, ...], bool] = (0, (), False), dim: int = 0) -> bool:
+                     lora: tuple[int, tuple[str, ...], bool] = (0, (), False), dim: int = 0,
+                     out_proj: str = "o_proj") -> bool:
     """One pre-norm transformer layer; returns whether its output needs a gradient.
 
     `ffn`: the feed-forward products as (in, out) pairs, applied to the same normed input except the last one
@@ -213,8 +222,8 @@ def _attention_layer(count: Count, tokens: float, rows: int, length: int, q_dim:
     qkv_grad = grad_in or attn_weights or lora_reaches(("q_proj", "k_proj", "v_proj"))
     # QK^T and AV: rows x heads x length^2 x head_dim, twice; the backward needs both operands' gradients
     count.add(2 * 2 * rows * length * length * q_dim, qkv_grad, qkv_grad)
-    linear("o_proj", q_dim, out_dim, qkv_grad, attn_weights)
-    hidden_grad = qkv_grad or attn_weights or lora_reaches(("o_proj",))
+    linear(out_proj, q_dim, out_dim, qkv_grad, attn_weights)
+    hidden_grad = qkv_grad or attn_weights or lora_reaches((out_proj,))
     names = ("gate_proj", "up_proj", "down_proj") if len(ffn) == 3 else ("fc1", "fc2")
     for (n_in, n_out), name in zip(ffn[:-1], names):
         linear(name, n_in, n_out, hidden_grad, ffn_weights)
@@ -273,9 +282,9 @@ def step_flops(s: Shapes, b: BatchShapes, t: Trainable) -> StepFlops:
     lora = (s.lora_rank, s.lora_targets, t.lora)
     for i in range(s.llm_layers):
         trains = i in t.llm_layers
-        grad = _attention_layer(out.llm, tokens, rows, length, s.llm_q_dim, s.llm_kv_dim, s.llm_dim,
-                                [(s.llm_dim, s.llm_ffn), (s.llm_dim, s.llm_ffn), (s.llm_ffn, s.llm_dim)],
-                                grad, trains, trains, lora=lora, dim=s.llm_dim)
+        ffn = [(s.llm_dim, s.llm_ffn)] * (2 if s.llm_gated else 1) + [(s.llm_ffn, s.llm_dim)]
+        grad = _attention_layer(out.llm, tokens, rows, length, s.llm_q_dim, s.llm_kv_dim, s.llm_dim, ffn,
+                                grad, trains, trains, lora=lora, dim=s.llm_dim, out_proj=s.llm_out_proj)
     out.head.add(2 * b.target_tokens * s.llm_dim * s.vocab, grad, t.llm_head)  # target positions only
     return out
 

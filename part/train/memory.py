@@ -95,8 +95,8 @@ def activation_bytes(s: Shapes, t: Trainable, cfg: TrainConfig) -> float:
         h = s.adapter_hidden
         total += width * adapter_frames * s.adapter_layers * _layer_elements(h, h, 4 * h, False)
     # the LLM: gradients pass through all of it whenever anything trains (the adapter sits below it)
-    total += stack(llm_tokens, s.llm_layers, _layer_elements(s.llm_dim, s.llm_kv_dim, s.llm_ffn, True), s.llm_dim,
-                   ckpt.llm)
+    llm_layer = _layer_elements(s.llm_dim, s.llm_kv_dim, s.llm_ffn, s.llm_gated)
+    total += stack(llm_tokens, s.llm_layers, llm_layer, s.llm_dim, ckpt.llm)
     # logits (16 bit), their fp32 copy for the loss and its gradient: at the target positions only (at most the
     # batch's text tokens), and at every adapter frame for the CTC term
     head_tokens = cfg.data.max_batch_tokens + (adapter_frames if s.ctc else 0)

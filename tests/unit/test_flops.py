@@ -34,13 +34,31 @@ CPU_ATTENTION = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cp
                  torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward}
 
 
-@pytest.fixture(scope="module")
-def model_and_batch(tiny_models):
-    cfg = ModelConfig(encoder=EncoderConfig(pretrained=str(tiny_models / "whisper")),
-                      adapter=AdapterConfig(hidden=64, layers=2, heads=4),
-                      llm=LLMConfig(pretrained=str(tiny_models / "llm"), lora=LoraConfig(rank=4, alpha=8)),
-                      ctc_weight=0.5)
+def _opt_llm(tiny_models, out) -> str:
+    """A tiny random OPT (the Whisper-decoder stand-in's architecture: two-product GELU feed-forward, out_proj) with
+    the tiny tokenizer."""
+    from transformers import OPTConfig, OPTForCausalLM
+
     tok = load_tokenizer(str(tiny_models / "llm"))
+    torch.manual_seed(0)
+    # the tiny Qwen2's width and depth, so the encoder's share of the count is the same in both cases
+    OPTForCausalLM(OPTConfig(vocab_size=len(tok), hidden_size=192, word_embed_proj_dim=192, num_hidden_layers=4,
+                             num_attention_heads=6, ffn_dim=768, max_position_embeddings=512,
+                             do_layer_norm_before=True, pad_token_id=tok.pad_token_id)).save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="module", params=["qwen2", "opt"])
+def model_and_batch(tiny_models, tmp_path_factory, request):
+    if request.param == "qwen2":
+        llm = LLMConfig(pretrained=str(tiny_models / "llm"), lora=LoraConfig(rank=4, alpha=8))
+    else:
+        llm = LLMConfig(pretrained=_opt_llm(tiny_models, tmp_path_factory.mktemp("opt")),
+                        lora=LoraConfig(rank=4, alpha=8, target_modules=["q_proj", "v_proj", "out_proj", "fc1"]))
+    cfg = ModelConfig(encoder=EncoderConfig(pretrained=str(tiny_models / "whisper")),
+                      adapter=AdapterConfig(hidden=64, layers=2, heads=4), llm=llm, ctc_weight=0.5)
+    tok = load_tokenizer(llm.pretrained)
     torch.manual_seed(0)
     model = SpeechLLM(cfg, tok).train()
     batch = make_batch(tok, frames=(600, 420, 300), text_only=True)
