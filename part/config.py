@@ -29,7 +29,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class EncoderConfig:
-    pretrained: str | None = None  # a Whisper checkpoint directory (e.g. a local copy of openai/whisper-small)
+    pretrained: str | None = None  # an encoder directory: Whisper, wav2vec2, HuBERT, WavLM or w2v-BERT 2.0
     # Used only when `pretrained` is unset: a randomly initialised Whisper-style encoder.
     d_model: int = 128
     layers: int = 4
