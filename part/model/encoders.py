@@ -405,7 +405,28 @@ class WhisperFamily(EncoderFamily):
         return enc.layer_norm(x) * valid[..., None], enc_lengths
 
 
-class Wav2Vec2Family(EncoderFamily):
+class HiddenStatesFamily(EncoderFamily):
+    """What the wav2vec2-style transformers encoders (wav2vec2, HuBERT, WavLM, w2v-BERT 2.0) share: their width and
+    depth config names, their layers under `encoder.layers`, and SpecAugment's mask embedding, unused here."""
+
+    @property
+    def width(self):
+        return self.config.hidden_size
+
+    @property
+    def num_layers(self):
+        return self.config.num_hidden_layers
+
+    def layers(self, model):
+        return model.encoder.layers
+
+    def _prepare(self, model):
+        if hasattr(model, "masked_spec_embed"):  # SpecAugment's mask embedding: not used here
+            del model.masked_spec_embed
+        return model
+
+
+class Wav2Vec2Family(HiddenStatesFamily):
     """wav2vec2 and HuBERT: CNN feature encoder over the waveform, convolutional position embedding, transformer
     layers (post-norm, or pre-norm with a final norm: `do_stable_layer_norm`)."""
 
@@ -437,8 +458,7 @@ class Wav2Vec2Family(EncoderFamily):
         return self._model_class()(config)
 
     def _prepare(self, model):
-        if hasattr(model, "masked_spec_embed"):  # SpecAugment's mask embedding: not used here
-            del model.masked_spec_embed
+        model = super()._prepare(model)
         for conv_layer in model.feature_extractor.conv_layers:
             norm = getattr(conv_layer, "layer_norm", None)
             if type(norm) is nn.GroupNorm:
@@ -453,17 +473,6 @@ class Wav2Vec2Family(EncoderFamily):
             raise EncoderError(f"{self.directory}: the feature extractor must read 16 kHz mono waveforms "
                                f"(feature_size {extractor.feature_size}, sampling_rate {extractor.sampling_rate})")
         return WaveformFeatures(extractor)
-
-    @property
-    def width(self):
-        return self.config.hidden_size
-
-    @property
-    def num_layers(self):
-        return self.config.num_hidden_layers
-
-    def layers(self, model):
-        return model.encoder.layers
 
     def layout(self):
         stable = self.config.do_stable_layer_norm  # pre-norm layers, the encoder's layer_norm on top of them
@@ -547,7 +556,7 @@ class WavLMFamily(Wav2Vec2Family):
         return x
 
 
-class W2vBertFamily(EncoderFamily):
+class W2vBertFamily(HiddenStatesFamily):
     """w2v-BERT 2.0 (`wav2vec2-bert`): stacked fbank frames, a linear projection, Conformer layers (relative
     position attention, a causal depthwise convolution module)."""
 
@@ -570,11 +579,6 @@ class W2vBertFamily(EncoderFamily):
 
         return Wav2Vec2BertModel(config)
 
-    def _prepare(self, model):
-        if hasattr(model, "masked_spec_embed"):
-            del model.masked_spec_embed
-        return model
-
     def _features(self):
         from transformers import SeamlessM4TFeatureExtractor
 
@@ -589,17 +593,6 @@ class W2vBertFamily(EncoderFamily):
             raise EncoderError(f"{self.directory}: fbank frames stacked by {extractor.stride}; 2 (50 frames/s) "
                                "is what w2v-BERT 2.0 uses")
         return FbankFeatures(extractor)
-
-    @property
-    def width(self):
-        return self.config.hidden_size
-
-    @property
-    def num_layers(self):
-        return self.config.num_hidden_layers
-
-    def layers(self, model):
-        return model.encoder.layers
 
     def layout(self):  # no norm above the last layer (each Conformer layer ends with its own)
         return EncoderLayout(self.num_layers, "encoder.encoder.layers", top=(), front=("encoder.feature_projection",))

@@ -230,7 +230,7 @@ def corpus_clips(corpus: Path, languages: tuple[str, ...], per_language: int) ->
     from collections import Counter
 
     from part.data.audio import load_audio
-    from part.data.shards import iter_tar_samples
+    from part.data.shards import AUDIO_EXTENSIONS, iter_tar_samples
 
     taken: dict[str, list] = {lang: [] for lang in languages}
     counters: Counter = Counter()
@@ -238,7 +238,7 @@ def corpus_clips(corpus: Path, languages: tuple[str, ...], per_language: int) ->
         for key, members in iter_tar_samples(str(shard), counters):
             record = json.loads(members["json"])
             lang = record.get("language")
-            audio = next((members[ext] for ext in ("flac", "wav", "ogg", "mp3") if ext in members), None)
+            audio = next((members[ext] for ext in AUDIO_EXTENSIONS if ext in members), None)
             if lang in taken and len(taken[lang]) < per_language and audio is not None:
                 taken[lang].append((load_audio(audio, name=f"{shard}:{key}"), lang, record["transcript"]))
         if all(len(v) >= per_language for v in taken.values()):
