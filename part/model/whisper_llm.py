@@ -236,8 +236,11 @@ def corpus_clips(corpus: Path, languages: tuple[str, ...], per_language: int) ->
     counters: Counter = Counter()
     for shard in sorted((Path(corpus) / "train").glob("*.tar")):
         for key, members in iter_tar_samples(str(shard), counters):
-            record = json.loads(members["json"])
-            lang = record.get("language")
+            try:
+                record = json.loads(members["json"])
+                lang = record.get("language")
+            except (KeyError, ValueError, AttributeError) as exc:
+                raise ValueError(f"{shard}:{key}: not a readable sample record ({exc})") from exc
             audio = next((members[ext] for ext in AUDIO_EXTENSIONS if ext in members), None)
             if lang in taken and len(taken[lang]) < per_language and audio is not None:
                 taken[lang].append((load_audio(audio, name=f"{shard}:{key}"), lang, record["transcript"]))
