@@ -32,6 +32,9 @@ if TYPE_CHECKING:
 
 IGNORE = -100
 WEIGHTS_NAME = "model.safetensors"
+# Where decoder-only LLMs in transformers keep the norm before their output head: Llama/Qwen/Mistral/Gemma,
+# OPT (and the Whisper-decoder stand-in), GPT-2.
+FINAL_NORM_NAMES = ("norm", "final_layer_norm", "ln_f")
 
 
 def build_encoder(cfg: EncoderConfig, weights: bool = True, attn_implementation: str = "sdpa") -> nn.Module:
@@ -180,13 +183,27 @@ class SpeechLLM(nn.Module):
             out["loss"] = out["loss"] + self.cfg.ctc_weight * ctc
         return out
 
+    @property
+    def llm_final_norm(self) -> nn.Module:
+        """The norm the LLM applies to its last hidden state before the output head."""
+        decoder = self.llm.get_decoder() if self.cfg.llm.lora is None else self.llm.get_base_model().get_decoder()
+        for name in FINAL_NORM_NAMES:
+            norm = getattr(decoder, name, None)
+            if isinstance(norm, nn.Module):
+                return norm
+        raise ValueError(f"{type(decoder).__name__}: no final norm among {FINAL_NORM_NAMES} (needed by the CTC "
+                         "loss: set model.ctc_weight: 0, or add the name to FINAL_NORM_NAMES)")
+
     def ctc_loss(self, audio: torch.Tensor, audio_lengths: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """CTC of the adapter's frames, read through the LLM's output head, against each speech sample's
+        """CTC of the adapter's frames, read through the LLM's final norm and output head, against each speech sample's
         transcript tokens; the pad token is the blank. Mean over transcript tokens (0 when there are none).
 
         The head is called on every batch, speech or not, so all ranks make the same module calls under ZeRO-3.
         """
-        log_probs = self.llm.get_output_embeddings()(audio).float().log_softmax(-1)
+        # The head reads the LLM's final norm's output, as it does for the LM loss: without it the frames'
+        # logits scale with the adapter's output norm (token-embedding scale, ~1), and the adapter has to grow
+        # its weights many-fold before any frame can be classified sharply (measured: docs/issue13_stage1_4lang.md).
+        log_probs = self.llm.get_output_embeddings()(self.llm_final_norm(audio)).float().log_softmax(-1)
         rows, targets = [], []
         for i, j in enumerate(batch.audio_index.tolist()):
             ids = batch.transcript_ids[i] if batch.transcript_ids else None

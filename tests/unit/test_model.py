@@ -268,11 +268,15 @@ def test_ctc_loss_reads_the_adapter_through_the_llm_head(model_and_tokenizer):
     ctc = model.ctc_loss(audio, lengths, batch)
     assert torch.isfinite(ctc) and ctc.item() > 0
     # By hand: the same CTC over the two speech rows, normalised by their transcript tokens.
-    log_probs = model.llm.get_output_embeddings()(audio).float().log_softmax(-1)
+    log_probs = model.llm.get_output_embeddings()(model.llm_final_norm(audio)).float().log_softmax(-1)
     expected = torch.nn.functional.ctc_loss(log_probs[:2].transpose(0, 1), torch.tensor(ids + ids), lengths[:2],
                                             torch.tensor([len(ids)] * 2), blank=model.pad_token_id,
                                             reduction="sum") / (2 * len(ids))
     assert torch.allclose(ctc, expected)
+
+    # Through the final norm, the frames' scale does not decide how sharp their logits are.
+    assert torch.allclose(model.ctc_loss(audio * 10, lengths, batch), ctc, rtol=1e-3)
+    assert model.llm_final_norm is model.llm.get_decoder().norm  # the tiny Qwen2's
 
     model.zero_grad()
     ctc.backward()
