@@ -1,0 +1,157 @@
+"""Token timings from a Whisper model's alignment heads (forced alignment of a known transcript).
+
+Whisper's decoder, teacher-forced on the transcript, attends from each text token to the encoder frames that
+hold it; a few of its cross-attention heads (the checkpoint's `generation_config.alignment_heads`) do so sharply.
+Their weights, normalised per frame and smoothed over time, give a token-by-frame score; the monotonic path of
+highest total score (dynamic time warping) assigns every token a span of 20 ms frames.
+
+Measured use (docs/issue13_stage1_4lang.md): the timings as per-frame targets for the adapter, the supervision
+stage 1 otherwise has to find by itself. `python -m part.align` prints the timings of one clip.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+SECONDS_PER_FRAME = 0.02  # Whisper's encoder: 100 mel frames/s, halved by its second convolution
+WINDOW_SECONDS = 30.0  # Whisper's input window
+
+
+@dataclass(frozen=True)
+class TokenTiming:
+    token_id: int
+    text: str
+    start: float  # seconds
+    end: float
+
+
+def dtw_path(cost: np.ndarray) -> list[tuple[int, int]]:
+    """The monotonic path from (0, 0) to (n-1, m-1) through `cost` [n, m] with the least total cost; each move
+    is one step right, down, or diagonal. One vectorised pass per row: with S the row's running sum of cost,
+    D[i, j] = S[j] + min over k <= j of (A[k] - S[k]), where A[k] enters cell k from the row above."""
+    n, m = cost.shape
+    if n == 0 or m == 0:
+        raise ValueError(f"dtw_path: empty cost matrix {cost.shape}")
+    cost = cost.astype(np.float64)
+    total = np.empty((n, m))
+    from_left = np.zeros((n, m), dtype=bool)  # reached from (i, j-1)
+    from_diag = np.zeros((n, m), dtype=bool)  # else from (i-1, j-1) when True, from (i-1, j) when False
+    running = np.cumsum(cost[0])
+    total[0] = running
+    from_left[0, 1:] = True
+    for i in range(1, n):
+        above = total[i - 1]
+        diag = np.concatenate([[np.inf], above[:-1]])
+        from_diag[i] = diag < above
+        enter = cost[i] + np.minimum(diag, above)
+        running = np.cumsum(cost[i])
+        entry = enter - running
+        best_entry = np.minimum.accumulate(entry)
+        total[i] = running + best_entry
+        # From the left where a cell further left is the better entry (compared as stored: exact, no rounding).
+        from_left[i] = entry > best_entry
+    path, i, j = [], n - 1, m - 1
+    while True:
+        path.append((i, j))
+        if i == 0 and j == 0:
+            break
+        if from_left[i, j]:
+            j -= 1
+        elif from_diag[i, j]:
+            i, j = i - 1, j - 1
+        else:
+            i -= 1
+    return path[::-1]
+
+
+def median_filter(x: torch.Tensor, width: int) -> torch.Tensor:
+    """Median over a sliding window of odd `width` along the last axis, reflect-padded at the ends."""
+    if width <= 1 or x.shape[-1] <= width // 2:
+        return x
+    pad = width // 2
+    padded = F.pad(x.reshape(-1, 1, x.shape[-1]), (pad, pad), mode="reflect").reshape(*x.shape[:-1], -1)
+    return padded.unfold(-1, width, 1).median(-1).values
+
+
+def frame_targets(timings: list[TokenTiming], frames: int, seconds_per_frame: float, blank: int) -> list[int]:
+    """One target per frame of `seconds_per_frame`: each token at the frame holding its span's centre (moved to
+    the next free frame when two share one; dropped when none is left), `blank` elsewhere, as a CTC-trained
+    model emits a transcript."""
+    targets = [blank] * frames
+    for t in timings:
+        j = min(int((t.start + t.end) / 2 / seconds_per_frame), frames - 1)
+        while j < frames and targets[j] != blank:
+            j += 1
+        if j < frames:
+            targets[j] = t.token_id
+    return targets
+
+
+class WhisperAligner:
+    """Forced alignment with a transformers Whisper directory (its encoder, decoder, tokenizer and alignment
+    heads); the transcript and its language are known."""
+
+    def __init__(self, whisper_dir: str | Path, device: str | torch.device = "cpu"):
+        from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+        whisper_dir = Path(whisper_dir)
+        generation = whisper_dir / "generation_config.json"
+        try:
+            heads = json.loads(generation.read_text()).get("alignment_heads")
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{generation}: cannot read the alignment heads ({exc})") from exc
+        if not heads:
+            raise ValueError(f"{generation}: no alignment_heads (a Whisper checkpoint lists them there)")
+        self.heads = [(int(layer), int(head)) for layer, head in heads]
+        self.device = torch.device(device)
+        # eager: sdpa does not return attention weights
+        self.model = WhisperForConditionalGeneration.from_pretrained(whisper_dir, attn_implementation="eager")
+        self.model.to(self.device).eval()
+        self.processor = WhisperProcessor.from_pretrained(whisper_dir)
+        self.filter_width = int(getattr(self.model.config, "median_filter_width", 7) or 7)
+        tokenizer = self.processor.tokenizer
+        self.prefix_ids = {name: tokenizer.convert_tokens_to_ids(name)
+                           for name in ("<|startoftranscript|>", "<|transcribe|>", "<|notimestamps|>")}
+
+    def language_id(self, language: str) -> int:
+        tokenizer = self.processor.tokenizer
+        token = f"<|{language}|>"
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or token_id == tokenizer.unk_token_id:
+            raise ValueError(f"language {language!r}: this Whisper tokenizer has no {token} token")
+        return token_id
+
+    @torch.no_grad()
+    def align(self, audio: np.ndarray, text: str, language: str, sampling_rate: int = 16000) -> list[TokenTiming]:
+        """Timings of `text`'s tokens (Whisper's tokenizer, no special tokens) in `audio` (mono, at most 30 s)."""
+        seconds = len(audio) / sampling_rate
+        if seconds > WINDOW_SECONDS:
+            raise ValueError(f"align: {seconds:.1f} s of audio; Whisper's window is {WINDOW_SECONDS:.0f} s")
+        tokenizer = self.processor.tokenizer
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            return []
+        prefix = [self.prefix_ids["<|startoftranscript|>"], self.language_id(language),
+                  self.prefix_ids["<|transcribe|>"], self.prefix_ids["<|notimestamps|>"]]
+        features = self.processor.feature_extractor(audio, sampling_rate=sampling_rate,
+                                                    return_tensors="pt").input_features.to(self.device)
+        out = self.model(input_features=features, decoder_input_ids=torch.tensor([prefix + ids], device=self.device),
+                         output_attentions=True)
+        frames = max(1, min(int(np.ceil(seconds / SECONDS_PER_FRAME)), out.cross_attentions[0].shape[-1]))
+        # Row k: the attention while predicting text token k (its input is the token before it).
+        weights = torch.stack([out.cross_attentions[layer][0, head] for layer, head in self.heads])
+        weights = weights[:, len(prefix) - 1 : len(prefix) - 1 + len(ids), :frames].float()
+        weights = (weights - weights.mean(-2, keepdim=True)) / weights.std(-2, keepdim=True, unbiased=False).clamp(
+            min=1e-6)
+        score = median_filter(weights, self.filter_width).mean(0)
+        spans: dict[int, list[int]] = {}
+        for token, frame in dtw_path(-score.cpu().numpy()):
+            spans.setdefault(token, []).append(frame)
+        return [TokenTiming(token_id=t, text=tokenizer.decode([t]), start=min(spans[k]) * SECONDS_PER_FRAME,
+                            end=(max(spans[k]) + 1) * SECONDS_PER_FRAME) for k, t in enumerate(ids)]

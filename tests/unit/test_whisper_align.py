@@ -1,0 +1,133 @@
+"""Token timings from Whisper's alignment heads (part/model/whisper_align.py, `python -m part.align`): the DTW
+against an exhaustive one, the smoothing and frame targets by hand, and the real Whisper-base (converted from its
+wheels) placing the words of an espeak-ng clip on either side of a silence inserted between them."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from scipy.ndimage import median_filter as scipy_median
+from test_convert import converted, ct2_files  # noqa: F401  (session fixtures: the wheels converted once)
+
+from part import align
+from part.data.audio import load_audio
+from part.model.whisper_align import TokenTiming, WhisperAligner, dtw_path, frame_targets, median_filter
+
+
+def _path_cost(cost: np.ndarray, path: list[tuple[int, int]]) -> float:
+    return float(sum(cost[i, j] for i, j in path))
+
+
+def _best_cost(cost: np.ndarray) -> float:
+    """Exhaustive: the least cost over every monotonic path (moves right, down, diagonal)."""
+    n, m = cost.shape
+    best = {(0, 0): cost[0, 0]}
+    for i, j in itertools.product(range(n), range(m)):
+        if (i, j) == (0, 0):
+            continue
+        prev = [best[p] for p in ((i - 1, j - 1), (i - 1, j), (i, j - 1)) if p in best]
+        best[(i, j)] = cost[i, j] + min(prev)
+    return best[(n - 1, m - 1)]
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 6), (5, 1), (3, 9), (7, 7), (9, 4)])
+def test_dtw_path_is_monotonic_complete_and_least_cost(shape):
+    rng = np.random.default_rng(sum(shape))
+    for _ in range(5):
+        cost = rng.normal(size=shape)
+        path = dtw_path(cost)
+        assert path[0] == (0, 0) and path[-1] == (shape[0] - 1, shape[1] - 1)
+        for (i0, j0), (i1, j1) in zip(path, path[1:]):
+            assert (i1 - i0, j1 - j0) in {(0, 1), (1, 0), (1, 1)}
+        assert _path_cost(cost, path) == pytest.approx(_best_cost(cost))
+
+
+def test_dtw_path_follows_a_clear_diagonal():
+    cost = np.ones((4, 8))
+    for i in range(4):
+        cost[i, 2 * i : 2 * i + 2] = -5.0  # token i sits on frames 2i, 2i+1
+    spans = {}
+    for i, j in dtw_path(cost):
+        spans.setdefault(i, []).append(j)
+    assert spans == {0: [0, 1], 1: [2, 3], 2: [4, 5], 3: [6, 7]}
+
+
+def test_median_filter_matches_scipy():
+    x = torch.randn(3, 5, 40)
+    got = median_filter(x, 7)
+    want = scipy_median(x.numpy(), size=(1, 1, 7), mode="mirror")  # torch's "reflect" is scipy's "mirror"
+    assert np.allclose(got.numpy(), want)
+    assert median_filter(x, 1) is x
+
+
+def test_frame_targets_put_each_token_at_its_centre_and_blank_elsewhere():
+    timings = [TokenTiming(10, "a", 0.00, 0.16), TokenTiming(11, "b", 0.14, 0.22),
+               TokenTiming(12, "c", 0.20, 0.60), TokenTiming(13, "d", 0.90, 1.00)]
+    # 80 ms frames: centres 0.08 -> 1, 0.18 -> 2, 0.40 -> 5, 0.95 -> 11
+    assert frame_targets(timings, 13, 0.08, blank=0) == [0, 10, 11, 0, 0, 12, 0, 0, 0, 0, 0, 13, 0]
+    crowded = [TokenTiming(20 + k, "x", 0.0, 0.05) for k in range(4)]  # four centres in frame 0
+    assert frame_targets(crowded, 3, 0.08, blank=0) == [20, 21, 22]  # moved right; the fourth has no frame left
+
+
+def _espeak(text: str, path) -> np.ndarray:
+    subprocess.run(["espeak-ng", "-v", "en", "-w", str(path), text], check=True, capture_output=True, timeout=60)
+    return load_audio(path)
+
+
+@pytest.fixture(scope="module")
+def gap_clip(tmp_path_factory):
+    """'Good morning everybody.', 1.5 s of silence, 'Thank you very much.': (path, seconds before the silence,
+    seconds after it)."""
+    tmp = tmp_path_factory.mktemp("align")
+    first = _espeak("Good morning everybody.", tmp / "a.wav")
+    second = _espeak("Thank you very much.", tmp / "b.wav")
+    gap = np.zeros(int(1.5 * 16000), dtype=np.float32)
+    path = tmp / "gap.wav"
+    sf.write(path, np.concatenate([first, gap, second]), 16000)
+    return path, len(first) / 16000, (len(first) + len(gap)) / 16000
+
+
+def test_whisper_base_places_the_words_around_the_silence(converted, gap_clip):  # noqa: F811
+    whisper_dir, _ = converted
+    path, silence_start, silence_end = gap_clip
+    timings = WhisperAligner(whisper_dir).align(load_audio(path), "Good morning everybody. Thank you very much.",
+                                               "en")
+    text = "".join(t.text for t in timings)
+    assert text == "Good morning everybody. Thank you very much."
+    starts = [t.start for t in timings]
+    assert starts == sorted(starts) and all(t.end > t.start for t in timings)
+    thank = next(i for i, t in enumerate(timings) if t.text.strip() == "Thank")
+    print([(t.text, round(t.start, 2), round(t.end, 2)) for t in timings], silence_start, silence_end)
+    # Every word of the first sentence ends before the silence is half over; the second sentence starts after
+    # the silence has begun, and the clip's end holds its last token (0.3 s of tolerance either way).
+    assert all(t.start < silence_start + 0.3 for t in timings[:thank])
+    assert timings[thank].start > silence_start + 0.3
+    assert timings[thank].start > silence_end - 0.5
+    assert timings[-1].end <= silence_end + 3.0
+
+
+def test_cli_prints_timings_and_names_bad_inputs(converted, gap_clip, tmp_path, capsys):  # noqa: F811
+    whisper_dir, _ = converted
+    path, _, _ = gap_clip
+    assert align.main([str(whisper_dir), str(path), "--language", "en", "--json",
+                       "--text", "Good morning everybody. Thank you very much."]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert "".join(r["text"] for r in rows) == "Good morning everybody. Thank you very much."
+    assert all(set(r) == {"token_id", "text", "start", "end"} for r in rows)
+
+    assert align.main([str(whisper_dir), str(path), "--language", "xx", "--text", "hi"]) == 2
+    assert "<|xx|>" in capsys.readouterr().err
+    missing = tmp_path / "missing.wav"
+    assert align.main([str(whisper_dir), str(missing), "--language", "en", "--text", "hi"]) == 2
+    assert str(missing) in capsys.readouterr().err
+    headless = tmp_path / "headless"
+    headless.mkdir()
+    (headless / "generation_config.json").write_text("{}")
+    assert align.main([str(headless), str(path), "--language", "en", "--text", "hi"]) == 2
+    assert "no alignment_heads" in capsys.readouterr().err
