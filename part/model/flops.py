@@ -116,7 +116,7 @@ class Shapes:
 
     @classmethod
     def from_model(cls, model: SpeechLLM) -> Shapes:
-        base = model.llm.get_base_model() if model.cfg.llm.lora is not None else model.llm
+        base = model.base_llm
         c = base.config
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads

@@ -92,6 +92,11 @@ class SpeechLLM(nn.Module):
         with torch.device("meta"):
             return cls(cfg, tokenizer, weights=False)
 
+    @property
+    def base_llm(self) -> nn.Module:
+        """The causal LM under its LoRA wrapper (the LM itself without LoRA): its config, decoder and head."""
+        return self.llm.get_base_model() if self.cfg.llm.lora is not None else self.llm
+
     # ---------------------------------------------------------------- audio path
 
     @property
@@ -167,7 +172,7 @@ class SpeechLLM(nn.Module):
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         inputs, mask, labels, audio, audio_lengths = self._assemble(batch)
-        base = self.llm.get_base_model() if self.cfg.llm.lora is not None else self.llm
+        base = self.base_llm
         hidden = base.get_decoder()(inputs_embeds=inputs, attention_mask=mask, use_cache=False).last_hidden_state
         # The output head only where a target token is predicted: prompts and audio frames (most positions) need
         # no logits, which over a 152k vocabulary would be most of the step's memory.
@@ -186,7 +191,7 @@ class SpeechLLM(nn.Module):
     @property
     def llm_final_norm(self) -> nn.Module:
         """The norm the LLM applies to its last hidden state before the output head."""
-        decoder = self.llm.get_decoder() if self.cfg.llm.lora is None else self.llm.get_base_model().get_decoder()
+        decoder = self.base_llm.get_decoder()
         for name in FINAL_NORM_NAMES:
             norm = getattr(decoder, name, None)
             if isinstance(norm, nn.Module):
@@ -285,8 +290,7 @@ class SpeechLLM(nn.Module):
         # The architectures (and the encoder's feature extractor), so the directory loads without the pretrained
         # directories it started from.
         self.encoder_family.save(self.encoder, out_dir / "encoder_config")
-        base = self.llm.get_base_model() if self.cfg.llm.lora is not None else self.llm
-        base.config.save_pretrained(out_dir / "llm_config")
+        self.base_llm.config.save_pretrained(out_dir / "llm_config")
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> tuple[SpeechLLM, PreTrainedTokenizerBase]:
