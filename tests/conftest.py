@@ -143,3 +143,28 @@ def check_records(records, paths, durations, task="asr", language="de", target=N
         assert (r["task"], r["language"], r["target"]) == (task, language, target)
         assert isinstance(r["text"], str)
         assert abs(r["duration"] - durations[r["audio"]]) <= 0.05, r
+
+
+@pytest.fixture(scope="session")
+def ct2_files():
+    """The CTranslate2 files of the Whisper-base wheels pinned in requirements.txt (a hard requirement: no skip)."""
+    from part.model import whisper_ct2
+
+    try:
+        return whisper_ct2.ct2_files_in_packages()
+    except whisper_ct2.CT2SourceError as exc:
+        missing = str(exc)  # failed outside the except block, so the report is one line, not a chained traceback
+    pytest.fail(f"the Whisper-base wheels are missing: {missing}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def converted(ct2_files, tmp_path_factory) -> tuple[Path, float]:
+    """The wheels converted once, through the CLI: (output directory, seconds)."""
+    import time
+
+    from part import convert
+
+    out = tmp_path_factory.mktemp("whisper_base") / "hf"
+    start = time.perf_counter()
+    assert convert.main(["whisper-ct2", "--from-packages", str(out)]) == 0
+    return out, time.perf_counter() - start

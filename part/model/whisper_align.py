@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from scipy.ndimage import median_filter
 
 SECONDS_PER_FRAME = 0.02  # Whisper's encoder: 100 mel frames/s, halved by its second convolution
 WINDOW_SECONDS = 30.0  # Whisper's input window
@@ -68,15 +68,6 @@ def dtw_path(cost: np.ndarray) -> list[tuple[int, int]]:
         else:
             i -= 1
     return path[::-1]
-
-
-def median_filter(x: torch.Tensor, width: int) -> torch.Tensor:
-    """Median over a sliding window of odd `width` along the last axis, reflect-padded at the ends."""
-    if width <= 1 or x.shape[-1] <= width // 2:
-        return x
-    pad = width // 2
-    padded = F.pad(x.reshape(-1, 1, x.shape[-1]), (pad, pad), mode="reflect").reshape(*x.shape[:-1], -1)
-    return padded.unfold(-1, width, 1).median(-1).values
 
 
 def frame_targets(timings: list[TokenTiming], frames: int, seconds_per_frame: float, blank: int) -> list[int]:
@@ -149,9 +140,12 @@ class WhisperAligner:
         weights = weights[:, len(prefix) - 1 : len(prefix) - 1 + len(ids), :frames].float()
         weights = (weights - weights.mean(-2, keepdim=True)) / weights.std(-2, keepdim=True, unbiased=False).clamp(
             min=1e-6)
-        score = median_filter(weights, self.filter_width).mean(0)
+        weights = weights.cpu().numpy()
+        if weights.shape[-1] > self.filter_width // 2:  # a clip of a few frames is left as it is
+            # over time, each frame's window mirrored at the clip's ends
+            weights = median_filter(weights, size=(1, 1, self.filter_width), mode="mirror")
         spans: dict[int, list[int]] = {}
-        for token, frame in dtw_path(-score.cpu().numpy()):
+        for token, frame in dtw_path(-weights.mean(0)):
             spans.setdefault(token, []).append(frame)
         return [TokenTiming(token_id=t, text=tokenizer.decode([t]), start=min(spans[k]) * SECONDS_PER_FRAME,
                             end=(max(spans[k]) + 1) * SECONDS_PER_FRAME) for k, t in enumerate(ids)]

