@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -60,24 +59,21 @@ def smoke(config_path: str, steps: int, rank: int, device: torch.device) -> None
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    import deepspeed
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository's part/
+    from part.train.distributed import DistributedContext
+
     accelerator = get_accelerator()
-    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
-    rank = dist.get_rank()
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if accelerator.device_name() != "cpu":
-        accelerator.set_device(local_rank)
-    device = torch.device(accelerator.device_name(local_rank))
+    context = DistributedContext.init()  # the trainer's own setup (device choice, CPU shm segment cleanup)
+    rank, device = context.rank, context.device
     if rank == 0:
         print(f"DS_SMOKE world={dist.get_world_size()} accelerator={accelerator.device_name()} "
               f"backend={accelerator.communication_backend_name()}", flush=True)
     for config_path in args.configs:
         smoke(config_path, args.steps, rank, device)
-    dist.barrier()
-    dist.destroy_process_group()
+    context.close()
     return 0
 
 
