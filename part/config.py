@@ -18,6 +18,7 @@ import yaml
 from part.model.groups import KNOWN_GROUPS, find_group
 
 TASKS = ("asr", "s2tt", "mt", "text")
+ADAPTER_READOUTS = ("embeddings", "vocabulary")
 SPEECH_TASKS = ("asr", "s2tt")
 PRECISIONS = ("bf16", "fp32")
 ZERO_STAGES = (2, 3)
@@ -50,6 +51,12 @@ class AdapterConfig:
     # embedding: a frozen LLM then first reads the audio as ordinary (average) tokens. Ignored when loading a
     # trained model.
     init_from_embeddings: bool = True
+    # What the LLM reads in the audio slot. `embeddings`: the adapter's outputs as they are. `vocabulary`: each
+    # frame's posterior over the LLM's tokens (the frame through the LLM's final norm and output head, divided by
+    # readout_temperature) weighting the LLM's token embeddings: a frozen LLM reads such frames as the tokens they
+    # name, which it cannot do with raw frames trained through the head (measured: docs/issue13_stage1_4lang.md).
+    readout: str = "embeddings"
+    readout_temperature: float = 0.2
 
 
 @dataclass
@@ -93,6 +100,12 @@ class ModelConfig:
     # transcript's tokens (every speech sample, ASR or S2TT). 0: off. It gives the adapter a per-frame signal
     # towards the LLM's token embeddings, which speeds up the speech-text alignment the LLM loss finds slowly.
     ctc_weight: float = 0.0
+    # Weight of a frame-level cross-entropy on the adapter's frames (read as the CTC loss reads them) against
+    # per-frame token targets: each transcript token at the adapter frame holding its span's centre, the pad
+    # token elsewhere. The spans come, inside the step, from the encoder's own Whisper checkpoint (its decoder's
+    # alignment heads over the encoder's outputs: part/model/whisper_align.py), so this needs a Whisper encoder
+    # directory with its decoder and an LLM sharing Whisper's vocabulary (the stand-in). 0: off.
+    frame_weight: float = 0.0
 
 
 @dataclass
@@ -123,6 +136,9 @@ class StageConfig:
     lr: float = 1e-3
     warmup_steps: int = 10
     min_lr_ratio: float = 0.1
+    # false: the stage trains on the frame loss alone (model.frame_weight) and the LLM never runs (a within-language
+    # adapter stage at a fraction of the step's cost).
+    lm_loss: bool = True
 
 
 @dataclass
@@ -323,6 +339,17 @@ def validate(cfg: TrainConfig, source: str | Path = "config") -> None:
               f"{where}: '{name}' is not a model directory (no config.json)")
     check(m.llm.pretrained is not None, "model.llm.pretrained: a causal LM directory is required")
     check(m.ctc_weight >= 0, "model.ctc_weight: must be >= 0")
+    check(m.frame_weight >= 0, "model.frame_weight: must be >= 0")
+    check(m.adapter.readout in ADAPTER_READOUTS,
+          f"model.adapter.readout: '{m.adapter.readout}' is not one of {', '.join(ADAPTER_READOUTS)}")
+    check(m.adapter.readout_temperature > 0, "model.adapter.readout_temperature: must be > 0")
+    if m.frame_weight > 0 and m.encoder.pretrained and Path(m.encoder.pretrained).is_dir():
+        from part.model.whisper_align import alignment_heads_problem
+
+        problem = alignment_heads_problem(m.encoder.pretrained)
+        check(problem is None, f"model.frame_weight: the frame targets need {problem}")
+    check(m.frame_weight == 0 or bool(m.encoder.pretrained),
+          "model.frame_weight: the frame targets need a pretrained Whisper encoder (model.encoder.pretrained)")
     check(m.attn_implementation in ATTENTION_IMPLEMENTATIONS,
           f"model.attn_implementation: '{m.attn_implementation}' is not one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
     if m.attn_implementation == "flash_attention_2":
@@ -355,6 +382,10 @@ def validate(cfg: TrainConfig, source: str | Path = "config") -> None:
         check(s.lr > 0, f"{where}.lr: must be > 0")
         check(0 <= s.warmup_steps <= s.steps, f"{where}.warmup_steps: must be between 0 and steps")
         check(0 <= s.min_lr_ratio <= 1, f"{where}.min_lr_ratio: must be in [0, 1] (a fraction of lr)")
+        check(s.lm_loss or m.frame_weight > 0,
+              f"{where}.lm_loss: false leaves the stage no loss (set model.frame_weight > 0)")
+        check(s.lm_loss or set(s.tasks) <= {"asr"},
+              f"{where}.lm_loss: false trains only on transcripts (tasks: {{asr: 1.0}}), not {sorted(s.tasks)}")
         check(s.tasks.get("s2tt", 0) <= 0 and s.tasks.get("mt", 0) <= 0 or bool(s.translation_targets),
               f"{where}.translation_targets: empty, but the stage has translation tasks (s2tt/mt)")
         check(bool(s.tasks) and sum(s.tasks.values()) > 0, f"{where}.tasks: empty mixture")

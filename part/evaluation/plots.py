@@ -9,8 +9,9 @@ from part.evaluation.comparison import FIG_DPI, draw_stage_boundaries, load_run,
 
 
 def plot_run(output_dir: str | Path, path: str | Path | None = None) -> Path:
-    """Writes `<output_dir>/run.png` (or `path`): (a) training loss (and the CTC term when logged) against step,
-    stage boundaries labelled; (b) ASR error rate per language; (c) S2TT BLEU per direction. Returns the path."""
+    """Writes `<output_dir>/run.png` (or `path`): (a) training loss (and the CTC and frame terms when logged)
+    against step, stage boundaries labelled; (b) ASR error rate per language; (c) S2TT BLEU per direction.
+    Returns the path."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -21,7 +22,8 @@ def plot_run(output_dir: str | Path, path: str | Path | None = None) -> Path:
     fig, (ax_loss, ax_asr, ax_st) = plt.subplots(1, 3, figsize=(15.0, 4.5), dpi=FIG_DPI)
     try:
         steps = [r["step"] for r in run["train"]]
-        for key, label, color in (("loss", "LLM loss per target token", "C0"), ("ctc_loss", "CTC term", "C1")):
+        for key, label, color in (("loss", "LLM loss per target token", "C0"), ("ctc_loss", "CTC term", "C1"),
+                                  ("frame_loss", "frame loss", "C2")):
             values = [(r["step"], r[key]) for r in run["train"] if isinstance(r.get(key), int | float)]
             if values:
                 xs, ys = zip(*values)

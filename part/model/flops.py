@@ -95,7 +95,7 @@ class Shapes:
     vocab: int
     lora_rank: int  # 0: no LoRA
     lora_targets: tuple[str, ...]
-    ctc: bool
+    frame_head: bool  # the output head also runs on every adapter frame (CTC or frame loss, vocabulary readout)
     # The encoder beyond Whisper's shapes (part/model/encoders.py, `EncoderFamily.cost_shapes`; the defaults are
     # Whisper's): its front end's forward operations per encoder frame (None: Whisper's two convolutions over
     # n_mels), each layer's operations per frame beyond attention and a two-product feed-forward, its products of
@@ -132,7 +132,8 @@ class Shapes:
             llm_kv_dim=kv_heads * head_dim, llm_ffn=ffn, llm_gated=gated, llm_out_proj=out_proj,
             vocab=c.vocab_size,  # the config, not the weight: ZeRO-3 partitions leave it empty
             lora_rank=lora.rank if lora else 0, lora_targets=tuple(lora.target_modules) if lora else (),
-            ctc=model.cfg.ctc_weight > 0,
+            frame_head=(model.cfg.ctc_weight > 0 or model.cfg.frame_weight > 0
+                        or model.cfg.adapter.readout != "embeddings"),
         )
 
 
@@ -273,7 +274,7 @@ def step_flops(s: Shapes, b: BatchShapes, t: Trainable) -> StepFlops:
         out.adapter.add(2 * tokens * 2 * h * h, grad, a)
     out.adapter.add(2 * tokens * h * s.llm_dim, grad, a)
     audio_grad = grad or a
-    if s.ctc:  # the CTC head: the LLM's output head on every adapter frame
+    if s.frame_head:  # the LLM's output head on every adapter frame
         out.head.add(2 * tokens * s.llm_dim * s.vocab, audio_grad, t.llm_head)
     # ---- LLM
     rows, length = b.sequences, b.sequence_length

@@ -35,6 +35,23 @@ WEIGHTS_NAME = "model.safetensors"
 # Where decoder-only LLMs in transformers keep the norm before their output head: Llama/Qwen/Mistral/Gemma,
 # OPT (and the Whisper-decoder stand-in), GPT-2.
 FINAL_NORM_NAMES = ("norm", "final_layer_norm", "ln_f")
+# The vocabulary readout mixes each frame's most likely tokens only: at the readout's low temperature they hold
+# nearly all the posterior's mass, and their embeddings come through the embedding module (ZeRO-3 gathers it),
+# not as the whole [vocab, width] matrix.
+READOUT_TOP_K = 16
+WHISPER_SECONDS_PER_FRAME = 0.02  # a Whisper encoder's output frame (the frame targets' teacher reads those)
+
+
+@dataclasses.dataclass
+class EncodedAudio:
+    """A batch's clips through the encoder and the adapter."""
+
+    states: torch.Tensor  # [clips, encoder frames, encoder width]: the encoder's outputs
+    state_lengths: torch.Tensor  # [clips]
+    frames: torch.Tensor  # [clips, frames, LLM width]: the adapter's outputs
+    lengths: torch.Tensor  # [clips] valid adapter frames
+    logits: torch.Tensor | None  # [clips, frames, vocab]: the frames through the LLM's final norm and head
+    audio: torch.Tensor  # what the LLM reads in the audio slot (the frames, or their vocabulary readout)
 
 
 def build_encoder(cfg: EncoderConfig, weights: bool = True, attn_implementation: str = "sdpa") -> nn.Module:
@@ -84,6 +101,9 @@ class SpeechLLM(nn.Module):
         self.end_token_id = tokenizer.convert_tokens_to_ids(self.prompt_format.end_token)
         self.pad_token_id = tokenizer.pad_token_id
         self.suppressed_token_ids = suppressed_token_ids(tokenizer, self.prompt_format)
+        # Set by the trainer when model.frame_weight > 0 (part/model/whisper_align.py FrameTargetTeacher): a frozen
+        # Whisper decoder, outside the module tree so that ZeRO and checkpoints never see it.
+        self.frame_teacher = None
 
     @classmethod
     def skeleton(cls, cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> SpeechLLM:
@@ -114,29 +134,53 @@ class SpeechLLM(nn.Module):
         return self.encoder_family.layers(self.encoder)
 
     def encode_audio(self, features: torch.Tensor, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Variable-length encoding (no padding to Whisper's 30 s), then the adapter.
+        """Variable-length encoding (no padding to Whisper's 30 s), then the adapter (and the vocabulary readout
+        when configured): what the LLM reads.
 
         features: the batch's padded features as `audio_features` makes them; frames: [B] valid steps of each.
         Returns [B, N, H] and valid lengths [B]. Padding is masked, so a clip encodes to the same embeddings alone
         or batched with longer clips.
         """
+        encoded = self._encode(features, frames)
+        return encoded.audio, encoded.lengths
+
+    def _encode(self, features: torch.Tensor, frames: torch.Tensor, need_logits: bool = False) -> EncodedAudio:
         recompute = self.cfg.activation_checkpointing.encoder and self.training and torch.is_grad_enabled()
-        x, lengths = self.encoder_family.encode(self.encoder, features, frames, recompute)
-        return self.adapter(x, lengths)
+        states, state_lengths = self.encoder_family.encode(self.encoder, features, frames, recompute)
+        adapted, lengths = self.adapter(states, state_lengths)
+        vocabulary = self.cfg.adapter.readout == "vocabulary"
+        logits = self.frame_logits(adapted) if need_logits or vocabulary else None
+        audio = self.vocabulary_readout(logits) if vocabulary else adapted
+        return EncodedAudio(states, state_lengths, adapted, lengths, logits, audio)
+
+    def frame_logits(self, frames: torch.Tensor) -> torch.Tensor:
+        """The adapter's frames read as the LLM reads its last hidden state: final norm, then the output head."""
+        # Without the norm the frames' logits scale with the adapter's output norm (token-embedding scale, ~1), and
+        # the adapter has to grow its weights many-fold before any frame is classified sharply (measured:
+        # docs/issue13_stage1_4lang.md).
+        return self.llm.get_output_embeddings()(self.llm_final_norm(frames)).float()
+
+    def vocabulary_readout(self, logits: torch.Tensor) -> torch.Tensor:
+        """Each frame as the LLM's token embeddings weighted by the frame's sharpened posterior (its top tokens)."""
+        top, ids = logits.topk(min(READOUT_TOP_K, logits.shape[-1]), dim=-1)
+        weights = (top / self.cfg.adapter.readout_temperature).softmax(-1)
+        embeddings = self.llm.get_input_embeddings()(ids)  # [B, N, k, H]
+        return (weights.to(embeddings.dtype).unsqueeze(-1) * embeddings).sum(-2)
 
     # ---------------------------------------------------------------- sequence assembly
 
     def assemble(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Builds inputs_embeds, attention_mask and labels: [prompt with audio spliced in] + [target]."""
-        inputs, mask, labels, _, _ = self._assemble(batch)
+        inputs, mask, labels, _ = self._assemble(batch)
         return inputs, mask, labels
 
     def _assemble(self, batch: Batch) -> tuple[torch.Tensor, ...]:
-        """`assemble`, plus the adapter's outputs and their lengths (for the auxiliary CTC loss)."""
+        """`assemble`, plus the encoded audio (for the auxiliary frame-level losses)."""
         embed = self.llm.get_input_embeddings()
         device = batch.prompt_ids[0].device if batch.prompt_ids else None
         has_audio = batch.audio_index
-        audio, audio_lengths = self.encode_audio(batch.input_features, batch.feature_frames)
+        encoded = self._encode(batch.input_features, batch.feature_frames, need_logits=self._frame_losses_due)
+        audio, audio_lengths = encoded.audio, encoded.lengths
         # One embedding call for the whole batch: under ZeRO-3 every rank must run the same sequence of module
         # calls (parameter prefetching follows it), whatever its batch size.
         sequences = [torch.cat([p, t]) for p, t in zip(batch.prompt_ids, batch.target_ids)]
@@ -168,10 +212,21 @@ class SpeechLLM(nn.Module):
         # Keeps every encoder/adapter parameter in the graph even when no sample in the batch has audio, so
         # all ranks reduce the same gradients under ZeRO (a rank skipping a module would hang the others).
         inputs = inputs + 0.0 * audio.sum()
-        return inputs, mask, labels, audio, audio_lengths
+        return inputs, mask, labels, encoded
 
-    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
-        inputs, mask, labels, audio, audio_lengths = self._assemble(batch)
+    @property
+    def _frame_losses_due(self) -> bool:
+        return self.cfg.ctc_weight > 0 or (self.cfg.frame_weight > 0 and self.training)
+
+    def forward(self, batch: Batch, lm_loss: bool = True) -> dict[str, torch.Tensor]:
+        """The LM loss over the target tokens (mean per token), plus the configured frame-level losses.
+        `lm_loss=False`: the frame loss alone; the LLM does not run (`loss_sum` and `tokens` are then 0)."""
+        if not lm_loss:
+            encoded = self._encode(batch.input_features, batch.feature_frames, need_logits=True)
+            zero = encoded.logits.new_zeros(())
+            out = {"loss": zero, "loss_sum": zero, "tokens": torch.zeros((), dtype=torch.long)}
+            return self._add_frame_losses(out, encoded, batch)
+        inputs, mask, labels, encoded = self._assemble(batch)
         base = self.base_llm
         hidden = base.get_decoder()(inputs_embeds=inputs, attention_mask=mask, use_cache=False).last_hidden_state
         # The output head only where a target token is predicted: prompts and audio frames (most positions) need
@@ -182,10 +237,18 @@ class SpeechLLM(nn.Module):
         loss_sum = F.cross_entropy(logits, shift_labels[scored], reduction="sum")
         tokens = scored.sum()
         out = {"loss": loss_sum / tokens.clamp(min=1), "loss_sum": loss_sum, "tokens": tokens}
+        return self._add_frame_losses(out, encoded, batch)
+
+    def _add_frame_losses(self, out: dict[str, torch.Tensor], encoded: EncodedAudio,
+                          batch: Batch) -> dict[str, torch.Tensor]:
         if self.cfg.ctc_weight > 0:
-            ctc = self.ctc_loss(audio, audio_lengths, batch)
+            ctc = self.ctc_loss(encoded.frames, encoded.lengths, batch, logits=encoded.logits)
             out["ctc_loss"] = ctc.detach()
             out["loss"] = out["loss"] + self.cfg.ctc_weight * ctc
+        if self.cfg.frame_weight > 0 and self.training:
+            frame = self.frame_loss(encoded, batch)
+            out["frame_loss"] = frame.detach()
+            out["loss"] = out["loss"] + self.cfg.frame_weight * frame
         return out
 
     @property
@@ -199,35 +262,59 @@ class SpeechLLM(nn.Module):
         raise ValueError(f"{type(decoder).__name__}: no final norm among {FINAL_NORM_NAMES} (needed by the CTC "
                          "loss: set model.ctc_weight: 0, or add the name to FINAL_NORM_NAMES)")
 
-    def ctc_loss(self, audio: torch.Tensor, audio_lengths: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """CTC of the adapter's frames, read through the LLM's final norm and output head, against each speech sample's
-        transcript tokens; the pad token is the blank. Mean over transcript tokens (0 when there are none).
+    def _transcribed_clips(self, batch: Batch) -> list[tuple[int, int]]:
+        """(sample, clip row) of the batch's speech samples that have transcript tokens."""
+        return [(i, j) for i, j in enumerate(batch.audio_index.tolist())
+                if j >= 0 and batch.transcript_ids and len(batch.transcript_ids[i]) > 0]
+
+    def ctc_loss(self, frames: torch.Tensor, lengths: torch.Tensor, batch: Batch,
+                 logits: torch.Tensor | None = None) -> torch.Tensor:
+        """CTC of the adapter's frames, read through the LLM's final norm and output head (`frame_logits`, or
+        `logits` when already computed), against each speech sample's transcript tokens; the pad token is the
+        blank. Mean over transcript tokens (0 when there are none).
 
         The head is called on every batch, speech or not, so all ranks make the same module calls under ZeRO-3.
         """
-        # The head reads the LLM's final norm's output, as it does for the LM loss: without it the frames'
-        # logits scale with the adapter's output norm (token-embedding scale, ~1), and the adapter has to grow
-        # its weights many-fold before any frame can be classified sharply (measured: docs/issue13_stage1_4lang.md).
-        log_probs = self.llm.get_output_embeddings()(self.llm_final_norm(audio)).float().log_softmax(-1)
-        rows, targets = [], []
-        for i, j in enumerate(batch.audio_index.tolist()):
-            ids = batch.transcript_ids[i] if batch.transcript_ids else None
-            if j >= 0 and ids is not None and len(ids) > 0:
-                rows.append(j)
-                targets.append(ids)
+        log_probs = (self.frame_logits(frames) if logits is None else logits).log_softmax(-1)
+        clips = self._transcribed_clips(batch)
+        rows = [j for _, j in clips]
+        targets = [batch.transcript_ids[i] for i, _ in clips]
         if not rows:
             return log_probs.sum() * 0.0
         index = torch.tensor(rows, device=log_probs.device)
         loss = F.ctc_loss(
             log_probs[index].transpose(0, 1),
             torch.cat(targets),
-            audio_lengths[index],
+            lengths[index],
             torch.tensor([len(t) for t in targets], device=log_probs.device),
             blank=self.pad_token_id,
             reduction="sum",
             zero_infinity=True,  # a transcript longer than its frames cannot be aligned: no gradient, not inf
         )
         return loss / sum(len(t) for t in targets)
+
+    def frame_loss(self, encoded: EncodedAudio, batch: Batch) -> torch.Tensor:
+        """Cross-entropy of each adapter frame (through the LLM's final norm and head) against its token target:
+        the transcript token whose span (from `frame_teacher`) is centred in the frame, the pad token elsewhere.
+        Mean over the frames of the clips with a transcript (0 when there are none)."""
+        if self.frame_teacher is None:
+            raise RuntimeError("model.frame_weight > 0, but no frame_teacher is set (the trainer sets it)")
+        assert encoded.logits is not None
+        clips = self._transcribed_clips(batch)
+        if not clips:
+            return encoded.logits.sum() * 0.0
+        rows = [j for _, j in clips]
+        lengths = encoded.lengths[rows].tolist()
+        targets = self.frame_teacher.targets(
+            encoded.states[rows], encoded.state_lengths[rows].tolist(),
+            [batch.transcript_ids[i].tolist() for i, _ in clips], [batch.meta[i].language for i, _ in clips],
+            lengths, WHISPER_SECONDS_PER_FRAME * self.cfg.adapter.downsample)
+        index = torch.tensor(rows, device=encoded.logits.device)
+        logits = encoded.logits[index]
+        target = torch.full(logits.shape[:2], IGNORE, dtype=torch.long, device=logits.device)
+        for k, (row_targets, n) in enumerate(zip(targets, lengths)):
+            target[k, :n] = torch.tensor(row_targets, device=logits.device)
+        return F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=IGNORE)
 
     # ---------------------------------------------------------------- generation
 

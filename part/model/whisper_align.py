@@ -135,9 +135,29 @@ class WhisperAligner:
         out = self.model(input_features=features, decoder_input_ids=torch.tensor([prefix + ids], device=self.device),
                          output_attentions=True)
         frames = max(1, min(int(np.ceil(seconds / SECONDS_PER_FRAME)), out.cross_attentions[0].shape[-1]))
+        return self._timings(out.cross_attentions, ids, len(prefix), frames)
+
+    @torch.no_grad()
+    def align_encoded(self, states: torch.Tensor, ids: list[int], language: str) -> list[TokenTiming]:
+        """Timings of the text tokens `ids` (this Whisper's vocabulary) in a clip already encoded by a Whisper
+        encoder: `states` [frames, width], the clip's own frames only (no padding to 30 s). What the in-step
+        frame targets use: the encoder's outputs exist there already."""
+        if not ids:
+            return []
+        prefix = [self.prefix_ids["<|startoftranscript|>"], self.language_id(language),
+                  self.prefix_ids["<|transcribe|>"], self.prefix_ids["<|notimestamps|>"]]
+        decoder = self.model.get_decoder()
+        states = states.to(self.device, self.model.dtype)[None]
+        out = decoder(input_ids=torch.tensor([prefix + list(ids)], device=self.device), encoder_hidden_states=states,
+                      output_attentions=True, use_cache=False)
+        return self._timings(out.cross_attentions, list(ids), len(prefix), states.shape[1])
+
+    def _timings(self, cross_attentions: tuple[torch.Tensor, ...], ids: list[int], prefix_length: int,
+                 frames: int) -> list[TokenTiming]:
+        """The alignment heads' weights over the first `frames` frames -> each token's span (DTW)."""
         # Row k: the attention while predicting text token k (its input is the token before it).
-        weights = torch.stack([out.cross_attentions[layer][0, head] for layer, head in self.heads])
-        weights = weights[:, len(prefix) - 1 : len(prefix) - 1 + len(ids), :frames].float()
+        weights = torch.stack([cross_attentions[layer][0, head] for layer, head in self.heads])
+        weights = weights[:, prefix_length - 1 : prefix_length - 1 + len(ids), :frames].float()
         weights = (weights - weights.mean(-2, keepdim=True)) / weights.std(-2, keepdim=True, unbiased=False).clamp(
             min=1e-6)
         weights = weights.cpu().numpy()
@@ -147,5 +167,68 @@ class WhisperAligner:
         spans: dict[int, list[int]] = {}
         for token, frame in dtw_path(-weights.mean(0)):
             spans.setdefault(token, []).append(frame)
+        tokenizer = self.processor.tokenizer
         return [TokenTiming(token_id=t, text=tokenizer.decode([t]), start=min(spans[k]) * SECONDS_PER_FRAME,
                             end=(max(spans[k]) + 1) * SECONDS_PER_FRAME) for k, t in enumerate(ids)]
+
+
+def alignment_heads_problem(whisper_dir: str | Path) -> str | None:
+    """Why `whisper_dir` cannot give token timings (None: it can): a Whisper directory with its decoder's weights
+    and `generation_config.alignment_heads`."""
+    whisper_dir = Path(whisper_dir)
+    try:
+        model_type = json.loads((whisper_dir / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError) as exc:
+        return f"a readable {whisper_dir / 'config.json'} ({exc})"
+    if model_type != "whisper":
+        return f"a Whisper directory ({whisper_dir} holds a {model_type!r} model)"
+    try:
+        heads = json.loads((whisper_dir / "generation_config.json").read_text()).get("alignment_heads")
+    except (OSError, ValueError):
+        heads = None
+    if not heads:
+        return f"alignment_heads in {whisper_dir / 'generation_config.json'} (none found)"
+    weights = whisper_dir / "model.safetensors"
+    if not weights.is_file():
+        return f"the decoder's weights in {weights} (no such file)"
+    from safetensors import safe_open
+
+    with safe_open(str(weights), "pt") as fh:
+        if not any(".decoder." in key or key.startswith("decoder.") for key in fh.keys()):
+            return f"the decoder's weights in {weights} (it holds the encoder only)"
+    return None
+
+
+# Text the LLM's tokenizer must split exactly as Whisper's does for the teacher's timings to be the LLM's tokens.
+VOCABULARY_PROBE = "Hello world, wie geht's? ¿Qué tal, señor? 你好，世界。 Привет, мир! 1,234.5%"
+
+
+class FrameTargetTeacher:
+    """Per-frame token targets for the adapter's frame loss, from the Whisper checkpoint the encoder came from:
+    its decoder's alignment heads over the encoder's outputs of the step. For an LLM whose tokenizer is Whisper's
+    for text (the stand-in made from Whisper's decoder), so the teacher's token timings are the LLM's tokens."""
+
+    def __init__(self, whisper_dir: str | Path, llm_tokenizer, blank: int):
+        self.aligner = WhisperAligner(whisper_dir)
+        whisper_tokenizer = self.aligner.processor.tokenizer
+        mine = whisper_tokenizer(VOCABULARY_PROBE, add_special_tokens=False)["input_ids"]
+        theirs = llm_tokenizer(VOCABULARY_PROBE, add_special_tokens=False)["input_ids"]
+        if mine != theirs:
+            raise ValueError(f"model.frame_weight: the LLM's tokenizer does not split text as {whisper_dir}'s Whisper "
+                             "tokenizer does, so the alignment heads' timings are not the LLM's tokens (the frame "
+                             "loss needs an LLM with Whisper's vocabulary, e.g. `python -m part.convert whisper-llm`)")
+        # Whisper's text tokens come before its first special token; special tokens have no timing.
+        self.text_vocab = whisper_tokenizer.convert_tokens_to_ids("<|endoftext|>")
+        self.max_tokens = self.aligner.model.config.max_target_positions - 4  # the 4-token task prefix
+        self.blank = blank
+
+    def targets(self, states: torch.Tensor, state_lengths: list[int], transcripts: list[list[int]],
+                languages: list[str], frames: list[int], seconds_per_frame: float) -> list[list[int]]:
+        """For each clip i (encoder outputs `states[i, :state_lengths[i]]`, transcript token ids, language): one
+        token id per output frame (`frames[i]` frames of `seconds_per_frame`), the blank where no token is."""
+        out = []
+        for i, (ids, language) in enumerate(zip(transcripts, languages)):
+            ids = [t for t in ids if t < self.text_vocab][: self.max_tokens]
+            timings = self.aligner.align_encoded(states[i, : state_lengths[i]].detach(), ids, language)
+            out.append(frame_targets(timings, frames[i], seconds_per_frame, self.blank))
+        return out

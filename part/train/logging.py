@@ -118,7 +118,9 @@ class RunLogger:
         # this process logged (1, 2, ... again after a resume), so reports can leave out each process's warm-up.
         self.steps_timed += 1
         with open(Path(self.cfg.output_dir) / "train_log.jsonl", "a") as fh:
-            fh.write(json.dumps({"step": step, "stage": span.name, "stage_index": span.index, "loss": record.loss,
+            fh.write(json.dumps({"step": step, "stage": span.name, "stage_index": span.index,
+                                 # null in a frame-loss-only stage (no target token was scored)
+                                 "loss": record.loss if record.tokens else None,
                                  "lr": record.lr, "samples": float(record.samples),
                                  "audio_seconds": float(record.audio_seconds), "step_time": step_time,
                                  "data_wait": data_wait, "tokens": record.sequence_tokens, "flops": record.flops,
@@ -126,7 +128,9 @@ class RunLogger:
                                  **({"mfu": mfu} if mfu is not None else {}),
                                  **({"peak_memory_gib": record.peak_memory / 1024**3}
                                     if record.peak_memory is not None else {}),
-                                 **({"ctc_loss": record.ctc_loss} if record.ctc_loss is not None else {})}) + "\n")
+                                 **({"ctc_loss": record.ctc_loss} if record.ctc_loss is not None else {}),
+                                 **({"frame_loss": record.frame_loss} if record.frame_loss is not None else {})})
+                     + "\n")
         self.time_in_steps += step_time
         if not self._log_due(step, span):
             return
@@ -134,16 +138,20 @@ class RunLogger:
         wait_frac = data_wait / max(step_time, 1e-9)
         gn = float(record.grad_norm) if record.grad_norm is not None else float("nan")
         ctc = f" ctc {record.ctc_loss:.4f}" if record.ctc_loss is not None else ""
+        frame = f" frame {record.frame_loss:.4f}" if record.frame_loss is not None else ""
+        lm = f"loss {record.loss:.4f}" if record.tokens else "loss -"  # a frame-loss-only stage
         print(f"[part] step {step}/{self.cfg.total_steps} stage {span.index + 1}:{span.name} "
-              f"loss {record.loss:.4f}{ctc} lr {record.lr:.2e} gnorm {gn:.3f} "
+              f"{lm}{ctc}{frame} lr {record.lr:.2e} gnorm {gn:.3f} "
               f"{record.samples / step_time:.1f} samples/s "
               f"{record.audio_seconds / step_time:.1f} audio-s/s {record.sequence_tokens / step_time:.0f} tok/s "
               f"{'' if mfu is None else f'mfu {100 * mfu:.1f}% '}data-wait {100 * wait_frac:.1f}% "
               f"{f'skipped {record.skipped_samples} samples ' if record.skipped_samples else ''}"
               f"eta {remaining / 60:.1f} min", flush=True)
         if run := self.wandb:
-            run.log({"train/loss": record.loss, "train/lr": record.lr, "train/grad_norm": gn,
+            run.log({**({"train/loss": record.loss} if record.tokens else {}), "train/lr": record.lr,
+                     "train/grad_norm": gn,
                      **({"train/ctc_loss": record.ctc_loss} if record.ctc_loss is not None else {}),
+                     **({"train/frame_loss": record.frame_loss} if record.frame_loss is not None else {}),
                      "train/samples_per_s": record.samples / step_time,
                      "train/audio_s_per_s": record.audio_seconds / step_time, "train/data_wait": wait_frac,
                      "train/tokens_per_s": record.sequence_tokens / step_time,

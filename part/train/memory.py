@@ -98,8 +98,8 @@ def activation_bytes(s: Shapes, t: Trainable, cfg: TrainConfig) -> float:
     llm_layer = _layer_elements(s.llm_dim, s.llm_kv_dim, s.llm_ffn, s.llm_gated)
     total += stack(llm_tokens, s.llm_layers, llm_layer, s.llm_dim, ckpt.llm)
     # logits (16 bit), their fp32 copy for the loss and its gradient: at the target positions only (at most the
-    # batch's text tokens), and at every adapter frame for the CTC term
-    head_tokens = cfg.data.max_batch_tokens + (adapter_frames if s.ctc else 0)
+    # batch's text tokens), and at every adapter frame for a frame-level loss or readout
+    head_tokens = cfg.data.max_batch_tokens + (adapter_frames if s.frame_head else 0)
     total += head_tokens * s.vocab * (width + 4 + 4)
     return total
 

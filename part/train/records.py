@@ -19,6 +19,8 @@ class StepRecord:
     skipped: bool = False  # a non-finite loss on some rank: no update was made
     ctc_sum: float = 0.0  # the auxiliary CTC loss (model.ctc_weight > 0), summed over micro-batches ...
     ctc_batches: int = 0  # ... and their number (0: no CTC term)
+    frame_sum: float = 0.0  # the frame loss (model.frame_weight > 0), summed over micro-batches ...
+    frame_batches: int = 0  # ... and their number (0: no frame term)
     sequence_tokens: int = 0  # positions through the LLM (prompt, audio frames, target; padding not counted)
     flops: float = 0.0  # model operations of the step, forward and backward (part/model/flops.py)
     skipped_samples: int = 0  # bad or unusable samples the stage's stream has skipped so far (counted by reason)
@@ -31,3 +33,7 @@ class StepRecord:
     @property
     def ctc_loss(self) -> float | None:
         return self.ctc_sum / self.ctc_batches if self.ctc_batches else None
+
+    @property
+    def frame_loss(self) -> float | None:
+        return self.frame_sum / self.frame_batches if self.frame_batches else None

@@ -8,6 +8,7 @@ The benchmark builds and steps stages through this module too, so what it times 
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -23,6 +24,7 @@ from part.data.stream import MixtureStream, StreamTracker, make_loader
 from part.model.flops import BatchShapes, Shapes, Trainable, step_flops
 from part.model.groups import set_trainable
 from part.model.speech_llm import WEIGHTS_NAME, SpeechLLM
+from part.model.whisper_align import FrameTargetTeacher
 from part.train.callbacks import TrainerCallback
 from part.train.checkpoint import DS_TAG, Checkpointer
 from part.train.curriculum import StageSpan
@@ -49,6 +51,16 @@ def build_optimizer(model: torch.nn.Module, optim: OptimConfig, lr: float) -> to
         [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=lr, betas=optim.betas, eps=optim.eps,
     )
+
+
+_FRAME_TEACHERS: dict[str, FrameTargetTeacher] = {}
+
+
+def frame_teacher(whisper_dir: str, tokenizer, blank: int) -> FrameTargetTeacher:
+    """The frame loss's teacher for `whisper_dir`, loaded once per process (every stage's model shares it)."""
+    if whisper_dir not in _FRAME_TEACHERS:
+        _FRAME_TEACHERS[whisper_dir] = FrameTargetTeacher(whisper_dir, tokenizer, blank)
+    return _FRAME_TEACHERS[whisper_dir]
 
 
 @dataclass(frozen=True)
@@ -88,6 +100,8 @@ class StageRun:
             model = SpeechLLM(cfg.model, tokenizer)  # the pretrained encoder and LLM
         else:  # the architecture saved with the checkpoint, then its weights: pretrained ones are not read again
             model = SpeechLLM(cfg.model, tokenizer, saved_configs=checkpoint)
+        if cfg.model.frame_weight > 0:
+            model.frame_teacher = frame_teacher(cfg.model.encoder.pretrained, tokenizer, model.pad_token_id)
         t1 = time.perf_counter()
         if checkpoint is not None:
             model.load_weights(checkpoint / WEIGHTS_NAME)
@@ -139,14 +153,15 @@ class StageRun:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss_sum, tokens, samples, audio_seconds, wait = 0.0, 0, 0, 0.0, 0.0
-        ctc_sum, ctc_batches = 0.0, 0
+        ctc_sum, ctc_batches, frame_sum, frame_batches = 0.0, 0, 0.0, 0
         sequence_tokens, flops = 0, 0.0
+        lm_loss = self.span.stage.lm_loss
         skipped = False
         for _ in range(self.cfg.optim.grad_accum_steps):
             w0 = time.perf_counter()
             batch = fetch()
             wait += time.perf_counter() - w0
-            out = self.engine(batch.to(self.dist.device, self.features_dtype))
+            out = self.engine(batch.to(self.dist.device, self.features_dtype), lm_loss=lm_loss)
             loss = out["loss"]
             for callback in callbacks:
                 loss = callback.transform_loss(step, loss)
@@ -163,17 +178,24 @@ class StageRun:
             samples += len(batch)
             audio_seconds += batch.audio_seconds
             shapes = BatchShapes.from_batch(batch, self.flop_shapes, self.model.audio_token_id)
+            if not lm_loss:  # the LLM did not run
+                shapes = dataclasses.replace(shapes, sequences=0, sequence_length=0, sequence_tokens=0,
+                                             target_tokens=0)
             sequence_tokens += shapes.sequence_tokens
             flops += step_flops(self.flop_shapes, shapes, self.trainable_parts).total
             if "ctc_loss" in out:
                 ctc_sum += float(out["ctc_loss"])
                 ctc_batches += 1
+            if "frame_loss" in out:
+                frame_sum += float(out["frame_loss"])
+                frame_batches += 1
         grad_norm = None if skipped else self.engine.get_global_grad_norm()
         self.dist.synchronize()  # queued device work belongs to this step's time
         return StepRecord(step=step + 1, lr=lr, loss_sum=loss_sum, tokens=tokens, samples=samples,
                           audio_seconds=audio_seconds, grad_norm=None if grad_norm is None else float(grad_norm),
                           step_time=time.perf_counter() - t0, data_wait=wait, skipped=skipped, ctc_sum=ctc_sum,
-                          ctc_batches=ctc_batches, sequence_tokens=sequence_tokens, flops=flops,
+                          ctc_batches=ctc_batches, frame_sum=frame_sum, frame_batches=frame_batches,
+                          sequence_tokens=sequence_tokens, flops=flops,
                           skipped_samples=sum(self.tracker.totals()[1].values()),
                           peak_memory=self.dist.peak_memory())
 

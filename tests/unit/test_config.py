@@ -43,6 +43,12 @@ def test_loads_with_overrides(tmp_path, corpus, tiny_models):
         ("stages.0.translation_targets=[]", None),  # asr only: no translation target needed
         ("model.llm.pretrained=/tmp", "model.llm.pretrained: '/tmp' is not a model directory"),
         ("ds_config=configs/tiny_part.yaml", "ds_config: 'configs/tiny_part.yaml' is not valid JSON"),
+        ("stages.0.lm_loss=false", "stages[0].lm_loss: false leaves the stage no loss (set model.frame_weight > 0)"),
+        ("model.adapter.readout=tokens", "model.adapter.readout: 'tokens' is not one of embeddings, vocabulary"),
+        ("model.adapter.readout_temperature=0", "model.adapter.readout_temperature: must be > 0"),
+        # the tiny encoder directory is a Whisper encoder without a decoder or alignment heads
+        ("model.frame_weight=1.0", "model.frame_weight: the frame targets need alignment_heads in"),
+        ("model.frame_weight=-1", "model.frame_weight: must be >= 0"),
     ],
 )
 def test_errors_name_the_field(tmp_path, corpus, tiny_models, override, message):

@@ -33,7 +33,8 @@ def test_frozen_parameters_cost_their_16_bit_copy_only():
 def test_activations_follow_batch_and_checkpointing():
     shapes = Shapes(n_mels=128, enc_dim=1280, enc_layers=32, enc_ffn=5120, downsample=4, adapter_kind="transformer",
                     adapter_hidden=2048, adapter_layers=2, llm_dim=1536, llm_layers=28, llm_q_dim=1536,
-                    llm_kv_dim=256, llm_ffn=8960, vocab=151936, lora_rank=16, lora_targets=("q_proj",), ctc=False)
+                    llm_kv_dim=256, llm_ffn=8960, vocab=151936, lora_rank=16, lora_targets=("q_proj",),
+                    frame_head=False)
     cfg = TrainConfig()
     cfg.data.max_batch_seconds, cfg.data.max_batch_tokens = 480, 8192
     adapter_only = activation_bytes(shapes, Trainable(adapter=True), cfg)

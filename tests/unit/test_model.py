@@ -264,7 +264,8 @@ def test_ctc_loss_reads_the_adapter_through_the_llm_head(model_and_tokenizer):
     ids = tok("Guten Tag", add_special_tokens=False)["input_ids"]
     batch = dataclasses.replace(batch, transcript_ids=[torch.tensor(ids), torch.tensor(ids),
                                                        torch.tensor([], dtype=torch.long)])
-    _, _, _, audio, lengths = model._assemble(batch)
+    encoded = model._assemble(batch)[3]
+    audio, lengths = encoded.frames, encoded.lengths
     ctc = model.ctc_loss(audio, lengths, batch)
     assert torch.isfinite(ctc) and ctc.item() > 0
     # By hand: the same CTC over the two speech rows, normalised by their transcript tokens.
@@ -295,6 +296,116 @@ def test_ctc_loss_reads_the_adapter_through_the_llm_head(model_and_tokenizer):
     text_only = dataclasses.replace(batch, audio_index=torch.tensor([-1, -1, -1]))
     zero = model.ctc_loss(audio, lengths, text_only)
     assert zero.item() == 0.0 and zero.requires_grad
+
+
+class ScriptedTeacher:
+    """A frame teacher with known answers: token k of each transcript at frame 2k + 1, the blank elsewhere. Records
+    what it was asked (the real teacher, Whisper's alignment heads, is tested in test_whisper_align.py)."""
+
+    def __init__(self, blank: int):
+        self.blank, self.calls = blank, []
+
+    def targets(self, states, state_lengths, transcripts, languages, frames, seconds_per_frame):
+        self.calls.append((states.shape, state_lengths, transcripts, languages, frames, seconds_per_frame))
+        out = []
+        for ids, n in zip(transcripts, frames):
+            row = [self.blank] * n
+            for k, t in enumerate(ids):
+                if 2 * k + 1 < n:
+                    row[2 * k + 1] = t
+            out.append(row)
+        return out
+
+
+def test_frame_loss_is_the_frames_cross_entropy_against_the_teachers_targets(model_and_tokenizer):
+    """The frame loss: CE of every valid adapter frame of the transcribed clips through the LLM's final norm and
+    head against the teacher's targets; `forward` adds it at `frame_weight` in training; with `lm_loss=False`
+    it is the whole loss and the LLM's decoder never runs."""
+    from part.data.batching import SampleMeta
+
+    model, tok = model_and_tokenizer
+    ids = tok("Guten Tag", add_special_tokens=False)["input_ids"]
+    batch = dataclasses.replace(make_batch(tok, text_only=True), transcript_ids=[
+        torch.tensor(ids), torch.tensor(ids), torch.tensor([], dtype=torch.long)],
+        meta=[SampleMeta(key=f"k{i}", task="asr", language="de", target_language=None, reference="Guten Tag",
+                         duration=1.0) for i in range(3)])
+    teacher = ScriptedTeacher(model.pad_token_id)
+    model.frame_teacher = teacher
+    model.cfg = dataclasses.replace(model.cfg, frame_weight=0.5)
+    calls = []
+    hook = model.llm.get_base_model().get_decoder().register_forward_hook(lambda *_: calls.append(1))
+    try:
+        model.train()
+        encoded = model._encode(batch.input_features, batch.feature_frames, need_logits=True)
+        loss = model.frame_loss(encoded, batch)
+        # by hand, from the teacher's rows: both speech clips, their valid frames only
+        lengths = encoded.lengths.tolist()
+        expected_logits, expected_targets = [], []
+        for j, n in enumerate(lengths):
+            row = [model.pad_token_id] * n
+            for k, t in enumerate(ids):
+                row[2 * k + 1] = t
+            expected_logits.append(encoded.logits[j, :n])
+            expected_targets += row
+        expected = torch.nn.functional.cross_entropy(torch.cat(expected_logits), torch.tensor(expected_targets))
+        assert torch.allclose(loss, expected)
+        shape, state_lengths, transcripts, languages, frames, seconds = teacher.calls[-1]
+        assert transcripts == [ids, ids] and languages == ["de", "de"] and frames == lengths
+        assert seconds == pytest.approx(0.02 * model.cfg.adapter.downsample) and shape[0] == 2
+
+        calls.clear()
+        out = model(batch)
+        assert calls and torch.allclose(out["loss"], out["loss_sum"] / out["tokens"] + 0.5 * out["frame_loss"])
+        calls.clear()
+        only = model(batch, lm_loss=False)
+        assert not calls  # the LLM did not run
+        assert int(only["tokens"]) == 0 and torch.allclose(only["loss"], 0.5 * only["frame_loss"])
+        assert torch.allclose(only["frame_loss"], loss)
+        model.zero_grad()
+        only["loss"].backward()
+        assert model.adapter.proj.weight.grad.abs().sum() > 0
+        model.eval()
+        assert "frame_loss" not in model(batch)  # evaluation: no teacher needed
+        model.train()
+        model.frame_teacher = None
+        with pytest.raises(RuntimeError, match="no frame_teacher"):
+            model(batch)
+    finally:
+        hook.remove()
+        model.frame_teacher = None
+        model.cfg = dataclasses.replace(model.cfg, frame_weight=0.0)
+        model.eval()
+
+
+def test_vocabulary_readout_is_the_embeddings_of_the_frames_likely_tokens(model_and_tokenizer):
+    """readout: vocabulary: each frame becomes its top tokens' embeddings weighted by the posterior at the
+    readout temperature; a cold temperature gives the embedding of the frame's most likely token."""
+    model, tok = model_and_tokenizer
+    batch = make_batch(tok)
+    with torch.no_grad():
+        encoded = model._encode(batch.input_features, batch.feature_frames, need_logits=True)
+        embeddings = model.llm.get_input_embeddings().weight
+        try:
+            model.cfg = dataclasses.replace(model.cfg, adapter=dataclasses.replace(
+                model.cfg.adapter, readout="vocabulary", readout_temperature=1e-4))
+            cold, lengths = model.encode_audio(batch.input_features, batch.feature_frames)
+            top2 = encoded.logits.topk(2, dim=-1).values
+            clear = (top2[..., 0] - top2[..., 1]) > 1e-2  # frames without a near-tie for their first token
+            assert clear.sum() > 10
+            assert torch.allclose(cold[clear], embeddings[encoded.logits.argmax(-1)][clear], atol=1e-5)
+            model.cfg = dataclasses.replace(model.cfg, adapter=dataclasses.replace(
+                model.cfg.adapter, readout_temperature=1.0))
+            warm, _ = model.encode_audio(batch.input_features, batch.feature_frames)
+        finally:
+            model.cfg = dataclasses.replace(model.cfg, adapter=dataclasses.replace(
+                model.cfg.adapter, readout="embeddings", readout_temperature=0.2))
+        top, ids = encoded.logits.topk(16, dim=-1)
+        expected = (top.softmax(-1)[..., None] * embeddings[ids]).sum(-2)
+        assert torch.allclose(warm, expected, atol=1e-5)
+        assert torch.equal(lengths, encoded.lengths)
+        # the LLM reads the readout: the assembled inputs hold it in the audio slot
+        plain, _ = model.encode_audio(batch.input_features, batch.feature_frames)
+        assert torch.allclose(plain, encoded.frames)
 
 
 def _grads(model, batch):

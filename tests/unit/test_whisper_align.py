@@ -14,7 +14,14 @@ import soundfile as sf
 
 from part import align
 from part.data.audio import load_audio
-from part.model.whisper_align import TokenTiming, WhisperAligner, dtw_path, frame_targets
+from part.model.whisper_align import (
+    FrameTargetTeacher,
+    TokenTiming,
+    WhisperAligner,
+    alignment_heads_problem,
+    dtw_path,
+    frame_targets,
+)
 
 
 def _path_cost(cost: np.ndarray, path: list[tuple[int, int]]) -> float:
@@ -118,3 +125,72 @@ def test_cli_prints_timings_and_names_bad_inputs(converted, gap_clip, tmp_path, 
     (headless / "generation_config.json").write_text("{}")
     assert align.main([str(headless), str(path), "--language", "en", "--text", "hi"]) == 2
     assert "no alignment_heads" in capsys.readouterr().err
+
+
+def test_frame_teacher_places_the_tokens_from_the_encoders_own_outputs(converted, gap_clip):
+    """The in-step teacher of the frame loss: Whisper-base's decoder over the encoder outputs our Whisper family
+    computes (variable length, no 30 s padding) puts ' Thank' at the silence's end, as `align` does, and makes
+    one target per 80 ms adapter frame, the blank where no token is centred."""
+    import torch
+    from transformers import WhisperTokenizer
+
+    from part.config import EncoderConfig
+    from part.model.encoders import family_for
+
+    whisper_dir, _ = converted
+    path, silence_start, silence_end, length = gap_clip
+    family = family_for(EncoderConfig(pretrained=str(whisper_dir)))
+    encoder = family.build(weights=True).eval()
+    features, frames = family.features([load_audio(path)])
+    with torch.no_grad():
+        states, state_lengths = family.encode(encoder, features, frames)
+    tokenizer = WhisperTokenizer.from_pretrained(whisper_dir)  # the stand-in LLM's text vocabulary is this one
+    text = "Good morning everybody. Thank you very much."
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    blank = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    teacher = FrameTargetTeacher(whisper_dir, tokenizer, blank)
+    timings = teacher.aligner.align_encoded(states[0, : int(state_lengths[0])], ids, "en")
+    assert [t.token_id for t in timings] == ids
+    thank = next(t for t in timings if t.text.strip() == "Thank")
+    assert silence_end - 0.5 < thank.start < silence_end + 0.3, (thank, silence_end)
+    adapter_frames = (int(state_lengths[0]) + 3) // 4
+    # special tokens (an end of text) have no timing: they are dropped, not placed
+    (targets,) = teacher.targets(states, state_lengths.tolist(), [ids + [blank]], ["en"], [adapter_frames], 0.08)
+    assert len(targets) == adapter_frames
+    placed = [t for t in targets if t != blank]
+    assert placed == ids  # every token once, in order (the clip has frames to spare)
+    thank_frame = targets.index(thank.token_id)
+    assert abs(thank_frame * 0.08 - (thank.start + thank.end) / 2) <= 0.08
+    # inside the silence: at most the first sentence's '.', whose span covers it (measured above)
+    inside = [tokenizer.decode([t]) for t in targets[int(silence_start / 0.08) + 2 : int(silence_end / 0.08) - 2]
+              if t != blank]
+    assert inside in ([], ["."]), inside
+
+
+def test_frame_teacher_needs_whisper_with_its_decoder_and_the_same_vocabulary(converted, tmp_path):
+    import shutil
+
+    from transformers import PreTrainedTokenizerFast, WhisperTokenizer
+
+    whisper_dir, _ = converted
+    assert alignment_heads_problem(whisper_dir) is None
+    no_heads = tmp_path / "no_heads"
+    shutil.copytree(whisper_dir, no_heads)
+    generation = json.loads((no_heads / "generation_config.json").read_text())
+    generation.pop("alignment_heads")
+    (no_heads / "generation_config.json").write_text(json.dumps(generation))
+    assert "alignment_heads" in alignment_heads_problem(no_heads)
+    assert "config.json" in alignment_heads_problem(tmp_path)  # not a model directory
+    # an LLM tokenizer that splits text otherwise: the timings would not be its tokens
+    other = PreTrainedTokenizerFast(tokenizer_object=_byte_tokenizer())
+    blank = WhisperTokenizer.from_pretrained(whisper_dir).convert_tokens_to_ids("<|endoftext|>")
+    with pytest.raises(ValueError, match="model.frame_weight: the LLM's tokenizer does not split text"):
+        FrameTargetTeacher(whisper_dir, other, blank)
+
+
+def _byte_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tokenizer = Tokenizer(models.BPE(vocab={chr(c): c for c in range(256)}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    return tokenizer
