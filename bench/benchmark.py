@@ -150,9 +150,11 @@ def resolve_config(args: argparse.Namespace, scratch: Path) -> tuple[object, lis
         f"data.train_shards={corpus}/train/{{lang}}-*.tar", f"data.text_shards={corpus}/text/{{lang}}-*.tar",
         f"data.eval_shards={corpus}/eval/{{lang}}-*.tar", f"data.languages=[{langs}]",
         f"ds_config={REPO}/ds_configs/zero3_cpu.json", "precision=fp32",
+        # the tiny models have no Whisper decoder to give frame targets: every stage trains on the LM loss
+        "model.frame_weight=0",
     ]
     for i, stage in enumerate(raw.get("stages") or []):
-        overrides.append(f"stages.{i}.languages=null")
+        overrides += [f"stages.{i}.languages=null", f"stages.{i}.lm_loss=true"]
         if stage.get("translation_targets"):
             overrides.append(f"stages.{i}.translation_targets=[en]")
     overrides += list(args.overrides)

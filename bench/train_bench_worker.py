@@ -184,6 +184,7 @@ class Bench:
         dtype = self.stage.features_dtype
         seed_everything(cfg.seed + self.args.stage)
         model = SpeechLLM(cfg.model, self.tokenizer).to(self.dist.device, dtype)  # what the engine trains in
+        model.frame_teacher = self.stage.model.frame_teacher  # the frame loss's teacher, when configured
         set_trainable(model, stage.trainable)
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = build_optimizer(model, cfg.optim, self.curriculum.lr(self.step_index))
@@ -193,7 +194,7 @@ class Bench:
             times = []
             for batch in self.kept:
                 t0 = time.perf_counter()
-                out = model(batch.to(self.dist.device, dtype))
+                out = model(batch.to(self.dist.device, dtype), lm_loss=stage.lm_loss)
                 out["loss"].backward()
                 if cfg.optim.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip)

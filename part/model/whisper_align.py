@@ -226,6 +226,9 @@ class FrameTargetTeacher:
                 languages: list[str], frames: list[int], seconds_per_frame: float) -> list[list[int]]:
         """For each clip i (encoder outputs `states[i, :state_lengths[i]]`, transcript token ids, language): one
         token id per output frame (`frames[i]` frames of `seconds_per_frame`), the blank where no token is."""
+        if states.device != self.aligner.device:  # the teacher runs where the step runs (once moved, it stays)
+            self.aligner.model.to(states.device)
+            self.aligner.device = states.device
         out = []
         for i, (ids, language) in enumerate(zip(transcripts, languages)):
             ids = [t for t in ids if t < self.text_vocab][: self.max_tokens]

@@ -1,0 +1,67 @@
+"""The frame loss and the vocabulary readout through the real training path (the `deepspeed` launcher, 2 ranks,
+ZeRO-3, train.py) with the real Whisper-base encoder (converted from its wheels) and a stand-in LLM made from its
+decoder (same vocabulary, so the alignment heads' timings are the LLM's tokens): a frame-loss-only stage memorises
+eight clips' per-frame targets (the LLM never runs), then a LoRA stage trains on the LM loss reading the frames
+through the readout, and the final evaluation generates under ZeRO-3."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, write_config
+
+from part.train.launcher import deepspeed_command
+
+pytestmark = pytest.mark.slow
+
+STAGES = """\
+  - {name: frames, steps: 40, tasks: {asr: 1.0}, trainable: [adapter], lr: 3.0e-3, warmup_steps: 5,
+     min_lr_ratio: 0.3, lm_loss: false}
+  - {name: lora, steps: 2, tasks: {asr: 1.0}, trainable: [llm.lora], lr: 1.0e-3, warmup_steps: 0}
+"""
+
+
+@pytest.fixture(scope="module")
+def standin(converted, tmp_path_factory) -> Path:
+    from part.model.whisper_llm import build_whisper_llm
+
+    whisper_dir, _ = converted
+    return build_whisper_llm(whisper_dir, tmp_path_factory.mktemp("standin") / "llm", log=lambda _: None)
+
+
+def test_frame_loss_memorises_clips_without_running_the_llm(corpus, tiny_models, converted, standin, tmp_path):
+    whisper_dir, _ = converted
+    clips = corpus / "train" / "en-000000.tar"  # the fixture writes 8 clips per shard
+    config = write_config(tmp_path / "c.yaml", corpus, tiny_models, STAGES)
+    overrides = [f"model.encoder.pretrained={whisper_dir}", f"model.llm.pretrained={standin}",
+                 "model.llm.lora.target_modules=[q_proj,v_proj]", "model.frame_weight=1.0",
+                 "model.adapter.readout=vocabulary", f"data.train_shards={clips}", f"data.eval_shards={clips}",
+                 "data.languages=[en]", "data.window=8", "data.max_batch_size=4", "data.max_batch_seconds=200",
+                 "data.max_batch_tokens=4096", "eval.tasks=[asr]", "eval.per_language=4", "eval.max_new_tokens=24",
+                 "eval.batch_size=4", "checkpoint.every=1000", "logging.every=10"]
+    launcher = str(Path(sys.executable).parent / "deepspeed")
+    cmd = deepspeed_command("tests/integration/guarded_train.py", ["--config", str(config), *overrides], 2,
+                            launcher=launcher)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+    out = tmp_path / "out"
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 43))
+    frames, lora = log[:40], log[40:]
+    # stage 1: the frame loss alone (no target token scored: the LM loss is null, the LLM did not run) ...
+    assert all(r["loss"] is None and math.isfinite(r["frame_loss"]) for r in frames), frames[:3]
+    assert all(r["tokens"] == 0 for r in frames)  # no position went through the LLM
+    first, last = frames[0]["frame_loss"], sum(r["frame_loss"] for r in frames[-5:]) / 5
+    assert first > 3.0 and last < first / 4, (first, last)  # ... memorises the eight clips' frame targets
+    # stage 2: the LM loss through the readout, the frame term still logged
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["frame_loss"]) and r["tokens"] > 0 for r in lora), lora
+    assert (out / "final.json").is_file()  # generation read the frames through the readout under ZeRO-3
+    assert "[part] step 10/42 stage 1:frames loss - frame " in proc.stdout
