@@ -50,9 +50,13 @@ output_dir=$(python -c "import sys; from part.config import load_config; print(l
 python train.py --config "$CONFIG" --check --world-size "$NPROC" "$@"
 stamp "5/5 training $CONFIG on $NPROC ranks, then evaluation"
 MASTER_PORT=${MASTER_PORT:-$(python -c 'from part.train.launcher import free_port; print(free_port())')}
+# A finished run resumes to "already complete" and prints its saved table itself.
+finished_before=$([ -f "$output_dir/final.md" ] && echo 1 || echo 0)
 deepspeed --num_gpus "$NPROC" --master_port "$MASTER_PORT" train.py --config "$CONFIG" --resume "$@"
 python -m part.plot "$output_dir"
 stamp "done"
-echo
-echo "== results ($output_dir/final.md; hypotheses in final_hypotheses.jsonl) =="
-cat "$output_dir/final.md"
+if [ "$finished_before" = 0 ]; then
+  echo
+  echo "== results ($output_dir/final.md; hypotheses in final_hypotheses.jsonl) =="
+  cat "$output_dir/final.md"
+fi

@@ -48,17 +48,26 @@ def model_card(cfg: TrainConfig, checkpoint: Path, metrics_markdown: str | None,
         f"- LLM: `{m.llm.pretrained}`" + (f", LoRA rank {m.llm.lora.rank} on {', '.join(m.llm.lora.target_modules)}"
                                           if m.llm.lora else ""),
         f"- auxiliary CTC weight: {m.ctc_weight}" if m.ctc_weight else "- no auxiliary CTC loss",
+        f"- frame loss weight: {m.frame_weight} (per-frame token targets from the encoder's Whisper alignment "
+        "heads)" if m.frame_weight else "- no frame loss",
+        f"- the LLM reads the adapter's frames as {'their' if m.adapter.readout == 'embeddings' else 'a'} "
+        + ("embeddings" if m.adapter.readout == "embeddings" else
+           f"vocabulary readout (top-token embeddings weighted by the posterior at temperature "
+           f"{m.adapter.readout_temperature:g})"),
         "",
         "## Training",
         "",
         f"Precision {cfg.precision}, DeepSpeed ZeRO-{cfg.zero_stage}, seed {cfg.seed}.",
         "",
-        "| stage | steps | tasks | trainable | lr | warm-up |",
-        "| --- | ---: | --- | --- | ---: | ---: |",
+        "| stage | steps | tasks | trainable | lr | warm-up | loss |",
+        "| --- | ---: | --- | --- | ---: | ---: | --- |",
     ]
     for s in cfg.stages:
         tasks = ", ".join(f"{k} {v:g}" for k, v in s.tasks.items())
-        lines.append(f"| {s.name} | {s.steps} | {tasks} | {', '.join(s.trainable)} | {s.lr:g} | {s.warmup_steps} |")
+        losses = " + ".join(name for name, on in (("LM", s.lm_loss), ("CTC", m.ctc_weight > 0),
+                                                   ("frame", m.frame_weight > 0)) if on)
+        lines.append(f"| {s.name} | {s.steps} | {tasks} | {', '.join(s.trainable)} | {s.lr:g} | {s.warmup_steps} "
+                     f"| {losses} |")
     data = training_data_summary(cfg)
     lines += ["", "## Training data", ""]
     if data:

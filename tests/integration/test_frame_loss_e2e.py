@@ -1,7 +1,7 @@
 """The frame loss and the vocabulary readout through the real training path (the `deepspeed` launcher, 2 ranks,
 ZeRO-3, train.py) with the real Whisper-base encoder (converted from its wheels) and a stand-in LLM made from its
 decoder (same vocabulary, so the alignment heads' timings are the LLM's tokens): a frame-loss-only stage memorises
-eight clips' per-frame targets (the LLM never runs), then a LoRA stage trains on the LM loss reading the frames
+sixteen clips' per-frame targets (the LLM never runs), then a LoRA stage trains on the LM loss reading the frames
 through the readout, and the final evaluation generates under ZeRO-3."""
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def standin(converted, tmp_path_factory) -> Path:
 
 def test_frame_loss_memorises_clips_without_running_the_llm(corpus, tiny_models, converted, standin, tmp_path):
     whisper_dir, _ = converted
-    clips = corpus / "train" / "en-000000.tar"  # the fixture writes 8 clips per shard
+    clips = corpus / "train" / "en-00000[01].tar"  # the fixture writes 8 clips per shard; a shard per rank
     config = write_config(tmp_path / "c.yaml", corpus, tiny_models, STAGES)
     overrides = [f"model.encoder.pretrained={whisper_dir}", f"model.llm.pretrained={standin}",
                  "model.llm.lora.target_modules=[q_proj,v_proj]", "model.frame_weight=1.0",
@@ -60,7 +60,7 @@ def test_frame_loss_memorises_clips_without_running_the_llm(corpus, tiny_models,
     assert all(r["loss"] is None and math.isfinite(r["frame_loss"]) for r in frames), frames[:3]
     assert all(r["tokens"] == 0 for r in frames)  # no position went through the LLM
     first, last = frames[0]["frame_loss"], sum(r["frame_loss"] for r in frames[-5:]) / 5
-    assert first > 3.0 and last < first / 4, (first, last)  # ... memorises the eight clips' frame targets
+    assert first > 3.0 and last < first / 4, (first, last)  # ... memorises the clips' frame targets
     # stage 2: the LM loss through the readout, the frame term still logged
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["frame_loss"]) and r["tokens"] > 0 for r in lora), lora
     assert (out / "final.json").is_file()  # generation read the frames through the readout under ZeRO-3
