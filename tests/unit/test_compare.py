@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import REPO
 
@@ -323,9 +324,15 @@ def test_stream_prefixes_lines_and_returns_the_exit_code(capsys):
 
 def test_main_skip_training(runs, tmp_path, capsys):
     """The whole command on existing run dirs: configs validated (model dirs faked), nothing trained."""
+    from safetensors.torch import save_file
+
     for d in ("whisper", "llm"):
         (tmp_path / d).mkdir()
         (tmp_path / d / "config.json").write_text("{}")  # what --check asks of a model directory
+    # what the frame loss's check asks of the Whisper directory: its type, alignment heads and decoder weights
+    (tmp_path / "whisper" / "config.json").write_text('{"model_type": "whisper"}')
+    (tmp_path / "whisper" / "generation_config.json").write_text('{"alignment_heads": [[0, 0]]}')
+    save_file({"model.decoder.embed_tokens.weight": torch.zeros(1)}, str(tmp_path / "whisper" / "model.safetensors"))
     configs = {}
     for name, src in (("part", "tiny_part"), ("baseline", "tiny_baseline")):
         data = yaml.safe_load((REPO / f"configs/{src}.yaml").read_text())
