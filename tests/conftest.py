@@ -85,6 +85,21 @@ output_dir: {path.parent}/out
     return path
 
 
+def train_under_guard(config: Path, overrides: list[str], nproc: int = 2,
+                       timeout: int = 900) -> subprocess.CompletedProcess:
+    """train.py under the collective guard (tests/integration/guarded_train.py) through the real `deepspeed`
+    launcher on `nproc` CPU ranks, one thread each; fails the test with the output's tail unless it exits 0."""
+    from part.train.launcher import deepspeed_command
+
+    launcher = str(Path(sys.executable).parent / "deepspeed")
+    cmd = deepspeed_command("tests/integration/guarded_train.py", ["--config", str(config), *overrides], nproc,
+                            launcher=launcher)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc
+
+
 @pytest.fixture
 def python() -> str:
     return sys.executable

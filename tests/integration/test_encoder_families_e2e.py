@@ -8,14 +8,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, write_config
+from conftest import train_under_guard, write_config
 from safetensors.torch import load_file
 from tiny_encoders import build_tiny_encoder
 
@@ -24,7 +20,6 @@ from part.model.encoders import WavLMFamily
 from part.model.groups import group_parameters
 from part.model.speech_llm import SpeechLLM
 from part.model.tokenizer import load_tokenizer
-from part.train.launcher import deepspeed_command
 
 pytestmark = pytest.mark.slow
 
@@ -36,12 +31,7 @@ def test_wavlm_top_layer_trains_through_the_launcher(corpus, tiny_models, tmp_pa
     wavlm = build_tiny_encoder("wavlm", tmp_path / "wavlm")
     config = write_config(tmp_path / "c.yaml", corpus, tiny_models, STAGES)
     overrides = [f"model.encoder.pretrained={wavlm}", "eval.per_language=1", "eval.tasks=[asr]"]
-    launcher = str(Path(sys.executable).parent / "deepspeed")
-    cmd = deepspeed_command("tests/integration/guarded_train.py", ["--config", str(config), *overrides], 2,
-                            launcher=launcher)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    train_under_guard(config, overrides)
 
     out = tmp_path / "out"
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]

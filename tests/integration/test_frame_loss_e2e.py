@@ -8,15 +8,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, write_config
-
-from part.train.launcher import deepspeed_command
+from conftest import train_under_guard, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -45,12 +40,7 @@ def test_frame_loss_memorises_clips_without_running_the_llm(corpus, tiny_models,
                  "data.languages=[en]", "data.window=8", "data.max_batch_size=4", "data.max_batch_seconds=200",
                  "data.max_batch_tokens=4096", "eval.tasks=[asr]", "eval.per_language=4", "eval.max_new_tokens=24",
                  "eval.batch_size=4", "checkpoint.every=1000", "logging.every=10"]
-    launcher = str(Path(sys.executable).parent / "deepspeed")
-    cmd = deepspeed_command("tests/integration/guarded_train.py", ["--config", str(config), *overrides], 2,
-                            launcher=launcher)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    proc = train_under_guard(config, overrides)
 
     out = tmp_path / "out"
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
