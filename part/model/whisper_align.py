@@ -118,6 +118,11 @@ class WhisperAligner:
             raise ValueError(f"language {language!r}: this Whisper tokenizer has no {token} token")
         return token_id
 
+    def task_prefix(self, language: str) -> list[int]:
+        """The decoder's prompt before the text: start of transcript, language, transcribe, no timestamps."""
+        return [self.prefix_ids["<|startoftranscript|>"], self.language_id(language),
+                self.prefix_ids["<|transcribe|>"], self.prefix_ids["<|notimestamps|>"]]
+
     @torch.no_grad()
     def align(self, audio: np.ndarray, text: str, language: str, sampling_rate: int = 16000) -> list[TokenTiming]:
         """Timings of `text`'s tokens (Whisper's tokenizer, no special tokens) in `audio` (mono, at most 30 s)."""
@@ -128,8 +133,7 @@ class WhisperAligner:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if not ids:
             return []
-        prefix = [self.prefix_ids["<|startoftranscript|>"], self.language_id(language),
-                  self.prefix_ids["<|transcribe|>"], self.prefix_ids["<|notimestamps|>"]]
+        prefix = self.task_prefix(language)
         features = self.processor.feature_extractor(audio, sampling_rate=sampling_rate,
                                                     return_tensors="pt").input_features.to(self.device)
         out = self.model(input_features=features, decoder_input_ids=torch.tensor([prefix + ids], device=self.device),
@@ -144,8 +148,7 @@ class WhisperAligner:
         frame targets use: the encoder's outputs exist there already."""
         if not ids:
             return []
-        prefix = [self.prefix_ids["<|startoftranscript|>"], self.language_id(language),
-                  self.prefix_ids["<|transcribe|>"], self.prefix_ids["<|notimestamps|>"]]
+        prefix = self.task_prefix(language)
         decoder = self.model.get_decoder()
         states = states.to(self.device, self.model.dtype)[None]
         out = decoder(input_ids=torch.tensor([prefix + list(ids)], device=self.device), encoder_hidden_states=states,
