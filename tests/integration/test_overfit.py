@@ -15,7 +15,7 @@ from conftest import REPO, write_config
 
 # Every group trainable, one stage: the fastest way to memorise a handful of clips with the tiny random models.
 STAGES = """\
-  - {name: memorise, steps: 100, tasks: {asr: 1.0}, trainable: [adapter, encoder, llm], lr: 3.0e-3,
+  - {name: memorise, steps: 150, tasks: {asr: 1.0}, trainable: [adapter, encoder, llm], lr: 3.0e-3,
      warmup_steps: 10, min_lr_ratio: 0.3}
 """
 
