@@ -19,6 +19,7 @@ from part.model.groups import KNOWN_GROUPS, find_group
 
 TASKS = ("asr", "s2tt", "mt", "text")
 ADAPTER_READOUTS = ("embeddings", "vocabulary")
+FRAME_TARGETS = ("centre", "span")
 SPEECH_TASKS = ("asr", "s2tt")
 PRECISIONS = ("bf16", "fp32")
 ZERO_STAGES = (2, 3)
@@ -100,12 +101,16 @@ class ModelConfig:
     # transcript's tokens (every speech sample, ASR or S2TT). 0: off. It gives the adapter a per-frame signal
     # towards the LLM's token embeddings, which speeds up the speech-text alignment the LLM loss finds slowly.
     ctc_weight: float = 0.0
-    # Weight of a frame-level cross-entropy on the adapter's frames (read as the CTC loss reads them) against
-    # per-frame token targets: each transcript token at the adapter frame holding its span's centre, the pad
-    # token elsewhere. The spans come, inside the step, from the encoder's own Whisper checkpoint (its decoder's
-    # alignment heads over the encoder's outputs: part/model/whisper_align.py), so this needs a Whisper encoder
-    # directory with its decoder and an LLM sharing Whisper's vocabulary (the stand-in). 0: off.
+    # Weight of a frame-level loss on the adapter's frames (read as the CTC loss reads them) against the
+    # transcript tokens' time spans. The spans come, inside the step, from the encoder's own Whisper checkpoint
+    # (its decoder's alignment heads over the encoder's outputs: part/model/whisper_align.py), so this needs a
+    # Whisper encoder directory with its decoder and an LLM sharing Whisper's vocabulary (the stand-in). 0: off.
     frame_weight: float = 0.0
+    # What the frame loss asks of each token: `centre`: cross-entropy against one target per frame, the token at
+    # the frame of its span's centre and the pad token elsewhere; `span`: the token in at least one frame of its
+    # span, pad or the token on the rest of it, pad outside every span (as a CTC model emits it; long words are
+    # not taught to be pad on all but one of their frames).
+    frame_targets: str = "centre"
 
 
 @dataclass
@@ -340,6 +345,8 @@ def validate(cfg: TrainConfig, source: str | Path = "config") -> None:
     check(m.llm.pretrained is not None, "model.llm.pretrained: a causal LM directory is required")
     check(m.ctc_weight >= 0, "model.ctc_weight: must be >= 0")
     check(m.frame_weight >= 0, "model.frame_weight: must be >= 0")
+    check(m.frame_targets in FRAME_TARGETS,
+          f"model.frame_targets: '{m.frame_targets}' is not one of {', '.join(FRAME_TARGETS)}")
     check(m.adapter.readout in ADAPTER_READOUTS,
           f"model.adapter.readout: '{m.adapter.readout}' is not one of {', '.join(ADAPTER_READOUTS)}")
     check(m.adapter.readout_temperature > 0, "model.adapter.readout_temperature: must be > 0")

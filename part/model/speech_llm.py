@@ -25,6 +25,7 @@ from part.model.adapter import Adapter
 from part.model.encoders import AudioFeatures, EncoderFamily, encoder_family, family_for
 from part.model.groups import EncoderLayout
 from part.model.tokenizer import load_tokenizer, suppressed_token_ids
+from part.model.whisper_align import frame_owners, frame_targets
 from part.prompts import AUDIO_TOKEN, PromptFormat
 
 if TYPE_CHECKING:
@@ -58,6 +59,31 @@ def build_encoder(cfg: EncoderConfig, weights: bool = True, attn_implementation:
     """The encoder `cfg` names: its pretrained directory's family and weights (with `weights=False`, its
     architecture only), or a fresh Whisper-style one from the config (part/model/encoders.py)."""
     return family_for(cfg).build(weights=weights and bool(cfg.pretrained), attn_implementation=attn_implementation)
+
+
+def span_frame_loss(log_probs: torch.Tensor, tokens: torch.Tensor, owners: torch.Tensor, blank: int) -> torch.Tensor:
+    """The frame loss with token spans (`model.frame_targets: span`), over N frames: `log_probs` [N, vocab];
+    `owners` [N]: the index of the token whose span holds the frame (`whisper_align.frame_owners`, numbered across
+    the batch), -1 where none does; `tokens` [N]: that token's id (`blank` where none).
+    Mean over frames of -log(p(token) + p(blank)) (-log p(blank) outside every span), plus mean over tokens of
+    -log of the sum over their frames of p(token): each token emitted in at least one frame of its span and only
+    there, blank elsewhere, as a CTC model emits it. A long word is not told to be blank on all but its centre
+    frame (`centre`), nor to fill its span (`fill`), which a CTC-style slot does not hold."""
+    lp_token = log_probs.gather(1, tokens[:, None])[:, 0]
+    lp_blank = log_probs[:, blank]
+    owned = owners >= 0
+    frame = torch.where(owned, torch.logaddexp(lp_token, lp_blank), lp_blank).mean()
+    if not bool(owned.any()):
+        return -frame
+    segment, values = owners[owned], lp_token[owned]
+    count = int(segment.max()) + 1
+    # log-sum-exp per token over its frames, shifted by each token's max for stability
+    peak = torch.full((count,), float("-inf"), device=values.device).scatter_reduce(
+        0, segment, values.detach(), "amax", include_self=True)
+    total = torch.zeros(count, device=values.device, dtype=values.dtype).index_add(
+        0, segment, (values - peak[segment]).exp())
+    present = torch.isfinite(peak)  # tokens numbered but owning no frame (dropped) have no term
+    return -frame - (total[present].log() + peak[present]).mean()
 
 
 class SpeechLLM(nn.Module):
@@ -294,9 +320,11 @@ class SpeechLLM(nn.Module):
         return loss / sum(len(t) for t in targets)
 
     def frame_loss(self, encoded: EncodedAudio, batch: Batch) -> torch.Tensor:
-        """Cross-entropy of each adapter frame (through the LLM's final norm and head) against its token target:
-        the transcript token whose span (from `frame_teacher`) is centred in the frame, the pad token elsewhere.
-        Mean over the frames of the clips with a transcript (0 when there are none)."""
+        """The adapter's frames (through the LLM's final norm and head) against the token timings of
+        `frame_teacher`, over the valid frames of the clips with a transcript (0 when there are none).
+        `model.frame_targets`: `centre` is the cross-entropy against one target per frame (each token at the frame
+        of its span's centre, the pad token elsewhere: `whisper_align.frame_targets`); `span` lets each token
+        appear anywhere in its span (`span_frame_loss` over `whisper_align.frame_owners`)."""
         if self.frame_teacher is None:
             raise RuntimeError("model.frame_weight > 0, but no frame_teacher is set (the trainer sets it)")
         assert encoded.logits is not None
@@ -305,16 +333,24 @@ class SpeechLLM(nn.Module):
             return encoded.logits.sum() * 0.0
         rows = [j for _, j in clips]
         lengths = encoded.lengths[rows].tolist()
-        targets = self.frame_teacher.targets(
+        timings = self.frame_teacher.timings(
             encoded.states[rows], encoded.state_lengths[rows].tolist(),
-            [batch.transcript_ids[i].tolist() for i, _ in clips], [batch.meta[i].language for i, _ in clips],
-            lengths, WHISPER_SECONDS_PER_FRAME * self.cfg.adapter.downsample)
-        index = torch.tensor(rows, device=encoded.logits.device)
-        logits = encoded.logits[index]
-        target = torch.full(logits.shape[:2], IGNORE, dtype=torch.long, device=logits.device)
-        for k, (row_targets, n) in enumerate(zip(targets, lengths)):
-            target[k, :n] = torch.tensor(row_targets, device=logits.device)
-        return F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=IGNORE)
+            [batch.transcript_ids[i].tolist() for i, _ in clips], [batch.meta[i].language for i, _ in clips])
+        seconds_per_frame = WHISPER_SECONDS_PER_FRAME * self.cfg.adapter.downsample
+        device = encoded.logits.device
+        logits = torch.cat([encoded.logits[j, :n] for j, n in zip(rows, lengths)])
+        blank = self.pad_token_id
+        if self.cfg.frame_targets == "centre":
+            target = [t for clip, n in zip(timings, lengths) for t in frame_targets(clip, n, seconds_per_frame, blank)]
+            return F.cross_entropy(logits, torch.tensor(target, device=device))
+        tokens, owners, numbered = [], [], 0
+        for clip, n in zip(timings, lengths):
+            for owner in frame_owners(clip, n, seconds_per_frame):
+                tokens.append(clip[owner].token_id if owner >= 0 else blank)
+                owners.append(owner + numbered if owner >= 0 else -1)
+            numbered += len(clip)
+        return span_frame_loss(logits.log_softmax(-1), torch.tensor(tokens, device=device),
+                               torch.tensor(owners, device=device), blank)
 
     # ---------------------------------------------------------------- generation
 

@@ -84,6 +84,30 @@ def frame_targets(timings: list[TokenTiming], frames: int, seconds_per_frame: fl
     return targets
 
 
+def frame_owners(timings: list[TokenTiming], frames: int, seconds_per_frame: float) -> list[int]:
+    """For each frame, the index (into `timings`) of the token that owns it, -1 where none does. A token first
+    gets the frame `frame_targets` gives it (its span's centre), then every still free frame whose centre lies in
+    its span: the frames where a CTC-style model may emit it. A token `frame_targets` drops owns no frame."""
+    owners = [-1] * frames
+    for i, t in enumerate(timings):
+        j = min(int((t.start + t.end) / 2 / seconds_per_frame), frames - 1)
+        while j < frames and owners[j] != -1:
+            j += 1
+        if j < frames:
+            owners[j] = i
+    anchored = set(owners) - {-1}
+    for i, t in enumerate(timings):
+        if i not in anchored:
+            continue
+        for f in range(int(t.start / seconds_per_frame), frames):
+            centre = (f + 0.5) * seconds_per_frame
+            if centre >= t.end:
+                break
+            if centre >= t.start and owners[f] == -1:
+                owners[f] = i
+    return owners
+
+
 class WhisperAligner:
     """Forced alignment with a transformers Whisper directory (its encoder, decoder, tokenizer and alignment
     heads); the transcript and its language are known."""
@@ -207,11 +231,11 @@ VOCABULARY_PROBE = "Hello world, wie geht's? ¿Qué tal, señor? 你好，世界
 
 
 class FrameTargetTeacher:
-    """Per-frame token targets for the adapter's frame loss, from the Whisper checkpoint the encoder came from:
+    """Token timings for the adapter's frame loss, from the Whisper checkpoint the encoder came from:
     its decoder's alignment heads over the encoder's outputs of the step. For an LLM whose tokenizer is Whisper's
     for text (the stand-in made from Whisper's decoder), so the teacher's token timings are the LLM's tokens."""
 
-    def __init__(self, whisper_dir: str | Path, llm_tokenizer, blank: int):
+    def __init__(self, whisper_dir: str | Path, llm_tokenizer):
         self.aligner = WhisperAligner(whisper_dir)
         whisper_tokenizer = self.aligner.processor.tokenizer
         mine = whisper_tokenizer(VOCABULARY_PROBE, add_special_tokens=False)["input_ids"]
@@ -223,18 +247,16 @@ class FrameTargetTeacher:
         # Whisper's text tokens come before its first special token; special tokens have no timing.
         self.text_vocab = whisper_tokenizer.convert_tokens_to_ids("<|endoftext|>")
         self.max_tokens = self.aligner.model.config.max_target_positions - 4  # the 4-token task prefix
-        self.blank = blank
 
-    def targets(self, states: torch.Tensor, state_lengths: list[int], transcripts: list[list[int]],
-                languages: list[str], frames: list[int], seconds_per_frame: float) -> list[list[int]]:
-        """For each clip i (encoder outputs `states[i, :state_lengths[i]]`, transcript token ids, language): one
-        token id per output frame (`frames[i]` frames of `seconds_per_frame`), the blank where no token is."""
+    def timings(self, states: torch.Tensor, state_lengths: list[int], transcripts: list[list[int]],
+                languages: list[str]) -> list[list[TokenTiming]]:
+        """For each clip i (encoder outputs `states[i, :state_lengths[i]]`, transcript token ids, language): the
+        timings of its text tokens (special tokens have none and are left out; past the decoder's length, cut)."""
         if states.device != self.aligner.device:  # the teacher runs where the step runs (once moved, it stays)
             self.aligner.model.to(states.device)
             self.aligner.device = states.device
         out = []
         for i, (ids, language) in enumerate(zip(transcripts, languages)):
             ids = [t for t in ids if t < self.text_vocab][: self.max_tokens]
-            timings = self.aligner.align_encoded(states[i, : state_lengths[i]].detach(), ids, language)
-            out.append(frame_targets(timings, frames[i], seconds_per_frame, self.blank))
+            out.append(self.aligner.align_encoded(states[i, : state_lengths[i]].detach(), ids, language))
         return out

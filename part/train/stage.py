@@ -56,10 +56,10 @@ def build_optimizer(model: torch.nn.Module, optim: OptimConfig, lr: float) -> to
 _FRAME_TEACHERS: dict[str, FrameTargetTeacher] = {}
 
 
-def frame_teacher(whisper_dir: str, tokenizer, blank: int) -> FrameTargetTeacher:
+def frame_teacher(whisper_dir: str, tokenizer) -> FrameTargetTeacher:
     """The frame loss's teacher for `whisper_dir`, loaded once per process (every stage's model shares it)."""
     if whisper_dir not in _FRAME_TEACHERS:
-        _FRAME_TEACHERS[whisper_dir] = FrameTargetTeacher(whisper_dir, tokenizer, blank)
+        _FRAME_TEACHERS[whisper_dir] = FrameTargetTeacher(whisper_dir, tokenizer)
     return _FRAME_TEACHERS[whisper_dir]
 
 
@@ -101,7 +101,7 @@ class StageRun:
         else:  # the architecture saved with the checkpoint, then its weights: pretrained ones are not read again
             model = SpeechLLM(cfg.model, tokenizer, saved_configs=checkpoint)
         if cfg.model.frame_weight > 0:
-            model.frame_teacher = frame_teacher(cfg.model.encoder.pretrained, tokenizer, model.pad_token_id)
+            model.frame_teacher = frame_teacher(cfg.model.encoder.pretrained, tokenizer)
         t1 = time.perf_counter()
         if checkpoint is not None:
             model.load_weights(checkpoint / WEIGHTS_NAME)

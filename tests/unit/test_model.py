@@ -299,22 +299,20 @@ def test_ctc_loss_reads_the_adapter_through_the_llm_head(model_and_tokenizer):
 
 
 class ScriptedTeacher:
-    """A frame teacher with known answers: token k of each transcript at frame 2k + 1, the blank elsewhere. Records
-    what it was asked (the real teacher, Whisper's alignment heads, is tested in test_whisper_align.py)."""
+    """A frame teacher with known answers: token k of each transcript spans adapter frame 2k + 1 (80 ms frames)
+    alone, nothing else has a span. Records what it was asked (the real teacher, Whisper's alignment heads, is
+    tested in test_whisper_align.py)."""
 
-    def __init__(self, blank: int):
-        self.blank, self.calls = blank, []
+    def __init__(self, seconds_per_frame: float):
+        self.seconds_per_frame, self.calls = seconds_per_frame, []
 
-    def targets(self, states, state_lengths, transcripts, languages, frames, seconds_per_frame):
-        self.calls.append((states.shape, state_lengths, transcripts, languages, frames, seconds_per_frame))
-        out = []
-        for ids, n in zip(transcripts, frames):
-            row = [self.blank] * n
-            for k, t in enumerate(ids):
-                if 2 * k + 1 < n:
-                    row[2 * k + 1] = t
-            out.append(row)
-        return out
+    def timings(self, states, state_lengths, transcripts, languages):
+        from part.model.whisper_align import TokenTiming
+
+        self.calls.append((states.shape, state_lengths, transcripts, languages))
+        step = self.seconds_per_frame
+        return [[TokenTiming(t, "", (2 * k + 1) * step, (2 * k + 2) * step) for k, t in enumerate(ids)]
+                for ids in transcripts]
 
 
 def test_frame_loss_is_the_frames_cross_entropy_against_the_teachers_targets(model_and_tokenizer):
@@ -329,7 +327,7 @@ def test_frame_loss_is_the_frames_cross_entropy_against_the_teachers_targets(mod
         torch.tensor(ids), torch.tensor(ids), torch.tensor([], dtype=torch.long)],
         meta=[SampleMeta(key=f"k{i}", task="asr", language="de", target_language=None, reference="Guten Tag",
                          duration=1.0) for i in range(3)])
-    teacher = ScriptedTeacher(model.pad_token_id)
+    teacher = ScriptedTeacher(0.02 * model.cfg.adapter.downsample)
     model.frame_teacher = teacher
     model.cfg = dataclasses.replace(model.cfg, frame_weight=0.5)
     calls = []
@@ -349,9 +347,24 @@ def test_frame_loss_is_the_frames_cross_entropy_against_the_teachers_targets(mod
             expected_targets += row
         expected = torch.nn.functional.cross_entropy(torch.cat(expected_logits), torch.tensor(expected_targets))
         assert torch.allclose(loss, expected)
-        shape, state_lengths, transcripts, languages, frames, seconds = teacher.calls[-1]
-        assert transcripts == [ids, ids] and languages == ["de", "de"] and frames == lengths
-        assert seconds == pytest.approx(0.02 * model.cfg.adapter.downsample) and shape[0] == 2
+        shape, state_lengths, transcripts, languages = teacher.calls[-1]
+        assert transcripts == [ids, ids] and languages == ["de", "de"] and shape[0] == 2
+        # spans one frame wide: `span` is the same targets without the per-frame cross-entropy
+        model.cfg = dataclasses.replace(model.cfg, frame_targets="span")
+        from part.model.speech_llm import span_frame_loss
+
+        owners, tokens, base = [], [], 0
+        for n in lengths:
+            row = [-1] * n
+            for k in range(len(ids)):
+                row[2 * k + 1] = base + k
+            owners += row
+            tokens += [ids[o - base] if o >= 0 else model.pad_token_id for o in row]
+            base += len(ids)
+        expected_span = span_frame_loss(torch.cat(expected_logits).log_softmax(-1), torch.tensor(tokens),
+                                        torch.tensor(owners), model.pad_token_id)
+        assert torch.allclose(model.frame_loss(encoded, batch), expected_span)
+        model.cfg = dataclasses.replace(model.cfg, frame_targets="centre")
 
         calls.clear()
         out = model(batch)
@@ -373,7 +386,7 @@ def test_frame_loss_is_the_frames_cross_entropy_against_the_teachers_targets(mod
     finally:
         hook.remove()
         model.frame_teacher = None
-        model.cfg = dataclasses.replace(model.cfg, frame_weight=0.0)
+        model.cfg = dataclasses.replace(model.cfg, frame_weight=0.0, frame_targets="centre")
         model.eval()
 
 
@@ -443,3 +456,35 @@ def test_activation_checkpointing_and_attention_kernels_change_no_number(tiny_mo
     assert eager.llm.config._attn_implementation == "eager" and eager.encoder.config._attn_implementation == "eager"
     loss_eager, _ = _grads(eager, batch)
     assert torch.allclose(loss, loss_eager, atol=1e-4)
+
+
+def test_span_frame_loss_against_its_definition():
+    """span_frame_loss by brute force on random log-probabilities, and its two ends: the CTC-like answer (each
+    token in one frame of its span, blank elsewhere) costs ~0; blank everywhere costs the span terms."""
+    from part.model.speech_llm import span_frame_loss
+
+    torch.manual_seed(0)
+    blank, vocab = 0, 7
+    tokens = torch.tensor([3, 3, 3, 0, 5, 0, 4, 4])
+    owners = torch.tensor([0, 0, 0, -1, 1, -1, 2, 2])
+    log_probs = torch.randn(8, vocab).log_softmax(-1)
+    p = log_probs.exp()
+    frame = [-(torch.log(p[f, tokens[f]] + p[f, blank]) if owners[f] >= 0 else torch.log(p[f, blank]))
+             for f in range(8)]
+    spans = [-torch.log(sum(p[f, tokens[f]] for f in range(8) if owners[f] == j)) for j in range(3)]
+    expected = torch.stack(frame).mean() + torch.stack(spans).mean()
+    assert torch.allclose(span_frame_loss(log_probs, tokens, owners, blank), expected, atol=1e-5)
+
+    sure = torch.full((8, vocab), -30.0)
+    for f, t in enumerate([3, 0, 0, 0, 5, 0, 0, 4]):  # each token once inside its span
+        sure[f, t] = 0.0
+    assert span_frame_loss(sure.log_softmax(-1), tokens, owners, blank) < 1e-3
+    all_blank = torch.full((8, vocab), -30.0)
+    all_blank[:, blank] = 0.0
+    assert span_frame_loss(all_blank.log_softmax(-1), tokens, owners, blank) > 25  # every token missing
+    # owner numbers with gaps (a token that got no frame) leave no term and no NaN
+    gappy = torch.tensor([0, 0, 0, -1, 3, -1, 5, 5])
+    assert torch.isfinite(span_frame_loss(log_probs, tokens, gappy, blank))
+    x = log_probs.clone().requires_grad_(True)
+    span_frame_loss(x, tokens, owners, blank).backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0

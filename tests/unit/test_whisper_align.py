@@ -20,6 +20,7 @@ from part.model.whisper_align import (
     WhisperAligner,
     alignment_heads_problem,
     dtw_path,
+    frame_owners,
     frame_targets,
 )
 
@@ -69,6 +70,21 @@ def test_frame_targets_put_each_token_at_its_centre_and_blank_elsewhere():
     assert frame_targets(timings, 13, 0.08, blank=0) == [0, 10, 11, 0, 0, 12, 0, 0, 0, 0, 0, 13, 0]
     crowded = [TokenTiming(20 + k, "x", 0.0, 0.05) for k in range(4)]  # four centres in frame 0
     assert frame_targets(crowded, 3, 0.08, blank=0) == [20, 21, 22]  # moved right; the fourth has no frame left
+
+
+def test_frame_owners_give_each_token_its_centre_then_the_free_frames_of_its_span():
+    timings = [TokenTiming(10, "a", 0.00, 0.16), TokenTiming(11, "b", 0.14, 0.22),
+               TokenTiming(12, "c", 0.20, 0.60), TokenTiming(13, "d", 0.90, 1.00)]
+    # centres as frame_targets places them (1, 2, 5, 11); then frames whose centre (0.04, 0.12, ...) is in a span
+    assert frame_owners(timings, 13, 0.08) == [0, 0, 1, 2, 2, 2, 2, -1, -1, -1, -1, 3, -1]
+    crowded = [TokenTiming(20 + k, "x", 0.0, 0.05) for k in range(4)]
+    assert frame_owners(crowded, 3, 0.08) == [0, 1, 2]  # the fourth owns no frame, as frame_targets drops it
+    # the owners agree with frame_targets on which tokens have a frame, and in order
+    blank = 0
+    targets = frame_targets(timings, 13, 0.08, blank)
+    owners = frame_owners(timings, 13, 0.08)
+    owned = dict.fromkeys(o for o in owners if o >= 0)
+    assert [t for t in targets if t != blank] == [timings[i].token_id for i in owned]
 
 
 def _espeak(text: str, path) -> np.ndarray:
@@ -148,14 +164,16 @@ def test_frame_teacher_places_the_tokens_from_the_encoders_own_outputs(converted
     text = "Good morning everybody. Thank you very much."
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     blank = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    teacher = FrameTargetTeacher(whisper_dir, tokenizer, blank)
+    teacher = FrameTargetTeacher(whisper_dir, tokenizer)
     timings = teacher.aligner.align_encoded(states[0, : int(state_lengths[0])], ids, "en")
     assert [t.token_id for t in timings] == ids
     thank = next(t for t in timings if t.text.strip() == "Thank")
     assert silence_end - 0.5 < thank.start < silence_end + 0.3, (thank, silence_end)
     adapter_frames = (int(state_lengths[0]) + 3) // 4
     # special tokens (an end of text) have no timing: they are dropped, not placed
-    (targets,) = teacher.targets(states, state_lengths.tolist(), [ids + [blank]], ["en"], [adapter_frames], 0.08)
+    (timed,) = teacher.timings(states, state_lengths.tolist(), [ids + [blank]], ["en"])
+    assert [t.token_id for t in timed] == ids and timed == timings
+    targets = frame_targets(timed, adapter_frames, 0.08, blank)
     assert len(targets) == adapter_frames
     placed = [t for t in targets if t != blank]
     assert placed == ids  # every token once, in order (the clip has frames to spare)
@@ -170,7 +188,7 @@ def test_frame_teacher_places_the_tokens_from_the_encoders_own_outputs(converted
 def test_frame_teacher_needs_whisper_with_its_decoder_and_the_same_vocabulary(converted, tmp_path):
     import shutil
 
-    from transformers import PreTrainedTokenizerFast, WhisperTokenizer
+    from transformers import PreTrainedTokenizerFast
 
     whisper_dir, _ = converted
     assert alignment_heads_problem(whisper_dir) is None
@@ -183,9 +201,8 @@ def test_frame_teacher_needs_whisper_with_its_decoder_and_the_same_vocabulary(co
     assert "config.json" in alignment_heads_problem(tmp_path)  # not a model directory
     # an LLM tokenizer that splits text otherwise: the timings would not be its tokens
     other = PreTrainedTokenizerFast(tokenizer_object=_byte_tokenizer())
-    blank = WhisperTokenizer.from_pretrained(whisper_dir).convert_tokens_to_ids("<|endoftext|>")
     with pytest.raises(ValueError, match="model.frame_weight: the LLM's tokenizer does not split text"):
-        FrameTargetTeacher(whisper_dir, other, blank)
+        FrameTargetTeacher(whisper_dir, other)
 
 
 def _byte_tokenizer():
