@@ -108,6 +108,19 @@ def frame_owners(timings: list[TokenTiming], frames: int, seconds_per_frame: flo
     return owners
 
 
+def read_alignment_heads(whisper_dir: str | Path) -> list[tuple[int, int]]:
+    """The (layer, head) pairs of the checkpoint's `generation_config.alignment_heads`; a ValueError naming the
+    file when it cannot be read or lists none."""
+    generation = Path(whisper_dir) / "generation_config.json"
+    try:
+        heads = json.loads(generation.read_text()).get("alignment_heads")
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{generation}: cannot read the alignment heads ({exc})") from exc
+    if not heads:
+        raise ValueError(f"{generation}: no alignment_heads (a Whisper checkpoint lists them there)")
+    return [(int(layer), int(head)) for layer, head in heads]
+
+
 class WhisperAligner:
     """Forced alignment with a transformers Whisper directory (its encoder, decoder, tokenizer and alignment
     heads); the transcript and its language are known."""
@@ -115,15 +128,7 @@ class WhisperAligner:
     def __init__(self, whisper_dir: str | Path, device: str | torch.device = "cpu"):
         from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
-        whisper_dir = Path(whisper_dir)
-        generation = whisper_dir / "generation_config.json"
-        try:
-            heads = json.loads(generation.read_text()).get("alignment_heads")
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"{generation}: cannot read the alignment heads ({exc})") from exc
-        if not heads:
-            raise ValueError(f"{generation}: no alignment_heads (a Whisper checkpoint lists them there)")
-        self.heads = [(int(layer), int(head)) for layer, head in heads]
+        self.heads = read_alignment_heads(whisper_dir)
         self.device = torch.device(device)
         # eager: sdpa does not return attention weights
         self.model = WhisperForConditionalGeneration.from_pretrained(whisper_dir, attn_implementation="eager")
@@ -210,11 +215,9 @@ def alignment_heads_problem(whisper_dir: str | Path) -> str | None:
     if model_type != "whisper":
         return f"a Whisper directory ({whisper_dir} holds a {model_type!r} model)"
     try:
-        heads = json.loads((whisper_dir / "generation_config.json").read_text()).get("alignment_heads")
-    except (OSError, ValueError):
-        heads = None
-    if not heads:
-        return f"alignment_heads in {whisper_dir / 'generation_config.json'} (none found)"
+        read_alignment_heads(whisper_dir)
+    except ValueError as exc:
+        return f"readable alignment heads ({exc})"
     weights = whisper_dir / "model.safetensors"
     if not weights.is_file():
         return f"the decoder's weights in {weights} (no such file)"

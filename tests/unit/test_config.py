@@ -47,7 +47,8 @@ def test_loads_with_overrides(tmp_path, corpus, tiny_models):
         ("model.adapter.readout=tokens", "model.adapter.readout: 'tokens' is not one of embeddings, vocabulary"),
         ("model.adapter.readout_temperature=0", "model.adapter.readout_temperature: must be > 0"),
         # the tiny encoder directory is a Whisper encoder without a decoder or alignment heads
-        ("model.frame_weight=1.0", "model.frame_weight: the frame targets need alignment_heads in"),
+        ("model.frame_weight=1.0", "model.frame_weight: the frame targets need readable alignment heads ("),
+        ("model.frame_targets=middle", "model.frame_targets: 'middle' is not one of centre, span"),
         ("model.frame_weight=-1", "model.frame_weight: must be >= 0"),
     ],
 )
