@@ -48,8 +48,8 @@ def model_card(cfg: TrainConfig, checkpoint: Path, metrics_markdown: str | None,
         f"- LLM: `{m.llm.pretrained}`" + (f", LoRA rank {m.llm.lora.rank} on {', '.join(m.llm.lora.target_modules)}"
                                           if m.llm.lora else ""),
         f"- auxiliary CTC weight: {m.ctc_weight}" if m.ctc_weight else "- no auxiliary CTC loss",
-        f"- frame loss weight: {m.frame_weight} (per-frame token targets from the encoder's Whisper alignment "
-        "heads)" if m.frame_weight else "- no frame loss",
+        f"- frame loss weight: {m.frame_weight} ({m.frame_targets} targets from the token spans of the encoder's "
+        "Whisper alignment heads)" if m.frame_weight else "- no frame loss",
         f"- the LLM reads the adapter's frames as {'their' if m.adapter.readout == 'embeddings' else 'a'} "
         + ("embeddings" if m.adapter.readout == "embeddings" else
            f"vocabulary readout (top-token embeddings weighted by the posterior at temperature "
