@@ -68,7 +68,7 @@ def span_frame_loss(log_probs: torch.Tensor, tokens: torch.Tensor, owners: torch
     Mean over frames of -log(p(token) + p(blank)) (-log p(blank) outside every span), plus mean over tokens of
     -log of the sum over their frames of p(token): each token emitted in at least one frame of its span and only
     there, blank elsewhere, as a CTC model emits it. A long word is not told to be blank on all but its centre
-    frame (`centre`), nor to fill its span (`fill`), which a CTC-style slot does not hold."""
+    frame (`centre`), nor to fill its span (measured: repeats everywhere, not the CTC-style slot the LLM reads)."""
     lp_token = log_probs.gather(1, tokens[:, None])[:, 0]
     lp_blank = log_probs[:, blank]
     owned = owners >= 0
