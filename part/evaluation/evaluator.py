@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -42,19 +44,40 @@ def score(records: list[dict]) -> list[dict]:
 
 @torch.no_grad()
 def generate_records(model: SpeechLLM, batches: list[Batch], tokenizer, device: torch.device, dtype: torch.dtype,
-                     max_new_tokens: int, num_beams: int, synced: bool) -> list[dict]:
+                     max_new_tokens: int, num_beams: int, synced: bool,
+                     progress: Callable[[int, int], None] | None = None) -> list[dict]:
     """One record per real sample: its metadata and the decoded hypothesis. Padding batches run (so every rank
-    makes the same generate calls) but yield nothing."""
+    makes the same generate calls) but yield nothing. `progress(done, total)` after each batch."""
     records = []
-    for batch in batches:
+    for done, batch in enumerate(batches, 1):
         outputs = model.generate(batch.to(device, dtype), max_new_tokens=max_new_tokens, num_beams=num_beams,
                                  synced_gpus=synced)
+        if progress is not None:
+            progress(done, len(batches))
         if batch.is_padding:
             continue
         for meta, ids in zip(batch.meta, outputs):
             records.append(dict(dataclasses.asdict(meta),
                                 hypothesis=tokenizer.decode(ids, skip_special_tokens=True).strip()))
     return records
+
+
+class EvalProgress:
+    """Progress lines for a long evaluation (minutes on CPU): batches done, elapsed, ETA; at most one a minute."""
+
+    def __init__(self, logger: RunLogger, step: int, every_seconds: float = 60.0):
+        self.logger, self.step, self.every = logger, step, every_seconds
+        self.started = self.last = time.monotonic()
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - self.last < self.every and done < total:
+            return
+        self.last = now
+        elapsed = now - self.started
+        eta = elapsed / done * (total - done)
+        self.logger.info(f"eval at step {self.step}: batch {done}/{total} on this rank, "
+                         f"{elapsed / 60:.1f} min, eta {eta / 60:.1f} min")
 
 
 class Evaluator:
@@ -73,7 +96,8 @@ class Evaluator:
                                cfg.eval.per_language, cfg.eval.batch_size, self.tokenizer,
                                model.audio_features, dist.rank, dist.world_size)
         records = generate_records(model, batches, self.tokenizer, dist.device, self.dtype, cfg.eval.max_new_tokens,
-                                   cfg.eval.num_beams, synced=dist.world_size > 1)
+                                   cfg.eval.num_beams, synced=dist.world_size > 1,
+                                   progress=EvalProgress(self.logger, step))
         gathered = dist.gather_objects(records)  # our own processes' hypotheses, not shard data
         rows: list[dict] = []
         if dist.is_main:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -371,21 +372,26 @@ class SpeechLLM(nn.Module):
         for i, n in enumerate(lengths.tolist()):
             left[i, inputs.shape[1] - n :] = inputs[i, :n]
             left_mask[i, inputs.shape[1] - n :] = 1
-        out = self.llm.generate(
-            inputs_embeds=left,
-            attention_mask=left_mask,
-            max_new_tokens=max_new_tokens,
-            num_beams=num_beams,
-            do_sample=False,
-            eos_token_id=[self.end_token_id],
-            pad_token_id=self.pad_token_id,
-            no_repeat_ngram_size=4,
-            repetition_penalty=1.1,
-            # A static -inf mask (SuppressTokensLogitsProcessor): the same on every step, beam and rank, so it
-            # needs nothing special for beam search or synced_gpus.
-            suppress_tokens=self.suppressed_token_ids,
-            synced_gpus=synced_gpus,
-        )
+        with warnings.catch_warnings():
+            # transformers warns on every call that these two penalties see only the new tokens when the prompt
+            # comes as embeddings; that is what we want (counting the slot's tokens would forbid copying them).
+            warnings.filterwarnings("ignore", message=r"Passing `(repetition_penalty|no_repeat_ngram_size)` with "
+                                    r"`inputs_embeds`")
+            out = self.llm.generate(
+                inputs_embeds=left,
+                attention_mask=left_mask,
+                max_new_tokens=max_new_tokens,
+                num_beams=num_beams,
+                do_sample=False,
+                eos_token_id=[self.end_token_id],
+                pad_token_id=self.pad_token_id,
+                no_repeat_ngram_size=4,
+                repetition_penalty=1.1,
+                # A static -inf mask (SuppressTokensLogitsProcessor): the same on every step, beam and rank, so it
+                # needs nothing special for beam search or synced_gpus.
+                suppress_tokens=self.suppressed_token_ids,
+                synced_gpus=synced_gpus,
+            )
         results = []
         for row in out.tolist():
             ids = []

@@ -187,3 +187,23 @@ def test_wandb_fields_are_checked(tmp_path):
         load_config(config)
     assert "logging.wandb_mode: 'offlne' is not one of offline, online, disabled" in str(err.value)
     assert "logging.wandb_samples: must be >= 0" in str(err.value)
+
+
+def test_eval_progress_reports_batches_and_eta_at_most_once_a_minute(monkeypatch):
+    from part.evaluation import evaluator
+
+    lines = []
+
+    class Logger:
+        def info(self, message):
+            lines.append(message)
+
+    clock = iter([0.0, 10.0, 70.0, 80.0, 90.0])
+    monkeypatch.setattr(evaluator.time, "monotonic", lambda: next(clock))
+    progress = evaluator.EvalProgress(Logger(), step=420)  # started at t=0
+    progress(1, 4)  # t=10: under a minute since the start, not printed
+    progress(2, 4)  # t=70: printed
+    progress(3, 4)  # t=80: 10 s since the last line, not printed
+    progress(4, 4)  # t=90: the last batch is always printed
+    assert lines == ["eval at step 420: batch 2/4 on this rank, 1.2 min, eta 1.2 min",
+                     "eval at step 420: batch 4/4 on this rank, 1.5 min, eta 0.0 min"]
