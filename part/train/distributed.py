@@ -34,6 +34,33 @@ def unlink_cpu_allreduce_segment(rank: int) -> bool:
     return True
 
 
+# A process killed while torch built DeepSpeed's CPU op leaves the build's lock file; every later process then
+# waits on it forever without a word. The op builds in about a minute; a lock this old has no build behind it.
+STALE_BUILD_LOCK_SECONDS = 900.0
+
+
+def stale_build_locks(now: float | None = None, roots: Sequence[str] | None = None) -> list[str]:
+    """Lock files of torch extension builds (under TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions) older than
+    STALE_BUILD_LOCK_SECONDS."""
+    import glob
+    import time
+
+    if roots is None:
+        roots = [os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.expanduser("~/.cache/torch_extensions")]
+    now = time.time() if now is None else now
+    found = []
+    for root in roots:
+        # <root>/<name>/lock with TORCH_EXTENSIONS_DIR set, <root>/<python and device tag>/<name>/lock otherwise
+        locks = glob.glob(os.path.join(root, "*", "lock")) + glob.glob(os.path.join(root, "*", "*", "lock"))
+        for lock in sorted(locks):
+            try:
+                if now - os.path.getmtime(lock) > STALE_BUILD_LOCK_SECONDS:
+                    found.append(lock)
+            except FileNotFoundError:  # the build finished meanwhile
+                continue
+    return found
+
+
 @dataclass(frozen=True)
 class DistributedContext:
     rank: int
@@ -49,6 +76,12 @@ class DistributedContext:
         from deepspeed.accelerator import get_accelerator
 
         accelerator = get_accelerator()
+        if accelerator.device_name() == "cpu":  # the CPU backend builds its shm op on first use
+            stale = stale_build_locks()
+            if stale:
+                raise RuntimeError(f"{', '.join(stale)}: left by an interrupted build of a torch extension (older "
+                                   f"than {STALE_BUILD_LOCK_SECONDS / 60:.0f} minutes); the build would wait on it "
+                                   "forever. Remove the file if no build is running, then start again.")
         deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         if accelerator.device_name() != "cpu":

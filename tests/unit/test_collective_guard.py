@@ -79,3 +79,24 @@ def test_context_makes_every_tensor_on_its_device(monkeypatch):
     ctx.gather_objects("x")
     assert [name for name, _ in seen] == ["all_reduce", "broadcast", "all_reduce"]
     assert all(device.type == "meta" for _, device in seen), seen
+
+
+def test_stale_torch_extension_build_locks_are_found_and_fresh_ones_are_not(tmp_path):
+    """A killed build of DeepSpeed's CPU op leaves <root>/<tag>/<op>/lock, and later processes wait on it forever
+    (seen: a run hung in FileBaton.wait); DistributedContext.init refuses with the file's name instead."""
+    import os
+
+    from part.train.distributed import STALE_BUILD_LOCK_SECONDS, stale_build_locks
+
+    default_layout = tmp_path / "py311_cpu" / "deepspeed_shm_comm"
+    env_layout = tmp_path / "deepspeed_shm_comm_other"
+    for folder in (default_layout, env_layout):
+        folder.mkdir(parents=True)
+        (folder / "lock").touch()
+    now = os.path.getmtime(default_layout / "lock")
+    assert stale_build_locks(now + 60, [str(tmp_path)]) == []  # a build in progress
+    later = now + STALE_BUILD_LOCK_SECONDS + 1
+    assert stale_build_locks(later, [str(tmp_path)]) == sorted([str(env_layout / "lock"), str(default_layout / "lock")])
+    (default_layout / "lock").unlink()
+    assert stale_build_locks(later, [str(tmp_path)]) == [str(env_layout / "lock")]
+    assert stale_build_locks(later, [str(tmp_path / "absent")]) == []
