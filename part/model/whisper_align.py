@@ -70,24 +70,9 @@ def dtw_path(cost: np.ndarray) -> list[tuple[int, int]]:
     return path[::-1]
 
 
-def frame_targets(timings: list[TokenTiming], frames: int, seconds_per_frame: float, blank: int) -> list[int]:
-    """One target per frame of `seconds_per_frame`: each token at the frame holding its span's centre (moved to
-    the next free frame when two share one; dropped when none is left), `blank` elsewhere, as a CTC-trained
-    model emits a transcript."""
-    targets = [blank] * frames
-    for t in timings:
-        j = min(int((t.start + t.end) / 2 / seconds_per_frame), frames - 1)
-        while j < frames and targets[j] != blank:
-            j += 1
-        if j < frames:
-            targets[j] = t.token_id
-    return targets
-
-
-def frame_owners(timings: list[TokenTiming], frames: int, seconds_per_frame: float) -> list[int]:
-    """For each frame, the index (into `timings`) of the token that owns it, -1 where none does. A token first
-    gets the frame `frame_targets` gives it (its span's centre), then every still free frame whose centre lies in
-    its span: the frames where a CTC-style model may emit it. A token `frame_targets` drops owns no frame."""
+def _centre_owners(timings: list[TokenTiming], frames: int, seconds_per_frame: float) -> list[int]:
+    """For each frame, the index of the token placed there (-1: none): each token at the frame holding its span's
+    centre, moved to the next free frame when two share one, dropped when none is left."""
     owners = [-1] * frames
     for i, t in enumerate(timings):
         j = min(int((t.start + t.end) / 2 / seconds_per_frame), frames - 1)
@@ -95,6 +80,21 @@ def frame_owners(timings: list[TokenTiming], frames: int, seconds_per_frame: flo
             j += 1
         if j < frames:
             owners[j] = i
+    return owners
+
+
+def frame_targets(timings: list[TokenTiming], frames: int, seconds_per_frame: float, blank: int) -> list[int]:
+    """One target per frame of `seconds_per_frame`: each token at the frame holding its span's centre (moved to
+    the next free frame when two share one; dropped when none is left), `blank` elsewhere, as a CTC-trained
+    model emits a transcript."""
+    return [timings[i].token_id if i >= 0 else blank for i in _centre_owners(timings, frames, seconds_per_frame)]
+
+
+def frame_owners(timings: list[TokenTiming], frames: int, seconds_per_frame: float) -> list[int]:
+    """For each frame, the index (into `timings`) of the token that owns it, -1 where none does. A token first
+    gets the frame `frame_targets` gives it (its span's centre), then every still free frame whose centre lies in
+    its span: the frames where a CTC-style model may emit it. A token `frame_targets` drops owns no frame."""
+    owners = _centre_owners(timings, frames, seconds_per_frame)
     anchored = set(owners) - {-1}
     for i, t in enumerate(timings):
         if i not in anchored:
