@@ -1,8 +1,8 @@
 """The frame loss and the vocabulary readout through the real training path (the `deepspeed` launcher, 2 ranks,
 ZeRO-3, train.py) with the real Whisper-base encoder (converted from its wheels) and a stand-in LLM made from its
 decoder (same vocabulary, so the alignment heads' timings are the LLM's tokens): a frame-loss-only stage memorises
-sixteen clips' per-frame targets (the LLM never runs), then a LoRA stage trains on the LM loss reading the frames
-through the readout, and the final evaluation generates under ZeRO-3."""
+sixteen clips' per-frame targets (`span`, as the tiny recipes; the LLM never runs), then a LoRA stage trains on
+the LM loss reading the frames through the readout, and the final evaluation generates under ZeRO-3."""
 
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ def test_frame_loss_memorises_clips_without_running_the_llm(corpus, tiny_models,
     config = write_config(tmp_path / "c.yaml", corpus, tiny_models, STAGES)
     overrides = [f"model.encoder.pretrained={whisper_dir}", f"model.llm.pretrained={standin}",
                  "model.llm.lora.target_modules=[q_proj,v_proj]", "model.frame_weight=1.0",
+                 "model.frame_targets=span",  # as the tiny recipes train
                  "model.adapter.readout=vocabulary", f"data.train_shards={clips}", f"data.eval_shards={clips}",
                  "data.languages=[en]", "data.window=8", "data.max_batch_size=4", "data.max_batch_seconds=200",
                  "data.max_batch_tokens=4096", "eval.tasks=[asr]", "eval.per_language=4", "eval.max_new_tokens=24",
