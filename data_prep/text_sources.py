@@ -23,8 +23,11 @@ NTREX_CODES = {
 }
 TATOEBA_CODES = {"de": "deu", "fr": "fra", "es": "spa", "it": "ita", "pt": "por", "ru": "rus",
                  "zh": "zho", "ja": "jpn", "ko": "kor", "nl": "nld"}
-# espeak-ng voice per language (Mandarin is `cmn`).
-ESPEAK_VOICES = {"zh": "cmn", "yue": "yue"}
+# espeak-ng voice per language. Mandarin: `cmn-latn-pinyin`, not `cmn`: espeak-ng 1.51's `cmn` ("latin as
+# English") turns hanzi into pinyin with tone digits and then reads the digits as English numbers ("ta one mei two
+# you three ...", all on one tone; Whisper transcribes such clips as strings of digits). The pinyin voice speaks
+# the syllables with their tones; it reads Latin letters inside a Chinese sentence (a name, "802.11n") as pinyin.
+ESPEAK_VOICES = {"zh": "cmn-latn-pinyin", "yue": "yue"}
 
 
 def default_shared_dir() -> Path:

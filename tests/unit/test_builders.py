@@ -536,3 +536,23 @@ def test_cli_entry_point() -> None:
     proc = subprocess.run([sys.executable, "-m", "data_prep.covost2", "--help"], cwd=REPO, capture_output=True,
                           text=True, timeout=60, check=False)
     assert proc.returncode == 0 and "--pairs" in proc.stdout
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_synthetic_mandarin_is_spoken_as_mandarin(seed: int) -> None:
+    """The corpus builder's Mandarin voice reads hanzi as Mandarin syllables with their tones. With espeak-ng's
+    `cmn` voice every syllable came out on one tone followed by its tone digit in English ("ta one mei two you
+    three ..."): Whisper heard digits, and zh stayed at chance in every run trained on that corpus."""
+    import random
+
+    from data_prep.synthetic import tts_args
+
+    args = tts_args("zh", random.Random(seed))  # a voice variant and a rate, as the builder draws them
+    text = "他没有设定削减数额"  # tā méi yǒu shè dìng xuē jiǎn shù é
+    phonemes = subprocess.run(["espeak-ng", *args, "-q", "-x", text], capture_output=True, text=True,
+                              check=True, timeout=60).stdout
+    assert "(en)" not in phonemes, phonemes  # no switch to English (the tone digits read as numbers)
+    syllables = [s for s in phonemes.replace("\n", " ").split("_|") if s.strip()]
+    assert len(syllables) == len(text), phonemes
+    # espeak-ng's tone numbers: 55 (first tone), 35 (second), 21 (third), 51 (fourth)
+    assert {"55", "35", "21", "51"} <= {tone for tone in ("55", "35", "21", "51") if tone in phonemes}, phonemes
