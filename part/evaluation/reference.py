@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from part.config import DataConfig
-from part.data.audio import AudioDecodeError, load_audio
+from part.data.audio import SAMPLE_RATE, AudioDecodeError, load_audio
 from part.data.shards import AUDIO_EXTENSIONS, expand_shards, iter_tar_samples
 from part.model.encoders import MAX_CLIP_SECONDS
 
@@ -25,7 +25,7 @@ class Utterance:
     language: str
     transcript: str
     translations: dict[str, str]
-    audio: object  # 16 kHz mono float32 waveform
+    audio: object  # mono float32 waveform at SAMPLE_RATE
 
 
 def held_out_utterances(data: DataConfig, languages: list[str], per_language: int) -> list[Utterance]:
@@ -49,7 +49,7 @@ def held_out_utterances(data: DataConfig, languages: list[str], per_language: in
                     wave = load_audio(audio, name=f"{url}:{key}")
                 except AudioDecodeError:
                     continue
-                if len(wave) > MAX_CLIP_SECONDS * 16000:
+                if len(wave) > MAX_CLIP_SECONDS * SAMPLE_RATE:
                     continue
                 out.append(Utterance(key, lang, record["transcript"], record.get("translations") or {}, wave))
                 taken += 1
@@ -77,13 +77,13 @@ def whisper_records(whisper_dir: str | Path, utterances: list[Utterance], tasks:
     batches = [group[i : i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
     records = []
     for done, batch in enumerate(batches, 1):
-        task, language = batch[0][0], batch[0][1].language
-        features = processor.feature_extractor([job[1].audio for job in batch], sampling_rate=16000,
+        task, language = batch[0][0], batch[0][1].language  # a batch holds one task and one language
+        features = processor.feature_extractor([job[1].audio for job in batch], sampling_rate=SAMPLE_RATE,
                                                return_tensors="pt").input_features
         ids = model.generate(features, language=language, task="transcribe" if task == "asr" else "translate",
                              max_new_tokens=max_new_tokens)
-        for (task_, u, target, reference), text in zip(batch, processor.batch_decode(ids, skip_special_tokens=True)):
-            records.append({"key": u.key, "task": task_, "language": u.language, "target_language": target,
+        for (_, u, target, reference), text in zip(batch, processor.batch_decode(ids, skip_special_tokens=True)):
+            records.append({"key": u.key, "task": task, "language": u.language, "target_language": target,
                             "reference": reference, "hypothesis": text.strip()})
         if progress is not None:
             progress(done, len(batches))
