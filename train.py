@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -82,6 +83,10 @@ def main(argv: list[str] | None = None, callbacks: Sequence[TrainerCallback] = (
         print_memory_estimate(cfg, model, int(os.environ.get("WORLD_SIZE", args.world_size)), args.device_memory_gb)
         return ExitCode.OK
     from part.train.trainer import RunRefused, Trainer  # imports DeepSpeed: not for --check
+
+    # torch.distributed's deprecation notice for each collective DeepSpeed calls (all_gather_into_tensor, ...):
+    # hundreds in a run's log, nothing a user can act on
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
 
     try:
         trainer = Trainer(cfg, resume=args.resume, callbacks=callbacks, reevaluate=args.reevaluate)
