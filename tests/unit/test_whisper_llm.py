@@ -138,10 +138,14 @@ def test_standin_builder_folds_the_means_and_fine_tunes(small_whisper_with_token
     tuned = tmp_path / "tuned"
     losses = build_standin_llm(small_whisper_with_tokenizer, corpus, tuned, ("en", "zh"), mean_clips_per_language=2,
                                copy_steps=40, copy_lr=1e-2, batch_tokens=512, log=lambda m: None)
-    # A random 64-wide decoder over Whisper's 51,865 tokens learns slowly (frozen random embeddings are its head):
-    # the check is that the fine-tune trains at all (measured: 10.84 -> 10.75 over 40 steps, batch noise ~0.03).
     assert len(losses) == 40 and all(math.isfinite(x) for x in losses)
-    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.05
+    # A random 64-wide decoder over Whisper's 51,865 tokens learns slowly (frozen random embeddings are its head),
+    # and the step losses are as noisy as 40 steps' progress (measured: 10.87 -> ~10.78, +-0.05 per step). So the
+    # check that the fine-tune trains: the same corpus transcripts score lower after it than before it.
+    texts = [text for _, _, text in clips]
+    scored = {name: _text_loss(AutoModelForCausalLM.from_pretrained(path), load_tokenizer(str(path)), texts)
+              for name, path in (("before", out), ("after", tuned))}
+    assert scored["after"] < scored["before"] - 0.02, scored
     model = AutoModelForCausalLM.from_pretrained(tuned)
     tokenizer = load_tokenizer(str(tuned))
     assert model.get_input_embeddings().num_embeddings == len(tokenizer)
@@ -149,3 +153,12 @@ def test_standin_builder_folds_the_means_and_fine_tunes(small_whisper_with_token
     assert torch.equal(model.get_input_embeddings().weight.detach(), before)  # embeddings stay frozen
     moved = model.state_dict()["model.decoder.layers.0.fc1.weight"]
     assert not torch.equal(moved, load_file(str(out / "model.safetensors"))["model.decoder.layers.0.fc1.weight"])
+
+
+def _text_loss(model, tokenizer, texts: list[str]) -> float:
+    """Mean next-token loss of `model` over `texts` (each on its own)."""
+    model.eval()
+    with torch.no_grad():
+        values = [model(input_ids=ids, labels=ids).loss.item()
+                  for ids in (tokenizer(t, return_tensors="pt")["input_ids"] for t in texts)]
+    return sum(values) / len(values)
