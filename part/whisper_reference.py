@@ -75,6 +75,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"batch {done}/{total}, {elapsed / 60:.1f} min, eta {elapsed / done * (total - done) / 60:.1f} min",
               file=sys.stderr)
 
+    from transformers.utils import logging as transformers_logging
+
+    # Whisper's generation config sets max_length (448) and we pass max_new_tokens: transformers warns at every
+    # batch that the latter wins, which is what we mean
+    transformers_logging.set_verbosity_error()
     records = whisper_records(whisper, utterances, tasks, batch_size=args.batch_size, progress=progress)
     table, _ = results_table(score(records))
     out = Path(args.out)
