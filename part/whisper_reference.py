@@ -18,6 +18,7 @@ import argparse
 import json
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 from part.exit_codes import ExitCode
@@ -62,7 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --tasks: {', '.join(unknown)} (Whisper reads asr and s2tt into English)", file=sys.stderr)
         return ExitCode.BAD_INPUT
     per_language = args.per_language or cfg.eval.per_language
-    utterances = held_out_utterances(cfg.data, cfg.data.languages, per_language)
+    skipped: Counter = Counter()
+    utterances = held_out_utterances(cfg.data, cfg.data.languages, per_language, skipped)
+    if skipped:
+        print("skipped: " + ", ".join(f"{reason} {n}" for reason, n in sorted(skipped.items())), file=sys.stderr)
     if not utterances:
         print(f"error: no readable clips of {cfg.data.languages} in {cfg.data.eval_shards}", file=sys.stderr)
         return ExitCode.BAD_INPUT

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from part.config import DataConfig
@@ -25,13 +26,15 @@ class Utterance:
     language: str
     transcript: str
     translations: dict[str, str]
-    audio: object  # mono float32 waveform at SAMPLE_RATE
+    audio: np.ndarray  # mono float32 waveform at SAMPLE_RATE
 
 
-def held_out_utterances(data: DataConfig, languages: list[str], per_language: int) -> list[Utterance]:
+def held_out_utterances(data: DataConfig, languages: list[str], per_language: int,
+                        skipped: Counter | None = None) -> list[Utterance]:
     """The first `per_language` readable clips of each language in the eval shards, in shard order (the clips
-    `part.data.eval_sets.eval_batches` takes), each no longer than Whisper's window."""
-    counters: Counter = Counter()
+    `part.data.eval_sets.eval_batches` takes), each no longer than Whisper's window. Unreadable samples are
+    left out and counted in `skipped` by reason."""
+    counters: Counter = skipped if skipped is not None else Counter()
     out: list[Utterance] = []
     for lang in languages:
         taken = 0
@@ -41,15 +44,22 @@ def held_out_utterances(data: DataConfig, languages: list[str], per_language: in
                     break
                 audio = next((members[e] for e in AUDIO_EXTENSIONS if e in members), None)
                 if "json" not in members or audio is None:
+                    counters["missing_json_or_audio"] += 1
                     continue
-                record = json.loads(members["json"].decode("utf-8"))
+                try:
+                    record = json.loads(members["json"].decode("utf-8"))
+                except (UnicodeDecodeError, json.JSONDecodeError):
+                    counters["unreadable_json"] += 1
+                    continue
                 if record.get("language") != lang or not record.get("transcript"):
-                    continue
+                    continue  # another language's clip in the shard, or one without a transcript
                 try:
                     wave = load_audio(audio, name=f"{url}:{key}")
                 except AudioDecodeError:
+                    counters["undecodable_audio"] += 1
                     continue
                 if len(wave) > MAX_CLIP_SECONDS * SAMPLE_RATE:
+                    counters["over_30_s"] += 1
                     continue
                 out.append(Utterance(key, lang, record["transcript"], record.get("translations") or {}, wave))
                 taken += 1
@@ -88,4 +98,3 @@ def whisper_records(whisper_dir: str | Path, utterances: list[Utterance], tasks:
         if progress is not None:
             progress(done, len(batches))
     return records
-

@@ -38,3 +38,37 @@ def test_refuses_a_directory_without_whispers_decoder(corpus, tiny_models, tmp_p
     assert whisper_reference.main(["--config", str(config), "--out", str(tmp_path / "ref")]) == 2
     assert "not a transformers Whisper directory with its decoder" in capsys.readouterr().err
     assert whisper_reference.main(["--config", str(config), "--whisper", str(tmp_path), "--tasks", "mt"]) == 2
+
+
+def test_unreadable_samples_are_left_out_and_counted(tmp_path):
+    import io
+    import tarfile
+    from collections import Counter
+
+    import numpy as np
+    import soundfile as sf
+
+    from part.config import DataConfig
+    from part.evaluation.reference import held_out_utterances
+
+    wav = io.BytesIO()
+    sf.write(wav, np.zeros(16000, dtype=np.float32), 16000, format="WAV")
+    good = json.dumps({"language": "en", "transcript": "hello", "translations": {"de": "hallo"}}).encode()
+    members = {"a.json": good, "a.wav": wav.getvalue(),
+               "b.json": b"{not json", "b.wav": wav.getvalue(),
+               "c.json": good, "c.wav": b"RIFF but not audio",
+               "d.json": json.dumps({"language": "de", "transcript": "x"}).encode(), "d.wav": wav.getvalue(),
+               "e.json": good, "e.wav": wav.getvalue()}
+    (tmp_path / "eval").mkdir()
+    with tarfile.open(tmp_path / "eval" / "en-000000.tar", "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    skipped: Counter = Counter()
+    data = DataConfig(eval_shards=str(tmp_path / "eval" / "{lang}-*.tar"), languages=["en"])
+    found = held_out_utterances(data, ["en"], 5, skipped)
+    assert [u.key for u in found] == ["a", "e"]  # d is another language's clip: not counted as bad
+    assert found[0].translations == {"de": "hallo"} and len(found[0].audio) == 16000
+    assert skipped == Counter({"unreadable_json": 1, "undecodable_audio": 1})
+    assert [u.key for u in held_out_utterances(data, ["en"], 1)] == ["a"]
