@@ -186,6 +186,10 @@ class EvalConfig:
     max_new_tokens: int = 96
     num_beams: int = 1
     batch_size: int = 8
+    # Under ZeRO-3: each rank decodes with a full copy of the weights, gathered once per evaluation (the whole
+    # model must fit a device a second time), instead of the partitioned engine, which gathers every layer again
+    # at every generated token. false: the engine decodes, ranks in lockstep.
+    replicate: bool = True
 
 
 @dataclass

@@ -46,10 +46,13 @@ def score(records: list[dict]) -> list[dict]:
 def generate_records(model: SpeechLLM, batches: list[Batch], tokenizer, device: torch.device, dtype: torch.dtype,
                      max_new_tokens: int, num_beams: int, synced: bool,
                      progress: Callable[[int, int], None] | None = None) -> list[dict]:
-    """One record per real sample: its metadata and the decoded hypothesis. Padding batches run (so every rank
-    makes the same generate calls) but yield nothing. `progress(done, total)` after each batch."""
+    """One record per real sample: its metadata and the decoded hypothesis. Padding batches yield nothing; they
+    run only when `synced` (so every rank makes the same generate calls). `progress(done, total)` after each
+    batch."""
     records = []
     for done, batch in enumerate(batches, 1):
+        if batch.is_padding and not synced:
+            continue
         outputs = model.generate(batch.to(device, dtype), max_new_tokens=max_new_tokens, num_beams=num_beams,
                                  synced_gpus=synced)
         if progress is not None:
@@ -87,16 +90,17 @@ class Evaluator:
                  logger: RunLogger):
         self.cfg, self.tokenizer, self.dist, self.dtype, self.logger = cfg, tokenizer, dist, features_dtype, logger
 
-    def run(self, model: SpeechLLM, step: int, final: bool = False) -> list[dict]:
+    def run(self, model: SpeechLLM, synced: bool, step: int, final: bool = False) -> list[dict]:
         """Writes eval_step_N.{json,md} (final.{json,md} with `final`) and the hypotheses under output_dir on
-        rank 0, and returns the rows there (nothing elsewhere). Leaves the model in training mode."""
+        rank 0, and returns the rows there (nothing elsewhere). `synced`: the ranks generate in lockstep (a
+        ZeRO-3 partitioned model). Leaves the model in training mode."""
         cfg, dist = self.cfg, self.dist
         model.eval()
         batches = eval_batches(cfg.data, cfg.data.languages, cfg.eval.tasks, cfg.stages[-1].translation_targets,
                                cfg.eval.per_language, cfg.eval.batch_size, self.tokenizer,
                                model.audio_features, dist.rank, dist.world_size)
         records = generate_records(model, batches, self.tokenizer, dist.device, self.dtype, cfg.eval.max_new_tokens,
-                                   cfg.eval.num_beams, synced=dist.world_size > 1,
+                                   cfg.eval.num_beams, synced=synced,
                                    progress=EvalProgress(self.logger, step))
         gathered = dist.gather_objects(records)  # our own processes' hypotheses, not shard data
         rows: list[dict] = []

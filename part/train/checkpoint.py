@@ -81,18 +81,21 @@ def _finite(state: dict[str, torch.Tensor]) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in state.values() if t.is_floating_point())
 
 
-def gather_state_dict(model: SpeechLLM, rank: int) -> dict[str, torch.Tensor]:
-    """Full fp32 copies of every weight on rank 0 (empty elsewhere), one parameter gathered at a time."""
+def gather_state_dict(model: SpeechLLM, rank: int, *, every_rank: bool = False, device: str | torch.device = "cpu",
+                      dtype: torch.dtype | None = torch.float32) -> dict[str, torch.Tensor]:
+    """Full copies of every weight (under ZeRO-3, one parameter gathered at a time) on rank 0, or on every rank
+    with `every_rank`; empty elsewhere. Collective. On `device`, cast to `dtype` (None: the weights' own)."""
     state: dict[str, torch.Tensor] = {}
     keys = set(model.state_dict().keys())
+    keep = every_rank or rank == 0
     for name, param in model.named_parameters(remove_duplicate=False):
         with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-            if rank == 0 and name in keys:
-                state[name] = param.detach().to("cpu", torch.float32).clone().contiguous()
-    if rank == 0:
+            if keep and name in keys:
+                state[name] = param.detach().to(device, dtype or param.dtype).clone().contiguous()
+    if keep:
         for name, buf in model.named_buffers():
             if name in keys:
-                state[name] = buf.detach().cpu().clone().contiguous()
+                state[name] = buf.detach().to(device).clone().contiguous()
     return state
 
 

@@ -26,7 +26,7 @@ from part.model.groups import set_trainable
 from part.model.speech_llm import WEIGHTS_NAME, SpeechLLM
 from part.model.whisper_align import FrameTargetTeacher
 from part.train.callbacks import TrainerCallback
-from part.train.checkpoint import DS_TAG, Checkpointer
+from part.train.checkpoint import DS_TAG, Checkpointer, gather_state_dict
 from part.train.curriculum import StageSpan
 from part.train.distributed import DistributedContext
 from part.train.records import StepRecord
@@ -119,6 +119,22 @@ class StageRun:
         times = BuildTimes(model=t1 - t0, weights=t2 - t1, engine=t3 - t2, optimizer_state=t4 - t3)
         dist.peak_memory(reset=True)  # the stage's peak, from here
         return cls(cfg, dist, tokenizer, span, model, engine, optimizer, counts, times)
+
+    def decoding_model(self) -> tuple[SpeechLLM, bool]:
+        """The model an evaluation generates with, and whether the ranks must generate in lockstep. Collective.
+
+        Under ZeRO-3 the engine's module holds only this rank's partition of each weight and gathers every layer
+        again at every generated token (on 2 CPU ranks most of an evaluation's time). With `eval.replicate` each
+        rank instead gathers the weights once into a plain copy on its device, and decodes on its own.
+        """
+        if self.cfg.zero_stage != 3:
+            return self.model, False
+        if not self.cfg.eval.replicate:
+            return self.model, self.dist.world_size > 1
+        state = gather_state_dict(self.model, self.dist.rank, every_rank=True, device=self.dist.device, dtype=None)
+        replica = SpeechLLM(self.cfg.model, self.tokenizer, weights=False)
+        replica.load_state_dict(state, strict=True)
+        return replica.to(self.dist.device, self.features_dtype), False
 
     # ---------------------------------------------------------------- data
 

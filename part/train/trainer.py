@@ -213,7 +213,7 @@ class Trainer:
                                  "continue with --resume")
                 return ExitCode.STOPPED
             if self._evaluation_due():
-                self.evaluator.run(stage.engine.module, self.step)
+                self.evaluator.run(*stage.decoding_model(), self.step)
                 stage.engine.train()
         return ExitCode.OK
 
@@ -269,7 +269,7 @@ class Trainer:
     def _finish(self, stage: StageRun) -> None:
         """The run's end: the final evaluation, then `final/` exported from the last checkpoint."""
         if self.cfg.eval.per_language:
-            self.evaluator.run(stage.engine.module, self.step, final=True)
+            self.evaluator.run(*stage.decoding_model(), self.step, final=True)
         if self.dist.is_main:
             self.logger.info(f"final model: {self.final_dir} (a copy of checkpoint {self.checkpoint.name}, with a "
                              "model card and the resolved config)")

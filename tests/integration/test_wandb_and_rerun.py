@@ -145,7 +145,9 @@ def test_a_rerun_of_a_finished_run_reports_it_and_reevaluate_evaluates_again(fin
     assert snapshot(out) == before  # nothing rewritten
     assert len(offline_runs(out)) == 1  # and no empty wandb run left behind
 
-    proc = run_ds(config, "--resume", "--reevaluate", *overrides)
+    # The first evaluation decoded with a replica of the weights on each rank (eval.replicate, the default);
+    # this one with the ZeRO-3 engine itself, ranks in lockstep: the same hypotheses.
+    proc = run_ds(config, "--resume", "--reevaluate", *overrides, "eval.replicate=false")
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, text[-4000:]
     assert "run already complete at step 5; --reevaluate: evaluating the final model again" in proc.stdout
@@ -156,6 +158,8 @@ def test_a_rerun_of_a_finished_run_reports_it_and_reevaluate_evaluates_again(fin
         assert after[name][0] > before[name][0], name  # written again
     assert json.loads(after["final.json"][1])["step"] == 5
     assert after["final/model.safetensors"][1] == before["final/model.safetensors"][1]  # the same weights
+    hypotheses = [sorted(snap["final_hypotheses.jsonl"][1].decode().splitlines()) for snap in (before, after)]
+    assert len(hypotheses[0]) >= 8 and hypotheses[1] == hypotheses[0]
     runs = offline_runs(out)
     assert len(runs) == 2 and set(read_offline_run(runs[1]).values("eval/metrics")) == {5}
     # and --reevaluate alone is refused before anything starts

@@ -11,6 +11,7 @@ from part.model.groups import group_parameters, set_trainable
 from part.model.speech_llm import IGNORE, SpeechLLM
 from part.model.tokenizer import load_tokenizer
 from part.prompts import AUDIO_TOKEN, TURN_END, instruction
+from part.train.checkpoint import gather_state_dict
 
 
 @pytest.fixture(scope="module")
@@ -494,3 +495,21 @@ def test_span_frame_loss_against_its_definition():
     x = log_probs.clone().requires_grad_(True)
     span_frame_loss(x, tokens, owners, blank).backward()
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_gathered_weights_on_every_rank_rebuild_the_model(model_and_tokenizer):
+    """What an evaluation's replica is made of (StageRun.decoding_model): the weights gathered on every rank, in
+    their own dtype, loaded into the bare architecture; it decodes exactly as the model does."""
+    model, tok = model_and_tokenizer
+    assert gather_state_dict(model, rank=1) == {}  # the checkpoint's gather keeps them on rank 0 only
+    bf16 = SpeechLLM(model.cfg, tok, weights=False).to(torch.bfloat16)
+    assert {v.dtype for v in gather_state_dict(bf16, rank=1, every_rank=True, dtype=None).values()
+            if v.is_floating_point()} == {torch.bfloat16}
+    state = gather_state_dict(model, rank=1, every_rank=True, dtype=None)
+    assert state.keys() == model.state_dict().keys()
+    replica = SpeechLLM(model.cfg, tok, weights=False)
+    assert not torch.equal(replica.adapter.proj.weight, model.adapter.proj.weight)  # fresh initialisation
+    replica.load_state_dict(state, strict=True)
+    batch = make_batch(tok, text_only=True)
+    replica.eval()
+    assert replica.generate(batch, max_new_tokens=8) == model.generate(batch, max_new_tokens=8)
