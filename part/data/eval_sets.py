@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import random
 from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 from part.config import DataConfig
 from part.data.batching import Batch, collate
@@ -15,12 +17,36 @@ from part.prompts import PromptFormat
 
 WINDOW_SECONDS = MAX_CLIP_SECONDS  # the longest clip an encoder is given (Whisper's window)
 
+Taken = TypeVar("Taken")
+
+
+def first_per_language(shards: str, languages: list[str], per_language: int,
+                       accept: Callable[[str, str, str, dict[str, bytes]], Taken | None],
+                       counters: Counter) -> Iterator[Taken]:
+    """The held-out set's rule: for each language in turn, its shards in order, the first `per_language` samples
+    that `accept(language, shard_url, key, members)` makes something of (None: passed over, e.g. unreadable or
+    another language's clip). Unreadable tar members are counted in `counters`."""
+    for lang in languages:
+        taken = 0
+        for url in expand_shards(shards, lang):
+            if taken >= per_language:
+                break
+            for key, members in iter_tar_samples(url, counters):
+                item = accept(lang, url, key, members)
+                if item is None:
+                    continue
+                yield item
+                taken += 1
+                if taken >= per_language:
+                    break
+
 
 def eval_batches(cfg: DataConfig, languages: list[str], tasks: list[str], targets: list[str], per_language: int,
                  batch_size: int, tokenizer, features: AudioFeatures | int, rank: int, world_size: int,
                  prompts: PromptFormat | None = None) -> list[Batch]:
-    """Deterministic held-out batches for this rank. Every rank gets the same number of batches (the last
-    ones may be repeats marked `is_padding`) so generation under ZeRO-3 stays in lockstep. Prompts are written
+    """Deterministic held-out batches for this rank: `first_per_language` of the eval shards, each clip as every
+    task's prompt. Every rank gets the same number of batches (the last ones may be repeats marked `is_padding`)
+    so that generation can run in lockstep (the ZeRO-3 engine's own module). Prompts are written
     in `prompts` (by default the tokenizer's format, `PromptFormat.from_tokenizer`). `features`: the model's
     `audio_features` (an int: Whisper log-mel with that many bins)."""
     if not cfg.eval_shards:
@@ -29,28 +55,25 @@ def eval_batches(cfg: DataConfig, languages: list[str], tasks: list[str], target
     prompts = prompts or PromptFormat.from_tokenizer(tokenizer)
     end_id = tokenizer.convert_tokens_to_ids(prompts.end_token)
     counters: Counter = Counter()
-    samples: list[Sample] = []
-    for lang in languages:
-        taken = 0
-        for url in expand_shards(cfg.eval_shards, lang):
-            for key, members in iter_tar_samples(url, counters):
-                if taken >= per_language:
-                    break
-                made = []
-                for task in tasks:
-                    for tgt in targets if task == "s2tt" else [None]:
-                        if tgt == lang:
-                            continue
-                        s = make_sample(task, lang, key, members, url, random.Random(0), [tgt] if tgt else [],
-                                        WINDOW_SECONDS, counters, prompts)
-                        if s is not None:
-                            made.append(s)
-                if not made or made[0].language != lang:  # unusable, or another language's clip
+
+    def speech_samples(lang: str, url: str, key: str, members: dict[str, bytes]) -> list[Sample] | None:
+        made = []
+        for task in tasks:
+            for tgt in targets if task == "s2tt" else [None]:
+                if tgt == lang:
                     continue
-                for s in made:
-                    encode_text(tokenizer, s, end_id)
-                samples.extend(made)
-                taken += 1
+                s = make_sample(task, lang, key, members, url, random.Random(0), [tgt] if tgt else [],
+                                WINDOW_SECONDS, counters, prompts)
+                if s is not None:
+                    made.append(s)
+        if not made or made[0].language != lang:  # unusable, or another language's clip
+            return None
+        for s in made:
+            encode_text(tokenizer, s, end_id)
+        return made
+
+    samples = [s for made in first_per_language(cfg.eval_shards, languages, per_language, speech_samples, counters)
+               for s in made]
     samples.sort(key=lambda s: s.duration)
     chunks = [samples[i : i + batch_size] for i in range(0, len(samples), batch_size)]
     mine = chunks[rank::world_size]

@@ -16,7 +16,8 @@ import torch
 
 from part.config import DataConfig
 from part.data.audio import SAMPLE_RATE, AudioDecodeError, load_audio
-from part.data.shards import AUDIO_EXTENSIONS, expand_shards, iter_tar_samples
+from part.data.eval_sets import first_per_language
+from part.data.shards import AUDIO_EXTENSIONS
 from part.model.encoders import MAX_CLIP_SECONDS
 
 
@@ -35,35 +36,30 @@ def held_out_utterances(data: DataConfig, languages: list[str], per_language: in
     `part.data.eval_sets.eval_batches` takes), each no longer than Whisper's window. Unreadable samples are
     left out and counted in `skipped` by reason."""
     counters: Counter = skipped if skipped is not None else Counter()
-    out: list[Utterance] = []
-    for lang in languages:
-        taken = 0
-        for url in expand_shards(data.eval_shards, lang):
-            for key, members in iter_tar_samples(url, counters):
-                if taken >= per_language:
-                    break
-                audio = next((members[e] for e in AUDIO_EXTENSIONS if e in members), None)
-                if "json" not in members or audio is None:
-                    counters["missing_json_or_audio"] += 1
-                    continue
-                try:
-                    record = json.loads(members["json"].decode("utf-8"))
-                except (UnicodeDecodeError, json.JSONDecodeError):
-                    counters["unreadable_json"] += 1
-                    continue
-                if record.get("language") != lang or not record.get("transcript"):
-                    continue  # another language's clip in the shard, or one without a transcript
-                try:
-                    wave = load_audio(audio, name=f"{url}:{key}")
-                except AudioDecodeError:
-                    counters["undecodable_audio"] += 1
-                    continue
-                if len(wave) > MAX_CLIP_SECONDS * SAMPLE_RATE:
-                    counters["over_30_s"] += 1
-                    continue
-                out.append(Utterance(key, lang, record["transcript"], record.get("translations") or {}, wave))
-                taken += 1
-    return out
+
+    def utterance(lang: str, url: str, key: str, members: dict[str, bytes]) -> Utterance | None:
+        audio = next((members[e] for e in AUDIO_EXTENSIONS if e in members), None)
+        if "json" not in members or audio is None:
+            counters["missing_json_or_audio"] += 1
+            return None
+        try:
+            record = json.loads(members["json"].decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            counters["unreadable_json"] += 1
+            return None
+        if record.get("language") != lang or not record.get("transcript"):
+            return None  # another language's clip in the shard, or one without a transcript
+        try:
+            wave = load_audio(audio, name=f"{url}:{key}")
+        except AudioDecodeError:
+            counters["undecodable_audio"] += 1
+            return None
+        if len(wave) > MAX_CLIP_SECONDS * SAMPLE_RATE:
+            counters["over_30_s"] += 1
+            return None
+        return Utterance(key, lang, record["transcript"], record.get("translations") or {}, wave)
+
+    return list(first_per_language(data.eval_shards, languages, per_language, utterance, counters))
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ from conftest import SHARED
 from part.config import DataConfig, StageConfig
 from part.data.audio import encode_flac, load_audio
 from part.data.batching import batch_audio_stats, bucket
-from part.data.eval_sets import eval_batches
+from part.data.eval_sets import eval_batches, first_per_language
 from part.data.samples import Sample
 from part.data.shards import DataError, ShardWriter, expand_shards, iter_tar_samples
 from part.data.sources import stage_mixture
@@ -270,6 +270,25 @@ def test_eval_batches_equal_count_per_rank(corpus, tokenizer):
     asr = sum(min(3, n) for n in available.values())
     s2tt = asr - min(3, available["en"])  # into en: every language but en
     assert len(real) == len(set(real)) == asr + s2tt
+
+
+def test_first_per_language_takes_accepted_samples_in_shard_order_and_stops_reading(tmp_path):
+    """The held-out rule shared by the evaluation and part.whisper_reference: per language, the first N samples
+    accepted, in shard order; once a language has its N, its later shards are not even opened."""
+    write_tar(tmp_path / "en-000000.tar", [(f"{k}.json", record(k, t)) for k, t in
+                                           [("a", "one"), ("b", ""), ("c", "three"), ("d", "four")]])
+    (tmp_path / "en-000001.tar").write_bytes(b"not a tar")  # would fail or be counted if it were read
+    write_tar(tmp_path / "de-000000.tar", [("e.json", record("e", "fünf"))])
+
+    def accept(lang, url, key, members):
+        transcript = json.loads(members["json"])["transcript"]
+        return (lang, Path(url).name, key, transcript) if transcript else None
+
+    counters = Counter()
+    taken = list(first_per_language(str(tmp_path / "{lang}-*.tar"), ["en", "de"], 2, accept, counters))
+    assert taken == [("en", "en-000000.tar", "a", "one"), ("en", "en-000000.tar", "c", "three"),
+                     ("de", "de-000000.tar", "e", "fünf")]
+    assert not counters
 
 
 def test_bucket_function_sorts_by_length():
