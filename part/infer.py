@@ -78,15 +78,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip-bad", action="store_true",
                         help="warn about missing, undecodable or too long files and go on without them")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    parser.add_argument("--frames", action="store_true",
+                        help="also the adapter frames' own reading (greedy CTC through the LLM's head): a third "
+                             "column, or `frames` in --jsonl; a word missing there was lost on the speech side, "
+                             "not by the LLM")
     parser.add_argument("inputs", nargs="+", metavar="FILE_OR_@LIST", help="audio files, or @file with one per line")
     return parser
 
 
 def format_line(record: dict, jsonl: bool) -> str:
+    fields = JSONL_FIELDS + (("frames",) if "frames" in record else ())
     if jsonl:
-        return json.dumps({k: record[k] for k in JSONL_FIELDS}, ensure_ascii=False)
-    text = " ".join(record["text"].split())  # one line per file, whatever the model generates
-    return f"{record['audio']}\t{text}"
+        return json.dumps({k: record[k] for k in fields}, ensure_ascii=False)
+    # one line per file, whatever the model generates
+    return "\t".join([record["audio"]] + [" ".join(record[k].split()) for k in ("text", "frames") if k in record])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         model, tokenizer = load_model(args.model, device, dtype)
         results = transcribe(model, tokenizer, paths, args.task, args.language, args.target, beams=args.beams,
                              max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, device=device,
-                             dtype=dtype, skip_bad=args.skip_bad,
+                             dtype=dtype, skip_bad=args.skip_bad, frames=args.frames,
                              progress=not args.quiet and len(paths) > 2 * args.batch_size, on_result=emit)
     except InferError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -122,14 +122,15 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu", dtype:
 def transcribe(model, tokenizer, paths: list[str], task: str, language: str, target: str | None = None,
                beams: int = 1, max_new_tokens: int = 128, batch_size: int = 8, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32, skip_bad: bool = False, progress: bool = False,
-               on_result: Callable[[int, dict], None] | None = None) -> list[dict]:
+               frames: bool = False, on_result: Callable[[int, dict], None] | None = None) -> list[dict]:
     """Transcribes (asr) or translates (s2tt, into `target`) the audio files `paths`, spoken in `language`.
 
     Returns one dict per path, in input order: audio (the path as given), task, language, target, text,
     duration (seconds of decoded audio) and token_ids (the generated ids, end token excluded). A missing,
     undecodable or too long (> 30 s) file raises InferError naming it; with `skip_bad` it is reported on stderr
     and its dict has `error` (the reason) and text None. The model is moved to `device`/`dtype` and put in eval
-    mode. `on_result(i, record)` is called as each file's result is ready (batches run longest first).
+    mode. `on_result(i, record)` is called as each file's result is ready (batches run longest first). With
+    `frames`, each dict also has `frames`: the adapter frames' own reading (`SpeechLLM.frame_readout`) as text.
     """
     from part.data.batching import collate
     from part.data.samples import Sample, encode_text
@@ -197,14 +198,18 @@ def transcribe(model, tokenizer, paths: list[str], task: str, language: str, tar
                     batch = collate(samples, feature_extractor, counters)
                 if batch is None or len(batch.meta) != len(samples):  # cannot happen: every clip decoded above
                     raise RuntimeError(f"collate dropped clips of a batch ({dict(counters)})")
-                outputs = model.generate(batch.to(device, dtype), max_new_tokens=max_new_tokens,
-                                         num_beams=beams)
-                for sample, ids in zip(samples, outputs):
-                    finish(int(sample.key), {
+                batch = batch.to(device, dtype)
+                outputs = model.generate(batch, max_new_tokens=max_new_tokens, num_beams=beams)
+                readouts = model.frame_readout(batch) if frames else [None] * len(samples)
+                for sample, ids, readout in zip(samples, outputs, readouts):
+                    record = {
                         "audio": sample.shard, "task": task, "language": language, "target": target,
                         "text": tokenizer.decode(ids, skip_special_tokens=True).strip(),
                         "duration": round(sample.duration, 3), "token_ids": ids,
-                    })
+                    }
+                    if frames:
+                        record["frames"] = tokenizer.decode(readout, skip_special_tokens=True).strip()
+                    finish(int(sample.key), record)
                 done_files += len(samples)
                 done_seconds += sum(s.duration for s in samples)
                 now = time.time()

@@ -194,6 +194,23 @@ class SpeechLLM(nn.Module):
         embeddings = self.llm.get_input_embeddings()(ids)  # [B, N, k, H]
         return (weights.to(embeddings.dtype).unsqueeze(-1) * embeddings).sum(-2)
 
+    @torch.no_grad()
+    def frame_readout(self, batch: Batch) -> list[list[int]]:
+        """What each clip's adapter frames say on their own, read as greedy CTC: every frame's most likely token
+        through the LLM's final norm and head, repeats merged, the blank (the pad token) dropped. A word missing
+        here was lost on the speech side (encoder, adapter); one present here but not in the hypothesis, by the
+        LLM. One list of ids per clip, in `batch.input_features` order."""
+        encoded = self._encode(batch.input_features, batch.feature_frames, need_logits=True)
+        readouts = []
+        for row, n in zip(encoded.logits.argmax(-1).tolist(), encoded.lengths.tolist()):
+            ids, previous = [], None
+            for token in row[:n]:
+                if token != previous and token != self.pad_token_id:
+                    ids.append(token)
+                previous = token
+            readouts.append(ids)
+        return readouts
+
     # ---------------------------------------------------------------- sequence assembly
 
     def assemble(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -35,11 +35,11 @@ def test_cli_tsv_with_skip_bad(model_dir, tmp_path):
     broken.write_bytes(b"OggS" + bytes(200))
     missing = str(tmp_path / "missing.wav")
     proc = cli("--model", str(model_dir), "--task", "s2tt", "--language", "en", "--target", "de", "--beams", "2",
-               "--max-new-tokens", str(TOKENS), "--device", "cpu", "--skip-bad", WAV, missing, str(broken), LONG,
-               FLAC)
+               "--max-new-tokens", str(TOKENS), "--device", "cpu", "--skip-bad", "--frames", WAV, missing,
+               str(broken), LONG, FLAC)
     assert proc.returncode == 0, proc.stderr
     rows = [line.split("\t") for line in proc.stdout.splitlines()]
-    assert [r[0] for r in rows] == [WAV, FLAC] and all(len(r) == 2 for r in rows)
+    assert [r[0] for r in rows] == [WAV, FLAC] and all(len(r) == 3 for r in rows)  # path, text, frames
     for name in (missing, str(broken), LONG):
         assert name in proc.stderr
     assert "skipped 3 of 5" in proc.stderr and "Traceback" not in proc.stderr

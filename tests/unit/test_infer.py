@@ -24,6 +24,10 @@ def test_transcribe_real_clips_of_every_format(loaded, durations):
     check_records(records, paths, durations)
     assert all(len(r["token_ids"]) <= TOKENS and "error" not in r for r in records)
     assert all(r["text"] == tok.decode(r["token_ids"], skip_special_tokens=True).strip() for r in records)
+    assert all("frames" not in r for r in records)
+    with_frames = transcribe(model, tok, paths[:2], "asr", "de", batch_size=2, max_new_tokens=TOKENS, frames=True)
+    assert [r["text"] for r in with_frames] == [r["text"] for r in records[:2]]  # the same hypotheses
+    assert all(isinstance(r["frames"], str) for r in with_frames)
 
 
 def test_beam_search_and_translation(loaded, durations):

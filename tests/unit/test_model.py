@@ -8,7 +8,7 @@ import torch
 from part.config import AdapterConfig, EncoderConfig, LLMConfig, LoraConfig, ModelConfig
 from part.data.batching import Batch
 from part.model.groups import group_parameters, set_trainable
-from part.model.speech_llm import IGNORE, SpeechLLM
+from part.model.speech_llm import IGNORE, EncodedAudio, SpeechLLM
 from part.model.tokenizer import load_tokenizer
 from part.prompts import AUDIO_TOKEN, TURN_END, instruction
 from part.train.checkpoint import gather_state_dict
@@ -513,3 +513,14 @@ def test_gathered_weights_on_every_rank_rebuild_the_model(model_and_tokenizer):
     batch = make_batch(tok, text_only=True)
     replica.eval()
     assert replica.generate(batch, max_new_tokens=8) == model.generate(batch, max_new_tokens=8)
+
+
+def test_frame_readout_merges_repeats_drops_blanks_and_stops_at_each_clips_length(model_and_tokenizer, monkeypatch):
+    model, tok = model_and_tokenizer
+    blank = model.pad_token_id
+    frames = torch.tensor([[5, 5, blank, 5, 7, 7, blank], [9, blank, 9, 9, 3, 3, 3]])
+    logits = torch.nn.functional.one_hot(frames, num_classes=max(blank, 9) + 1).float()
+    encoded = EncodedAudio(states=None, state_lengths=None, frames=None, lengths=torch.tensor([7, 4]),
+                           logits=logits, audio=None)
+    monkeypatch.setattr(model, "_encode", lambda *args, **kwargs: encoded)
+    assert model.frame_readout(make_batch(tok)) == [[5, 5, 7], [9, 9]]
