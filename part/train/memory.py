@@ -131,6 +131,18 @@ def estimate_stages(cfg: TrainConfig, world_size: int, model) -> list[StageMemor
     return out
 
 
+def evaluation_estimate(estimates: list[StageMemory], cfg: TrainConfig, total_params: int) -> StageMemory | None:
+    """An evaluation's peak when it decodes with replicas (ZeRO-3 with `eval.replicate`): the stages' largest model
+    states, which stay allocated, plus a whole copy of every weight in the compute precision on each rank.
+    Generation's own activations (a few clips' key/value cache) are left out. None when there is no replica."""
+    if cfg.zero_stage != 3 or not cfg.eval.replicate or not cfg.eval.per_language or not estimates:
+        return None
+    largest = max(estimates, key=lambda e: e.params + e.grads + e.optimizer)
+    width = 2 if cfg.precision == "bf16" else 4
+    return StageMemory("evaluation (eval.replicate)", largest.params + width * total_params, largest.grads,
+                       largest.optimizer, 0.0)
+
+
 def memory_table(estimates: list[StageMemory], device_bytes: float | None) -> tuple[str, list[str]]:
     """A markdown table in GiB, and a warning for every stage over 90% of `device_bytes`."""
     lines = ["| stage | params | grads | optimizer | activations | total (GiB per rank) |",

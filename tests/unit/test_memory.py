@@ -11,7 +11,7 @@ from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem
 
 from part.config import ActivationCheckpointingConfig, TrainConfig
 from part.model.flops import Shapes, Trainable
-from part.train.memory import activation_bytes, model_state_bytes
+from part.train.memory import StageMemory, activation_bytes, evaluation_estimate, model_state_bytes
 
 P, LARGEST = 1_500_000_000, 50_000_000
 
@@ -46,3 +46,13 @@ def test_activations_follow_batch_and_checkpointing():
     assert checkpointed < whole_encoder / 3
     cfg.data.max_batch_seconds = 240
     assert activation_bytes(shapes, Trainable(adapter=True), cfg) < adapter_only
+
+
+def test_the_evaluation_replica_adds_a_whole_copy_of_the_weights_to_the_largest_model_states():
+    cfg = TrainConfig(precision="bf16", zero_stage=3)
+    stages = [StageMemory("adapter", 1e9, 1e8, 3e8, 5e9), StageMemory("lora", 1e9, 2e8, 6e8, 9e9)]
+    replica = evaluation_estimate(stages, cfg, P)
+    assert (replica.params, replica.grads, replica.optimizer, replica.activations) == (1e9 + 2 * P, 2e8, 6e8, 0)
+    assert evaluation_estimate(stages, dataclasses.replace(cfg, zero_stage=2), P) is None  # weights whole already
+    cfg.eval.replicate = False
+    assert evaluation_estimate(stages, cfg, P) is None  # the engine decodes: nothing more than training
