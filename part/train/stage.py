@@ -131,9 +131,11 @@ class StageRun:
             return self.model, False
         if not self.cfg.eval.replicate:
             return self.model, self.dist.world_size > 1
-        state = gather_state_dict(self.model, self.dist.rank, every_rank=True, device=self.dist.device, dtype=None)
+        # Staged on the host, so that the device holds one whole copy at a time, as the --check estimate counts.
+        state = gather_state_dict(self.model, self.dist.rank, every_rank=True, dtype=None)
         replica = SpeechLLM(self.cfg.model, self.tokenizer, weights=False)
         replica.load_state_dict(state, strict=True)
+        del state
         return replica.to(self.dist.device, self.features_dtype), False
 
     # ---------------------------------------------------------------- data
