@@ -227,18 +227,22 @@ def plot_curves(runs: Mapping[str, dict], stages: list[dict], path: Path) -> Pat
     colors = {name: f"C{i}" for i, name in enumerate(runs)}
     fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=FIG_SIZE, dpi=FIG_DPI)
     try:
+        # The LM loss, and the frame loss where a run logs one (the PART default's stages 1-2 train on it alone,
+        # so the LM loss says nothing of them).
         for name, run in runs.items():
-            points = [(r["step"], r["loss"]) for r in run["train"] if isinstance(r.get("loss"), int | float)]
-            if not points:
-                continue
-            steps, losses = zip(*points)
-            window = max(1, min(50, len(losses) // 20))
-            ax_loss.plot(steps, losses, color=colors[name], alpha=0.2, linewidth=0.8)
-            ax_loss.plot(steps, smooth(list(losses), window), color=colors[name], linewidth=1.8,
-                         label=f"{name} (moving avg {window})")
+            for key, label, style in (("loss", "LM loss", "-"), ("frame_loss", "frame loss", "--")):
+                points = [(r["step"], r[key]) for r in run["train"] if isinstance(r.get(key), int | float)]
+                if not points:
+                    continue
+                steps, losses = zip(*points)
+                window = max(1, min(50, len(losses) // 20))
+                ax_loss.plot(steps, losses, color=colors[name], alpha=0.15, linewidth=0.8, linestyle=style)
+                ax_loss.plot(steps, smooth(list(losses), window), color=colors[name], linewidth=1.8, linestyle=style,
+                             label=f"{name}: {label} (moving avg {window})")
         ax_loss.set_title("(a) training loss")
         ax_loss.set_xlabel("step")
-        ax_loss.set_ylabel("loss (per target token)")
+        ax_loss.set_ylabel("loss (per target token; per frame), log scale")
+        ax_loss.set_yscale("log")  # the frame loss starts near 50; the differences that matter are at 4-10
         if ax_loss.get_legend_handles_labels()[0]:
             ax_loss.legend(loc="upper right", fontsize=8)
 
@@ -252,8 +256,10 @@ def plot_curves(runs: Mapping[str, dict], stages: list[dict], path: Path) -> Pat
                 ax_err.plot(*zip(*err), color=colors[name], marker="o", linewidth=1.8)
                 handles.append(Line2D([], [], color=colors[name], marker="o", label=f"{name}: ASR error rate"))
             if blu:
-                ax_bleu.plot(*zip(*blu), color=colors[name], marker="s", linestyle="--", linewidth=1.5)
-                handles.append(Line2D([], [], color=colors[name], marker="s", linestyle="--",
+                # hollow and larger: a BLEU point that lands on an error-rate point leaves it visible
+                ax_bleu.plot(*zip(*blu), color=colors[name], marker="s", markersize=10, markerfacecolor="none",
+                             linestyle="--", linewidth=1.5)
+                handles.append(Line2D([], [], color=colors[name], marker="s", markerfacecolor="none", linestyle="--",
                                       label=f"{name}: S2TT BLEU"))
         ax_err.set_title("(b) held-out evaluation")
         ax_err.set_xlabel("step")
