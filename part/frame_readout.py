@@ -8,68 +8,19 @@ frames' own reading (`SpeechLLM.frame_readout`: each frame's likeliest token thr
 merged, blanks dropped, as greedy CTC) beside the LLM's hypotheses, per language, with the final table's metric
 (WER; CER for zh, ja, ko, yue, th). Frames that read about as well as the hypotheses: the speech side (encoder,
 adapter) limits. Frames that read much better: the LLM loses what the speech side found.
+
+This is the command line; the work is done by part.evaluation.readout.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
-
-import torch
 
 from part.exit_codes import ExitCode
 
 OUT_NAME = "frame_readout.md"
-
-
-def final_asr_hypotheses(run_dir: Path) -> dict[tuple[str, str], str]:
-    """(language, utterance key) -> the final evaluation's ASR hypothesis."""
-    path = run_dir / "final_hypotheses.jsonl"
-    out = {}
-    with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}, line {number}: not JSON ({exc})") from None
-            if record.get("task") == "asr":
-                out[(record["language"], record["key"])] = record["hypothesis"]
-    return out
-
-
-@torch.no_grad()
-def readout_rows(model, tokenizer, cfg, hypotheses: dict[tuple[str, str], str], batch_size: int = 8) -> list[dict]:
-    """Per language of `cfg.data.languages`: the error rate of the frames' reading and of the hypotheses, on the
-    held-out clips (`cfg.eval.per_language` of them, as the evaluation takes them) that have a hypothesis."""
-    from part.data.eval_sets import eval_batches
-    from part.evaluation.metrics import error_rate
-
-    model.eval()
-    rows = []
-    for lang in cfg.data.languages:
-        refs, frames, llm = [], [], []
-        for batch in eval_batches(cfg.data, [lang], ["asr"], [], cfg.eval.per_language, batch_size, tokenizer,
-                                  model.audio_features, 0, 1):
-            for meta, ids in zip(batch.meta, model.frame_readout(batch)):
-                if (lang, meta.key) in hypotheses:
-                    refs.append(meta.reference)
-                    frames.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
-                    llm.append(hypotheses[(lang, meta.key)])
-        if not refs:
-            continue
-        read, said = error_rate(refs, frames, lang), error_rate(refs, llm, lang)
-        rows.append({"language": lang, "metric": read["metric"], "frames": read["value"], "llm": said["value"],
-                     "n": len(refs)})
-    return rows
-
-
-def readout_table(rows: list[dict]) -> str:
-    lines = ["| lang | metric | adapter frames alone (greedy CTC) | LLM hypotheses | n |",
-             "|---|---|---:|---:|---:|"]
-    lines += [f"| {r['language']} | {r['metric']} | {r['frames']:.2f} | {r['llm']:.2f} | {r['n']} |" for r in rows]
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help=f"the markdown table (default: <run>/{OUT_NAME})")
     args = parser.parse_args(argv)
     from part.config import ConfigError, load_config
+    from part.evaluation.readout import final_asr_hypotheses, readout_rows, readout_table
     from part.model.speech_llm import SpeechLLM
 
     run = Path(args.run)

@@ -1,0 +1,57 @@
+"""The adapter frames' own reading of a run's held-out clips beside its LLM's final hypotheses: how much of the
+ASR error the speech side makes and how much the LLM adds (`python -m part.frame_readout`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from part.data.eval_sets import eval_batches
+from part.evaluation.metrics import error_rate
+
+
+def final_asr_hypotheses(run_dir: Path) -> dict[tuple[str, str], str]:
+    """(language, utterance key) -> the final evaluation's ASR hypothesis."""
+    path = run_dir / "final_hypotheses.jsonl"
+    out = {}
+    with open(path, encoding="utf-8") as fh:
+        for number, line in enumerate(fh, 1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}, line {number}: not JSON ({exc})") from None
+            if record.get("task") == "asr":
+                out[(record["language"], record["key"])] = record["hypothesis"]
+    return out
+
+
+@torch.no_grad()
+def readout_rows(model, tokenizer, cfg, hypotheses: dict[tuple[str, str], str], batch_size: int = 8) -> list[dict]:
+    """Per language of `cfg.data.languages`: the error rate of the frames' reading and of the hypotheses, on the
+    held-out clips (`cfg.eval.per_language` of them, as the evaluation takes them) that have a hypothesis."""
+    model.eval()
+    rows = []
+    for lang in cfg.data.languages:
+        refs, frames, llm = [], [], []
+        for batch in eval_batches(cfg.data, [lang], ["asr"], [], cfg.eval.per_language, batch_size, tokenizer,
+                                  model.audio_features, 0, 1):
+            for meta, ids in zip(batch.meta, model.frame_readout(batch)):
+                if (lang, meta.key) in hypotheses:
+                    refs.append(meta.reference)
+                    frames.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
+                    llm.append(hypotheses[(lang, meta.key)])
+        if not refs:
+            continue
+        read, said = error_rate(refs, frames, lang), error_rate(refs, llm, lang)
+        rows.append({"language": lang, "metric": read["metric"], "frames": read["value"], "llm": said["value"],
+                     "n": len(refs)})
+    return rows
+
+
+def readout_table(rows: list[dict]) -> str:
+    lines = ["| lang | metric | adapter frames alone (greedy CTC) | LLM hypotheses | n |",
+             "|---|---|---:|---:|---:|"]
+    lines += [f"| {r['language']} | {r['metric']} | {r['frames']:.2f} | {r['llm']:.2f} | {r['n']} |" for r in rows]
+    return "\n".join(lines)
