@@ -139,6 +139,9 @@ class StageConfig:
     translation_targets: list[str] = field(default_factory=lambda: ["en"])
     trainable: list[str] = field(default_factory=lambda: ["adapter"])
     lr: float = 1e-3
+    # Peak learning rates for some of the stage's trainable groups (keys as in `trainable`); the others train at
+    # `lr`. Every group follows the stage's warmup and decay, scaled by its rate / lr.
+    group_lr: dict[str, float] = field(default_factory=dict)
     warmup_steps: int = 10
     min_lr_ratio: float = 0.1
     # false: the stage trains on the frame loss alone (model.frame_weight) and the LLM never runs (a within-language
@@ -412,6 +415,10 @@ def validate(cfg: TrainConfig, source: str | Path = "config") -> None:
         check(bool(s.trainable), f"{where}.trainable: at least one parameter group")
         for group in s.trainable:
             check(find_group(group) is not None, f"{where}.trainable: unknown group '{group}' ({KNOWN_GROUPS})")
+        for group, rate in s.group_lr.items():
+            check(group in s.trainable, f"{where}.group_lr: '{group}' is not one of the stage's trainable groups "
+                                        f"({', '.join(s.trainable)})")
+            check(isinstance(rate, int | float) and rate > 0, f"{where}.group_lr.{group}: must be a number > 0")
             uses_lora |= group == "llm.lora"
     check(not uses_lora or m.llm.lora is not None, "model.llm.lora: a stage trains llm.lora but no LoRA is configured")
     check(cfg.precision in PRECISIONS, f"precision: '{cfg.precision}' is not one of {', '.join(PRECISIONS)}")

@@ -5,8 +5,8 @@ the data position in the wrong place:
 - the model (`model.*` but `attn_implementation` and `activation_checkpointing`, which change no number): the
   weights would not fit, or mean something else;
 - the stages already begun: names, order, the steps of finished stages (they place every later boundary), and
-  for the stage being resumed its trainable groups (its optimizer state is per parameter), tasks, languages and
-  translation targets (its data position);
+  for the stage being resumed its trainable groups and `group_lr` (its optimizer state is per parameter, in the
+  param groups these make), tasks, languages and translation targets (its data position);
 - what the data stream's position means (`data.*` but `num_workers`, which is checked with the stream layout
   and only restarts the stage's stream), `seed`, `precision` and `zero_stage` (the optimizer partitions).
 
@@ -57,6 +57,8 @@ def resume_conflicts(saved: dict, cfg: TrainConfig, step: int) -> list[str]:
                             f"finished at step {end}, before the resumed step {step})")
         elif end >= step and new["steps"] < step - start:  # the checkpoint's own stage: longer is fine
             problems.append(f"stages[{i}].steps: {new['steps']} now ends the stage before the resumed step {step}")
+        if end >= step:  # the checkpoint's own stage: its optimizer state is laid out by these param groups
+            problems += _differences(old.get("group_lr") or {}, new.get("group_lr") or {}, f"stages[{i}].group_lr")
         start = end
     if cfg.total_steps < step:
         problems.append(f"stages: the run now ends at step {cfg.total_steps}, before the resumed step {step}")

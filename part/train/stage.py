@@ -43,14 +43,28 @@ def features_dtype(cfg: TrainConfig) -> torch.dtype:
     return torch.bfloat16 if cfg.precision == "bf16" else torch.float32
 
 
-def build_optimizer(model: torch.nn.Module, optim: OptimConfig, lr: float) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; matrices decay, biases and norms do not."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr, betas=optim.betas, eps=optim.eps,
-    )
+def build_optimizer(model: torch.nn.Module, optim: OptimConfig, lr: float,
+                    lr_scales: dict[str, float] | None = None) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; matrices decay, biases and norms do not. `lr_scales`: factors on `lr`
+    for some parameter groups (a parameter in two takes the first); each param group carries its `lr_scale`,
+    which `train_step` applies to the scheduled lr at every step."""
+    from part.model.groups import group_parameters
+
+    scales: dict[str, float] = {}
+    for group, scale in (lr_scales or {}).items():
+        for name in group_parameters(model, group):
+            scales.setdefault(name, scale)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    param_groups = []
+    for scale in [1.0] + sorted(set(scales.values()) - {1.0}):
+        mine = [p for n, p in trainable if scales.get(n, 1.0) == scale]
+        decay = [p for p in mine if p.ndim >= 2]
+        no_decay = [p for p in mine if p.ndim < 2]
+        for params, weight_decay in ((decay, optim.weight_decay), (no_decay, 0.0)):
+            if params or scale == 1.0:  # the stage-lr pair always (as before), the others when not empty
+                param_groups.append({"params": params, "weight_decay": weight_decay, "lr": lr * scale,
+                                     "lr_scale": scale})
+    return torch.optim.AdamW(param_groups, lr=lr, betas=optim.betas, eps=optim.eps)
 
 
 _FRAME_TEACHERS: dict[str, FrameTargetTeacher] = {}
@@ -107,7 +121,8 @@ class StageRun:
             model.load_weights(checkpoint / WEIGHTS_NAME)
         t2 = time.perf_counter()
         counts = set_trainable(model, span.stage.trainable)
-        optimizer = build_optimizer(model, cfg.optim, lr)
+        scales = {group: rate / span.stage.lr for group, rate in span.stage.group_lr.items()}  # of the schedule
+        optimizer = build_optimizer(model, cfg.optim, lr, scales)
         engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg))
         t3 = time.perf_counter()
         if restore_optimizer:
@@ -169,7 +184,7 @@ class StageRun:
         fetch = fetch or self.next_batch
         t0 = time.perf_counter()
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         loss_sum, tokens, samples, audio_seconds, wait = 0.0, 0, 0, 0.0, 0.0
         ctc_sum, ctc_batches, frame_sum, frame_batches = 0.0, 0, 0.0, 0
         sequence_tokens, flops = 0, 0.0

@@ -17,6 +17,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import REPO, write_config
 
 from part.train.launcher import deepspeed_command
@@ -32,6 +33,7 @@ STAGES = """\
     translation_targets: [en]
     trainable: [adapter, llm.lora]
     lr: 1.0e-3
+    group_lr: {adapter: 1.0e-12}  # held still while LoRA trains: per-group rates reach the ZeRO-3 optimizer
     warmup_steps: 0
 """
 
@@ -72,6 +74,18 @@ def finished(corpus, tiny_models, tmp_path_factory):
     proc = run_ds(config, *overrides)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return {"config": config, "overrides": overrides, "out": root / "out", "stdout": proc.stdout}
+
+
+def test_a_group_lr_holds_its_group_while_the_stage_lr_trains_the_rest(finished):
+    from safetensors.torch import load_file
+
+    checkpoints = finished["config"].parent / "ckpt"
+    before, after = (load_file(str(checkpoints / f"step_{s:07d}" / "model.safetensors")) for s in (3, 5))
+    adapter = [k for k in before if k.startswith("adapter.")]
+    lora = [k for k in before if "lora_" in k]
+    assert adapter and lora
+    assert all(torch.allclose(before[k], after[k], rtol=0, atol=1e-9) for k in adapter)  # stage 2: lr 1e-12
+    assert max((before[k] - after[k]).abs().max().item() for k in lora) > 1e-4  # stage 2: lr 1e-3
 
 
 def test_the_offline_wandb_run_holds_stages_mixture_skips_metrics_and_hypotheses(finished):

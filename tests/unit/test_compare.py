@@ -376,6 +376,8 @@ def test_tiny_baseline_matches_tiny_part():
     stage = base.stages[0]
     assert not [g for g in stage.trainable if g.startswith("llm")]  # the LLM is frozen
     assert set(stage.trainable) == {"adapter", "encoder"}
+    # each group at its PART rate: the adapter at stage 1's, the encoder at stage 2a's
+    assert stage.group_lr == {"adapter": part.stages[0].lr} and stage.lr == part.stages[1].lr
     assert stage.tasks == part.stages[-1].tasks and set(stage.tasks) == {"asr", "s2tt", "mt", "text"}
     assert stage.translation_targets == part.stages[-1].translation_targets
     assert base.model == part.model and base.data == part.data and base.eval == part.eval

@@ -25,6 +25,8 @@ def test_loads_with_overrides(tmp_path, corpus, tiny_models):
         ("stages.0.steps=abc", "stages[0].steps: expected an integer"),
         ("stages.0.trainable=[adapter, encoder.topp.3]", "stages[0].trainable: unknown group 'encoder.topp.3'"),
         ("stages.0.tasks={}", "stages[0].tasks: empty mixture"),
+        ("stages.0.group_lr={encoder: 1.0e-4}", "stages[0].group_lr: 'encoder' is not one of the stage's trainable"),
+        ("stages.0.group_lr={adapter: 0}", "stages[0].group_lr.adapter: must be a number > 0"),
         ("stages.0.tasks={asr: 1.0, dance: 1.0}", "stages[0].tasks.dance: unknown task"),
         ("data.text_shards=null", None),  # asr only: fine without text shards
         ("stages.0.languages=[en, xx]", "stages[0].languages: 'xx' is not in data.languages"),

@@ -524,3 +524,21 @@ def test_frame_readout_merges_repeats_drops_blanks_and_stops_at_each_clips_lengt
                            logits=logits, audio=None)
     monkeypatch.setattr(model, "_encode", lambda *args, **kwargs: encoded)
     assert model.frame_readout(make_batch(tok)) == [[5, 5, 7], [9, 9]]
+
+
+def test_group_lr_makes_param_groups_with_their_scale(model_and_tokenizer):
+    from part.config import OptimConfig
+    from part.train.stage import build_optimizer
+
+    model, _ = model_and_tokenizer
+    set_trainable(model, ["adapter", "llm.lora"])
+    optimizer = build_optimizer(model, OptimConfig(), 1e-3, {"adapter": 0.1})
+    groups = {(g["lr_scale"], g["weight_decay"]): g for g in optimizer.param_groups}
+    adapter = {id(p) for n, p in model.named_parameters() if n.startswith("adapter.")}
+    lora = {id(p) for n, p in model.named_parameters() if "lora_" in n}
+    scaled = {id(p) for (scale, _), g in groups.items() if scale == 0.1 for p in g["params"]}
+    plain = {id(p) for (scale, _), g in groups.items() if scale == 1.0 for p in g["params"]}
+    assert scaled == adapter and plain == lora  # and nothing frozen in either
+    assert groups[(0.1, 0.01)]["lr"] == pytest.approx(1e-4) and groups[(1.0, 0.01)]["lr"] == 1e-3
+    assert all(p.ndim < 2 for p in groups[(0.1, 0.0)]["params"])  # biases and norms: no decay
+    assert len(build_optimizer(model, OptimConfig(), 1e-3).param_groups) == 2  # no group_lr: as before

@@ -38,6 +38,7 @@ SAVED = to_dict(config())
     (lambda c: setattr(c.stages[1], "tasks", {"asr": 0.5, "s2tt": 0.5}), 15, "stages[1].tasks"),
     (lambda c: setattr(c.stages[1], "steps", 3), 15, "stages[1].steps"),  # ends before the resumed step
     (lambda c: c.stages.pop(), 25, "stages: the run now ends at step 20"),
+    (lambda c: setattr(c.stages[1], "group_lr", {"encoder.top.2": 1e-4}), 15, "stages[1].group_lr"),  # param groups
 ])
 def test_refused(edit, step, field):
     conflicts = resume_conflicts(SAVED, changed(edit), step)
@@ -55,6 +56,7 @@ def test_refused(edit, step, field):
     (lambda c: setattr(c.data, "num_workers", 4), 15),  # restarts the stage's stream, checked separately
     (lambda c: setattr(c.model.activation_checkpointing, "llm", True), 15),
     (lambda c: c.stages.append(StageConfig(name="s4", steps=5)), 25),
+    (lambda c: setattr(c.stages[0], "group_lr", {"adapter": 1e-2}), 15),  # a finished stage's optimizer is gone
 ])
 def test_allowed(edit, step):
     assert resume_conflicts(SAVED, changed(edit), step) == []
