@@ -415,11 +415,11 @@ def validate(cfg: TrainConfig, source: str | Path = "config") -> None:
         check(bool(s.trainable), f"{where}.trainable: at least one parameter group")
         for group in s.trainable:
             check(find_group(group) is not None, f"{where}.trainable: unknown group '{group}' ({KNOWN_GROUPS})")
+            uses_lora |= group == "llm.lora"
         for group, rate in s.group_lr.items():
             check(group in s.trainable, f"{where}.group_lr: '{group}' is not one of the stage's trainable groups "
                                         f"({', '.join(s.trainable)})")
             check(isinstance(rate, int | float) and rate > 0, f"{where}.group_lr.{group}: must be a number > 0")
-            uses_lora |= group == "llm.lora"
     check(not uses_lora or m.llm.lora is not None, "model.llm.lora: a stage trains llm.lora but no LoRA is configured")
     check(cfg.precision in PRECISIONS, f"precision: '{cfg.precision}' is not one of {', '.join(PRECISIONS)}")
     check(cfg.zero_stage in ZERO_STAGES, f"zero_stage: {cfg.zero_stage} is not one of {ZERO_STAGES}")
