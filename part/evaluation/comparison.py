@@ -74,15 +74,18 @@ def _existing(path: Path) -> str | None:
     return str(path) if path.is_file() else None
 
 
-def read_hypotheses(path: str | Path) -> list[dict]:
+def read_hypotheses(path: str | Path, strict: bool = False) -> list[dict]:
     """Per-utterance records of a *_hypotheses.jsonl (the evaluator's: key, task, language, target_language,
-    reference, hypothesis, ...); malformed lines and records without those fields are skipped."""
+    reference, hypothesis, ...); malformed lines and records without those fields are skipped, or with `strict`
+    (a finished run's file) a malformed line is a ValueError naming the file and the line."""
     records = []
     with open(path, encoding="utf-8") as fh:
-        for line in fh:
+        for number, line in enumerate(fh, 1):
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError:
+            except json.JSONDecodeError as exc:
+                if strict:
+                    raise ValueError(f"{path}, line {number}: not JSON ({exc})") from None
                 continue
             if isinstance(record, dict) and all(k in record for k in ("key", "task", "language", "reference")):
                 records.append(record)

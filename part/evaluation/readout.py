@@ -3,28 +3,19 @@ ASR error the speech side makes and how much the LLM adds (`python -m part.frame
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from part.data.eval_sets import eval_batches
+from part.evaluation.comparison import read_hypotheses
 from part.evaluation.metrics import error_rate
 
 
 def final_asr_hypotheses(run_dir: Path) -> dict[tuple[str, str], str]:
-    """(language, utterance key) -> the final evaluation's ASR hypothesis."""
-    path = run_dir / "final_hypotheses.jsonl"
-    out = {}
-    with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}, line {number}: not JSON ({exc})") from None
-            if record.get("task") == "asr":
-                out[(record["language"], record["key"])] = record["hypothesis"]
-    return out
+    """(language, utterance key) -> the final evaluation's ASR hypothesis; a malformed line is a ValueError."""
+    records = read_hypotheses(run_dir / "final_hypotheses.jsonl", strict=True)
+    return {(r["language"], r["key"]): r["hypothesis"] for r in records if r["task"] == "asr"}
 
 
 @torch.no_grad()

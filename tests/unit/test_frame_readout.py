@@ -27,8 +27,9 @@ def test_frames_and_hypotheses_are_scored_on_the_same_clips(model_dir, corpus, t
              for m in b.meta]
     assert len(clips) == 2 * len(cfg.data.languages)
     # the hypotheses are the references (the LLM perfect), one en clip has none and an s2tt record is not ASR
-    records = [{"task": "asr", "language": m.language, "key": m.key, "hypothesis": m.reference} for m in clips[1:]]
-    records.append({"task": "s2tt", "language": "de", "key": clips[0].key, "hypothesis": "x"})
+    records = [{"task": "asr", "language": m.language, "key": m.key, "reference": m.reference,
+                "hypothesis": m.reference} for m in clips[1:]]
+    records.append({"task": "s2tt", "language": "de", "key": clips[0].key, "reference": "y", "hypothesis": "x"})
     (run / "final_hypotheses.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
 
     assert main([str(run)]) == 0
