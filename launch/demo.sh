@@ -48,7 +48,12 @@ if [ ! -f cache/whisper-llm/config.json ]; then
     --corpus cache/corpus --languages "$LANGUAGES" --copy-steps 300
   rm -rf cache/whisper-llm && mv cache/whisper-llm.partial cache/whisper-llm
 fi
-output_dir=$(python -c "import sys; from part.config import load_config; print(load_config(sys.argv[1], sys.argv[2:]).output_dir)" "$CONFIG" "$@")
+read -r output_dir frame_vocabulary < <(python -c "import sys; from part.config import load_config
+cfg = load_config(sys.argv[1], sys.argv[2:]); print(cfg.output_dir, cfg.model.frame_vocabulary or '')" "$CONFIG" "$@")
+if [ -n "$frame_vocabulary" ] && [ ! -f "$frame_vocabulary" ]; then
+  stamp "4/5 frame vocabulary: the training transcripts' tokens, which the adapter's frames are classified over"
+  python -m part.frame_vocabulary --config "$CONFIG" "$@"
+fi
 python train.py --config "$CONFIG" --check --world-size "$NPROC" "$@"
 stamp "5/5 training $CONFIG on $NPROC ranks, then evaluation"
 MASTER_PORT=${MASTER_PORT:-$(python -c 'from part.train.launcher import free_port; print(free_port())')}

@@ -96,6 +96,7 @@ class Shapes:
     lora_rank: int  # 0: no LoRA
     lora_targets: tuple[str, ...]
     frame_head: bool  # the output head also runs on every adapter frame (CTC or frame loss, vocabulary readout)
+    frame_classes: int = 0  # the rows of that head (model.frame_vocabulary); 0: the whole vocabulary
     # The encoder beyond Whisper's shapes (part/model/encoders.py, `EncoderFamily.cost_shapes`; the defaults are
     # Whisper's): its front end's forward operations per encoder frame (None: Whisper's two convolutions over
     # n_mels), each layer's operations per frame beyond attention and a two-product feed-forward, its products of
@@ -134,6 +135,7 @@ class Shapes:
             lora_rank=lora.rank if lora else 0, lora_targets=tuple(lora.target_modules) if lora else (),
             frame_head=(model.cfg.ctc_weight > 0 or model.cfg.frame_weight > 0
                         or model.cfg.adapter.readout != "embeddings"),
+            frame_classes=0 if model.frame_token_ids is None else len(model.frame_token_ids),
         )
 
 
@@ -275,7 +277,7 @@ def step_flops(s: Shapes, b: BatchShapes, t: Trainable) -> StepFlops:
     out.adapter.add(2 * tokens * h * s.llm_dim, grad, a)
     audio_grad = grad or a
     if s.frame_head:  # the LLM's output head on every adapter frame
-        out.head.add(2 * tokens * s.llm_dim * s.vocab, audio_grad, t.llm_head)
+        out.head.add(2 * tokens * s.llm_dim * (s.frame_classes or s.vocab), audio_grad, t.llm_head)
     # ---- LLM
     rows, length = b.sequences, b.sequence_length
     tokens = rows * length

@@ -24,6 +24,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBa
 from part.config import EncoderConfig, LoraConfig, ModelConfig, build_config
 from part.model.adapter import Adapter
 from part.model.encoders import AudioFeatures, EncoderFamily, encoder_family, family_for
+from part.model.frame_vocabulary import FILE_NAME as FRAME_VOCABULARY_FILE
+from part.model.frame_vocabulary import read_frame_vocabulary, write_frame_vocabulary
 from part.model.groups import EncoderLayout
 from part.model.tokenizer import load_tokenizer, suppressed_token_ids
 from part.model.whisper_align import frame_owners, frame_targets
@@ -65,7 +67,7 @@ def build_encoder(cfg: EncoderConfig, weights: bool = True, attn_implementation:
 def span_frame_loss(log_probs: torch.Tensor, tokens: torch.Tensor, owners: torch.Tensor, blank: int) -> torch.Tensor:
     """The frame loss with token spans (`model.frame_targets: span`), over N frames: `log_probs` [N, vocab];
     `owners` [N]: the index of the token whose span holds the frame (`whisper_align.frame_owners`, numbered across
-    the batch), -1 where none does; `tokens` [N]: that token's id (`blank` where none).
+    the batch), -1 where none does; `tokens` [N]: that token's class in `log_probs` (`blank` where none).
     Mean over frames of -log(p(token) + p(blank)) (-log p(blank) outside every span), plus mean over tokens of
     -log of the sum over their frames of p(token): each token emitted in at least one frame of its span and only
     there, blank elsewhere, as a CTC model emits it. A long word is not told to be blank on all but its centre
@@ -128,9 +130,59 @@ class SpeechLLM(nn.Module):
         self.end_token_id = tokenizer.convert_tokens_to_ids(self.prompt_format.end_token)
         self.pad_token_id = tokenizer.pad_token_id
         self.suppressed_token_ids = suppressed_token_ids(tokenizer, self.prompt_format)
+        self._init_frame_vocabulary(saved_configs)
         # Set by the trainer when model.frame_weight > 0 (part/model/whisper_align.py FrameTargetTeacher): a frozen
         # Whisper decoder, outside the module tree so that ZeRO and checkpoints never see it.
         self.frame_teacher = None
+
+    def _init_frame_vocabulary(self, saved_configs: Path | None) -> None:
+        """The classes of `frame_logits`: the tokens of `model.frame_vocabulary` (a saved model's own copy when
+        built from one), or the whole vocabulary. Buffers, not weights: they follow the model to its device and stay
+        out of its state dict (the file is the saved form)."""
+        file = self.cfg.frame_vocabulary
+        if file is None:
+            self.register_buffer("frame_token_ids", None, persistent=False)  # class -> token id: the identity
+            self.register_buffer("frame_class_of_token", None, persistent=False)
+            self.frame_blank = self.pad_token_id
+            return
+        if saved_configs is not None:
+            file = saved_configs / FRAME_VOCABULARY_FILE
+        embeddings = self.llm.get_input_embeddings()
+        ids = read_frame_vocabulary(file, embeddings.num_embeddings, blank=self.pad_token_id)
+        token_ids = torch.tensor(ids, dtype=torch.long)
+        class_of_token = torch.full((embeddings.num_embeddings,), -1, dtype=torch.long)
+        class_of_token[token_ids] = torch.arange(len(ids))
+        self.register_buffer("frame_token_ids", token_ids, persistent=False)
+        self.register_buffer("frame_class_of_token", class_of_token, persistent=False)
+        self.frame_blank = ids.index(self.pad_token_id)
+        # The rows of a tied head are the embedding module's (ZeRO-3 gathers them through its call); any other head
+        # runs whole, its logits then cut to the classes (correct, not faster).
+        head = self.base_llm.get_output_embeddings()
+        self._frame_rows_from_embeddings = (type(embeddings) is nn.Embedding and head.weight is embeddings.weight
+                                            and getattr(head, "bias", None) is None)
+
+    @property
+    def frame_classes(self) -> int:
+        """How many classes `frame_logits` scores each frame over."""
+        if self.frame_token_ids is None:
+            return self.llm.get_input_embeddings().num_embeddings
+        return len(self.frame_token_ids)
+
+    def frame_classes_of(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """`frame_logits`' class of each token id; a ValueError naming the tokens outside the frame vocabulary."""
+        if self.frame_class_of_token is None:
+            return token_ids
+        classes = self.frame_class_of_token[token_ids]
+        if (classes < 0).any():
+            missing = token_ids[classes < 0].unique().tolist()
+            raise ValueError(f"model.frame_vocabulary ({self.cfg.frame_vocabulary}): transcript tokens {missing[:8]} "
+                             "are not in it (built from other transcripts or another tokenizer?): write it again "
+                             "with `python -m part.frame_vocabulary --config CONFIG`")
+        return classes
+
+    def frame_tokens_of(self, classes: torch.Tensor) -> torch.Tensor:
+        """The token id of each of `frame_logits`' classes."""
+        return classes if self.frame_token_ids is None else self.frame_token_ids[classes]
 
     @classmethod
     def skeleton(cls, cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> SpeechLLM:
@@ -181,17 +233,24 @@ class SpeechLLM(nn.Module):
         return EncodedAudio(states, state_lengths, adapted, lengths, logits, audio)
 
     def frame_logits(self, frames: torch.Tensor) -> torch.Tensor:
-        """The adapter's frames read as the LLM reads its last hidden state: final norm, then the output head."""
+        """The adapter's frames read as the LLM reads its last hidden state: final norm, then the output head,
+        over the frame vocabulary's classes (`frame_tokens_of` maps them to token ids)."""
         # Without the norm the frames' logits scale with the adapter's output norm (token-embedding scale, ~1), and
         # the adapter has to grow its weights many-fold before any frame is classified sharply (measured:
         # docs/issue13_stage1_4lang.md).
-        return self.llm.get_output_embeddings()(self.llm_final_norm(frames)).float()
+        hidden = self.llm_final_norm(frames)
+        if self.frame_token_ids is None:
+            return self.llm.get_output_embeddings()(hidden).float()
+        if self._frame_rows_from_embeddings:
+            rows = self.llm.get_input_embeddings()(self.frame_token_ids)  # [classes, width]
+            return (hidden @ rows.T).float()
+        return self.llm.get_output_embeddings()(hidden)[..., self.frame_token_ids].float()
 
     def vocabulary_readout(self, logits: torch.Tensor) -> torch.Tensor:
         """Each frame as the LLM's token embeddings weighted by the frame's sharpened posterior (its top tokens)."""
-        top, ids = logits.topk(min(READOUT_TOP_K, logits.shape[-1]), dim=-1)
+        top, classes = logits.topk(min(READOUT_TOP_K, logits.shape[-1]), dim=-1)
         weights = (top / self.cfg.adapter.readout_temperature).softmax(-1)
-        embeddings = self.llm.get_input_embeddings()(ids)  # [B, N, k, H]
+        embeddings = self.llm.get_input_embeddings()(self.frame_tokens_of(classes))  # [B, N, k, H]
         return (weights.to(embeddings.dtype).unsqueeze(-1) * embeddings).sum(-2)
 
     @torch.no_grad()
@@ -202,7 +261,7 @@ class SpeechLLM(nn.Module):
         LLM. One list of ids per clip, in `batch.input_features` order."""
         encoded = self._encode(batch.input_features, batch.feature_frames, need_logits=True)
         readouts = []
-        for row, n in zip(encoded.logits.argmax(-1).tolist(), encoded.lengths.tolist()):
+        for row, n in zip(self.frame_tokens_of(encoded.logits.argmax(-1)).tolist(), encoded.lengths.tolist()):
             ids, previous = [], None
             for token in row[:n]:
                 if token != previous and token != self.pad_token_id:
@@ -328,10 +387,10 @@ class SpeechLLM(nn.Module):
         index = torch.tensor(rows, device=log_probs.device)
         loss = F.ctc_loss(
             log_probs[index].transpose(0, 1),
-            torch.cat(targets),
+            self.frame_classes_of(torch.cat(targets).to(log_probs.device)),
             lengths[index],
             torch.tensor([len(t) for t in targets], device=log_probs.device),
-            blank=self.pad_token_id,
+            blank=self.frame_blank,
             reduction="sum",
             zero_infinity=True,  # a transcript longer than its frames cannot be aligned: no gradient, not inf
         )
@@ -360,15 +419,15 @@ class SpeechLLM(nn.Module):
         blank = self.pad_token_id
         if self.cfg.frame_targets == "centre":
             target = [t for clip, n in zip(timings, lengths) for t in frame_targets(clip, n, seconds_per_frame, blank)]
-            return F.cross_entropy(logits, torch.tensor(target, device=device))
+            return F.cross_entropy(logits, self.frame_classes_of(torch.tensor(target, device=device)))
         tokens, owners, numbered = [], [], 0
         for clip, n in zip(timings, lengths):
             for owner in frame_owners(clip, n, seconds_per_frame):
                 tokens.append(clip[owner].token_id if owner >= 0 else blank)
                 owners.append(owner + numbered if owner >= 0 else -1)
             numbered += len(clip)
-        return span_frame_loss(logits.log_softmax(-1), torch.tensor(tokens, device=device),
-                               torch.tensor(owners, device=device), blank)
+        return span_frame_loss(logits.log_softmax(-1), self.frame_classes_of(torch.tensor(tokens, device=device)),
+                               torch.tensor(owners, device=device), self.frame_blank)
 
     # ---------------------------------------------------------------- generation
 
@@ -437,6 +496,9 @@ class SpeechLLM(nn.Module):
         # directories it started from.
         self.encoder_family.save(self.encoder, out_dir / "encoder_config")
         self.base_llm.config.save_pretrained(out_dir / "llm_config")
+        if self.frame_token_ids is not None:
+            write_frame_vocabulary(out_dir / FRAME_VOCABULARY_FILE, self.frame_token_ids.tolist(),
+                                   about={"source": self.cfg.frame_vocabulary})
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> tuple[SpeechLLM, PreTrainedTokenizerBase]:

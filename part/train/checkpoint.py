@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import deepspeed
 import torch
 
+from part.model.frame_vocabulary import FILE_NAME as FRAME_VOCABULARY_FILE
 from part.model.speech_llm import SpeechLLM
 
 if TYPE_CHECKING:
@@ -254,7 +255,9 @@ def export_final(ckpt_dir: Path, final: Path, extra_files: dict[str, str] | None
     tmp.mkdir(parents=True)
     for name, text in (extra_files or {}).items():
         (tmp / name).write_text(text)
-    for name in ("model.safetensors", "part_model.json"):
+    for name in ("model.safetensors", "part_model.json", FRAME_VOCABULARY_FILE):
+        if name == FRAME_VOCABULARY_FILE and not (ckpt_dir / name).exists():
+            continue  # a model over the whole vocabulary has none
         shutil.copy2(ckpt_dir / name, tmp / name)
     for name in ("tokenizer", "encoder_config", "llm_config"):
         shutil.copytree(ckpt_dir / name, tmp / name)

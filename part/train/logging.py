@@ -85,8 +85,10 @@ class RunLogger:
     def stage(self, span: StageSpan, counts: dict[str, int], step: int) -> None:
         total = sum(counts.values())
         groups = ", ".join(f"{k}={v:,}" for k, v in counts.items())
+        # the console and wandb log the schedule's lr; a group of `group_lr` trains at its own peak, scaled alike
+        rates = f"; peak lr {span.stage.lr:g}" + "".join(f", {g} {r:g}" for g, r in span.stage.group_lr.items())
         self.info(f"stage {span.index + 1} '{span.name}' steps {span.start}-{span.end} (at {step}): "
-                  f"trainable {total:,} params ({groups}); tasks {span.stage.tasks}")
+                  f"trainable {total:,} params ({groups}); tasks {span.stage.tasks}{rates}")
         if run := self.wandb:
             import wandb
 
@@ -95,11 +97,13 @@ class RunLogger:
                       **{f"stage/trainable/{k}": v for k, v in counts.items()}}
             if not self._curriculum_logged:  # the whole plan once per process, next to the first stage
                 self._curriculum_logged = True
-                columns = ["index", "stage", "first_step", "end_step", "tasks", "languages", "trainable", "lr"]
+                columns = ["index", "stage", "first_step", "end_step", "tasks", "languages", "trainable", "lr",
+                           "group_lr"]
                 rows, start = [], 0
                 for i, s in enumerate(self.cfg.stages):
                     rows.append([i, s.name, start, start + s.steps, json.dumps(s.tasks),
-                                 ",".join(s.languages or self.cfg.data.languages), ",".join(s.trainable), s.lr])
+                                 ",".join(s.languages or self.cfg.data.languages), ",".join(s.trainable), s.lr,
+                                 json.dumps(s.group_lr)])
                     start += s.steps
                 record["curriculum"] = wandb.Table(columns=columns, data=rows)
             run.log(record, step=step)

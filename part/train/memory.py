@@ -99,8 +99,8 @@ def activation_bytes(s: Shapes, t: Trainable, cfg: TrainConfig) -> float:
     total += stack(llm_tokens, s.llm_layers, llm_layer, s.llm_dim, ckpt.llm)
     # logits (16 bit), their fp32 copy for the loss and its gradient: at the target positions only (at most the
     # batch's text tokens), and at every adapter frame for a frame-level loss or readout
-    head_tokens = cfg.data.max_batch_tokens + (adapter_frames if s.frame_head else 0)
-    total += head_tokens * s.vocab * (width + 4 + 4)
+    frame_tokens = adapter_frames if s.frame_head else 0
+    total += (cfg.data.max_batch_tokens * s.vocab + frame_tokens * (s.frame_classes or s.vocab)) * (width + 4 + 4)
     return total
 
 

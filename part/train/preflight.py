@@ -47,11 +47,14 @@ def preflight(cfg: TrainConfig, world_size: int, source: str | Path = "config"):
     except DataError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     from part.model.encoders import EncoderError
+    from part.model.frame_vocabulary import FrameVocabularyError
 
     try:
         model = skeleton(cfg)
     except EncoderError as exc:
         raise ConfigError(f"{source}: model.encoder.pretrained: {exc}") from None
+    except FrameVocabularyError as exc:
+        raise ConfigError(f"{source}: model.frame_vocabulary: {exc}") from None
     if errors := empty_group_errors(cfg, model):
         raise ConfigError(f"{source}: invalid configuration:\n  " + "\n  ".join(errors))
     return model

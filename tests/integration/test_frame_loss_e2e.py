@@ -2,7 +2,8 @@
 ZeRO-3, train.py) with the real Whisper-base encoder (converted from its wheels) and a stand-in LLM made from its
 decoder (same vocabulary, so the alignment heads' timings are the LLM's tokens): a frame-loss-only stage memorises
 sixteen clips' per-frame targets (`span`, as the tiny recipes; the LLM never runs), then a LoRA stage trains on
-the LM loss reading the frames through the readout, and the final evaluation generates under ZeRO-3."""
+the LM loss reading the frames through the readout, and the final evaluation generates under ZeRO-3. The frames
+are classified over the clips' own tokens (`model.frame_vocabulary`, as in the tiny recipes)."""
 
 from __future__ import annotations
 
@@ -41,6 +42,12 @@ def test_frame_loss_memorises_clips_without_running_the_llm(corpus, tiny_models,
                  "data.languages=[en]", "data.window=8", "data.max_batch_size=4", "data.max_batch_seconds=200",
                  "data.max_batch_tokens=4096", "eval.tasks=[asr]", "eval.per_language=4", "eval.max_new_tokens=24",
                  "eval.batch_size=4", "checkpoint.every=1000", "logging.every=10"]
+    # the frames classified over the clips' own tokens (as the tiny recipes do), the file written by its command
+    from part.frame_vocabulary import main as write_frame_vocabulary
+
+    vocabulary = tmp_path / "frame_vocabulary.json"
+    overrides.append(f"model.frame_vocabulary={vocabulary}")
+    assert write_frame_vocabulary(["--config", str(config), *overrides]) == 0
     proc = train_under_guard(config, overrides)
 
     out = tmp_path / "out"
@@ -55,4 +62,11 @@ def test_frame_loss_memorises_clips_without_running_the_llm(corpus, tiny_models,
     # stage 2: the LM loss through the readout, the frame term still logged
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["frame_loss"]) and r["tokens"] > 0 for r in lora), lora
     assert (out / "final.json").is_file()  # generation read the frames through the readout under ZeRO-3
+    # the final model keeps its frame vocabulary: the file's tokens and the blank (the pad token)
+    from part.model.frame_vocabulary import read_frame_vocabulary
+    from part.model.speech_llm import SpeechLLM
+
+    model, tokenizer = SpeechLLM.from_pretrained(out / "final")
+    classes = read_frame_vocabulary(vocabulary, len(tokenizer), blank=tokenizer.pad_token_id)
+    assert model.frame_token_ids.tolist() == classes and len(classes) < len(tokenizer) / 20
     assert "[part] step 10/42 stage 1:frames loss - frame " in proc.stdout

@@ -99,7 +99,9 @@ def test_the_offline_wandb_run_holds_stages_mixture_skips_metrics_and_hypotheses
     assert run.values("stage/started") == {0: 0, 3: 1}
     assert run.values("stage/name") == {0: "s1_adapter", 3: "s2_lora"}
     assert run.values("stage/index") == {1: 0, 2: 0, 3: 0, 4: 1, 5: 1}
-    assert [r["stage"] for r in run.values("curriculum")[0].rows()] == ["s1_adapter", "s2_lora"]
+    curriculum = run.values("curriculum")[0].rows()
+    assert [r["stage"] for r in curriculum] == ["s1_adapter", "s2_lora"]
+    assert json.loads(curriculum[1]["group_lr"]) == {"adapter": 1e-12}
     # the mixture drawn, summed over both ranks: ASR only in stage 1, ASR + S2TT into English in stage 2
     mixed = {k.removeprefix("data/mixed/") for k in run.keys() if k.startswith("data/mixed/")}
     assert {"asr/en", "asr/de", "asr/zh"} <= mixed and mixed <= {"asr/en", "asr/de", "asr/zh", "s2tt/de-en",

@@ -17,7 +17,8 @@ from part.train.wandb_offline import Table, offline_runs, raw_records, read_offl
 
 def test_console_jsonl_and_offline_wandb(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    cfg = TrainConfig(stages=[StageConfig(name="s1", steps=4)], output_dir=str(tmp_path),
+    cfg = TrainConfig(stages=[StageConfig(name="s1", steps=4, lr=1e-3, group_lr={"adapter": 3e-3})],
+                      output_dir=str(tmp_path),
                       logging=LoggingConfig(every=2, wandb_project="part-test", wandb_mode="online", run_name="t"))
     logger = RunLogger(cfg, rank=0, world_size=1)
     span = Curriculum(cfg.stages).at(0)
@@ -30,7 +31,7 @@ def test_console_jsonl_and_offline_wandb(tmp_path, monkeypatch, capsys):
     logger.close()
     out = capsys.readouterr().out
     assert "WANDB_API_KEY is not set; logging offline" in out
-    assert "trainable 1,000 params (adapter=1,000)" in out
+    assert "trainable 1,000 params (adapter=1,000)" in out and "peak lr 0.001, adapter 0.003" in out
     line = next(x for x in out.splitlines() if x.startswith("[part] step 2/4"))
     assert "loss 2.0000" in line and "8.0 samples/s" in line and "24.0 audio-s/s" in line and "data-wait 2.0%" in line
     assert "600 tok/s" in line and "skipped 1 samples" in line and "mfu" not in line  # no peak known on CPU

@@ -1,0 +1,42 @@
+"""The token set of a corpus' transcripts (what `python -m part.frame_vocabulary` writes for the model)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from collections.abc import Callable
+
+from part.data.shards import expand_shards, iter_tar_samples
+
+
+def transcript_token_counts(pattern: str, languages: list[str], tokenize: Callable[[str], list[int]],
+                            counters: Counter, progress: bool = True) -> Counter:
+    """How often each token id occurs in the transcripts of `pattern`'s shards for `languages`, each transcript
+    tokenised by `tokenize` as the training stream tokenises it (stripped, no special tokens). Records that are not
+    a JSON object with a transcript of their shard's language are counted in `counters`, not read."""
+    counts: Counter = Counter()
+    for lang in languages:
+        urls = expand_shards(pattern, lang)
+        clips = 0
+        for url in urls:
+            for _, members in iter_tar_samples(url, counters):
+                try:
+                    record = json.loads(members["json"].decode("utf-8"))
+                except (KeyError, UnicodeDecodeError, json.JSONDecodeError):
+                    counters["bad_record"] += 1
+                    continue
+                if not isinstance(record, dict):
+                    counters["bad_record"] += 1
+                    continue
+                text = str(record.get("transcript", "")).strip()
+                if not text or record.get("language", lang) != lang:
+                    counters["empty_transcript" if not text else "other_language"] += 1
+                    continue
+                counts.update(tokenize(text))
+                clips += 1
+        counters["clips"] += clips
+        if progress:
+            print(f"[frame_vocabulary] {lang}: {clips} transcripts in {len(urls)} shards, {len(counts)} distinct "
+                  "tokens so far", file=sys.stderr, flush=True)
+    return counts
