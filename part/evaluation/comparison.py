@@ -218,6 +218,13 @@ def smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
+def _label_last_point(ax, point: tuple[float, float], text: str, color: str, above: bool) -> None:
+    """Writes a series' last value beside its point (a run that evaluates once has nothing else to read); error
+    rates above their point and BLEU below, since the two axes can put both on the same spot."""
+    ax.annotate(text, point, textcoords="offset points", xytext=(-8, 6 if above else -6), ha="right",
+                va="bottom" if above else "top", fontsize=7, color=color)
+
+
 def plot_curves(runs: Mapping[str, dict], stages: list[dict], path: Path) -> Path:
     """curves.png: (a) training loss (raw faint, smoothed solid) and (b) average ASR error rate (left axis) and
     average S2TT BLEU (right axis) at each evaluation; stage boundaries as labelled vertical lines."""
@@ -257,19 +264,25 @@ def plot_curves(runs: Mapping[str, dict], stages: list[dict], path: Path) -> Pat
             blu = [(s, m["s2tt_bleu"]) for s, m in summaries if m["s2tt_bleu"] is not None]
             if err:
                 ax_err.plot(*zip(*err), color=colors[name], marker="o", linewidth=1.8)
+                _label_last_point(ax_err, err[-1], f"{err[-1][1]:.1f}", colors[name], above=True)
                 handles.append(Line2D([], [], color=colors[name], marker="o", label=f"{name}: ASR error rate"))
             if blu:
                 # hollow and larger: a BLEU point that lands on an error-rate point leaves it visible
                 ax_bleu.plot(*zip(*blu), color=colors[name], marker="s", markersize=10, markerfacecolor="none",
                              linestyle="--", linewidth=1.5)
+                _label_last_point(ax_bleu, blu[-1], f"BLEU {blu[-1][1]:.2f}", colors[name], above=False)
                 handles.append(Line2D([], [], color=colors[name], marker="s", markerfacecolor="none", linestyle="--",
                                       label=f"{name}: S2TT BLEU"))
+        for ax in (ax_err, ax_bleu):
+            ax.margins(y=0.15)  # room for the value labels at the top and bottom points
         ax_err.set_title("(b) held-out evaluation")
         ax_err.set_xlabel("step")
         ax_err.set_ylabel("average ASR error rate, % (WER; CER for CJK)")
         ax_bleu.set_ylabel("average S2TT BLEU")
         if handles:
-            ax_err.legend(handles=handles, loc="upper right", fontsize=7, framealpha=0.8)
+            # Below the panel: runs that evaluate only at their end put every point at the right edge, where a
+            # legend inside the axes would hide them.
+            ax_err.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, fontsize=7)
 
         # The same step range on both panels (the evaluations start later than the loss curve).
         ends = [s["end"] for s in stages] + [r["step"] for run in runs.values() for r in run["train"]]
