@@ -30,10 +30,9 @@ class Sample:
     transcript_ids: list[int] = field(default_factory=list)
 
 
-def make_sample(task: str, language: str, key: str, members: dict[str, bytes], shard: str, rng: random.Random,
-                targets: list[str], max_duration: float, counters: Counter, prompts: PromptFormat) -> Sample | None:
-    """Turns raw members into a sample of `task` (read from a `language` source), its prompt written in the LLM's
-    format `prompts`, or counts why it cannot be one and returns None."""
+def read_record(members: dict[str, bytes], language: str, counters: Counter) -> tuple[dict, str] | None:
+    """A sample's JSON record and its stripped transcript, when the record is a JSON object with a non-empty
+    transcript of `language` (the language of the shards it came from); otherwise counts why not and returns None."""
     try:
         record = json.loads(members["json"].decode("utf-8"))
     except (KeyError, UnicodeDecodeError, json.JSONDecodeError):
@@ -46,10 +45,20 @@ def make_sample(task: str, language: str, key: str, members: dict[str, bytes], s
     if not text:
         counters["empty_transcript"] += 1
         return None
-    lang = record.get("language", language)
-    if lang != language:  # a sample of another (maybe unlisted) language in this language's shards
+    if record.get("language", language) != language:  # another (maybe unlisted) language in these shards
         counters["other_language"] += 1
         return None
+    return record, text
+
+
+def make_sample(task: str, language: str, key: str, members: dict[str, bytes], shard: str, rng: random.Random,
+                targets: list[str], max_duration: float, counters: Counter, prompts: PromptFormat) -> Sample | None:
+    """Turns raw members into a sample of `task` (read from a `language` source), its prompt written in the LLM's
+    format `prompts`, or counts why it cannot be one and returns None."""
+    read = read_record(members, language, counters)
+    if read is None:
+        return None
+    record, text = read
     try:  # only for bucketing: the collator measures the decoded clip and drops it if it is really too long
         duration = float(record.get("duration", 0.0))
     except (TypeError, ValueError):
@@ -71,7 +80,7 @@ def make_sample(task: str, language: str, key: str, members: dict[str, bytes], s
     if task in ("s2tt", "mt"):
         translations = record.get("translations")
         translations = translations if isinstance(translations, dict) else {}
-        options = [t for t in targets if t != lang and str(translations.get(t, "")).strip()]
+        options = [t for t in targets if t != language and str(translations.get(t, "")).strip()]
         if not options:
             counters["no_translation"] += 1
             return None
@@ -81,8 +90,8 @@ def make_sample(task: str, language: str, key: str, members: dict[str, bytes], s
         text, target = split_for_text_task(text)
     else:
         target = text
-    prompt = prompts.prompt(task, lang, target_lang, text if task in ("mt", "text") else None)
-    return Sample(task, lang, target_lang, key, shard, prompt, target, duration, audio,
+    prompt = prompts.prompt(task, language, target_lang, text if task in ("mt", "text") else None)
+    return Sample(task, language, target_lang, key, shard, prompt, target, duration, audio,
                   transcript=text if task in SPEECH_TASKS else "")
 
 

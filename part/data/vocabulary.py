@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from collections import Counter
 from collections.abc import Callable
 
+from part.data.samples import read_record
 from part.data.shards import expand_shards, iter_tar_samples
 
 
@@ -21,19 +21,10 @@ def transcript_token_counts(pattern: str, languages: list[str], tokenize: Callab
         clips = 0
         for url in urls:
             for _, members in iter_tar_samples(url, counters):
-                try:
-                    record = json.loads(members["json"].decode("utf-8"))
-                except (KeyError, UnicodeDecodeError, json.JSONDecodeError):
-                    counters["bad_record"] += 1
+                read = read_record(members, lang, counters)
+                if read is None:
                     continue
-                if not isinstance(record, dict):
-                    counters["bad_record"] += 1
-                    continue
-                text = str(record.get("transcript", "")).strip()
-                if not text or record.get("language", lang) != lang:
-                    counters["empty_transcript" if not text else "other_language"] += 1
-                    continue
-                counts.update(tokenize(text))
+                counts.update(tokenize(read[1]))
                 clips += 1
         counters["clips"] += clips
         if progress:
