@@ -124,7 +124,8 @@ STAGES = """\
 
 
 def write_config(work: Path, shards: Path, whisper: Path, llm: Path, small: bool, steps: int, every: int,
-                 batch_seconds: float, zero: int, eval_per_language: int) -> Path:
+                 batch_seconds: float, zero: int, eval_per_language: int, profile_start: int,
+                 profile_steps: int) -> Path:
     ds = f"zero{zero}_cpu.json" if small else f"zero{zero}.json"
     path = work / f"gpu_check_zero{zero}.yaml"
     path.write_text(f"""# written by bench/gpu_check.py
@@ -149,7 +150,7 @@ data:
 stages:
 {STAGES.format(n=steps)}
 checkpoint: {{dir: {work}/run/checkpoints, every: {every}, keep: 2}}
-logging: {{every: 1}}
+logging: {{every: 1, profile_start: {profile_start}, profile_steps: {profile_steps}}}
 eval: {{per_language: {eval_per_language}, tasks: [asr, s2tt], max_new_tokens: 16, batch_size: 8}}
 ds_config: {REPO}/ds_configs/{ds}
 precision: {"fp32" if small else "bf16"}
@@ -271,7 +272,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="ZeRO stage (ds_configs/zeroN.json); 2 by default: on one GPU ZeRO-3 only costs")
     parser.add_argument("--no-kill", action="store_true", help="no kill -9 and resume (throughput only)")
     parser.add_argument("--eval-per-language", type=int, default=8, help="held-out clips per language (0: none)")
+    parser.add_argument("--profile-start", type=int, default=None,
+                        help="torch.profiler from the step after this one (default: stage 3's 4th step, or its last "
+                             "when it has fewer; -1: none)")
+    parser.add_argument("--profile-steps", type=int, default=2, help="steps in the profiler window")
     args = parser.parse_args(argv)
+    if args.profile_start is None:
+        args.profile_start = 2 * args.steps + min(3, args.steps - 1)
     import torch
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -287,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         build_models(args.work, args.small, device)
         log(f"models written ({time.time() - t0:.0f} s)")
     config = write_config(args.work, shards, whisper, llm, args.small, args.steps, args.every, args.batch_seconds,
-                          args.zero, args.eval_per_language)
+                          args.zero, args.eval_per_language, args.profile_start, args.profile_steps)
     import shutil
 
     shutil.rmtree(args.work / "run", ignore_errors=True)
@@ -313,6 +320,11 @@ def main(argv: list[str] | None = None) -> int:
     if train_log.exists():
         shutil.copy(train_log, args.out / f"train_log_zero{args.zero}.jsonl")
         results += ["## Throughput per stage", "", report_markdown(stage_report(train_log)), ""]
+    for table in sorted((args.work / "run" / "profile").glob("rank0_*.top.txt")):
+        # the traces (Chrome / Perfetto JSON, one per rank) stay in the work directory: they can be large
+        shutil.copy(table, args.out / f"profile_zero{args.zero}_{table.name}")
+        results += ["## Profile (torch.profiler, rank 0; top operators by their own time)", "",
+                    f"traces: `{table.parent}/*.trace.json`", "", "```", table.read_text().strip(), "```", ""]
     final = args.work / "run" / "final.md"
     if final.exists():
         results += ["## Evaluation (random weights: the numbers only show it ran)", "", final.read_text(), ""]

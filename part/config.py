@@ -184,6 +184,10 @@ class LoggingConfig:
     wandb_mode: str = "offline"
     run_name: str | None = None
     wandb_samples: int = 5  # utterances per task and language in each evaluation's wandb hypotheses table
+    # torch.profiler over global steps profile_start+1 .. profile_start+profile_steps (each rank writes a trace
+    # and an operator table to <output_dir>/profile/, see part/train/profiling.py); -1: never
+    profile_start: int = -1
+    profile_steps: int = 3
 
 
 @dataclass
@@ -453,6 +457,11 @@ def validate(cfg: TrainConfig, source: str | Path = "config") -> None:
         check(importlib.util.find_spec("wandb") is not None,
               "logging.wandb_project: wandb is not installed (pip install wandb, or logging.wandb_mode: disabled)")
     check(cfg.logging.every >= 1, "logging.every: must be >= 1")
+    check(cfg.logging.profile_start >= -1, "logging.profile_start: must be >= 0 (or -1: no profile)")
+    total_steps = sum(stage.steps for stage in cfg.stages)
+    check(cfg.logging.profile_start < total_steps,
+          f"logging.profile_start: {cfg.logging.profile_start} is not before the run's last step ({total_steps})")
+    check(cfg.logging.profile_steps >= 1, "logging.profile_steps: must be >= 1")
     check(cfg.eval.num_beams >= 1, "eval.num_beams: must be >= 1")
     check(cfg.eval.batch_size >= 1, "eval.batch_size: must be >= 1")
     check(cfg.eval.per_language >= 0, "eval.per_language: must be >= 0")

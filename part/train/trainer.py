@@ -35,6 +35,7 @@ from part.train.curriculum import Curriculum, StageSpan
 from part.train.distributed import DistributedContext
 from part.train.logging import DataCounters, RunLogger
 from part.train.model_card import model_card
+from part.train.profiling import StepProfiler
 from part.train.records import StepRecord
 from part.train.resume_check import resume_conflicts
 from part.train.stage import StageRun, features_dtype
@@ -65,6 +66,8 @@ class Trainer:
                                 peak_flops=peak_flops(self.dist.device, cfg.precision))
         self.evaluator = Evaluator(cfg, self.tokenizer, self.dist, features_dtype(cfg), self.logger)
         self.final_dir = Path(cfg.output_dir) / "final"
+        self.profiler = StepProfiler(Path(cfg.output_dir) / "profile", self.dist.rank, cfg.logging.profile_start,
+                                     cfg.logging.profile_steps, self.dist.device)
         self.step = 0  # optimizer steps done
         self.bad_steps_in_a_row = 0
         self.checkpoint: Path | None = None  # the latest checkpoint of this run: the next stage is built from it
@@ -168,6 +171,7 @@ class Trainer:
             stage.open_stream(self._data_resume(stage) if same_stage else None)
         stage.engine.train()
         code = self._train_until(stage, span.end)
+        self.profiler.close(self.step)  # a window does not cross a stage boundary
         stage.close_stream()
         if code is not ExitCode.OK:
             return code
@@ -187,7 +191,9 @@ class Trainer:
 
     def _train_until(self, stage: StageRun, end: int) -> ExitCode:
         while self.step < end:
+            self.profiler.before_step(self.step)
             record = stage.train_step(self.step, self.curriculum.lr(self.step), callbacks=self.callbacks)
+            self.profiler.after_step(record.step)
             if record.skipped:
                 self.bad_steps_in_a_row += 1
                 bad = self.bad_steps_in_a_row

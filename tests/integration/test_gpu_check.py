@@ -23,3 +23,23 @@ def test_gpu_check(tmp_path):
     for stage in ("s1_adapter_asr", "s2_adapter_encoder", "s3_adapter_lora_s2tt"):
         assert f"| {stage} |" in report
     assert "% |" in report  # an MFU figure, not n/a
+    assert "## Profile" in report and "aten::" in report
+
+
+@pytest.mark.slow
+def test_gpu_check_script_at_toy_shapes_on_cpu(tmp_path):
+    """The script itself (a GPU lease is 15 minutes: a broken script wastes it): toy shapes, fp32, CPU, the same
+    stages, checkpoints, kill -9 and resume, evaluation, profile window and report."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "bench/gpu_check.py", "--small", "--work", str(tmp_path / "work"),
+                           "--out", str(out), "--steps", "3", "--every", "2", "--clips", "8",
+                           "--eval-per-language", "2", "--batch-seconds", "60", "--timeout", "500"],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    report = (out / "gpu_check_zero2.md").read_text()
+    assert "training exit code 0" in report and "kill -9 at step 6, resume included" in report
+    for stage in ("s1_adapter_asr", "s2_adapter_encoder", "s3_adapter_lora_s2tt"):
+        assert f"| {stage} |" in report
+    # the default window: stage 3's 4th step, or its last one: step 9 of 9, the window cut at the run's end
+    assert "## Profile" in report and "steps 9-9, rank 0, sorted by self_cpu_time_total" in report
+    assert "## Evaluation" in report

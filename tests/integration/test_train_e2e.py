@@ -81,7 +81,9 @@ def reference(corpus, tiny_models, tmp_path_factory):
     """The uninterrupted run every other test compares with."""
     root = tmp_path_factory.mktemp("reference")
     config = write_config(root / "c.yaml", corpus, tiny_models, STAGES, "")
-    proc = run_ds(config, "checkpoint.keep=10", "eval.per_language=2")
+    # the profiler window (steps 4-7) is cut at stage 1's end (step 5)
+    proc = run_ds(config, "checkpoint.keep=10", "eval.per_language=2", "logging.profile_start=3",
+                  "logging.profile_steps=4")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "terminate called" not in proc.stdout + proc.stderr
     # both ranks ran under the collective guard and it checked the run's traffic (ours and DeepSpeed's)
@@ -116,6 +118,17 @@ def test_trains_all_stages_and_loss_falls(reference):
     assert "| en |" in card and "| asr | wer | average |" in card and "train_config.yaml" in card
     assert load_config(reference["out"] / "final" / "train_config.yaml").stages[2].name == "s3_lora"
     assert (reference["out"] / "final.md").read_text().count("average") == 3  # wer, cer, bleu
+
+
+def test_profile_window_on_every_rank(reference):
+    profile = reference["out"] / "profile"
+    assert sorted(p.name for p in profile.iterdir()) == [
+        f"rank{r}_steps4-5.{kind}" for r in (0, 1) for kind in ("top.txt", "trace.json")]
+    for rank in (0, 1):
+        table = (profile / f"rank{rank}_steps4-5.top.txt").read_text()
+        assert table.startswith(f"steps 4-5, rank {rank}, sorted by self_cpu_time_total")
+        events = json.loads((profile / f"rank{rank}_steps4-5.trace.json").read_text())["traceEvents"]
+        assert any(e.get("name") in ("aten::addmm", "aten::mm") for e in events)
 
 
 def weights(ckpt: Path, step: int) -> dict[str, torch.Tensor]:

@@ -1,0 +1,64 @@
+"""A torch.profiler window over a few training steps (`logging.profile_start`, `logging.profile_steps`).
+
+Each rank writes into `<output_dir>/profile/`: `rank{R}_steps{A}-{B}.trace.json` (a Chrome / Perfetto trace, with
+CUDA kernels when the device is a GPU) and `rank{R}_steps{A}-{B}.top.txt` (the operators sorted by their own time,
+the table people read first). The window is counted in global optimizer steps, so a resumed run profiles the same
+steps; a window the run has already passed is not profiled.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+TOP_ROWS = 40
+
+
+class StepProfiler:
+    """Starts torch.profiler before global step `start` + 1 and stops it after step `start` + `steps`; `steps` <= 0
+    or `start` < 0 never profiles. `before_step(step)` and `after_step(step)` take the 0-based index of the step
+    about to run and the count of steps done after it (the trainer's `self.step` before and after)."""
+
+    def __init__(self, out_dir: str | Path, rank: int, start: int, steps: int, device: torch.device):
+        self.out_dir = Path(out_dir)
+        self.rank = rank
+        self.first = start + 1  # the first profiled step, 1-based (as logged)
+        self.last = start + steps
+        self.enabled = start >= 0 and steps > 0
+        self.device = device
+        self._profile: torch.profiler.profile | None = None
+        self.written: list[Path] = []
+
+    def before_step(self, done: int) -> None:
+        if self.enabled and self._profile is None and done + 1 == self.first:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if self.device.type == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self._profile = torch.profiler.profile(activities=activities, record_shapes=True)
+            self._profile.__enter__()
+
+    def after_step(self, done: int) -> None:
+        if self._profile is not None and done >= self.last:
+            self._stop(done)
+
+    def close(self, done: int) -> None:
+        """Ends a window the run left early (a stage's end, a stop signal): what was profiled is still written."""
+        if self._profile is not None:
+            self._stop(done)
+
+    def _stop(self, done: int) -> None:
+        profile, self._profile = self._profile, None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        profile.__exit__(None, None, None)
+        self.enabled = False  # one window a run
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        stem = self.out_dir / f"rank{self.rank}_steps{self.first}-{done}"
+        trace = stem.with_suffix(".trace.json")
+        profile.export_chrome_trace(str(trace))
+        sort_by = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+        table = profile.key_averages().table(sort_by=sort_by, row_limit=TOP_ROWS, max_name_column_width=60)
+        top = stem.with_suffix(".top.txt")
+        top.write_text(f"steps {self.first}-{done}, rank {self.rank}, sorted by {sort_by}\n{table}\n")
+        self.written += [trace, top]
