@@ -17,8 +17,8 @@ TOP_ROWS = 40
 
 class StepProfiler:
     """Starts torch.profiler before global step `start` + 1 and stops it after step `start` + `steps`; `steps` <= 0
-    or `start` < 0 never profiles. `before_step(step)` and `after_step(step)` take the 0-based index of the step
-    about to run and the count of steps done after it (the trainer's `self.step` before and after)."""
+    or `start` < 0 never profiles. `before_step(done)` and `after_step(done, stage_end)` take the trainer's count of
+    steps done before and after a step (so before_step gets the step's 0-based index)."""
 
     def __init__(self, out_dir: str | Path, rank: int, start: int, steps: int, device: torch.device):
         self.out_dir = Path(out_dir)
@@ -38,12 +38,14 @@ class StepProfiler:
             self._profile = torch.profiler.profile(activities=activities, record_shapes=True)
             self._profile.__enter__()
 
-    def after_step(self, done: int) -> None:
-        if self._profile is not None and done >= self.last:
+    def after_step(self, done: int, stage_end: int) -> None:
+        """Stops after the window's last step, or at the stage's last one (`stage_end`, steps done): a window
+        holds training steps only, never the checkpoint, evaluation or stage switch that follow."""
+        if self._profile is not None and done >= min(self.last, stage_end):
             self._stop(done)
 
     def close(self, done: int) -> None:
-        """Ends a window the run left early (a stage's end, a stop signal): what was profiled is still written."""
+        """Ends a window the run left early (a stop signal, an error): what was profiled is still written."""
         if self._profile is not None:
             self._stop(done)
 
@@ -57,7 +59,7 @@ class StepProfiler:
         stem = self.out_dir / f"rank{self.rank}_steps{self.first}-{done}"
         trace = stem.with_suffix(".trace.json")
         profile.export_chrome_trace(str(trace))
-        sort_by = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+        sort_by = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
         table = profile.key_averages().table(sort_by=sort_by, row_limit=TOP_ROWS, max_name_column_width=60)
         top = stem.with_suffix(".top.txt")
         top.write_text(f"steps {self.first}-{done}, rank {self.rank}, sorted by {sort_by}\n{table}\n")

@@ -171,7 +171,7 @@ class Trainer:
             stage.open_stream(self._data_resume(stage) if same_stage else None)
         stage.engine.train()
         code = self._train_until(stage, span.end)
-        self.profiler.close(self.step)  # a window does not cross a stage boundary
+        self.profiler.close(self.step)  # a window the stage left early (a stop signal)
         stage.close_stream()
         if code is not ExitCode.OK:
             return code
@@ -193,7 +193,7 @@ class Trainer:
         while self.step < end:
             self.profiler.before_step(self.step)
             record = stage.train_step(self.step, self.curriculum.lr(self.step), callbacks=self.callbacks)
-            self.profiler.after_step(record.step)
+            self.profiler.after_step(record.step, end)
             if record.skipped:
                 self.bad_steps_in_a_row += 1
                 bad = self.bad_steps_in_a_row
