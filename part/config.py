@@ -458,9 +458,8 @@ def validate(cfg: TrainConfig, source: str | Path = "config") -> None:
               "logging.wandb_project: wandb is not installed (pip install wandb, or logging.wandb_mode: disabled)")
     check(cfg.logging.every >= 1, "logging.every: must be >= 1")
     check(cfg.logging.profile_start >= -1, "logging.profile_start: must be >= 0 (or -1: no profile)")
-    total_steps = sum(stage.steps for stage in cfg.stages)
-    check(cfg.logging.profile_start < total_steps,
-          f"logging.profile_start: {cfg.logging.profile_start} is not before the run's last step ({total_steps})")
+    check(cfg.logging.profile_start < cfg.total_steps,
+          f"logging.profile_start: {cfg.logging.profile_start} is not before the run's last step ({cfg.total_steps})")
     check(cfg.logging.profile_steps >= 1, "logging.profile_steps: must be >= 1")
     check(cfg.eval.num_beams >= 1, "eval.num_beams: must be >= 1")
     check(cfg.eval.batch_size >= 1, "eval.batch_size: must be >= 1")

@@ -37,7 +37,7 @@ def model_card(cfg: TrainConfig, checkpoint: Path, metrics_markdown: str | None,
     lines = [
         f"# {cfg.logging.run_name or Path(cfg.output_dir).name}: a PART Speech LLM",
         "",
-        f"Exported from checkpoint `{checkpoint.name}` (step {sum(s.steps for s in cfg.stages)}). "
+        f"Exported from checkpoint `{checkpoint.name}` (step {cfg.total_steps}). "
         "Load it with `SpeechLLM.from_pretrained` or `python -m part.infer --model <this directory>`.",
         "",
         "## Model",
