@@ -1,6 +1,7 @@
 """Where a trained model's held-out ASR errors come from: the speech side, or the LLM.
 
     python -m part.frame_readout runs/tiny_part          # prints and writes runs/tiny_part/frame_readout.md
+    python -m part.frame_readout runs/tiny_part --blank-penalty 1 --out /tmp/readout_b1.md
 
 Reads a finished run: `<run>/final` (the model, and its resolved config `train_config.yaml`) and the final
 evaluation's ASR hypotheses (`<run>/final_hypotheses.jsonl`). On the same held-out clips it scores the adapter
@@ -28,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
                                      epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("run", help="a finished run's output_dir (holds final/ and final_hypotheses.jsonl)")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--blank-penalty", type=float, default=0.0,
+                        help="subtracted from the blank's logit before the greedy reading (default 0)")
     parser.add_argument("--out", help=f"the markdown table (default: <run>/{OUT_NAME})")
     args = parser.parse_args(argv)
     from part.config import ConfigError, load_config
@@ -42,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, ConfigError) as exc:
         print(f"error: {run}: {exc}", file=sys.stderr)
         return ExitCode.BAD_INPUT
-    rows = readout_rows(model, tokenizer, cfg, hypotheses, args.batch_size)
+    rows = readout_rows(model, tokenizer, cfg, hypotheses, args.batch_size, args.blank_penalty)
     table = readout_table(rows)
     out = Path(args.out) if args.out else run / OUT_NAME
     out.write_text(f"# {run}: the adapter frames' own reading vs the LLM's hypotheses\n\n{table}\n", encoding="utf-8")

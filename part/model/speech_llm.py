@@ -254,14 +254,19 @@ class SpeechLLM(nn.Module):
         return (weights.to(embeddings.dtype).unsqueeze(-1) * embeddings).sum(-2)
 
     @torch.no_grad()
-    def frame_readout(self, batch: Batch) -> list[list[int]]:
+    def frame_readout(self, batch: Batch, blank_penalty: float = 0.0) -> list[list[int]]:
         """What each clip's adapter frames say on their own, read as greedy CTC: every frame's most likely token
         through the LLM's final norm and head, repeats merged, the blank (the pad token) dropped. A word missing
         here was lost on the speech side (encoder, adapter); one present here but not in the hypothesis, by the
-        LLM. One list of ids per clip, in `batch.input_features` order."""
+        LLM. `blank_penalty` is subtracted from the blank's logit first (a CTC decoding knob against deletions).
+        One list of ids per clip, in `batch.input_features` order."""
         encoded = self._encode(batch.input_features, batch.feature_frames, need_logits=True)
+        logits = encoded.logits
+        if blank_penalty:
+            logits = logits.clone()
+            logits[..., self.frame_blank] -= blank_penalty
         readouts = []
-        for row, n in zip(self.frame_tokens_of(encoded.logits.argmax(-1)).tolist(), encoded.lengths.tolist()):
+        for row, n in zip(self.frame_tokens_of(logits.argmax(-1)).tolist(), encoded.lengths.tolist()):
             ids, previous = [], None
             for token in row[:n]:
                 if token != previous and token != self.pad_token_id:

@@ -524,6 +524,10 @@ def test_frame_readout_merges_repeats_drops_blanks_and_stops_at_each_clips_lengt
                            logits=logits, audio=None)
     monkeypatch.setattr(model, "_encode", lambda *args, **kwargs: encoded)
     assert model.frame_readout(make_batch(tok)) == [[5, 5, 7], [9, 9]]
+    # every frame the blank won has token 3 as its runner-up, 0.5 below: a penalty of 0.4 leaves the blank, 0.6 not
+    logits[..., 3] += 0.5 * (frames == blank)
+    assert model.frame_readout(make_batch(tok), blank_penalty=0.4) == [[5, 5, 7], [9, 9]]
+    assert model.frame_readout(make_batch(tok), blank_penalty=0.6) == [[5, 3, 5, 7, 3], [9, 3, 9]]
 
 
 def test_group_lr_makes_param_groups_with_their_scale(model_and_tokenizer):
