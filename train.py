@@ -52,18 +52,15 @@ def print_memory_estimate(cfg, model, world_size: int, device_memory_gb: float |
     """`model`: the skeleton preflight built."""
     import torch
 
-    from part.train.memory import GIB, estimate_stages, evaluation_estimate, memory_table
+    from part.train.memory import GIB, memory_report
 
     if device_memory_gb is None:
         cuda = torch.cuda.is_available()
         device_bytes = torch.cuda.get_device_properties(0).total_memory if cuda else 80 * GIB
     else:
         device_bytes = device_memory_gb * GIB
-    estimates = estimate_stages(cfg, world_size, model)
-    replica = evaluation_estimate(estimates, cfg, sum(p.numel() for p in model.parameters()))
-    table, warnings = memory_table(estimates + ([replica] if replica else []), device_bytes)
-    print(f"estimated memory per rank ({world_size} ranks, ZeRO-{cfg.zero_stage}, {cfg.precision}, "
-          f"device {device_bytes / GIB:.0f} GiB):\n{table}")
+    report, _, warnings = memory_report(cfg, model, world_size, device_bytes)
+    print(report)
     for warning in warnings:
         print(warning)
 

@@ -4,14 +4,14 @@
 
 The recipes point at local copies of openai/whisper-large-v3 and Qwen/Qwen2.5-7B-Instruct. The estimate needs only
 their architectures, so this writes config-only directories of those published shapes (and a small tokenizer:
-the vocabulary size the estimate uses is the LLM config's), points the recipes at them and at a small corpus for
-the data check, and prints the table `train.py --check` prints. The recipes' comments quote its output.
+the vocabulary size the estimate uses is the LLM config's), points the recipes at them and prints the table
+`train.py --check` prints (the same code: part.train.memory.memory_report; the data check is left out, so no
+corpus is needed). The recipes' comments quote its output; tests/unit/test_memory.py checks that they still do.
 """
 
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -40,29 +40,31 @@ def write_shapes(root: Path) -> tuple[Path, Path]:
     return whisper, llm
 
 
+def recipe_report(config: str | Path, shapes: tuple[Path, Path], world_size: int, device_memory_gb: float):
+    """(the table as `train.py --check` prints it, its rows) for one recipe over the config-only model directories
+    `shapes` (write_shapes)."""
+    from part.config import load_config
+    from part.train.memory import GIB, memory_report
+    from part.train.preflight import skeleton
+
+    whisper, llm = shapes
+    cfg = load_config(config, [f"model.encoder.pretrained={whisper}", f"model.llm.pretrained={llm}"])
+    report, rows, warnings = memory_report(cfg, skeleton(cfg), world_size, device_memory_gb * GIB)
+    return "\n".join([report, *warnings]), rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("configs", nargs="*", default=["configs/part_large.yaml", "configs/baseline_large.yaml"])
     parser.add_argument("--world-size", type=int, default=8)
     parser.add_argument("--device-memory-gb", type=float, default=80)
-    parser.add_argument("--corpus", type=Path, default=REPO / "cache" / "corpus",
-                        help="any corpus in this repo's shard layout, for the data check (launch/demo.sh builds one)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        whisper, llm = write_shapes(Path(tmp))
-        code = 0
+        shapes = write_shapes(Path(tmp))
         for config in args.configs:
-            overrides = [f"model.encoder.pretrained={whisper}", f"model.llm.pretrained={llm}",
-                         f"data.train_shards={args.corpus}/train/{{lang}}-*.tar",
-                         f"data.text_shards={args.corpus}/text/{{lang}}-*.tar",
-                         f"data.eval_shards={args.corpus}/eval/{{lang}}-*.tar", "data.languages=[en]",
-                         "data.num_workers=1"]
-            proc = subprocess.run([sys.executable, "train.py", "--config", config, "--check", "--world-size",
-                                   str(args.world_size), "--device-memory-gb", str(args.device_memory_gb),
-                                   *overrides], cwd=REPO, capture_output=True, text=True)
-            print(f"## {config}\n{proc.stdout}{proc.stderr if proc.returncode else ''}", flush=True)
-            code = code or proc.returncode
-    return code
+            report, _ = recipe_report(config, shapes, args.world_size, args.device_memory_gb)
+            print(f"## {config}\n{report}\n", flush=True)
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test suite: sets up the environment, then runs pytest. Extra arguments go to pytest.
-# The default run includes the end-to-end DeepSpeed tests; `-m "not slow"` skips the slowest.
+# The default run (what CI runs) includes the end-to-end DeepSpeed tests; `-m "not slow"` skips them, and
+# `--extended` adds the tests marked `extended` (variants of paths the default covers; a few minutes more).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup_env.sh

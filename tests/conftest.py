@@ -3,6 +3,8 @@ the model directory and real clips the inference tests use.
 
 tests/unit holds fast in-process tests of the library; tests/integration runs the commands (train.py through the
 deepspeed launcher, `python -m part.infer`, ...) in subprocesses. `-m "not slow"` skips the longest launcher runs.
+Tests marked `extended` (variants of paths the default run already covers) are skipped unless `--extended` is
+given: the default run, which CI runs, stays under 15 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -22,6 +24,20 @@ from data_prep.text_sources import default_shared_dir
 REPO = Path(__file__).resolve().parents[1]
 SHARED = default_shared_dir()
 LANGS = "en,de,zh"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--extended", action="store_true",
+                     help="also run the tests marked `extended` (skipped by default to keep the run short)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--extended"):
+        return
+    skip = pytest.mark.skip(reason="extended: run with `bash launch/test.sh --extended`")
+    for item in items:
+        if "extended" in item.keywords:
+            item.add_marker(skip)
 
 
 def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-from scipy.signal import resample_poly
 
 SAMPLE_RATE = 16000
 
@@ -36,6 +35,8 @@ def resample(wave: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
     if orig_sr == target_sr:
         return np.ascontiguousarray(wave, dtype=np.float32)
     g = gcd(orig_sr, target_sr)
+    from scipy.signal import resample_poly  # here, not at the top: scipy.signal costs every rank ~1 s to import
+
     return resample_poly(wave, target_sr // g, orig_sr // g).astype(np.float32)
 
 

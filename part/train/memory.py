@@ -156,3 +156,16 @@ def memory_table(estimates: list[StageMemory], device_bytes: float | None) -> tu
                             f"90% of the device's {device_bytes / GIB:.0f} GiB: lower data.max_batch_seconds / "
                             "data.max_batch_tokens, turn on model.activation_checkpointing, or use more ranks")
     return "\n".join(lines), warnings
+
+
+def memory_report(cfg: TrainConfig, model, world_size: int, device_bytes: float) -> tuple[str, list[StageMemory],
+                                                                                       list[str]]:
+    """What `train.py --check` prints: a heading and the table (the stages, and an evaluation with replicas where
+    there is one), the estimates behind it, and its warnings. `model`: the skeleton (part.train.preflight)."""
+    estimates = estimate_stages(cfg, world_size, model)
+    replica = evaluation_estimate(estimates, cfg, sum(p.numel() for p in model.parameters()))
+    rows = estimates + ([replica] if replica else [])
+    table, warnings = memory_table(rows, device_bytes)
+    heading = (f"estimated memory per rank ({world_size} ranks, ZeRO-{cfg.zero_stage}, {cfg.precision}, "
+               f"device {device_bytes / GIB:.0f} GiB):")
+    return f"{heading}\n{table}", rows, warnings

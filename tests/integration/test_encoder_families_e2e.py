@@ -21,7 +21,8 @@ from part.model.groups import group_parameters
 from part.model.speech_llm import SpeechLLM
 from part.model.tokenizer import load_tokenizer
 
-pytestmark = pytest.mark.slow
+# extended: the launcher path is the default run's (Whisper); WavLM's modules train in-process in test_encoders.py
+pytestmark = [pytest.mark.slow, pytest.mark.extended]
 
 STAGES = "  - {name: s1_top, steps: 3, tasks: {asr: 1.0}, trainable: [adapter, encoder.top.1], lr: 3.0e-3, " \
          "warmup_steps: 0}"

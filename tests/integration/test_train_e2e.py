@@ -226,11 +226,8 @@ def test_resume_exactly_at_a_stage_boundary(reference, tmp_path):
     proc = run_ds(config, "eval.per_language=0", timeout=300)
     assert proc.returncode == 2 and "holds checkpoints of an earlier run" in proc.stderr, proc.stderr[-3000:]
     assert not (tmp_path / "out" / "train_log.jsonl").exists()
-    # the checkpoint's stage (stage 1) training another group: its optimizer state would not fit, refused
-    proc = run_ds(config, "--resume", "eval.per_language=0", "stages.0.trainable=[adapter,encoder.top.1]",
-                  timeout=300)
-    assert proc.returncode == 2 and "stages[0].trainable: ['adapter'] in the checkpoint" in proc.stderr, \
-        proc.stderr[-3000:]
+    # (a --resume whose config changed where a resume cannot follow is refused the same way, exit 2 with the
+    # field named: tests/unit/test_resume_check.py holds those cases)
     # no `latest` pointer (it was not copied): --resume takes the newest complete checkpoint, after its hashes
     proc = run_ds(config, "--resume", "eval.per_language=0")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

@@ -134,7 +134,7 @@ def transcribe(whisper, clips: list[Path], language: str) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    "language", ["en", pytest.param("de", marks=pytest.mark.slow), pytest.param("fr", marks=pytest.mark.slow)]
+    "language", ["en", pytest.param("de", marks=pytest.mark.extended), pytest.param("fr", marks=pytest.mark.extended)]
 )
 def test_converted_model_transcribes_fleurs(whisper, language):
     from part.evaluation.metrics import error_rate

@@ -4,6 +4,9 @@ everything trains, and shrink with what a stage freezes; activations follow the 
 from __future__ import annotations
 
 import dataclasses
+import re
+import sys
+from pathlib import Path
 
 import pytest
 from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
@@ -11,7 +14,10 @@ from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem
 
 from part.config import ActivationCheckpointingConfig, TrainConfig
 from part.model.flops import Shapes, Trainable
-from part.train.memory import StageMemory, activation_bytes, evaluation_estimate, model_state_bytes
+from part.train.memory import GIB, StageMemory, activation_bytes, evaluation_estimate, model_state_bytes
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "bench"))
 
 P, LARGEST = 1_500_000_000, 50_000_000
 
@@ -56,3 +62,40 @@ def test_the_evaluation_replica_adds_a_whole_copy_of_the_weights_to_the_largest_
     assert evaluation_estimate(stages, dataclasses.replace(cfg, zero_stage=2), P) is None  # weights whole already
     cfg.eval.replicate = False
     assert evaluation_estimate(stages, cfg, P) is None  # the engine decodes: nothing more than training
+
+
+@pytest.fixture(scope="module")
+def large_shapes(tmp_path_factory):
+    """Config-only directories of Whisper-large-v3 and Qwen2.5-7B (bench/large_recipe_memory.py)."""
+    from large_recipe_memory import write_shapes
+
+    return write_shapes(tmp_path_factory.mktemp("large_shapes"))
+
+
+def quoted_totals(recipe: Path) -> dict[str, float]:
+    """The per-stage totals a recipe's comment quotes: its table rows (`#   <stage> p g o a total`), or for a
+    one-stage recipe the 'about N GiB' of its memory line."""
+    text = recipe.read_text()
+    rows = {m[1]: float(m[2]) for m in re.finditer(r"^#\s+(\w+)(?:\s+[\d.]+){4}\s+([\d.]+)\s*$", text, re.M)}
+    if not rows:
+        about = re.search(r"^# Memory per rank.*about ([\d.]+) GiB", text, re.M)
+        assert about, f"{recipe} quotes no memory estimate"
+        rows = {"": float(about[1])}
+    return rows
+
+
+@pytest.mark.parametrize("recipe", ["part_large.yaml", "baseline_large.yaml"])
+def test_the_large_recipes_quote_their_current_memory_estimate(recipe, large_shapes):
+    """Every stage fits an 80 GB GPU at the configured batch, and the comment says what --check prints now."""
+    from large_recipe_memory import recipe_report
+
+    path = REPO / "configs" / recipe
+    report, rows = recipe_report(path, large_shapes, world_size=8, device_memory_gb=80)
+    assert "warning" not in report, report
+    estimated = {r.stage: round(r.total / GIB, 1) for r in rows}
+    quoted = quoted_totals(path)
+    if "" in quoted:  # one stage
+        assert list(estimated.values()) == [quoted[""]], (estimated, quoted)
+    else:
+        assert estimated == quoted, f"{recipe}: the comment quotes {quoted}, --check estimates {estimated}"
+    assert max(estimated.values()) < 0.9 * 80
