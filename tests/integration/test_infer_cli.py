@@ -1,5 +1,7 @@
 """The `python -m part.infer` command in a subprocess: JSONL and TSV output, --skip-bad, and exit status 2 with a
-message naming the problem (no traceback) for bad files, bad task arguments and a directory that is not a model."""
+message naming the problem (no traceback) for bad files, bad task arguments and a directory that is not a model
+(one of those through a subprocess, the others through part.infer.main in this process: the same code, without
+a Python start-up each)."""
 
 import json
 
@@ -13,6 +15,18 @@ pytestmark = IGNORE_INPUTS_EMBEDS_WARNING
 
 def cli(*args: str):
     return run(["python", "-m", "part.infer", *args])
+
+
+def cli_in_process(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
+    """part.infer's main as the command runs it: (exit status, stdout, stderr)."""
+    from part import infer
+
+    try:
+        code = infer.main(list(args))
+    except SystemExit as exc:  # argparse's errors
+        code = exc.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
 def test_cli_jsonl_matches_transcribe(model_dir, loaded, tmp_path, durations):
@@ -46,7 +60,7 @@ def test_cli_tsv_with_skip_bad(model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing", "broken", "too_long", "no_target", "same_target", "not_a_model"])
-def test_cli_errors_exit_2_and_name_the_problem(case, model_dir, tmp_path):
+def test_cli_errors_exit_2_and_name_the_problem(case, model_dir, tmp_path, capsys):
     broken = tmp_path / "broken.flac"
     broken.write_bytes(b"fLaC" + bytes(100))
     args = {
@@ -58,7 +72,12 @@ def test_cli_errors_exit_2_and_name_the_problem(case, model_dir, tmp_path):
         "not_a_model": (["--language", "en", FLAC], "part_model.json"),
     }[case]
     model = tmp_path if case == "not_a_model" else model_dir
-    proc = cli("--model", str(model), "--device", "cpu", "--max-new-tokens", "2", *args[0])
-    assert proc.returncode == 2, proc.stderr
-    assert args[1] in proc.stderr
-    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    argv = ["--model", str(model), "--device", "cpu", "--max-new-tokens", "2", *args[0]]
+    if case == "missing":
+        proc = cli(*argv)
+        code, out, err = proc.returncode, proc.stdout, proc.stderr
+    else:
+        code, out, err = cli_in_process(capsys, *argv)
+    assert code == 2, err
+    assert args[1] in err
+    assert "Traceback" not in err and out == ""
