@@ -27,6 +27,7 @@ from part.config import load_config
 from part.model.groups import group_parameters
 from part.model.speech_llm import SpeechLLM
 from part.model.tokenizer import load_tokenizer
+from part.train.checkpoint import read_data_state, read_trainer_state, step_of, verify_sums
 from part.train.launcher import deepspeed_command, free_port
 
 pytestmark = pytest.mark.slow
@@ -341,10 +342,10 @@ def test_two_nodes_then_single_node_resume(corpus, tiny_models, tmp_path):
     assert sorted(losses(tmp_path / "out")) == [1, 2, 3, 4, 5]  # 1-3 from the two nodes, 4-5 resumed
 
 
-def test_sigterm_to_the_launch_script_checkpoints_then_resumes(reference, tmp_path):
-    """SIGTERM to launch/single_node.sh (what SLURM or Kubernetes send before preemption) reaches every rank: all
-    write a checkpoint at the next step boundary and stop (exit 6; the launcher exits as terminated), no
-    process of the run is left; --resume then goes on with the uninterrupted run's losses."""
+def sigterm_the_launch_script(reference, tmp_path) -> Path:
+    """SIGTERM to launch/single_node.sh (what SLURM or Kubernetes send before preemption) inside stage 1: every rank
+    writes a checkpoint at the next step boundary and stops (exit 6; the launcher exits as terminated), and no
+    process of the run is left. Returns the run's config."""
     config = tmp_path / "c.yaml"
     config.write_text(reference["config"].read_text().replace(str(reference["root"]), str(tmp_path)))
     launcher = Path(sys.executable).parent / "deepspeed"
@@ -369,6 +370,22 @@ def test_sigterm_to_the_launch_script_checkpoints_then_resumes(reference, tmp_pa
     time.sleep(1)
     orphans = [p.pid for p in psutil.process_iter(["cmdline"]) if str(config) in " ".join(p.info["cmdline"] or [])]
     assert not orphans, orphans
+    return config
+
+
+def test_sigterm_to_the_launch_script_checkpoints_and_stops_every_rank(reference, tmp_path):
+    sigterm_the_launch_script(reference, tmp_path)
+    # the signal's checkpoint is one --resume takes: complete (its hashes), at the step it stopped, with both ranks'
+    # data positions (resuming such a mid-stage checkpoint exactly: the kill -9 test)
+    latest = tmp_path / "ckpt" / (tmp_path / "ckpt" / "latest").read_text().strip()
+    assert verify_sums(latest) is None
+    assert read_trainer_state(latest)["step"] == step_of(latest)
+    assert read_data_state(latest, 0) and read_data_state(latest, 1)
+
+
+@pytest.mark.extended  # resuming a mid-stage checkpoint is the kill -9 test's, in the default run
+def test_sigterm_then_resume_matches_uninterrupted(reference, tmp_path):
+    config = sigterm_the_launch_script(reference, tmp_path)
     proc = run_ds(config, "--resume", "eval.per_language=0")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     got, ref = losses(tmp_path / "out"), losses(reference["out"])
