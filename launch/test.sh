@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test suite: sets up the environment, then runs pytest. Extra arguments go to pytest.
-# The default run (what CI runs) includes the end-to-end DeepSpeed tests; `-m "not slow"` skips them, and
+# The default run (what CI runs) includes the end-to-end DeepSpeed tests; `-m "not slow"` skips most of them
+# (the overfit guard and a launcher smoke test stay), and
 # `--extended` adds the tests marked `extended` (variants of paths the default covers; a few minutes more).
 set -euo pipefail
 cd "$(dirname "$0")/.."
