@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, write_config
+from conftest import REPO, call_main, write_config
 
 import train
 
@@ -16,9 +16,7 @@ ONE_STAGE = "  - {name: s1, steps: 4, tasks: {asr: 1.0}, trainable: [adapter], l
 
 def check(capsys: pytest.CaptureFixture, path, *args: str) -> tuple[int, str, str]:
     """train.py --check in this process: (exit code, stdout, stderr)."""
-    code = train.main(["--config", str(path), "--check", *args])
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return call_main(train.main, ["--config", str(path), "--check", *args], capsys)
 
 
 def test_check_fails_before_any_process(tmp_path, corpus, tiny_models, capsys):

@@ -6,8 +6,21 @@ a Python start-up each)."""
 import json
 
 import pytest
-from conftest import AIFF, FIELDS, FLAC, IGNORE_INPUTS_EMBEDS_WARNING, LONG, OGG, TOKENS, WAV, check_records, run
+from conftest import (
+    AIFF,
+    FIELDS,
+    FLAC,
+    IGNORE_INPUTS_EMBEDS_WARNING,
+    LONG,
+    OGG,
+    TOKENS,
+    WAV,
+    call_main,
+    check_records,
+    run,
+)
 
+from part import infer
 from part.model.inference import transcribe
 
 pytestmark = IGNORE_INPUTS_EMBEDS_WARNING
@@ -15,18 +28,6 @@ pytestmark = IGNORE_INPUTS_EMBEDS_WARNING
 
 def cli(*args: str):
     return run(["python", "-m", "part.infer", *args])
-
-
-def cli_in_process(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
-    """part.infer's main as the command runs it: (exit status, stdout, stderr)."""
-    from part import infer
-
-    try:
-        code = infer.main(list(args))
-    except SystemExit as exc:  # argparse's errors
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_cli_jsonl_matches_transcribe(model_dir, loaded, tmp_path, durations):
@@ -77,7 +78,7 @@ def test_cli_errors_exit_2_and_name_the_problem(case, model_dir, tmp_path, capsy
         proc = cli(*argv)
         code, out, err = proc.returncode, proc.stdout, proc.stderr
     else:
-        code, out, err = cli_in_process(capsys, *argv)
+        code, out, err = call_main(infer.main, argv, capsys)
     assert code == 2, err
     assert args[1] in err
     assert "Traceback" not in err and out == ""
