@@ -59,10 +59,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--world-size", type=int, default=8)
     parser.add_argument("--device-memory-gb", type=float, default=80)
     args = parser.parse_args(argv)
+    from part.config import ConfigError
+
     with tempfile.TemporaryDirectory() as tmp:
         shapes = write_shapes(Path(tmp))
         for config in args.configs:
-            report, _ = recipe_report(config, shapes, args.world_size, args.device_memory_gb)
+            try:
+                report, _ = recipe_report(config, shapes, args.world_size, args.device_memory_gb)
+            except ConfigError as exc:  # as train.py --check reports it: the file and the field, exit 2
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
             print(f"## {config}\n{report}\n", flush=True)
     return 0
 
