@@ -151,7 +151,7 @@ def resolve_config(args: argparse.Namespace, scratch: Path) -> tuple[object, lis
         f"data.eval_shards={corpus}/eval/{{lang}}-*.tar", f"data.languages=[{langs}]",
         f"ds_config={REPO}/ds_configs/zero3_cpu.json", "precision=fp32",
         # the tiny models have no Whisper decoder to give frame targets: every stage trains on the LM loss
-        "model.frame_weight=0",
+        "model.alignment=null",
     ]
     for i, stage in enumerate(raw.get("stages") or []):
         overrides += [f"stages.{i}.languages=null", f"stages.{i}.lm_loss=true"]

@@ -184,7 +184,6 @@ class Bench:
         dtype = self.stage.features_dtype
         seed_everything(cfg.seed + self.args.stage)
         model = SpeechLLM(cfg.model, self.tokenizer).to(self.dist.device, dtype)  # what the engine trains in
-        model.frame_teacher = self.stage.model.frame_teacher  # the frame loss's teacher, when configured
         set_trainable(model, stage.trainable)
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = build_optimizer(model, cfg.optim, self.curriculum.lr(self.step_index))

@@ -50,7 +50,8 @@ if [ ! -f cache/whisper-llm/config.json ]; then
   rm -rf cache/whisper-llm && mv cache/whisper-llm.partial cache/whisper-llm
 fi
 read -r output_dir frame_vocabulary < <(python -c "import sys; from part.config import load_config
-cfg = load_config(sys.argv[1], sys.argv[2:]); print(cfg.output_dir, cfg.model.frame_vocabulary or '')" "$CONFIG" "$@")
+cfg = load_config(sys.argv[1], sys.argv[2:]); al = cfg.model.alignment
+print(cfg.output_dir, (al.vocabulary if al else None) or '')" "$CONFIG" "$@")
 if [ -n "$frame_vocabulary" ] && [ ! -f "$frame_vocabulary" ]; then
   stamp "5/6 frame vocabulary: the training transcripts' tokens, which the adapter's frames are classified over"
   python -m part.frame_vocabulary --config "$CONFIG" "$@"

@@ -18,7 +18,6 @@ import yaml
 from part.model.groups import KNOWN_GROUPS, find_group
 
 TASKS = ("asr", "s2tt", "mt", "text")
-ADAPTER_READOUTS = ("embeddings", "vocabulary")
 FRAME_TARGETS = ("centre", "span")
 SPEECH_TASKS = ("asr", "s2tt")
 PRECISIONS = ("bf16", "fp32")
@@ -52,12 +51,6 @@ class AdapterConfig:
     # embedding: a frozen LLM then first reads the audio as ordinary (average) tokens. Ignored when loading a
     # trained model.
     init_from_embeddings: bool = True
-    # What the LLM reads in the audio slot. `embeddings`: the adapter's outputs as they are. `vocabulary`: each
-    # frame's posterior over the LLM's tokens (the frame through the LLM's final norm and output head, divided by
-    # readout_temperature) weighting the LLM's token embeddings: a frozen LLM reads such frames as the tokens they
-    # name, which it cannot do with raw frames trained through the head (measured: docs/issue13_stage1_4lang.md).
-    readout: str = "embeddings"
-    readout_temperature: float = 0.2
 
 
 @dataclass
@@ -89,6 +82,45 @@ class ActivationCheckpointingConfig:
 
 
 @dataclass
+class CtcConfig:
+    """CTC of the adapter's frames against each speech sample's transcript tokens (no teacher)."""
+
+    weight: float = 1.0
+
+
+@dataclass
+class FrameTargetsConfig:
+    """Per-frame targets from word timings: a Whisper checkpoint's alignment heads force-align the transcript, and
+    the LLM's tokens take the time spans of the characters they cover (any tokenizer)."""
+
+    weight: float = 1.0
+    # `centre`: each token at the frame of its span's centre, the blank elsewhere (cross-entropy per frame);
+    # `span`: each token in at least one frame of its span, the blank outside every span (as a CTC model emits it).
+    targets: str = "centre"
+    teacher: str | None = None  # a Whisper directory with its decoder and alignment heads; default: the encoder's
+
+
+@dataclass
+class ReadoutConfig:
+    """The LLM reads each frame as its token embeddings weighted by the frame's posterior over the frame classes,
+    sharpened by `temperature`: a frozen LLM reads such frames as the tokens they name."""
+
+    temperature: float = 0.2
+
+
+@dataclass
+class AlignmentConfig:
+    """The frames read through the LLM's final norm and output head, as the LLM reads its last hidden state."""
+
+    # A JSON file of the token ids the frames are classified over (the training transcripts' tokens, written by
+    # `python -m part frame_vocabulary`); None: the LLM's whole vocabulary.
+    vocabulary: str | None = None
+    ctc: CtcConfig | None = None
+    frame_targets: FrameTargetsConfig | None = None
+    readout: ReadoutConfig | None = None
+
+
+@dataclass
 class ModelConfig:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
@@ -97,25 +129,8 @@ class ModelConfig:
     # flash_attn package). The encoder runs sdpa (eager when this is eager): its padding mask is an additive one.
     attn_implementation: str = "sdpa"
     activation_checkpointing: ActivationCheckpointingConfig = field(default_factory=ActivationCheckpointingConfig)
-    # Weight of an auxiliary CTC loss on the adapter's outputs, read through the LLM's output head, against the
-    # transcript's tokens (every speech sample, ASR or S2TT). 0: off. It gives the adapter a per-frame signal
-    # towards the LLM's token embeddings, which speeds up the speech-text alignment the LLM loss finds slowly.
-    ctc_weight: float = 0.0
-    # Weight of a frame-level loss on the adapter's frames (read as the CTC loss reads them) against the
-    # transcript tokens' time spans. The spans come, inside the step, from the encoder's own Whisper checkpoint
-    # (its decoder's alignment heads over the encoder's outputs: part/model/whisper_align.py), so this needs a
-    # Whisper encoder directory with its decoder and an LLM sharing Whisper's vocabulary (the stand-in). 0: off.
-    frame_weight: float = 0.0
-    # What the frame loss asks of each token: `centre`: cross-entropy against one target per frame, the token at
-    # the frame of its span's centre and the pad token elsewhere; `span`: the token in at least one frame of its
-    # span, pad or the token on the rest of it, pad outside every span (as a CTC model emits it; long words are
-    # not taught to be pad on all but one of their frames).
-    frame_targets: str = "centre"
-    # A JSON file of the token ids the adapter's frames are classified over (the frame losses, the vocabulary
-    # readout), written by `python -m part.frame_vocabulary --config CONFIG` from the training transcripts; None:
-    # the LLM's whole vocabulary. Measured on the default (docs/issue13_stage1_4lang.md): the head over every frame
-    # is the largest cost of an adapter-only step, and a frame can only learn the tokens its transcripts hold.
-    frame_vocabulary: str | None = None
+    # Auxiliary objectives on the adapter's frames (part/objectives/); None: the LM loss alone.
+    alignment: AlignmentConfig | None = None
 
 
 @dataclass
@@ -149,7 +164,7 @@ class StageConfig:
     group_lr: dict[str, float] = field(default_factory=dict)
     warmup_steps: int = 10
     min_lr_ratio: float = 0.1
-    # false: the stage trains on the frame loss alone (model.frame_weight) and the LLM never runs (a within-language
+    # false: the stage trains on the auxiliary losses alone (model.alignment) and the LLM never runs (a within-language
     # adapter stage at a fraction of the step's cost).
     lm_loss: bool = True
 
@@ -343,6 +358,12 @@ def to_dict(cfg: TrainConfig) -> dict:
 # ---------------------------------------------------------------- validation
 
 
+def auxiliary_losses(m: ModelConfig) -> bool:
+    """Whether the model has a loss besides the LM loss (a stage may then train without the LLM running)."""
+    al = m.alignment
+    return al is not None and any(t is not None and t.weight > 0 for t in (al.ctc, al.frame_targets))
+
+
 def validate(cfg: TrainConfig, source: str | Path = "config") -> None:
     errors: list[str] = []
 
@@ -359,20 +380,15 @@ def validate(cfg: TrainConfig, source: str | Path = "config") -> None:
         check(name is None or not Path(name).is_dir() or (Path(name) / "config.json").is_file(),
               f"{where}: '{name}' is not a model directory (no config.json)")
     check(m.llm.pretrained is not None, "model.llm.pretrained: a causal LM directory is required")
-    check(m.ctc_weight >= 0, "model.ctc_weight: must be >= 0")
-    check(m.frame_weight >= 0, "model.frame_weight: must be >= 0")
-    check(m.frame_targets in FRAME_TARGETS,
-          f"model.frame_targets: '{m.frame_targets}' is not one of {', '.join(FRAME_TARGETS)}")
-    check(m.adapter.readout in ADAPTER_READOUTS,
-          f"model.adapter.readout: '{m.adapter.readout}' is not one of {', '.join(ADAPTER_READOUTS)}")
-    check(m.adapter.readout_temperature > 0, "model.adapter.readout_temperature: must be > 0")
-    if m.frame_weight > 0 and m.encoder.pretrained and Path(m.encoder.pretrained).is_dir():
-        from part.model.whisper_align import alignment_heads_problem
-
-        problem = alignment_heads_problem(m.encoder.pretrained)
-        check(problem is None, f"model.frame_weight: the frame targets need {problem}")
-    check(m.frame_weight == 0 or bool(m.encoder.pretrained),
-          "model.frame_weight: the frame targets need a pretrained Whisper encoder (model.encoder.pretrained)")
+    if (al := m.alignment) is not None:
+        check(al.ctc is None or al.ctc.weight >= 0, "model.alignment.ctc.weight: must be >= 0")
+        if al.frame_targets is not None:
+            check(al.frame_targets.weight >= 0, "model.alignment.frame_targets.weight: must be >= 0")
+            check(al.frame_targets.targets in FRAME_TARGETS, f"model.alignment.frame_targets.targets: "
+                  f"'{al.frame_targets.targets}' is not one of {', '.join(FRAME_TARGETS)}")
+            check(bool(al.frame_targets.teacher or m.encoder.pretrained), "model.alignment.frame_targets.teacher: "
+                  "needed when the encoder is not a pretrained Whisper directory (model.encoder.pretrained)")
+        check(al.readout is None or al.readout.temperature > 0, "model.alignment.readout.temperature: must be > 0")
     check(m.attn_implementation in ATTENTION_IMPLEMENTATIONS,
           f"model.attn_implementation: '{m.attn_implementation}' is not one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
     if m.attn_implementation == "flash_attention_2":
@@ -405,8 +421,9 @@ def validate(cfg: TrainConfig, source: str | Path = "config") -> None:
         check(s.lr > 0, f"{where}.lr: must be > 0")
         check(0 <= s.warmup_steps <= s.steps, f"{where}.warmup_steps: must be between 0 and steps")
         check(0 <= s.min_lr_ratio <= 1, f"{where}.min_lr_ratio: must be in [0, 1] (a fraction of lr)")
-        check(s.lm_loss or m.frame_weight > 0,
-              f"{where}.lm_loss: false leaves the stage no loss (set model.frame_weight > 0)")
+        check(s.lm_loss or auxiliary_losses(m),
+              f"{where}.lm_loss: false leaves the stage no loss (configure model.alignment.ctc or "
+              "model.alignment.frame_targets)")
         check(s.lm_loss or set(s.tasks) <= {"asr"},
               f"{where}.lm_loss: false trains only on transcripts (tasks: {{asr: 1.0}}), not {sorted(s.tasks)}")
         check(s.tasks.get("s2tt", 0) <= 0 and s.tasks.get("mt", 0) <= 0 or bool(s.translation_targets),

@@ -1,7 +1,7 @@
 """Writes the frame vocabulary a config names: the tokens of its training transcripts, which the adapter's frames
-are classified over (`model.frame_vocabulary`; see part/model/frame_vocabulary.py).
+are classified over (`model.alignment.vocabulary`; see part/objectives/frame_vocabulary.py).
 
-    python -m part.frame_vocabulary --config configs/tiny_part.yaml      # writes model.frame_vocabulary's file
+    python -m part.frame_vocabulary --config configs/tiny_part.yaml      # writes model.alignment.vocabulary's file
 
 Reads `data.train_shards` for `data.languages` (every transcript, tokenised by the LLM's tokenizer as the training
 stream tokenises it) and writes the sorted token ids with where they came from. Build it again when the corpus,
@@ -21,22 +21,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m part.frame_vocabulary", description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--config", required=True, help="the training config (YAML)")
-    parser.add_argument("--out", help="where to write it (default: the config's model.frame_vocabulary)")
+    parser.add_argument("--out", help="where to write it (default: the config's model.alignment.vocabulary)")
     parser.add_argument("overrides", nargs="*", help="config overrides, key=value (as train.py takes them)")
     args = parser.parse_args(argv)
     from part.config import ConfigError, load_config
     from part.data.vocabulary import transcript_token_counts
-    from part.model.frame_vocabulary import write_frame_vocabulary
     from part.model.tokenizer import load_tokenizer
+    from part.objectives.frame_vocabulary import write_frame_vocabulary
 
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return ExitCode.BAD_INPUT
-    out = args.out or cfg.model.frame_vocabulary
+    out = args.out or (cfg.model.alignment.vocabulary if cfg.model.alignment else None)
     if not out:
-        print(f"error: {args.config}: model.frame_vocabulary is not set (or give --out)", file=sys.stderr)
+        print(f"error: {args.config}: model.alignment.vocabulary is not set (or give --out)", file=sys.stderr)
         return ExitCode.BAD_INPUT
     tokenizer_dir = cfg.model.llm.tokenizer or cfg.model.llm.pretrained
     tokenizer = load_tokenizer(tokenizer_dir)

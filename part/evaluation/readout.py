@@ -21,16 +21,19 @@ def final_asr_hypotheses(run_dir: Path) -> dict[tuple[str, str], str]:
 @torch.no_grad()
 def readout_rows(model, tokenizer, cfg, hypotheses: dict[tuple[str, str], str], batch_size: int = 8,
                  blank_penalty: float = 0.0) -> list[dict]:
-    """Per language of `cfg.data.languages`: the error rate of the frames' reading (`SpeechLLM.frame_readout`
+    """Per language of `cfg.data.languages`: the error rate of the frames' reading (`FrameAlignment.greedy_reading`
     with `blank_penalty`) and of the hypotheses, on the held-out clips (`cfg.eval.per_language` of them, as the
     evaluation takes them) that have a hypothesis."""
+    from part.objectives.frames import frame_alignment
+
     model.eval()
+    reader = frame_alignment(model)
     rows = []
     for lang in cfg.data.languages:
         refs, frames, llm = [], [], []
         for batch in eval_batches(cfg.data, [lang], ["asr"], [], cfg.eval.per_language, batch_size, tokenizer,
                                   model.audio_features, 0, 1):
-            for meta, ids in zip(batch.meta, model.frame_readout(batch, blank_penalty)):
+            for meta, ids in zip(batch.meta, reader.greedy_reading(model, batch, blank_penalty)):
                 if (lang, meta.key) in hypotheses:
                     refs.append(meta.reference)
                     frames.append(tokenizer.decode(ids, skip_special_tokens=True).strip())

@@ -95,8 +95,8 @@ class Shapes:
     vocab: int
     lora_rank: int  # 0: no LoRA
     lora_targets: tuple[str, ...]
-    frame_head: bool  # the output head also runs on every adapter frame (CTC or frame loss, vocabulary readout)
-    frame_classes: int = 0  # the rows of that head (model.frame_vocabulary); 0: the whole vocabulary
+    frame_head: bool  # the output head also runs on every adapter frame (the objectives of part/objectives)
+    frame_classes: int = 0  # the rows of that head (the objectives' frame classes); 0: the whole vocabulary
     # The encoder beyond Whisper's shapes (part/model/encoders.py, `EncoderFamily.cost_shapes`; the defaults are
     # Whisper's): its front end's forward operations per encoder frame (None: Whisper's two convolutions over
     # n_mels), each layer's operations per frame beyond attention and a two-product feed-forward, its products of
@@ -133,9 +133,8 @@ class Shapes:
             llm_kv_dim=kv_heads * head_dim, llm_ffn=ffn, llm_gated=gated, llm_out_proj=out_proj,
             vocab=c.vocab_size,  # the config, not the weight: ZeRO-3 partitions leave it empty
             lora_rank=lora.rank if lora else 0, lora_targets=tuple(lora.target_modules) if lora else (),
-            frame_head=(model.cfg.ctc_weight > 0 or model.cfg.frame_weight > 0
-                        or model.cfg.adapter.readout != "embeddings"),
-            frame_classes=0 if model.frame_token_ids is None else len(model.frame_token_ids),
+            frame_head=any(o.head_rows(c.vocab_size) for o in model.objectives),
+            frame_classes=sum(o.head_rows(c.vocab_size) for o in model.objectives),
         )
 
 

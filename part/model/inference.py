@@ -130,7 +130,7 @@ def transcribe(model, tokenizer, paths: list[str], task: str, language: str, tar
     undecodable or too long (> 30 s) file raises InferError naming it; with `skip_bad` it is reported on stderr
     and its dict has `error` (the reason) and text None. The model is moved to `device`/`dtype` and put in eval
     mode. `on_result(i, record)` is called as each file's result is ready (batches run longest first). With
-    `frames`, each dict also has `frames`: the adapter frames' own reading (`SpeechLLM.frame_readout`) as text.
+    `frames`, each dict also has `frames`: the adapter frames' own reading (`FrameAlignment.greedy_reading`) as text.
     """
     from part.data.batching import collate
     from part.data.samples import Sample, encode_text
@@ -169,6 +169,10 @@ def transcribe(model, tokenizer, paths: list[str], task: str, language: str, tar
     batches = [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
     start, done_files, done_seconds = time.time(), 0, 0.0
     last_report = start
+    if frames:
+        from part.objectives.frames import frame_alignment
+
+        reader = frame_alignment(model)
     try:
         with torch.inference_mode():
             for b, members in enumerate(batches):
@@ -200,7 +204,7 @@ def transcribe(model, tokenizer, paths: list[str], task: str, language: str, tar
                     raise RuntimeError(f"collate dropped clips of a batch ({dict(counters)})")
                 batch = batch.to(device, dtype)
                 outputs = model.generate(batch, max_new_tokens=max_new_tokens, num_beams=beams)
-                readouts = model.frame_readout(batch) if frames else [None] * len(samples)
+                readouts = reader.greedy_reading(model, batch) if frames else [None] * len(samples)
                 for sample, ids, readout in zip(samples, outputs, readouts):
                     record = {
                         "audio": sample.shard, "task": task, "language": language, "target": target,

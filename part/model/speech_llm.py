@@ -24,11 +24,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBa
 from part.config import EncoderConfig, LoraConfig, ModelConfig, build_config
 from part.model.adapter import Adapter
 from part.model.encoders import AudioFeatures, EncoderFamily, encoder_family, family_for
-from part.model.frame_vocabulary import FILE_NAME as FRAME_VOCABULARY_FILE
-from part.model.frame_vocabulary import read_frame_vocabulary, write_frame_vocabulary
 from part.model.groups import EncoderLayout
 from part.model.tokenizer import load_tokenizer, suppressed_token_ids
-from part.model.whisper_align import frame_owners, frame_targets
 from part.prompts import AUDIO_TOKEN, PromptFormat
 
 if TYPE_CHECKING:
@@ -36,14 +33,10 @@ if TYPE_CHECKING:
 
 IGNORE = -100
 WEIGHTS_NAME = "model.safetensors"
+OBJECTIVES_DIR = "objectives"  # a saved model's files of its objectives (Objective.save)
 # Where decoder-only LLMs in transformers keep the norm before their output head: Llama/Qwen/Mistral/Gemma,
 # OPT (and the Whisper-decoder stand-in), GPT-2.
 FINAL_NORM_NAMES = ("norm", "final_layer_norm", "ln_f")
-# The vocabulary readout mixes each frame's most likely tokens only: at the readout's low temperature they hold
-# nearly all the posterior's mass, and their embeddings come through the embedding module (ZeRO-3 gathers it),
-# not as the whole [vocab, width] matrix.
-READOUT_TOP_K = 16
-WHISPER_SECONDS_PER_FRAME = 0.02  # a Whisper encoder's output frame (the frame targets' teacher reads those)
 
 
 @dataclasses.dataclass
@@ -54,39 +47,14 @@ class EncodedAudio:
     state_lengths: torch.Tensor  # [clips]
     frames: torch.Tensor  # [clips, frames, LLM width]: the adapter's outputs
     lengths: torch.Tensor  # [clips] valid adapter frames
-    logits: torch.Tensor | None  # [clips, frames, vocab]: the frames through the LLM's final norm and head
-    audio: torch.Tensor  # what the LLM reads in the audio slot (the frames, or their vocabulary readout)
+    audio: torch.Tensor  # what the LLM reads in the audio slot (the frames, unless an objective reads them anew)
+    cache: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # the objectives' own tensors
 
 
 def build_encoder(cfg: EncoderConfig, weights: bool = True, attn_implementation: str = "sdpa") -> nn.Module:
     """The encoder `cfg` names: its pretrained directory's family and weights (with `weights=False`, its
     architecture only), or a fresh Whisper-style one from the config (part/model/encoders.py)."""
     return family_for(cfg).build(weights=weights and bool(cfg.pretrained), attn_implementation=attn_implementation)
-
-
-def span_frame_loss(log_probs: torch.Tensor, tokens: torch.Tensor, owners: torch.Tensor, blank: int) -> torch.Tensor:
-    """The frame loss with token spans (`model.frame_targets: span`), over N frames: `log_probs` [N, vocab];
-    `owners` [N]: the index of the token whose span holds the frame (`whisper_align.frame_owners`, numbered across
-    the batch), -1 where none does; `tokens` [N]: that token's class in `log_probs` (`blank` where none).
-    Mean over frames of -log(p(token) + p(blank)) (-log p(blank) outside every span), plus mean over tokens of
-    -log of the sum over their frames of p(token): each token emitted in at least one frame of its span and only
-    there, blank elsewhere, as a CTC model emits it. A long word is not told to be blank on all but its centre
-    frame (`centre`), nor to fill its span (measured: repeats everywhere, not the CTC-style slot the LLM reads)."""
-    lp_token = log_probs.gather(1, tokens[:, None])[:, 0]
-    lp_blank = log_probs[:, blank]
-    owned = owners >= 0
-    frame = torch.where(owned, torch.logaddexp(lp_token, lp_blank), lp_blank).mean()
-    if not bool(owned.any()):
-        return -frame
-    segment, values = owners[owned], lp_token[owned]
-    count = int(segment.max()) + 1
-    # log-sum-exp per token over its frames, shifted by each token's max for stability
-    peak = torch.full((count,), float("-inf"), device=values.device).scatter_reduce(
-        0, segment, values.detach(), "amax", include_self=True)
-    total = torch.zeros(count, device=values.device, dtype=values.dtype).index_add(
-        0, segment, (values - peak[segment]).exp())
-    present = torch.isfinite(peak)  # tokens numbered but owning no frame (dropped) have no term
-    return -frame - (total[present].log() + peak[present]).mean()
 
 
 class SpeechLLM(nn.Module):
@@ -130,59 +98,13 @@ class SpeechLLM(nn.Module):
         self.end_token_id = tokenizer.convert_tokens_to_ids(self.prompt_format.end_token)
         self.pad_token_id = tokenizer.pad_token_id
         self.suppressed_token_ids = suppressed_token_ids(tokenizer, self.prompt_format)
-        self._init_frame_vocabulary(saved_configs)
-        # Set by the trainer when model.frame_weight > 0 (part/model/whisper_align.py FrameTargetTeacher): a frozen
-        # Whisper decoder, outside the module tree so that ZeRO and checkpoints never see it.
-        self.frame_teacher = None
+        # Auxiliary objectives on the adapter's frames (model.alignment), built for this model; none by default.
+        self.objectives = nn.ModuleList()
+        if cfg.alignment is not None:
+            from part.objectives import build_objectives
 
-    def _init_frame_vocabulary(self, saved_configs: Path | None) -> None:
-        """The classes of `frame_logits`: the tokens of `model.frame_vocabulary` (a saved model's own copy when
-        built from one), or the whole vocabulary. Buffers, not weights: they follow the model to its device and stay
-        out of its state dict (the file is the saved form)."""
-        file = self.cfg.frame_vocabulary
-        if file is None:
-            self.register_buffer("frame_token_ids", None, persistent=False)  # class -> token id: the identity
-            self.register_buffer("frame_class_of_token", None, persistent=False)
-            self.frame_blank = self.pad_token_id
-            return
-        if saved_configs is not None:
-            file = saved_configs / FRAME_VOCABULARY_FILE
-        embeddings = self.llm.get_input_embeddings()
-        ids = read_frame_vocabulary(file, embeddings.num_embeddings, blank=self.pad_token_id)
-        token_ids = torch.tensor(ids, dtype=torch.long)
-        class_of_token = torch.full((embeddings.num_embeddings,), -1, dtype=torch.long)
-        class_of_token[token_ids] = torch.arange(len(ids))
-        self.register_buffer("frame_token_ids", token_ids, persistent=False)
-        self.register_buffer("frame_class_of_token", class_of_token, persistent=False)
-        self.frame_blank = ids.index(self.pad_token_id)
-        # The rows of a tied head are the embedding module's (ZeRO-3 gathers them through its call); any other head
-        # runs whole, its logits then cut to the classes (correct, not faster).
-        head = self.base_llm.get_output_embeddings()
-        self._frame_rows_from_embeddings = (type(embeddings) is nn.Embedding and head.weight is embeddings.weight
-                                            and getattr(head, "bias", None) is None)
-
-    @property
-    def frame_classes(self) -> int:
-        """How many classes `frame_logits` scores each frame over."""
-        if self.frame_token_ids is None:
-            return self.llm.get_input_embeddings().num_embeddings
-        return len(self.frame_token_ids)
-
-    def frame_classes_of(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """`frame_logits`' class of each token id; a ValueError naming the tokens outside the frame vocabulary."""
-        if self.frame_class_of_token is None:
-            return token_ids
-        classes = self.frame_class_of_token[token_ids]
-        if (classes < 0).any():
-            missing = token_ids[classes < 0].unique().tolist()
-            raise ValueError(f"model.frame_vocabulary ({self.cfg.frame_vocabulary}): transcript tokens {missing[:8]} "
-                             "are not in it (built from other transcripts or another tokenizer?): write it again "
-                             "with `python -m part.frame_vocabulary --config CONFIG`")
-        return classes
-
-    def frame_tokens_of(self, classes: torch.Tensor) -> torch.Tensor:
-        """The token id of each of `frame_logits`' classes."""
-        return classes if self.frame_token_ids is None else self.frame_token_ids[classes]
+            saved = saved_configs / OBJECTIVES_DIR if saved_configs is not None else None
+            self.objectives.extend(build_objectives(cfg, self, tokenizer, saved))
 
     @classmethod
     def skeleton(cls, cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> SpeechLLM:
@@ -213,67 +135,24 @@ class SpeechLLM(nn.Module):
         return self.encoder_family.layers(self.encoder)
 
     def encode_audio(self, features: torch.Tensor, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Variable-length encoding (no padding to Whisper's 30 s), then the adapter (and the vocabulary readout
-        when configured): what the LLM reads.
+        """Variable-length encoding (no padding to Whisper's 30 s), then the adapter: what the LLM reads.
 
         features: the batch's padded features as `audio_features` makes them; frames: [B] valid steps of each.
         Returns [B, N, H] and valid lengths [B]. Padding is masked, so a clip encodes to the same embeddings alone
         or batched with longer clips.
         """
-        encoded = self._encode(features, frames)
+        encoded = self.encode(features, frames)
         return encoded.audio, encoded.lengths
 
-    def _encode(self, features: torch.Tensor, frames: torch.Tensor, need_logits: bool = False) -> EncodedAudio:
+    def encode(self, features: torch.Tensor, frames: torch.Tensor) -> EncodedAudio:
+        """`encode_audio` with the encoder's outputs and the adapter's frames beside what the LLM reads."""
         recompute = self.cfg.activation_checkpointing.encoder and self.training and torch.is_grad_enabled()
         states, state_lengths = self.encoder_family.encode(self.encoder, features, frames, recompute)
         adapted, lengths = self.adapter(states, state_lengths)
-        vocabulary = self.cfg.adapter.readout == "vocabulary"
-        logits = self.frame_logits(adapted) if need_logits or vocabulary else None
-        audio = self.vocabulary_readout(logits) if vocabulary else adapted
-        return EncodedAudio(states, state_lengths, adapted, lengths, logits, audio)
-
-    def frame_logits(self, frames: torch.Tensor) -> torch.Tensor:
-        """The adapter's frames read as the LLM reads its last hidden state: final norm, then the output head,
-        over the frame vocabulary's classes (`frame_tokens_of` maps them to token ids)."""
-        # Without the norm the frames' logits scale with the adapter's output norm (token-embedding scale, ~1), and
-        # the adapter has to grow its weights many-fold before any frame is classified sharply (measured:
-        # docs/issue13_stage1_4lang.md).
-        hidden = self.llm_final_norm(frames)
-        if self.frame_token_ids is None:
-            return self.llm.get_output_embeddings()(hidden).float()
-        if self._frame_rows_from_embeddings:
-            rows = self.llm.get_input_embeddings()(self.frame_token_ids)  # [classes, width]
-            return (hidden @ rows.T).float()
-        return self.llm.get_output_embeddings()(hidden)[..., self.frame_token_ids].float()
-
-    def vocabulary_readout(self, logits: torch.Tensor) -> torch.Tensor:
-        """Each frame as the LLM's token embeddings weighted by the frame's sharpened posterior (its top tokens)."""
-        top, classes = logits.topk(min(READOUT_TOP_K, logits.shape[-1]), dim=-1)
-        weights = (top / self.cfg.adapter.readout_temperature).softmax(-1)
-        embeddings = self.llm.get_input_embeddings()(self.frame_tokens_of(classes))  # [B, N, k, H]
-        return (weights.to(embeddings.dtype).unsqueeze(-1) * embeddings).sum(-2)
-
-    @torch.no_grad()
-    def frame_readout(self, batch: Batch, blank_penalty: float = 0.0) -> list[list[int]]:
-        """What each clip's adapter frames say on their own, read as greedy CTC: every frame's most likely token
-        through the LLM's final norm and head, repeats merged, the blank (the pad token) dropped. A word missing
-        here was lost on the speech side (encoder, adapter); one present here but not in the hypothesis, by the
-        LLM. `blank_penalty` is subtracted from the blank's logit first (a CTC decoding knob against deletions).
-        One list of ids per clip, in `batch.input_features` order."""
-        encoded = self._encode(batch.input_features, batch.feature_frames, need_logits=True)
-        logits = encoded.logits
-        if blank_penalty:
-            logits = logits.clone()
-            logits[..., self.frame_blank] -= blank_penalty
-        readouts = []
-        for row, n in zip(self.frame_tokens_of(logits.argmax(-1)).tolist(), encoded.lengths.tolist()):
-            ids, previous = [], None
-            for token in row[:n]:
-                if token != previous and token != self.pad_token_id:
-                    ids.append(token)
-                previous = token
-            readouts.append(ids)
-        return readouts
+        encoded = EncodedAudio(states, state_lengths, adapted, lengths, audio=adapted)
+        for objective in self.objectives:
+            encoded.audio = objective.read(self, encoded)
+        return encoded
 
     # ---------------------------------------------------------------- sequence assembly
 
@@ -283,11 +162,11 @@ class SpeechLLM(nn.Module):
         return inputs, mask, labels
 
     def _assemble(self, batch: Batch) -> tuple[torch.Tensor, ...]:
-        """`assemble`, plus the encoded audio (for the auxiliary frame-level losses)."""
+        """`assemble`, plus the encoded audio (for the objectives' losses)."""
         embed = self.llm.get_input_embeddings()
         device = batch.prompt_ids[0].device if batch.prompt_ids else None
         has_audio = batch.audio_index
-        encoded = self._encode(batch.input_features, batch.feature_frames, need_logits=self._frame_losses_due)
+        encoded = self.encode(batch.input_features, batch.feature_frames)
         audio, audio_lengths = encoded.audio, encoded.lengths
         # One embedding call for the whole batch: under ZeRO-3 every rank must run the same sequence of module
         # calls (parameter prefetching follows it), whatever its batch size.
@@ -322,19 +201,25 @@ class SpeechLLM(nn.Module):
         inputs = inputs + 0.0 * audio.sum()
         return inputs, mask, labels, encoded
 
-    @property
-    def _frame_losses_due(self) -> bool:
-        return self.cfg.ctc_weight > 0 or (self.cfg.frame_weight > 0 and self.training)
-
     def forward(self, batch: Batch, lm_loss: bool = True) -> dict[str, torch.Tensor]:
-        """The LM loss over the target tokens (mean per token), plus the configured frame-level losses.
-        `lm_loss=False`: the frame loss alone; the LLM does not run (`loss_sum` and `tokens` are then 0)."""
-        if not lm_loss:
-            encoded = self._encode(batch.input_features, batch.feature_frames, need_logits=True)
-            zero = encoded.logits.new_zeros(())
+        """The LM loss over the target tokens (mean per token), plus the objectives' weighted losses (each also
+        under its own name). `lm_loss=False`: the objectives' losses alone; the LLM does not run (`loss_sum` and
+        `tokens` are then 0)."""
+        if lm_loss:
+            inputs, mask, labels, encoded = self._assemble(batch)
+            out = self.lm_loss(inputs, mask, labels)
+        else:
+            encoded = self.encode(batch.input_features, batch.feature_frames)
+            zero = encoded.frames.new_zeros((), dtype=torch.float32)
             out = {"loss": zero, "loss_sum": zero, "tokens": torch.zeros((), dtype=torch.long)}
-            return self._add_frame_losses(out, encoded, batch)
-        inputs, mask, labels, encoded = self._assemble(batch)
+        for objective in self.objectives:
+            for name, (weight, value) in objective.losses(self, encoded, batch).items():
+                out[name] = value.detach()
+                out["loss"] = out["loss"] + weight * value
+        return out
+
+    def lm_loss(self, inputs: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The LLM over the assembled sequences; cross-entropy summed over the target tokens, and its mean."""
         base = self.base_llm
         hidden = base.get_decoder()(inputs_embeds=inputs, attention_mask=mask, use_cache=False).last_hidden_state
         # The output head only where a target token is predicted: prompts and audio frames (most positions) need
@@ -344,20 +229,12 @@ class SpeechLLM(nn.Module):
         logits = base.get_output_embeddings()(hidden[:, :-1][scored]).float()
         loss_sum = F.cross_entropy(logits, shift_labels[scored], reduction="sum")
         tokens = scored.sum()
-        out = {"loss": loss_sum / tokens.clamp(min=1), "loss_sum": loss_sum, "tokens": tokens}
-        return self._add_frame_losses(out, encoded, batch)
+        return {"loss": loss_sum / tokens.clamp(min=1), "loss_sum": loss_sum, "tokens": tokens}
 
-    def _add_frame_losses(self, out: dict[str, torch.Tensor], encoded: EncodedAudio,
-                          batch: Batch) -> dict[str, torch.Tensor]:
-        if self.cfg.ctc_weight > 0:
-            ctc = self.ctc_loss(encoded.frames, encoded.lengths, batch, logits=encoded.logits)
-            out["ctc_loss"] = ctc.detach()
-            out["loss"] = out["loss"] + self.cfg.ctc_weight * ctc
-        if self.cfg.frame_weight > 0 and self.training:
-            frame = self.frame_loss(encoded, batch)
-            out["frame_loss"] = frame.detach()
-            out["loss"] = out["loss"] + self.cfg.frame_weight * frame
-        return out
+    @property
+    def loss_names(self) -> tuple[str, ...]:
+        """The names of the objectives' losses `forward` returns in the current mode (training or not)."""
+        return tuple(name for objective in self.objectives for name in objective.loss_names(self.training))
 
     @property
     def llm_final_norm(self) -> nn.Module:
@@ -367,72 +244,8 @@ class SpeechLLM(nn.Module):
             norm = getattr(decoder, name, None)
             if isinstance(norm, nn.Module):
                 return norm
-        raise ValueError(f"{type(decoder).__name__}: no final norm among {FINAL_NORM_NAMES} (needed by the CTC "
-                         "loss: set model.ctc_weight: 0, or add the name to FINAL_NORM_NAMES)")
-
-    def _transcribed_clips(self, batch: Batch) -> list[tuple[int, int]]:
-        """(sample, clip row) of the batch's speech samples that have transcript tokens."""
-        return [(i, j) for i, j in enumerate(batch.audio_index.tolist())
-                if j >= 0 and batch.transcript_ids and len(batch.transcript_ids[i]) > 0]
-
-    def ctc_loss(self, frames: torch.Tensor, lengths: torch.Tensor, batch: Batch,
-                 logits: torch.Tensor | None = None) -> torch.Tensor:
-        """CTC of the adapter's frames, read through the LLM's final norm and output head (`frame_logits`, or
-        `logits` when already computed), against each speech sample's transcript tokens; the pad token is the
-        blank. Mean over transcript tokens (0 when there are none).
-
-        The head is called on every batch, speech or not, so all ranks make the same module calls under ZeRO-3.
-        """
-        log_probs = (self.frame_logits(frames) if logits is None else logits).log_softmax(-1)
-        clips = self._transcribed_clips(batch)
-        rows = [j for _, j in clips]
-        targets = [batch.transcript_ids[i] for i, _ in clips]
-        if not rows:
-            return log_probs.sum() * 0.0
-        index = torch.tensor(rows, device=log_probs.device)
-        loss = F.ctc_loss(
-            log_probs[index].transpose(0, 1),
-            self.frame_classes_of(torch.cat(targets).to(log_probs.device)),
-            lengths[index],
-            torch.tensor([len(t) for t in targets], device=log_probs.device),
-            blank=self.frame_blank,
-            reduction="sum",
-            zero_infinity=True,  # a transcript longer than its frames cannot be aligned: no gradient, not inf
-        )
-        return loss / sum(len(t) for t in targets)
-
-    def frame_loss(self, encoded: EncodedAudio, batch: Batch) -> torch.Tensor:
-        """The adapter's frames (through the LLM's final norm and head) against the token timings of
-        `frame_teacher`, over the valid frames of the clips with a transcript (0 when there are none).
-        `model.frame_targets`: `centre` is the cross-entropy against one target per frame (each token at the frame
-        of its span's centre, the pad token elsewhere: `whisper_align.frame_targets`); `span` lets each token
-        appear anywhere in its span (`span_frame_loss` over `whisper_align.frame_owners`)."""
-        if self.frame_teacher is None:
-            raise RuntimeError("model.frame_weight > 0, but no frame_teacher is set (the trainer sets it)")
-        assert encoded.logits is not None
-        clips = self._transcribed_clips(batch)
-        if not clips:
-            return encoded.logits.sum() * 0.0
-        rows = [j for _, j in clips]
-        lengths = encoded.lengths[rows].tolist()
-        timings = self.frame_teacher.timings(
-            encoded.states[rows], encoded.state_lengths[rows].tolist(),
-            [batch.transcript_ids[i].tolist() for i, _ in clips], [batch.meta[i].language for i, _ in clips])
-        seconds_per_frame = WHISPER_SECONDS_PER_FRAME * self.cfg.adapter.downsample
-        device = encoded.logits.device
-        logits = torch.cat([encoded.logits[j, :n] for j, n in zip(rows, lengths)])
-        blank = self.pad_token_id
-        if self.cfg.frame_targets == "centre":
-            target = [t for clip, n in zip(timings, lengths) for t in frame_targets(clip, n, seconds_per_frame, blank)]
-            return F.cross_entropy(logits, self.frame_classes_of(torch.tensor(target, device=device)))
-        tokens, owners, numbered = [], [], 0
-        for clip, n in zip(timings, lengths):
-            for owner in frame_owners(clip, n, seconds_per_frame):
-                tokens.append(clip[owner].token_id if owner >= 0 else blank)
-                owners.append(owner + numbered if owner >= 0 else -1)
-            numbered += len(clip)
-        return span_frame_loss(logits.log_softmax(-1), self.frame_classes_of(torch.tensor(tokens, device=device)),
-                               torch.tensor(owners, device=device), self.frame_blank)
+        raise ValueError(f"{type(decoder).__name__}: no final norm among {FINAL_NORM_NAMES} (the frame objectives "
+                         "read the frames through it: remove model.alignment, or add the name to FINAL_NORM_NAMES)")
 
     # ---------------------------------------------------------------- generation
 
@@ -501,9 +314,8 @@ class SpeechLLM(nn.Module):
         # directories it started from.
         self.encoder_family.save(self.encoder, out_dir / "encoder_config")
         self.base_llm.config.save_pretrained(out_dir / "llm_config")
-        if self.frame_token_ids is not None:
-            write_frame_vocabulary(out_dir / FRAME_VOCABULARY_FILE, self.frame_token_ids.tolist(),
-                                   about={"source": self.cfg.frame_vocabulary})
+        for objective in self.objectives:
+            objective.save(out_dir / OBJECTIVES_DIR)
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> tuple[SpeechLLM, PreTrainedTokenizerBase]:

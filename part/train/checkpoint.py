@@ -26,8 +26,7 @@ from typing import TYPE_CHECKING
 import deepspeed
 import torch
 
-from part.model.frame_vocabulary import FILE_NAME as FRAME_VOCABULARY_FILE
-from part.model.speech_llm import SpeechLLM
+from part.model.speech_llm import OBJECTIVES_DIR, SpeechLLM
 
 if TYPE_CHECKING:
     from part.train.distributed import DistributedContext
@@ -255,11 +254,11 @@ def export_final(ckpt_dir: Path, final: Path, extra_files: dict[str, str] | None
     tmp.mkdir(parents=True)
     for name, text in (extra_files or {}).items():
         (tmp / name).write_text(text)
-    for name in ("model.safetensors", "part_model.json", FRAME_VOCABULARY_FILE):
-        if name == FRAME_VOCABULARY_FILE and not (ckpt_dir / name).exists():
-            continue  # a model over the whole vocabulary has none
+    for name in ("model.safetensors", "part_model.json"):
         shutil.copy2(ckpt_dir / name, tmp / name)
-    for name in ("tokenizer", "encoder_config", "llm_config"):
+    for name in ("tokenizer", "encoder_config", "llm_config", OBJECTIVES_DIR):
+        if name == OBJECTIVES_DIR and not (ckpt_dir / name).exists():
+            continue  # a model whose objectives keep no files
         shutil.copytree(ckpt_dir / name, tmp / name)
     (tmp / FINAL_MARKER).write_text(json.dumps({"checkpoint": str(ckpt_dir)}))
     shutil.rmtree(final, ignore_errors=True)

@@ -123,7 +123,7 @@ class RunLogger:
         self.steps_timed += 1
         with open(Path(self.cfg.output_dir) / "train_log.jsonl", "a") as fh:
             fh.write(json.dumps({"step": step, "stage": span.name, "stage_index": span.index,
-                                 # null in a frame-loss-only stage (no target token was scored)
+                                 # null in a stage without the LM loss (no target token was scored)
                                  "loss": record.loss if record.tokens else None,
                                  "lr": record.lr, "samples": float(record.samples),
                                  "audio_seconds": float(record.audio_seconds), "step_time": step_time,
@@ -132,8 +132,7 @@ class RunLogger:
                                  **({"mfu": mfu} if mfu is not None else {}),
                                  **({"peak_memory_gib": record.peak_memory / 1024**3}
                                     if record.peak_memory is not None else {}),
-                                 **({"ctc_loss": record.ctc_loss} if record.ctc_loss is not None else {}),
-                                 **({"frame_loss": record.frame_loss} if record.frame_loss is not None else {})})
+                                 **record.objective_losses})
                      + "\n")
         self.time_in_steps += step_time
         if not self._log_due(step, span):
@@ -141,11 +140,11 @@ class RunLogger:
         remaining = (self.cfg.total_steps - step) * (self.time_in_steps / self.steps_timed)
         wait_frac = data_wait / max(step_time, 1e-9)
         gn = float(record.grad_norm) if record.grad_norm is not None else float("nan")
-        ctc = f" ctc {record.ctc_loss:.4f}" if record.ctc_loss is not None else ""
-        frame = f" frame {record.frame_loss:.4f}" if record.frame_loss is not None else ""
-        lm = f"loss {record.loss:.4f}" if record.tokens else "loss -"  # a frame-loss-only stage
+        objectives = "".join(f" {name.removesuffix('_loss')} {value:.4f}"
+                             for name, value in record.objective_losses.items())
+        lm = f"loss {record.loss:.4f}" if record.tokens else "loss -"  # a stage without the LM loss
         print(f"[part] step {step}/{self.cfg.total_steps} stage {span.index + 1}:{span.name} "
-              f"{lm}{ctc}{frame} lr {record.lr:.2e} gnorm {gn:.3f} "
+              f"{lm}{objectives} lr {record.lr:.2e} gnorm {gn:.3f} "
               f"{record.samples / step_time:.1f} samples/s "
               f"{record.audio_seconds / step_time:.1f} audio-s/s {record.sequence_tokens / step_time:.0f} tok/s "
               f"{'' if mfu is None else f'mfu {100 * mfu:.1f}% '}data-wait {100 * wait_frac:.1f}% "
@@ -154,8 +153,7 @@ class RunLogger:
         if run := self.wandb:
             run.log({**({"train/loss": record.loss} if record.tokens else {}), "train/lr": record.lr,
                      "train/grad_norm": gn,
-                     **({"train/ctc_loss": record.ctc_loss} if record.ctc_loss is not None else {}),
-                     **({"train/frame_loss": record.frame_loss} if record.frame_loss is not None else {}),
+                     **{f"train/{name}": value for name, value in record.objective_losses.items()},
                      "train/samples_per_s": record.samples / step_time,
                      "train/audio_s_per_s": record.audio_seconds / step_time, "train/data_wait": wait_frac,
                      "train/tokens_per_s": record.sequence_tokens / step_time,

@@ -16,7 +16,7 @@ It is an estimate: the allocator's fragmentation and temporary buffers come on t
 The encoder's layers are counted as Whisper's; for the other families (part/model/encoders.py) that is
 approximate: every family gives 50 frames per second, w2v-BERT's Conformer layers add their second feed-forward
 and convolution module (`Shapes.enc_layer_elements`), and a trained wav2vec2-style CNN front end adds its outputs
-over the waveform (`Shapes.enc_front_elements`; Whisper's two small convolutions are left out, as before).
+over the waveform (`Shapes.enc_front_elements`; Whisper's two small convolutions are left out).
 """
 
 from __future__ import annotations

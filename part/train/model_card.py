@@ -6,7 +6,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from part.config import TrainConfig
+from part.config import ModelConfig, TrainConfig
 from part.data.shards import expand_shards
 
 
@@ -47,13 +47,7 @@ def model_card(cfg: TrainConfig, checkpoint: Path, metrics_markdown: str | None,
         f"downsampling x{m.adapter.downsample} on top of the encoder's 50 frames per second",
         f"- LLM: `{m.llm.pretrained}`" + (f", LoRA rank {m.llm.lora.rank} on {', '.join(m.llm.lora.target_modules)}"
                                           if m.llm.lora else ""),
-        f"- auxiliary CTC weight: {m.ctc_weight}" if m.ctc_weight else "- no auxiliary CTC loss",
-        f"- frame loss weight: {m.frame_weight} ({m.frame_targets} targets from the token spans of the encoder's "
-        "Whisper alignment heads)" if m.frame_weight else "- no frame loss",
-        f"- the LLM reads the adapter's frames as {'their' if m.adapter.readout == 'embeddings' else 'a'} "
-        + ("embeddings" if m.adapter.readout == "embeddings" else
-           f"vocabulary readout (top-token embeddings weighted by the posterior at temperature "
-           f"{m.adapter.readout_temperature:g})"),
+        *alignment_lines(m),
         "",
         "## Training",
         "",
@@ -64,8 +58,10 @@ def model_card(cfg: TrainConfig, checkpoint: Path, metrics_markdown: str | None,
     ]
     for s in cfg.stages:
         tasks = ", ".join(f"{k} {v:g}" for k, v in s.tasks.items())
-        losses = " + ".join(name for name, on in (("LM", s.lm_loss), ("CTC", m.ctc_weight > 0),
-                                                   ("frame", m.frame_weight > 0)) if on)
+        al = m.alignment
+        losses = " + ".join(name for name, on in (
+            ("LM", s.lm_loss), ("CTC", al is not None and al.ctc is not None and al.ctc.weight > 0),
+            ("frame", al is not None and al.frame_targets is not None and al.frame_targets.weight > 0)) if on)
         lines.append(f"| {s.name} | {s.steps} | {tasks} | {', '.join(s.trainable)} | {s.lr:g} | {s.warmup_steps} "
                      f"| {losses} |")
     data = training_data_summary(cfg)
@@ -81,3 +77,21 @@ def model_card(cfg: TrainConfig, checkpoint: Path, metrics_markdown: str | None,
                  "(`eval.per_language: 0`).")
     lines += ["", "## Reproduce", "", "```bash", command, "```", ""]
     return "\n".join(lines)
+
+
+def alignment_lines(m: ModelConfig) -> list[str]:
+    """The card's lines on the auxiliary objectives on the adapter's frames (`model.alignment`)."""
+    al = m.alignment
+    if al is None:
+        return ["- no auxiliary objective on the adapter's frames; the LLM reads them as they are"]
+    over = f"the tokens of `{al.vocabulary}`" if al.vocabulary else "the LLM's whole vocabulary"
+    lines = [f"- the adapter's frames read through the LLM's final norm and head, over {over}"]
+    if al.ctc is not None:
+        lines.append(f"- CTC loss, weight {al.ctc.weight:g}")
+    if (t := al.frame_targets) is not None:
+        lines.append(f"- frame loss, weight {t.weight:g} ({t.targets} targets from word timings of "
+                     f"`{t.teacher or m.encoder.pretrained}`'s Whisper alignment heads)")
+    if al.readout is not None:
+        lines.append("- the LLM reads each frame as its likely tokens' embeddings weighted by the posterior at "
+                     f"temperature {al.readout.temperature:g}")
+    return lines

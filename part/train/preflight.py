@@ -47,14 +47,21 @@ def preflight(cfg: TrainConfig, world_size: int, source: str | Path = "config"):
     except DataError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     from part.model.encoders import EncoderError
-    from part.model.frame_vocabulary import FrameVocabularyError
 
+    if cfg.model.alignment is not None:
+        from part.objectives import config_problems
+        from part.objectives.frame_vocabulary import FrameVocabularyError
+
+        if problems := config_problems(cfg.model):
+            raise ConfigError(f"{source}: invalid configuration:\n  " + "\n  ".join(problems))
+    else:
+        FrameVocabularyError = ()  # noqa: N806 (nothing to catch: no objective reads a file)
     try:
         model = skeleton(cfg)
     except EncoderError as exc:
         raise ConfigError(f"{source}: model.encoder.pretrained: {exc}") from None
     except FrameVocabularyError as exc:
-        raise ConfigError(f"{source}: model.frame_vocabulary: {exc}") from None
+        raise ConfigError(f"{source}: model.alignment.vocabulary: {exc}") from None
     if errors := empty_group_errors(cfg, model):
         raise ConfigError(f"{source}: invalid configuration:\n  " + "\n  ".join(errors))
     return model

@@ -2,38 +2,60 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+SUMMED = {"over_ranks": "sum"}  # a field the global batch's record sums over ranks; the others are rank 0's
 
 
 @dataclass(frozen=True)
 class StepRecord:
     step: int  # optimizer steps done once this one is (1-based: the step number logs and checkpoints use)
     lr: float
-    loss_sum: float  # summed token losses of the micro-batches that trained
-    tokens: int  # target tokens scored
-    samples: int
-    audio_seconds: float
+    loss_sum: float = field(metadata=SUMMED)  # summed token losses of the micro-batches that trained
+    tokens: int = field(metadata=SUMMED)  # target tokens scored
+    samples: int = field(metadata=SUMMED)
+    audio_seconds: float = field(metadata=SUMMED)
     grad_norm: float | None  # None when the step was skipped
     step_time: float  # seconds, data wait included
-    data_wait: float  # seconds spent waiting for batches
+    data_wait: float = field(metadata=SUMMED)  # seconds spent waiting for batches
     skipped: bool = False  # a non-finite loss on some rank: no update was made
-    ctc_sum: float = 0.0  # the auxiliary CTC loss (model.ctc_weight > 0), summed over micro-batches ...
-    ctc_batches: int = 0  # ... and their number (0: no CTC term)
-    frame_sum: float = 0.0  # the frame loss (model.frame_weight > 0), summed over micro-batches ...
-    frame_batches: int = 0  # ... and their number (0: no frame term)
-    sequence_tokens: int = 0  # positions through the LLM (prompt, audio frames, target; padding not counted)
-    flops: float = 0.0  # model operations of the step, forward and backward (part/model/flops.py)
-    skipped_samples: int = 0  # bad or unusable samples the stage's stream has skipped so far (counted by reason)
+    # positions through the LLM (prompt, audio frames, target; padding not counted)
+    sequence_tokens: int = field(default=0, metadata=SUMMED)
+    flops: float = field(default=0.0, metadata=SUMMED)  # model operations of the step, forward and backward
+    # bad or unusable samples the stage's stream has skipped so far (counted by reason)
+    skipped_samples: int = field(default=0, metadata=SUMMED)
     peak_memory: int | None = None  # bytes allocated at most on the device during the stage so far (GPU only)
+    # The objectives' losses by name (part/objectives), summed over the micro-batches that computed them, and
+    # how many did: every rank holds the same names (the model's `loss_names`), so they sum over ranks by name.
+    objective_sums: dict[str, float] = field(default_factory=dict, metadata=SUMMED)
+    objective_batches: dict[str, int] = field(default_factory=dict, metadata=SUMMED)
 
     @property
     def loss(self) -> float:
         return self.loss_sum / max(self.tokens, 1)
 
     @property
-    def ctc_loss(self) -> float | None:
-        return self.ctc_sum / self.ctc_batches if self.ctc_batches else None
+    def objective_losses(self) -> dict[str, float]:
+        """Each objective loss's mean over the micro-batches that computed it (the ones none did left out)."""
+        return {name: total / self.objective_batches[name] for name, total in self.objective_sums.items()
+                if self.objective_batches.get(name)}
 
-    @property
-    def frame_loss(self) -> float | None:
-        return self.frame_sum / self.frame_batches if self.frame_batches else None
+    def summed_over_ranks(self, sum_values: Callable[[Sequence[float]], Sequence[float]]) -> StepRecord:
+        """The global batch's record: every SUMMED figure through one `sum_values` (a collective summing a list of
+        numbers over ranks, in order), the rest as this rank has them."""
+        names = [f.name for f in dataclasses.fields(self) if f.metadata.get("over_ranks") == "sum"]
+        flat: list[float] = []
+        for name in names:
+            value = getattr(self, name)
+            flat.extend(value[k] for k in sorted(value)) if isinstance(value, dict) else flat.append(value)
+        totals = iter(sum_values(flat))
+        summed = {}
+        for name in names:
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                summed[name] = {k: type(value[k])(next(totals)) for k in sorted(value)}
+            else:
+                summed[name] = type(value)(next(totals))
+        return dataclasses.replace(self, **summed)

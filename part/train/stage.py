@@ -24,7 +24,6 @@ from part.data.stream import MixtureStream, StreamTracker, make_loader
 from part.model.flops import BatchShapes, Shapes, Trainable, step_flops
 from part.model.groups import set_trainable
 from part.model.speech_llm import WEIGHTS_NAME, SpeechLLM
-from part.model.whisper_align import FrameTargetTeacher
 from part.train.callbacks import TrainerCallback
 from part.train.checkpoint import DS_TAG, Checkpointer, gather_state_dict
 from part.train.curriculum import StageSpan
@@ -61,20 +60,10 @@ def build_optimizer(model: torch.nn.Module, optim: OptimConfig, lr: float,
         decay = [p for p in mine if p.ndim >= 2]
         no_decay = [p for p in mine if p.ndim < 2]
         for params, weight_decay in ((decay, optim.weight_decay), (no_decay, 0.0)):
-            if params or scale == 1.0:  # the stage-lr pair always (as before), the others when not empty
+            if params or scale == 1.0:  # the stage-lr pair always, the others when not empty
                 param_groups.append({"params": params, "weight_decay": weight_decay, "lr": lr * scale,
                                      "lr_scale": scale})
     return torch.optim.AdamW(param_groups, lr=lr, betas=optim.betas, eps=optim.eps)
-
-
-_FRAME_TEACHERS: dict[str, FrameTargetTeacher] = {}
-
-
-def frame_teacher(whisper_dir: str, tokenizer) -> FrameTargetTeacher:
-    """The frame loss's teacher for `whisper_dir`, loaded once per process (every stage's model shares it)."""
-    if whisper_dir not in _FRAME_TEACHERS:
-        _FRAME_TEACHERS[whisper_dir] = FrameTargetTeacher(whisper_dir, tokenizer)
-    return _FRAME_TEACHERS[whisper_dir]
 
 
 @dataclass(frozen=True)
@@ -114,8 +103,6 @@ class StageRun:
             model = SpeechLLM(cfg.model, tokenizer)  # the pretrained encoder and LLM
         else:  # the architecture saved with the checkpoint, then its weights: pretrained ones are not read again
             model = SpeechLLM(cfg.model, tokenizer, saved_configs=checkpoint)
-        if cfg.model.frame_weight > 0:
-            model.frame_teacher = frame_teacher(cfg.model.encoder.pretrained, tokenizer)
         t1 = time.perf_counter()
         if checkpoint is not None:
             model.load_weights(checkpoint / WEIGHTS_NAME)
@@ -186,7 +173,8 @@ class StageRun:
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         loss_sum, tokens, samples, audio_seconds, wait = 0.0, 0, 0, 0.0, 0.0
-        ctc_sum, ctc_batches, frame_sum, frame_batches = 0.0, 0, 0.0, 0
+        objective_sums = dict.fromkeys(self.model.loss_names, 0.0)
+        objective_batches = dict.fromkeys(self.model.loss_names, 0)
         sequence_tokens, flops = 0, 0.0
         lm_loss = self.span.stage.lm_loss
         skipped = False
@@ -216,18 +204,16 @@ class StageRun:
                                              target_tokens=0)
             sequence_tokens += shapes.sequence_tokens
             flops += step_flops(self.flop_shapes, shapes, self.trainable_parts).total
-            if "ctc_loss" in out:
-                ctc_sum += float(out["ctc_loss"])
-                ctc_batches += 1
-            if "frame_loss" in out:
-                frame_sum += float(out["frame_loss"])
-                frame_batches += 1
+            for name in objective_sums:
+                if name in out:
+                    objective_sums[name] += float(out[name])
+                    objective_batches[name] += 1
         grad_norm = None if skipped else self.engine.get_global_grad_norm()
         self.dist.synchronize()  # queued device work belongs to this step's time
         return StepRecord(step=step + 1, lr=lr, loss_sum=loss_sum, tokens=tokens, samples=samples,
                           audio_seconds=audio_seconds, grad_norm=None if grad_norm is None else float(grad_norm),
-                          step_time=time.perf_counter() - t0, data_wait=wait, skipped=skipped, ctc_sum=ctc_sum,
-                          ctc_batches=ctc_batches, frame_sum=frame_sum, frame_batches=frame_batches,
+                          step_time=time.perf_counter() - t0, data_wait=wait, skipped=skipped,
+                          objective_sums=objective_sums, objective_batches=objective_batches,
                           sequence_tokens=sequence_tokens, flops=flops,
                           skipped_samples=sum(self.tracker.totals()[1].values()),
                           peak_memory=self.dist.peak_memory())

@@ -225,17 +225,7 @@ class Trainer:
 
     def _summed_over_ranks(self, record: StepRecord) -> StepRecord:
         """The global batch's figures (collective), for the log line of this step."""
-        (loss_sum, tokens, samples, audio_seconds, wait, ctc_sum, ctc_batches, frame_sum, frame_batches,
-         sequence_tokens, flops, skipped) = self.dist.sum(
-            [record.loss_sum, record.tokens, record.samples, record.audio_seconds, record.data_wait, record.ctc_sum,
-             record.ctc_batches, record.frame_sum, record.frame_batches, record.sequence_tokens, record.flops,
-             record.skipped_samples])
-        return StepRecord(step=record.step, lr=record.lr, loss_sum=loss_sum, tokens=int(tokens), samples=int(samples),
-                          audio_seconds=audio_seconds, grad_norm=record.grad_norm, step_time=record.step_time,
-                          data_wait=wait, ctc_sum=ctc_sum, ctc_batches=int(ctc_batches), frame_sum=frame_sum,
-                          frame_batches=int(frame_batches),
-                          sequence_tokens=int(sequence_tokens), flops=flops, skipped_samples=int(skipped),
-                          peak_memory=record.peak_memory)
+        return record.summed_over_ranks(self.dist.sum)
 
     def _data_counters(self, stage: StageRun) -> DataCounters:
         """The stage's samples drawn per task/language and skipped per reason, summed over ranks (collective)."""

@@ -54,7 +54,7 @@ def test_six_clips_are_memorised(corpus, tiny_models, tmp_path):
     cmd = [launcher, "--num_gpus", "1", "--master_port", str(port), "train.py", "--config", str(config),
            f"data.train_shards={clips}", f"data.eval_shards={clips}", "data.languages=[en]", "data.window=8",
            "data.max_batch_size=8", "data.max_batch_seconds=200", "data.max_batch_tokens=4096",
-           "model.ctc_weight=0.3", "eval.tasks=[asr]", "eval.per_language=8", "eval.max_new_tokens=96",
+           "model.alignment.ctc.weight=0.3", "eval.tasks=[asr]", "eval.per_language=8", "eval.max_new_tokens=96",
            "eval.batch_size=8", "checkpoint.every=1000", "logging.every=20", "zero_stage=2",
            f"ds_config={REPO / 'ds_configs' / 'zero2_cpu.json'}"]
     env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))

@@ -48,13 +48,11 @@ def test_loads_with_overrides(tmp_path, corpus, tiny_models):
         ("stages.0.translation_targets=[]", None),  # asr only: no translation target needed
         ("model.llm.pretrained=/tmp", "model.llm.pretrained: '/tmp' is not a model directory"),
         ("ds_config=configs/tiny_part.yaml", "ds_config: 'configs/tiny_part.yaml' is not valid JSON"),
-        ("stages.0.lm_loss=false", "stages[0].lm_loss: false leaves the stage no loss (set model.frame_weight > 0)"),
-        ("model.adapter.readout=tokens", "model.adapter.readout: 'tokens' is not one of embeddings, vocabulary"),
-        ("model.adapter.readout_temperature=0", "model.adapter.readout_temperature: must be > 0"),
-        # the tiny encoder directory is a Whisper encoder without a decoder or alignment heads
-        ("model.frame_weight=1.0", "model.frame_weight: the frame targets need readable alignment heads ("),
-        ("model.frame_targets=middle", "model.frame_targets: 'middle' is not one of centre, span"),
-        ("model.frame_weight=-1", "model.frame_weight: must be >= 0"),
+        ("stages.0.lm_loss=false", "stages[0].lm_loss: false leaves the stage no loss (configure model.alignment.ctc"),
+        ("model.alignment.readout.temperature=0", "model.alignment.readout.temperature: must be > 0"),
+        ("model.alignment.frame_targets.targets=middle",
+         "model.alignment.frame_targets.targets: 'middle' is not one of centre, span"),
+        ("model.alignment.frame_targets.weight=-1", "model.alignment.frame_targets.weight: must be >= 0"),
     ],
 )
 def test_errors_name_the_field(tmp_path, corpus, tiny_models, override, message):
@@ -65,6 +63,18 @@ def test_errors_name_the_field(tmp_path, corpus, tiny_models, override, message)
     with pytest.raises(ConfigError) as err:
         load_config(path, [override])
     assert message in str(err.value)
+
+
+def test_frame_targets_need_a_teacher_with_alignment_heads(tmp_path, corpus, tiny_models):
+    """Checked before any process starts (preflight), by the objective's own check: the tiny encoder directory is
+    a Whisper encoder without a decoder or alignment heads."""
+    from part.train.preflight import preflight
+
+    path = write_config(tmp_path / "c.yaml", corpus, tiny_models, ONE_STAGE)
+    cfg = load_config(path, ["model.alignment.frame_targets.weight=1.0"])
+    teacher = r"model.alignment.frame_targets.teacher \(default: model.encoder.pretrained\): "
+    with pytest.raises(ConfigError, match=teacher + r"the frame targets need readable alignment heads \("):
+        preflight(cfg, 1, source=path)
 
 
 def test_translation_tasks_need_targets_and_ds_config_must_be_deepspeed(tmp_path, corpus, tiny_models):

@@ -10,7 +10,7 @@ import torch
 from test_model import make_batch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from part.config import AdapterConfig, EncoderConfig, LLMConfig, LoraConfig, ModelConfig
+from part.config import AdapterConfig, AlignmentConfig, CtcConfig, EncoderConfig, LLMConfig, LoraConfig, ModelConfig
 from part.model.flops import batch_flops
 from part.model.groups import set_trainable
 from part.model.speech_llm import SpeechLLM
@@ -57,7 +57,8 @@ def model_and_batch(tiny_models, tmp_path_factory, request):
         llm = LLMConfig(pretrained=_opt_llm(tiny_models, tmp_path_factory.mktemp("opt")),
                         lora=LoraConfig(rank=4, alpha=8, target_modules=["q_proj", "v_proj", "out_proj", "fc1"]))
     cfg = ModelConfig(encoder=EncoderConfig(pretrained=str(tiny_models / "whisper")),
-                      adapter=AdapterConfig(hidden=64, layers=2, heads=4), llm=llm, ctc_weight=0.5)
+                      adapter=AdapterConfig(hidden=64, layers=2, heads=4), llm=llm,
+                      alignment=AlignmentConfig(ctc=CtcConfig(weight=0.5)))
     tok = load_tokenizer(llm.pretrained)
     torch.manual_seed(0)
     model = SpeechLLM(cfg, tok).train()

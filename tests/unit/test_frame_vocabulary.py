@@ -1,4 +1,4 @@
-"""`model.frame_vocabulary`: the adapter's frames classified over the training transcripts' tokens only. The same
+"""`model.alignment.vocabulary`: the adapter's frames classified over the training transcripts' tokens only. The same
 numbers as the whole head at those tokens, the losses and readouts in token ids, the file written from shards,
 kept with a saved model, and refused with errors that name it."""
 
@@ -15,18 +15,30 @@ import torch
 from conftest import write_config
 from test_model import make_batch
 
-from part.config import AdapterConfig, ConfigError, EncoderConfig, LLMConfig, LoraConfig, ModelConfig, load_config
+from part.config import (
+    AdapterConfig,
+    AlignmentConfig,
+    ConfigError,
+    CtcConfig,
+    EncoderConfig,
+    LLMConfig,
+    LoraConfig,
+    ModelConfig,
+    ReadoutConfig,
+    load_config,
+)
 from part.data.vocabulary import transcript_token_counts
-from part.model.frame_vocabulary import FrameVocabularyError, read_frame_vocabulary, write_frame_vocabulary
 from part.model.speech_llm import SpeechLLM
 from part.model.tokenizer import load_tokenizer
+from part.objectives.frame_vocabulary import FrameVocabularyError, read_frame_vocabulary, write_frame_vocabulary
 
 
 def _config(tiny_models, vocabulary=None) -> ModelConfig:
     return ModelConfig(encoder=EncoderConfig(pretrained=str(tiny_models / "whisper")),
                        adapter=AdapterConfig(hidden=64, layers=1, heads=4),
                        llm=LLMConfig(pretrained=str(tiny_models / "llm"), lora=LoraConfig(rank=4, alpha=8)),
-                       frame_vocabulary=None if vocabulary is None else str(vocabulary))
+                       alignment=AlignmentConfig(vocabulary=None if vocabulary is None else str(vocabulary),
+                                                 ctc=CtcConfig(weight=1.0)))
 
 
 @pytest.fixture(scope="module")
@@ -55,64 +67,70 @@ def _batch(tok, ids):
 def test_frame_logits_are_the_whole_heads_at_the_vocabulary(models):
     whole, subset, tok, ids, _ = models
     classes = sorted(set(ids) | {tok.pad_token_id})
-    assert subset.frame_token_ids.tolist() == classes and subset.frame_classes == len(classes)
-    assert subset.frame_blank == classes.index(tok.pad_token_id)
-    assert subset._frame_rows_from_embeddings  # the tiny LLM's head is tied: the embedding rows are used
+    w, s = whole.objectives[0], subset.objectives[0]
+    assert s.token_ids.tolist() == classes and s.classes(len(tok)) == len(classes)
+    assert s.blank == classes.index(tok.pad_token_id)
+    assert s.rows_from_embeddings  # the tiny LLM's head is tied: the embedding rows are used
     batch = make_batch(tok)
     with torch.no_grad():
-        frames = whole._encode(batch.input_features, batch.feature_frames).frames
-        full = whole.frame_logits(frames)
-        cut = subset.frame_logits(frames)
-        assert cut.shape[-1] == len(classes) and full.shape[-1] == whole.frame_classes
+        frames = whole.encode(batch.input_features, batch.feature_frames).frames
+        full = w.logits(whole, frames)
+        cut = s.logits(subset, frames)
+        assert cut.shape[-1] == len(classes) and full.shape[-1] == w.classes(len(tok))
         assert torch.allclose(cut, full[..., classes], atol=1e-5)
-        subset._frame_rows_from_embeddings = False  # an untied head: the whole head, then cut
+        s.rows_from_embeddings = False  # an untied head: the whole head, then cut
         try:
-            assert torch.allclose(subset.frame_logits(frames), full[..., classes], atol=1e-5)
+            assert torch.allclose(s.logits(subset, frames), full[..., classes], atol=1e-5)
         finally:
-            subset._frame_rows_from_embeddings = True
+            s.rows_from_embeddings = True
     # classes <-> token ids, both ways
     some = torch.tensor([classes[3], tok.pad_token_id, classes[0]])
-    assert subset.frame_tokens_of(subset.frame_classes_of(some)).tolist() == some.tolist()
-    assert whole.frame_classes_of(some) is some and whole.frame_tokens_of(some) is some
+    assert s.tokens_of(s.classes_of(some)).tolist() == some.tolist()
+    assert w.classes_of(some) is some and w.tokens_of(some) is some
 
 
 def test_losses_and_readouts_speak_token_ids(models):
     whole, subset, tok, ids, file = models
     guten_tag = tok("Guten Tag", add_special_tokens=False)["input_ids"]
     batch = _batch(tok, guten_tag)
+    s = subset.objectives[0]
     encoded = subset._assemble(batch)[3]
     # CTC over the vocabulary's classes, the transcript mapped to them, the pad token's class the blank
-    logits = subset.frame_logits(encoded.frames)
-    targets = subset.frame_classes_of(torch.tensor(guten_tag + guten_tag))
+    logits = s.logits(subset, encoded.frames)
+    targets = s.classes_of(torch.tensor(guten_tag + guten_tag))
     expected = torch.nn.functional.ctc_loss(
         logits.log_softmax(-1)[:2].transpose(0, 1), targets, encoded.lengths[:2], torch.tensor([len(guten_tag)] * 2),
-        blank=subset.frame_blank, reduction="sum") / (2 * len(guten_tag))
-    assert torch.allclose(subset.ctc_loss(encoded.frames, encoded.lengths, batch), expected)
+        blank=s.blank, reduction="sum") / (2 * len(guten_tag))
+    assert torch.allclose(s.ctc_loss(encoded, batch), expected)
     # the vocabulary readout embeds token ids, not class numbers
     top = logits.topk(16, dim=-1)
     embeddings = subset.llm.get_input_embeddings().weight
-    readout = ((top.values / 0.2).softmax(-1)[..., None] * embeddings[subset.frame_token_ids[top.indices]]).sum(-2)
-    assert torch.allclose(subset.vocabulary_readout(logits), readout, atol=1e-6)
+    readout = ((top.values / 0.2).softmax(-1)[..., None] * embeddings[s.token_ids[top.indices]]).sum(-2)
+    s.cfg = dataclasses.replace(s.cfg, readout=ReadoutConfig(temperature=0.2))
+    try:
+        assert torch.allclose(subset.encode(batch.input_features, batch.feature_frames).audio, readout, atol=1e-6)
+    finally:
+        s.cfg = dataclasses.replace(s.cfg, readout=None)
     # the frames' own reading: every id a token of the vocabulary, never the blank
-    for row in subset.frame_readout(batch):
+    for row in s.greedy_reading(subset, batch):
         assert set(row) <= set(ids)
     # a transcript token outside the vocabulary: an error naming it and the file
     outside = next(t for t in range(len(tok)) if t not in set(ids) | {tok.pad_token_id})
-    with pytest.raises(ValueError, match=rf"model.frame_vocabulary \({file}\): transcript tokens \[{outside}\]"):
-        subset.ctc_loss(encoded.frames, encoded.lengths, _batch(tok, [outside, guten_tag[0]]))
+    with pytest.raises(ValueError, match=rf"model.alignment.vocabulary \({file}\): transcript tokens \[{outside}\]"):
+        s.ctc_loss(encoded, _batch(tok, [outside, guten_tag[0]]))
 
 
 def test_a_saved_model_keeps_its_frame_vocabulary(models, tmp_path):
     _, subset, tok, ids, file = models
     moved = tmp_path / "vocabulary.json"
     moved.write_text(file.read_text())
-    model = SpeechLLM(dataclasses.replace(subset.cfg, frame_vocabulary=str(moved)), tok)
+    model = SpeechLLM(dataclasses.replace(subset.cfg, alignment=AlignmentConfig(vocabulary=str(moved))), tok)
     model.save_pretrained(tmp_path / "saved", tok)
     moved.unlink()  # the saved directory is self-contained
     loaded, _ = SpeechLLM.from_pretrained(tmp_path / "saved")
-    assert torch.equal(loaded.frame_token_ids, model.frame_token_ids)
-    assert "frame_token_ids" not in loaded.state_dict()  # the file is the saved form, not the weights
-    (tmp_path / "saved" / "frame_vocabulary.json").unlink()
+    assert torch.equal(loaded.objectives[0].token_ids, model.objectives[0].token_ids)
+    assert not any("token_ids" in k for k in loaded.state_dict())  # the file is the saved form, not the weights
+    (tmp_path / "saved" / "objectives" / "frame_vocabulary.json").unlink()
     with pytest.raises(FrameVocabularyError, match="frame_vocabulary.json: no such file"):
         SpeechLLM.from_pretrained(tmp_path / "saved")
 
@@ -144,7 +162,7 @@ def _shard(path, records):
 
 
 def test_the_command_writes_the_training_transcripts_tokens(tiny_models, corpus, tmp_path, capsys):
-    """`python -m part.frame_vocabulary`: every token of the configured languages' training transcripts, as the
+    """`python -m part frame_vocabulary`: every token of the configured languages' training transcripts, as the
     stream tokenises them; bad records and other languages' clips counted, not read; --check refuses a config whose
     file is missing, naming the field."""
     from part.frame_vocabulary import main
@@ -171,20 +189,20 @@ def test_the_command_writes_the_training_transcripts_tokens(tiny_models, corpus,
     config = write_config(tmp_path / "c.yaml", corpus, tiny_models,
                           "  - {name: s1, steps: 2, tasks: {asr: 1.0}, trainable: [adapter], warmup_steps: 0}")
     overrides = [f"data.train_shards={shards}/{{lang}}-*.tar", "data.languages=[de,en]",
-                 f"model.frame_vocabulary={out}"]
+                 f"model.alignment.vocabulary={out}"]
     assert main(["--config", str(config), *overrides]) == 0
     written = json.loads(out.read_text())
     assert written["token_ids"] == sorted(expected) and written["transcripts"] == 2
     assert f"wrote {out}: {len(expected)} distinct tokens" in capsys.readouterr().out
 
-    cfg = load_config(config, [f"model.frame_vocabulary={out}"])  # the fixture corpus' other transcripts
+    cfg = load_config(config, [f"model.alignment.vocabulary={out}"])  # the fixture corpus' other transcripts
     preflight(cfg, world_size=1, source=config)  # a readable file passes
     out.unlink()
-    with pytest.raises(ConfigError, match=rf"{config}: model.frame_vocabulary: {out}: no such file .*part"
-                                          r"\.frame_vocabulary"):
+    with pytest.raises(ConfigError, match=rf"{config}: model.alignment.vocabulary: {out}: no such file .*part"
+                                          r".frame_vocabulary"):
         preflight(cfg, world_size=1, source=config)
     assert main(["--config", str(config)]) != 0  # nowhere to write it
-    assert "model.frame_vocabulary is not set" in capsys.readouterr().err
+    assert "model.alignment.vocabulary is not set" in capsys.readouterr().err
 
 
 def test_the_flop_count_scores_frames_over_the_vocabulary(models):
@@ -201,16 +219,12 @@ def test_the_flop_count_scores_frames_over_the_vocabulary(models):
     batch = _batch(tok, guten_tag)
     counted, measured = [], []
     for model in (whole, subset):
-        model.cfg = dataclasses.replace(model.cfg, ctc_weight=0.5)
-        try:
-            set_trainable(model, ["adapter"])
-            model.zero_grad(set_to_none=True)
-            with FlopCounterMode(display=False) as counter:
-                model(batch)["loss"].backward()
-            measured.append(counter.get_total_flops())
-            counted.append(batch_flops(model, batch).total)
-        finally:
-            model.cfg = dataclasses.replace(model.cfg, ctc_weight=0.0)
+        set_trainable(model, ["adapter"])
+        model.zero_grad(set_to_none=True)
+        with FlopCounterMode(display=False) as counter:
+            model(batch)["loss"].backward()
+        measured.append(counter.get_total_flops())
+        counted.append(batch_flops(model, batch).total)
     saved = counted[0] - counted[1]
     assert saved > 0.03 * counted[0]
     assert saved == pytest.approx(measured[0] - measured[1], rel=0.02)

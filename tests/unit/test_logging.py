@@ -208,3 +208,34 @@ def test_eval_progress_reports_batches_and_eta_at_most_once_a_minute(monkeypatch
     progress(4, 4)  # t=90: the last batch is always printed
     assert lines == ["eval at step 420: batch 2/4 on this rank, 1.2 min, eta 1.2 min",
                      "eval at step 420: batch 4/4 on this rank, 1.5 min, eta 0.0 min"]
+
+
+def test_objective_losses_are_logged_and_summed_by_name(tmp_path, capsys):
+    """The objectives' losses reach the log by name (a new objective's loss needs no edit here), averaged over the
+    micro-batches that computed them; the global batch's record sums every SUMMED field through one collective."""
+    cfg = TrainConfig(stages=[StageConfig(name="s1", steps=2, lr=1e-3)], output_dir=str(tmp_path),
+                      logging=LoggingConfig(every=1))
+    logger = RunLogger(cfg, rank=0, world_size=2)
+    span = Curriculum(cfg.stages).at(0)
+    record = StepRecord(step=1, lr=1e-3, loss_sum=6.0, tokens=3, samples=2, audio_seconds=4.0, grad_norm=0.5,
+                        step_time=1.0, data_wait=0.25, objective_sums={"ctc_loss": 3.0, "frame_loss": 0.0},
+                        objective_batches={"ctc_loss": 2, "frame_loss": 0})
+    assert record.objective_losses == {"ctc_loss": 1.5}  # no micro-batch computed the frame loss
+    calls = []
+
+    def doubled(values):  # two ranks with the same figures
+        calls.append(list(values))
+        return [2 * v for v in values]
+
+    total = record.summed_over_ranks(doubled)
+    assert len(calls) == 1 and len(calls[0]) == 12  # one collective: 8 scalar fields and 2 + 2 named losses
+    assert (total.loss_sum, total.tokens, total.samples, total.data_wait) == (12.0, 6, 4, 0.5)
+    assert isinstance(total.tokens, int) and total.objective_batches == {"ctc_loss": 4, "frame_loss": 0}
+    assert (total.step, total.lr, total.grad_norm, total.step_time) == (1, 1e-3, 0.5, 1.0)  # rank 0's own
+    assert total.objective_losses == {"ctc_loss": 1.5}
+    logger.step(total, span)
+    logger.close()
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("[part] step 1/2"))
+    assert "loss 2.0000 ctc 1.5000 lr" in line and "frame" not in line
+    row = json.loads((tmp_path / "train_log.jsonl").read_text().splitlines()[0])
+    assert row["ctc_loss"] == 1.5 and "frame_loss" not in row

@@ -8,7 +8,7 @@ import torch
 from part.config import AdapterConfig, EncoderConfig, LLMConfig, LoraConfig, ModelConfig
 from part.data.batching import Batch
 from part.model.groups import group_parameters, set_trainable
-from part.model.speech_llm import IGNORE, EncodedAudio, SpeechLLM
+from part.model.speech_llm import IGNORE, SpeechLLM
 from part.model.tokenizer import load_tokenizer
 from part.prompts import AUDIO_TOKEN, TURN_END, instruction
 from part.train.checkpoint import gather_state_dict
@@ -261,173 +261,6 @@ def test_skeleton_has_the_real_parameter_names(model_and_tokenizer):
     assert group_parameters(skeleton, "llm.layers.99") == [] and group_parameters(skeleton, "encoder.layers.9") == []
 
 
-def test_ctc_loss_reads_the_adapter_through_the_llm_head(model_and_tokenizer):
-    """The auxiliary CTC term: finite, reaches the adapter's weights, counts only speech samples, and is what
-    `forward` adds to the LM loss at `ctc_weight`."""
-    import dataclasses
-
-    model, tok = model_and_tokenizer
-    batch = make_batch(tok, text_only=True)
-    ids = tok("Guten Tag", add_special_tokens=False)["input_ids"]
-    batch = dataclasses.replace(batch, transcript_ids=[torch.tensor(ids), torch.tensor(ids),
-                                                       torch.tensor([], dtype=torch.long)])
-    encoded = model._assemble(batch)[3]
-    audio, lengths = encoded.frames, encoded.lengths
-    ctc = model.ctc_loss(audio, lengths, batch)
-    assert torch.isfinite(ctc) and ctc.item() > 0
-    # By hand: the same CTC over the two speech rows, normalised by their transcript tokens.
-    log_probs = model.llm.get_output_embeddings()(model.llm_final_norm(audio)).float().log_softmax(-1)
-    expected = torch.nn.functional.ctc_loss(log_probs[:2].transpose(0, 1), torch.tensor(ids + ids), lengths[:2],
-                                            torch.tensor([len(ids)] * 2), blank=model.pad_token_id,
-                                            reduction="sum") / (2 * len(ids))
-    assert torch.allclose(ctc, expected)
-
-    # Through the final norm, the frames' scale does not decide how sharp their logits are.
-    assert torch.allclose(model.ctc_loss(audio * 10, lengths, batch), ctc, rtol=1e-3)
-    assert model.llm_final_norm is model.llm.get_decoder().norm  # the tiny Qwen2's
-
-    model.zero_grad()
-    ctc.backward()
-    assert model.adapter.proj.weight.grad.abs().sum() > 0
-
-    plain = model(batch)
-    try:
-        model.cfg = dataclasses.replace(model.cfg, ctc_weight=0.5)
-        weighted = model(batch)
-    finally:
-        model.cfg = dataclasses.replace(model.cfg, ctc_weight=0.0)
-    assert "ctc_loss" not in plain
-    assert torch.allclose(weighted["loss"], plain["loss"] + 0.5 * weighted["ctc_loss"])
-
-    # A batch without speech: zero, yet still a graph through the head (every rank makes the same calls).
-    text_only = dataclasses.replace(batch, audio_index=torch.tensor([-1, -1, -1]))
-    zero = model.ctc_loss(audio, lengths, text_only)
-    assert zero.item() == 0.0 and zero.requires_grad
-
-
-class ScriptedTeacher:
-    """A frame teacher with known answers: token k of each transcript spans adapter frame 2k + 1 (80 ms frames)
-    alone, nothing else has a span. Records what it was asked (the real teacher, Whisper's alignment heads, is
-    tested in test_whisper_align.py)."""
-
-    def __init__(self, seconds_per_frame: float):
-        self.seconds_per_frame, self.calls = seconds_per_frame, []
-
-    def timings(self, states, state_lengths, transcripts, languages):
-        from part.model.whisper_align import TokenTiming
-
-        self.calls.append((states.shape, state_lengths, transcripts, languages))
-        step = self.seconds_per_frame
-        return [[TokenTiming(t, "", (2 * k + 1) * step, (2 * k + 2) * step) for k, t in enumerate(ids)]
-                for ids in transcripts]
-
-
-def test_frame_loss_is_the_frames_cross_entropy_against_the_teachers_targets(model_and_tokenizer):
-    """The frame loss: CE of every valid adapter frame of the transcribed clips through the LLM's final norm and
-    head against the teacher's targets; `forward` adds it at `frame_weight` in training; with `lm_loss=False`
-    it is the whole loss and the LLM's decoder never runs."""
-    from part.data.batching import SampleMeta
-
-    model, tok = model_and_tokenizer
-    ids = tok("Guten Tag", add_special_tokens=False)["input_ids"]
-    batch = dataclasses.replace(make_batch(tok, text_only=True), transcript_ids=[
-        torch.tensor(ids), torch.tensor(ids), torch.tensor([], dtype=torch.long)],
-        meta=[SampleMeta(key=f"k{i}", task="asr", language="de", target_language=None, reference="Guten Tag",
-                         duration=1.0) for i in range(3)])
-    teacher = ScriptedTeacher(0.02 * model.cfg.adapter.downsample)
-    model.frame_teacher = teacher
-    model.cfg = dataclasses.replace(model.cfg, frame_weight=0.5)
-    calls = []
-    hook = model.llm.get_base_model().get_decoder().register_forward_hook(lambda *_: calls.append(1))
-    try:
-        model.train()
-        encoded = model._encode(batch.input_features, batch.feature_frames, need_logits=True)
-        loss = model.frame_loss(encoded, batch)
-        # by hand, from the teacher's rows: both speech clips, their valid frames only
-        lengths = encoded.lengths.tolist()
-        expected_logits, expected_targets = [], []
-        for j, n in enumerate(lengths):
-            row = [model.pad_token_id] * n
-            for k, t in enumerate(ids):
-                row[2 * k + 1] = t
-            expected_logits.append(encoded.logits[j, :n])
-            expected_targets += row
-        expected = torch.nn.functional.cross_entropy(torch.cat(expected_logits), torch.tensor(expected_targets))
-        assert torch.allclose(loss, expected)
-        shape, state_lengths, transcripts, languages = teacher.calls[-1]
-        assert transcripts == [ids, ids] and languages == ["de", "de"] and shape[0] == 2
-        # spans one frame wide: `span` is the same targets without the per-frame cross-entropy
-        model.cfg = dataclasses.replace(model.cfg, frame_targets="span")
-        from part.model.speech_llm import span_frame_loss
-
-        owners, tokens, base = [], [], 0
-        for n in lengths:
-            row = [-1] * n
-            for k in range(len(ids)):
-                row[2 * k + 1] = base + k
-            owners += row
-            tokens += [ids[o - base] if o >= 0 else model.pad_token_id for o in row]
-            base += len(ids)
-        expected_span = span_frame_loss(torch.cat(expected_logits).log_softmax(-1), torch.tensor(tokens),
-                                        torch.tensor(owners), model.pad_token_id)
-        assert torch.allclose(model.frame_loss(encoded, batch), expected_span)
-        model.cfg = dataclasses.replace(model.cfg, frame_targets="centre")
-
-        calls.clear()
-        out = model(batch)
-        assert calls and torch.allclose(out["loss"], out["loss_sum"] / out["tokens"] + 0.5 * out["frame_loss"])
-        calls.clear()
-        only = model(batch, lm_loss=False)
-        assert not calls  # the LLM did not run
-        assert int(only["tokens"]) == 0 and torch.allclose(only["loss"], 0.5 * only["frame_loss"])
-        assert torch.allclose(only["frame_loss"], loss)
-        model.zero_grad()
-        only["loss"].backward()
-        assert model.adapter.proj.weight.grad.abs().sum() > 0
-        model.eval()
-        assert "frame_loss" not in model(batch)  # evaluation: no teacher needed
-        model.train()
-        model.frame_teacher = None
-        with pytest.raises(RuntimeError, match="no frame_teacher"):
-            model(batch)
-    finally:
-        hook.remove()
-        model.frame_teacher = None
-        model.cfg = dataclasses.replace(model.cfg, frame_weight=0.0, frame_targets="centre")
-        model.eval()
-
-
-def test_vocabulary_readout_is_the_embeddings_of_the_frames_likely_tokens(model_and_tokenizer):
-    """readout: vocabulary: each frame becomes its top tokens' embeddings weighted by the posterior at the
-    readout temperature; a cold temperature gives the embedding of the frame's most likely token."""
-    model, tok = model_and_tokenizer
-    batch = make_batch(tok)
-    with torch.no_grad():
-        encoded = model._encode(batch.input_features, batch.feature_frames, need_logits=True)
-        embeddings = model.llm.get_input_embeddings().weight
-        try:
-            model.cfg = dataclasses.replace(model.cfg, adapter=dataclasses.replace(
-                model.cfg.adapter, readout="vocabulary", readout_temperature=1e-4))
-            cold, lengths = model.encode_audio(batch.input_features, batch.feature_frames)
-            top2 = encoded.logits.topk(2, dim=-1).values
-            clear = (top2[..., 0] - top2[..., 1]) > 1e-2  # frames without a near-tie for their first token
-            assert clear.sum() > 10
-            assert torch.allclose(cold[clear], embeddings[encoded.logits.argmax(-1)][clear], atol=1e-5)
-            model.cfg = dataclasses.replace(model.cfg, adapter=dataclasses.replace(
-                model.cfg.adapter, readout_temperature=1.0))
-            warm, _ = model.encode_audio(batch.input_features, batch.feature_frames)
-        finally:
-            model.cfg = dataclasses.replace(model.cfg, adapter=dataclasses.replace(
-                model.cfg.adapter, readout="embeddings", readout_temperature=0.2))
-        top, ids = encoded.logits.topk(16, dim=-1)
-        expected = (top.softmax(-1)[..., None] * embeddings[ids]).sum(-2)
-        assert torch.allclose(warm, expected, atol=1e-5)
-        assert torch.equal(lengths, encoded.lengths)
-        # the LLM reads the readout: the assembled inputs hold it in the audio slot
-        plain, _ = model.encode_audio(batch.input_features, batch.feature_frames)
-        assert torch.allclose(plain, encoded.frames)
-
-
 def _grads(model, batch):
     model.zero_grad()
     out = model(batch)
@@ -468,7 +301,7 @@ def test_activation_checkpointing_and_attention_kernels_change_no_number(tiny_mo
 def test_span_frame_loss_against_its_definition():
     """span_frame_loss by brute force on random log-probabilities, and its two ends: the CTC-like answer (each
     token in one frame of its span, blank elsewhere) costs ~0; blank everywhere costs the span terms."""
-    from part.model.speech_llm import span_frame_loss
+    from part.objectives.frames import span_frame_loss
 
     torch.manual_seed(0)
     blank, vocab = 0, 7
@@ -513,21 +346,6 @@ def test_gathered_weights_on_every_rank_rebuild_the_model(model_and_tokenizer):
     batch = make_batch(tok, text_only=True)
     replica.eval()
     assert replica.generate(batch, max_new_tokens=8) == model.generate(batch, max_new_tokens=8)
-
-
-def test_frame_readout_merges_repeats_drops_blanks_and_stops_at_each_clips_length(model_and_tokenizer, monkeypatch):
-    model, tok = model_and_tokenizer
-    blank = model.pad_token_id
-    frames = torch.tensor([[5, 5, blank, 5, 7, 7, blank], [9, blank, 9, 9, 3, 3, 3]])
-    logits = torch.nn.functional.one_hot(frames, num_classes=max(blank, 9) + 1).float()
-    encoded = EncodedAudio(states=None, state_lengths=None, frames=None, lengths=torch.tensor([7, 4]),
-                           logits=logits, audio=None)
-    monkeypatch.setattr(model, "_encode", lambda *args, **kwargs: encoded)
-    assert model.frame_readout(make_batch(tok)) == [[5, 5, 7], [9, 9]]
-    # every frame the blank won has token 3 as its runner-up, 0.5 below: a penalty of 0.4 leaves the blank, 0.6 not
-    logits[..., 3] += 0.5 * (frames == blank)
-    assert model.frame_readout(make_batch(tok), blank_penalty=0.4) == [[5, 5, 7], [9, 9]]
-    assert model.frame_readout(make_batch(tok), blank_penalty=0.6) == [[5, 3, 5, 7, 3], [9, 3, 9]]
 
 
 def test_group_lr_makes_param_groups_with_their_scale(model_and_tokenizer):

@@ -1,4 +1,4 @@
-"""Token timings from Whisper's alignment heads (part/model/whisper_align.py, `python -m part.align`): the DTW
+"""Token timings from Whisper's alignment heads (part/objectives/whisper_align.py, `python -m part align`): the DTW
 against an exhaustive one, the frame targets by hand, and the real Whisper-base (converted from its
 wheels) placing the words of an espeak-ng clip on either side of a silence inserted between them."""
 
@@ -14,7 +14,7 @@ import soundfile as sf
 
 from part import align
 from part.data.audio import load_audio
-from part.model.whisper_align import (
+from part.objectives.whisper_align import (
     FrameTargetTeacher,
     TokenTiming,
     WhisperAligner,
@@ -22,6 +22,8 @@ from part.model.whisper_align import (
     dtw_path,
     frame_owners,
     frame_targets,
+    map_timings,
+    token_char_spans,
 )
 
 
@@ -199,10 +201,73 @@ def test_frame_teacher_needs_whisper_with_its_decoder_and_the_same_vocabulary(co
     (no_heads / "generation_config.json").write_text(json.dumps(generation))
     assert "alignment_heads" in alignment_heads_problem(no_heads)
     assert "config.json" in alignment_heads_problem(tmp_path)  # not a model directory
-    # an LLM tokenizer that splits text otherwise: the timings would not be its tokens
+    # an LLM tokenizer that splits text otherwise: the timings are mapped onto its tokens
     other = PreTrainedTokenizerFast(tokenizer_object=_byte_tokenizer())
-    with pytest.raises(ValueError, match="model.frame_weight: the LLM's tokenizer does not split text"):
-        FrameTargetTeacher(whisper_dir, other)
+    assert not FrameTargetTeacher(whisper_dir, other).shared_vocabulary
+
+
+def test_other_tokenizers_take_the_time_of_the_characters_they_cover(converted, gap_clip, tiny_models):
+    """Tokenizer independence: an LLM tokenizer that splits text otherwise (the tiny LLM's) gets, for each
+    of its tokens, the span of the Whisper tokens whose characters it covers; Whisper's own tokenizer, forced
+    through the same mapping, gets exactly the timings of the shared-vocabulary path (the targets of an LLM that
+    shares Whisper's vocabulary do not change)."""
+    import torch
+    from transformers import WhisperTokenizer
+
+    from part.config import EncoderConfig
+    from part.model.encoders import family_for
+    from part.model.tokenizer import load_tokenizer
+
+    whisper_dir, _ = converted
+    path, _, _, _ = gap_clip
+    family = family_for(EncoderConfig(pretrained=str(whisper_dir)))
+    encoder = family.build(weights=True).eval()
+    features, frames = family.features([load_audio(path)])
+    with torch.no_grad():
+        states, state_lengths = family.encode(encoder, features, frames)
+    text = "Good morning everybody. Thank you very much."
+    whisper = WhisperTokenizer.from_pretrained(whisper_dir)
+    teacher = FrameTargetTeacher(whisper_dir, whisper)
+    ids = whisper(text, add_special_tokens=False)["input_ids"]
+    (shared,) = teacher.timings(states, state_lengths.tolist(), [ids], ["en"])
+    teacher.shared_vocabulary = False
+    (mapped,) = teacher.timings(states, state_lengths.tolist(), [ids], ["en"])
+    assert mapped == shared
+    thank = next(t for t in shared if t.text.strip() == "Thank")
+
+    # the tiny LLM's own sentencepiece tokenizer (not Whisper's): its tokens of "Thank" span Whisper's " Thank"
+    llm = load_tokenizer(str(tiny_models / "llm"))
+    llm_ids = llm(text, add_special_tokens=False)["input_ids"]
+    llm_teacher = FrameTargetTeacher(whisper_dir, llm)
+    assert not llm_teacher.shared_vocabulary
+    (timed,) = llm_teacher.timings(states, state_lengths.tolist(), [llm_ids], ["en"])
+    decoded, spans = token_char_spans(llm, llm_ids)
+    assert decoded.strip() == text
+    assert [t.token_id for t in timed] == [i for i, (a, b) in zip(llm_ids, spans) if decoded[a:b].strip()]
+    at = decoded.index("Thank")
+    inside = [t for t, (i, (a, b)) in zip(timed, [(i, sp) for i, sp in zip(llm_ids, spans) if decoded[sp[0]:sp[1]]
+              .strip()]) if a >= at and b <= at + len("Thank") + 1 and decoded[a:b].strip()]
+    assert inside and min(t.start for t in inside) == thank.start and max(t.end for t in inside) == thank.end
+    assert all(t.start <= t.end for t in timed)
+    assert [t.start for t in timed] == sorted(t.start for t in timed)  # in order, as the teacher's tokens
+
+
+def test_char_span_mapping_by_hand():
+    """map_timings on made-up spans: a token covering two teacher tokens spans both; whitespace-only tokens and
+    tokens past the teacher's cut get none; partial characters (byte fallback) share their character's span."""
+    timings = [TokenTiming(1, " ab", 0.0, 0.2), TokenTiming(2, "c", 0.2, 0.3), TokenTiming(3, " d", 0.5, 0.9)]
+    text = " abc d e"
+    teacher_spans = [(0, 3), (3, 4), (4, 6)]
+    spans = [(0, 2), (2, 4), (4, 5), (5, 6), (6, 8)]  # " a", "bc", " ", "d", " e" (past the teacher's cut)
+    out = map_timings(timings, teacher_spans, [10, 11, 12, 13, 14], spans, text, ["a", "bc", " ", "d", "e"])
+    assert [(t.token_id, t.start, t.end) for t in out] == [(10, 0.0, 0.2), (11, 0.0, 0.3), (13, 0.5, 0.9)]
+
+    class Bytes:  # a tokenizer whose tokens are UTF-8 bytes
+        def decode(self, ids, skip_special_tokens=True):
+            return bytes(ids).decode("utf-8", errors="replace")
+
+    decoded, char_spans = token_char_spans(Bytes(), list("a你".encode()))
+    assert decoded == "a你" and char_spans == [(0, 1), (1, 2), (1, 2), (1, 2)]
 
 
 def _byte_tokenizer():

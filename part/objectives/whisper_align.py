@@ -5,8 +5,9 @@ hold it; a few of its cross-attention heads (the checkpoint's `generation_config
 Their weights, normalised per frame and smoothed over time, give a token-by-frame score; the monotonic path of
 highest total score (dynamic time warping) assigns every token a span of 20 ms frames.
 
-Measured use (docs/issue13_stage1_4lang.md): the timings as per-frame targets for the adapter, the supervision
-stage 1 otherwise has to find by itself. `python -m part.align` prints the timings of one clip.
+The timings serve as per-frame targets for the adapter (part/objectives/frames.py), the supervision an adapter-only
+stage otherwise has to find by itself; for an LLM with another tokenizer, its tokens take the spans of the characters
+they cover (`map_timings`). `python -m part align` prints the timings of one clip.
 """
 
 from __future__ import annotations
@@ -229,37 +230,91 @@ def alignment_heads_problem(whisper_dir: str | Path) -> str | None:
     return None
 
 
-# Text the LLM's tokenizer must split exactly as Whisper's does for the teacher's timings to be the LLM's tokens.
+def token_char_spans(tokenizer, ids: list[int]) -> tuple[str, list[tuple[int, int]]]:
+    """The text `ids` decode to and each token's [start, end) characters in it, by decoding growing prefixes (any
+    tokenizer, slow or fast). A token that ends inside a character (byte fallback) shares that character's span
+    with the tokens that complete it."""
+    spans, pending, done = [], 0, ""
+    for k in range(len(ids)):
+        text = tokenizer.decode(ids[: k + 1], skip_special_tokens=True)
+        if text.endswith("\ufffd") and k + 1 < len(ids):  # an incomplete character: wait for the next token
+            pending += 1
+            continue
+        start = min(len(done), len(text))
+        spans.extend([(start, len(text))] * (pending + 1))
+        pending, done = 0, text
+    return done, spans
+
+
+def _strip(text: str, span: tuple[int, int]) -> tuple[int, int]:
+    """`span` without its leading and trailing whitespace (an empty span where it holds nothing else)."""
+    start, end = span
+    while start < end and text[start].isspace():
+        start += 1
+    while end > start and text[end - 1].isspace():
+        end -= 1
+    return start, end
+
+
+def map_timings(timings: list[TokenTiming], teacher_spans: list[tuple[int, int]], ids: list[int],
+                spans: list[tuple[int, int]], text: str, names: list[str]) -> list[TokenTiming]:
+    """Timings of other tokens of the same `text`: token k (`ids[k]`, characters `spans[k]`) spans the time of the
+    teacher tokens whose characters (`teacher_spans`, parallel to `timings`) overlap its own, whitespace aside.
+    Tokens that overlap none (whitespace alone, or past the teacher's cut) get no timing."""
+    teacher = [_strip(text, span) for span in teacher_spans]
+    out = []
+    for token, span, name in zip(ids, spans, names):
+        start, end = _strip(text, span)
+        covered = [t for t, (a, b) in zip(timings, teacher) if a < end and start < b]
+        if start < end and covered:
+            out.append(TokenTiming(token_id=token, text=name, start=min(t.start for t in covered),
+                                   end=max(t.end for t in covered)))
+    return out
+
+
+# Text on which an LLM tokenizer that shares Whisper's vocabulary splits exactly as Whisper's does: its transcripts'
+# token ids are then the teacher's own, and the timings need no mapping.
 VOCABULARY_PROBE = "Hello world, wie geht's? ¿Qué tal, señor? 你好，世界。 Привет, мир! 1,234.5%"
 
 
 class FrameTargetTeacher:
-    """Token timings for the adapter's frame loss, from the Whisper checkpoint the encoder came from:
-    its decoder's alignment heads over the encoder's outputs of the step. For an LLM whose tokenizer is Whisper's
-    for text (the stand-in made from Whisper's decoder), so the teacher's token timings are the LLM's tokens."""
+    """Token timings for the adapter's frame loss, from the Whisper checkpoint the encoder came from: its decoder's
+    alignment heads over the encoder's outputs of the step. The transcripts come as the LLM's token ids; with an
+    LLM tokenizer that splits text as Whisper's does, those are the teacher's tokens, else the teacher aligns the
+    decoded text with its own tokens and the timings are mapped onto the LLM's through character spans."""
 
     def __init__(self, whisper_dir: str | Path, llm_tokenizer):
         self.aligner = WhisperAligner(whisper_dir)
+        self.llm_tokenizer = llm_tokenizer
         whisper_tokenizer = self.aligner.processor.tokenizer
         mine = whisper_tokenizer(VOCABULARY_PROBE, add_special_tokens=False)["input_ids"]
         theirs = llm_tokenizer(VOCABULARY_PROBE, add_special_tokens=False)["input_ids"]
-        if mine != theirs:
-            raise ValueError(f"model.frame_weight: the LLM's tokenizer does not split text as {whisper_dir}'s Whisper "
-                             "tokenizer does, so the alignment heads' timings are not the LLM's tokens (the frame "
-                             "loss needs an LLM with Whisper's vocabulary, e.g. `python -m part.convert whisper-llm`)")
+        self.shared_vocabulary = mine == theirs
         # Whisper's text tokens come before its first special token; special tokens have no timing.
         self.text_vocab = whisper_tokenizer.convert_tokens_to_ids("<|endoftext|>")
         self.max_tokens = self.aligner.model.config.max_target_positions - 4  # the 4-token task prefix
 
     def timings(self, states: torch.Tensor, state_lengths: list[int], transcripts: list[list[int]],
                 languages: list[str]) -> list[list[TokenTiming]]:
-        """For each clip i (encoder outputs `states[i, :state_lengths[i]]`, transcript token ids, language): the
-        timings of its text tokens (special tokens have none and are left out; past the decoder's length, cut)."""
+        """For each clip i (encoder outputs `states[i, :state_lengths[i]]`, transcript as the LLM's token ids,
+        language): the timings of its tokens (special tokens have none and are left out; past the decoder's
+        length, cut)."""
         if states.device != self.aligner.device:  # the teacher runs where the step runs (once moved, it stays)
             self.aligner.model.to(states.device)
             self.aligner.device = states.device
         out = []
         for i, (ids, language) in enumerate(zip(transcripts, languages)):
-            ids = [t for t in ids if t < self.text_vocab][: self.max_tokens]
-            out.append(self.aligner.align_encoded(states[i, : state_lengths[i]].detach(), ids, language))
+            clip = states[i, : state_lengths[i]].detach()
+            if self.shared_vocabulary:
+                ids = [t for t in ids if t < self.text_vocab][: self.max_tokens]
+                out.append(self.aligner.align_encoded(clip, ids, language))
+                continue
+            special = set(self.llm_tokenizer.all_special_ids)
+            ids = [t for t in ids if t not in special]
+            text, spans = token_char_spans(self.llm_tokenizer, ids)
+            encoding = self.aligner.processor.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            teacher_ids = encoding["input_ids"][: self.max_tokens]
+            timed = self.aligner.align_encoded(clip, teacher_ids, language)
+            names = [self.llm_tokenizer.decode([t]) for t in ids]
+            out.append(map_timings(timed, encoding["offset_mapping"][: len(teacher_ids)], ids, spans, text, names))
         return out
