@@ -46,6 +46,7 @@ from data_prep.manifest import (
     add_selection_args,
     id_from_audio,
     language_code,
+    log_stderr,
     make_record,
     sanitize_id,
     write_selected,
@@ -65,12 +66,11 @@ class Input:
 
 
 def _datasets():
-    """The `datasets` library, kept offline and quiet (progress bars would interleave with the build's progress)."""
+    """The `datasets` library, offline, its log quiet (its progress bars show the parquet conversion)."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import datasets
 
-    datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
     return datasets
 
@@ -196,6 +196,8 @@ class DatasetReader:
             audio_ds = ds.select_columns([audio])
         self.inputs.append(source)
         self.audio.append((audio_ds, audio, kind))
+        log_stderr(f"{source.label}: {len(ds)} rows; columns: audio '{audio}' ({kind}), text '{text}', language "
+                   f"{repr(language) if language else 'none (--language)'}")
 
         names = [c for c in dict.fromkeys([text, language, id_column, *translations.values()]) if c]
         refs = audio_refs(ds, audio, kind)
@@ -302,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+        _datasets().disable_progress_bars()  # row fetches during the build are not to draw bars over its progress
         write_selected(items, args, {"source": args.source}, skipped=dict(reader.bad.counts), load=reader.load)
     finally:
         if args.cache_dir is None:
