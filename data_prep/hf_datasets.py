@@ -217,7 +217,7 @@ class DatasetReader:
         where = f"{source.label}:row {row}"
         transcript = fields[text]
         if not isinstance(transcript, str) or not transcript.strip():
-            self.bad.skip(f"{where}: field '{text}': empty transcript", "empty_transcript")
+            self.bad.skip(f"{where}: field '{text}': no transcript (empty, or not text)", "empty_transcript")
             return None
         lang_value = fields.get(language) if language else None
         if lang_value is None or not str(lang_value).strip():

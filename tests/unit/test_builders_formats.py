@@ -220,7 +220,7 @@ def test_hf_datasets(tmp_path: Path, clips: dict, capsys: pytest.CaptureFixture)
     assert code == 0, err
     parquet = tmp_path / "pq" / "data" / "x.parquet"
     for row, field in [(2, "field 'audio': no audio"), (3, "field 'language': language 'Klingon'"),
-                       (4, "field 'text': empty transcript")]:
+                       (4, "field 'text': no transcript")]:
         assert f"{parquet}:row {row}: {field}" in err, (row, err)
     samples = read_shards(out)
     check_index(out, samples, {"bad_row": 2, "empty_transcript": 1, "unreadable_audio": 1})
