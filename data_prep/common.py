@@ -13,8 +13,13 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from part.data.audio import SAMPLE_RATE, AudioDecodeError, encode_flac, load_audio
+import numpy as np
+import soundfile as sf
+
+from part.data.audio import SAMPLE_RATE, AudioDecodeError, encode_flac, load_audio, resample
 from part.data.shards import ShardWriter, write_index
+
+RESAMPLE_PAD = 0.05  # s of context read on each side of a span of a non-16 kHz file, so filter edges fall outside
 
 
 @dataclass
@@ -25,6 +30,7 @@ class Item:
     audio_path: str | bytes | None = None  # a path, or the encoded file's bytes
     start: float | None = None  # seconds, for segments of long recordings
     end: float | None = None
+    channel: int | None = None  # one channel of a multi-channel file (0-based); None: the mix of all channels
     tts_args: list[str] | None = None  # espeak-ng arguments: the audio is synthesised from the transcript
 
 
@@ -44,6 +50,37 @@ class BuildSummary:
         return "\n".join(lines)
 
 
+def read_span(handle: sf.SoundFile, begin: float, end: float | None, channel: int | None = None) -> np.ndarray:
+    """Mono float32 at 16 kHz of [begin, end) seconds (end None: the end of the file) of an open file: the mix of
+    its channels, or only `channel`. Seeks to the span, so a long file is not decoded in full."""
+    sr = handle.samplerate
+    if channel is not None and not 0 <= channel < handle.channels:
+        raise ValueError(f"channel {channel} of a {handle.channels}-channel file")
+    pad = round(RESAMPLE_PAD * sr) if sr != SAMPLE_RATE else 0
+    first = round(begin * sr)
+    last = handle.frames if end is None else min(round(end * sr), handle.frames)
+    lo, hi = max(0, first - pad), min(handle.frames, last + pad)
+    if last <= first:
+        return np.zeros(0, dtype=np.float32)
+    handle.seek(lo)
+    frames = handle.read(hi - lo, dtype="float32", always_2d=True)
+    wave = frames.mean(axis=1) if channel is None else frames[:, channel]
+    wave = resample(wave, sr, SAMPLE_RATE)
+    lead = round((first - lo) * SAMPLE_RATE / sr)
+    return wave[lead : lead + round((last - first) * SAMPLE_RATE / sr)]
+
+
+def load_item_audio(item: Item) -> np.ndarray:
+    """The item's 16 kHz mono waveform: the whole clip, or its span / channel of a file. Raises AudioDecodeError."""
+    if not isinstance(item.audio_path, str) or (item.start is None and item.end is None and item.channel is None):
+        return load_audio(item.audio_path)
+    try:
+        with sf.SoundFile(item.audio_path) as handle:
+            return read_span(handle, item.start or 0.0, item.end, item.channel)
+    except (RuntimeError, ValueError, OSError) as exc:  # soundfile's errors are RuntimeErrors
+        raise AudioDecodeError(f"cannot decode audio {item.audio_path}: {exc}") from exc
+
+
 def convert_item(item: Item, max_duration: float) -> tuple[dict, bytes | None, str | None]:
     """Decode, cut and re-encode one item. Returns (record, flac, skip_reason)."""
     record = dict(item.record)
@@ -55,10 +92,10 @@ def convert_item(item: Item, max_duration: float) -> tuple[dict, bytes | None, s
         record["duration"] = 0.0
         return record, None, None
     try:
-        wave = load_audio(item.audio_path)
+        wave = load_item_audio(item)
     except AudioDecodeError:
         return record, None, "unreadable_audio"
-    if item.start is not None or item.end is not None:
+    if isinstance(item.audio_path, bytes) and (item.start is not None or item.end is not None):
         first = int((item.start or 0.0) * SAMPLE_RATE)
         wave = wave[first : int(item.end * SAMPLE_RATE) if item.end is not None else None]
     duration = len(wave) / SAMPLE_RATE
@@ -102,11 +139,14 @@ def build_shards(
     total: int | None = None,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
     index_extra: dict | None = None,
+    skipped: dict[str, int] | None = None,
 ) -> BuildSummary:
-    """Converts items in parallel and writes `<out_dir>/<language>-NNNNNN.tar` plus `index.json`."""
+    """Converts items in parallel and writes `<out_dir>/<language>-NNNNNN.tar` plus `index.json`. `skipped`: rows
+    the caller already left out, by reason (bad metadata), counted in the summary and the index with the rest."""
     out_dir = Path(out_dir)
     writers: dict[str, ShardWriter] = {}
     summary = BuildSummary()
+    summary.skipped.update(skipped or {})
     started = last = time.time()
     done = 0
 

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from data_prep.common import Item, add_common_args, build_shards
+from part.prompts import LANGUAGE_NAMES
 
 MAX_ID_BYTES = 80  # tar (USTAR) member names are at most 100 bytes: `<id>.flac` must fit
 _UNSAFE_ID_CHARS = re.compile(r"[^\w\-]+")
@@ -47,16 +48,42 @@ def log_stderr(message: str) -> None:
 
 
 def write_selected(items: list[Item], args: argparse.Namespace, index_extra: dict,
-                   missing_note: str | None = None) -> None:
+                   missing_note: str | None = None, skipped: dict[str, int] | None = None,
+                   load: Callable[[Item], Item] | None = None) -> None:
     """The end every builder shares: --seed/--no-shuffle/--limit selection, a warning (and `missing_note`) for
-    missing audio, then the shards."""
+    missing audio, then the shards. `skipped`: rows already left out, by reason (see BadRows); `load`: fills in an
+    item's audio just before it is converted, so a selection of millions of rows does not hold their audio."""
     items = select(items, seed=None if args.no_shuffle else args.seed, limit=args.limit)
     if warn_missing_audio(items) and missing_note:
         log_stderr(missing_note)
-    summary = build_shards(items, args.out, total=len(items), index_extra=index_extra, **build_options(args))
+    work = items if load is None else map(load, items)
+    summary = build_shards(work, args.out, total=len(items), index_extra=index_extra, skipped=skipped,
+                           **build_options(args))
     if not summary.written:  # the summary table above says why; no traceback, no empty index
-        log_stderr(f"error: no sample of {len(items)} survived; nothing was written to {args.out}")
+        rows = len(items) + sum((skipped or {}).values())
+        log_stderr(f"error: no sample of {rows} survived; nothing was written to {args.out}")
         raise SystemExit(2)
+
+
+class BadRows:
+    """Rows (or parts of rows) a builder leaves out for bad metadata, so one bad line does not stop a corpus.
+
+    Each is logged as `skipped <file:line>: <what is wrong, naming the field>` (the first `shown`, then only counted)
+    and counted by reason; the counts go to write_selected, which adds them to the build summary and index.json.
+    """
+
+    def __init__(self, log: Log | None = None, shown: int = 20):
+        self.log = log or log_stderr
+        self.shown = shown
+        self.counts: Counter = Counter()
+
+    def skip(self, message: str, reason: str = "bad_row") -> None:
+        total = sum(self.counts.values())
+        if total < self.shown:
+            self.log(f"skipped {message}")
+        elif total == self.shown:
+            self.log("(more skipped rows are only counted; the summary at the end has the totals)")
+        self.counts[reason] += 1
 
 
 def folders_with(root: Path, filename: str) -> list[str]:
@@ -90,6 +117,25 @@ def iso639_1(tag: str) -> str:
     if not re.fullmatch(r"[a-z]{2,3}", primary):  # 'English' would name shards english-000000.tar
         raise ValueError(f"language {tag!r} is not an ISO 639 code (e.g. 'en', 'zh-CN', 'cmn_hans_cn')")
     return LANGUAGE_ALIASES.get(primary, primary)
+
+
+def language_code(value: object) -> str:
+    """iso639_1 of a tag, or the code of an English language name ('English' -> 'en', 'german' -> 'de'), as
+    corpora that name languages (Lhotse recipes, FLEURS on the Hugging Face hub) write them."""
+    text = str(value).strip()
+    by_name = {name.lower(): code for code, name in LANGUAGE_NAMES.items()}
+    if text.lower() in by_name:
+        return by_name[text.lower()]
+    return iso639_1(text)
+
+
+def id_from_audio(audio: Path, start: float | None = None, end: float | None = None) -> str:
+    """A sample id made from an audio path: the relative path without its suffix, or an absolute path's file name,
+    with the segment times in ms when the sample is a span of the file (sanitize_id makes it a tar key)."""
+    raw = str(audio.with_suffix("")) if not audio.is_absolute() else audio.stem
+    if start is not None or end is not None:
+        raw += f"_{round((start or 0.0) * 1000)}-{'end' if end is None else round(end * 1000)}"
+    return raw
 
 
 def read_tsv(path: Path, required: Iterable[str | tuple[str, ...]] = (), **csv_options) -> Iterator[tuple[str, dict]]:
@@ -227,9 +273,7 @@ def manifest_item(row: dict, where: str, base_dir: Path, default_source: str) ->
 
     raw_id = row.get("id")
     if raw_id is None or not str(raw_id).strip():
-        raw_id = str(audio.with_suffix("")) if not audio.is_absolute() else audio.stem
-        if start is not None:
-            raw_id += f"_{round(start * 1000)}-{'end' if end is None else round(end * 1000)}"
+        raw_id = id_from_audio(audio, start, end)
     source = str(row.get("source") or default_source)
     rec = make_record(sanitize_id(str(raw_id)), language, row["text"], source, translations)
     return Item(record=rec, audio_path=str(audio_path), start=start, end=end)

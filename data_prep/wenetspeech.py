@@ -27,15 +27,14 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from data_prep.common import Item, add_common_args, build_shards
+from data_prep.common import Item, add_common_args, build_shards, read_span
 from data_prep.manifest import Log, build_options, log_stderr, make_record, sanitize_id
-from part.data.audio import SAMPLE_RATE, resample
+from part.data.audio import SAMPLE_RATE
 
 SOURCE = "wenetspeech"
 LANGUAGE = "zh"
 SUBSETS = ("S", "M", "L", "W", "DEV", "TEST_NET", "TEST_MEETING")
 SEGMENTS_PER_JOB = 64
-RESAMPLE_PAD = 0.05  # s of context read on each side when the file is not 16 kHz, so filter edges fall outside
 
 Span = tuple[float, float]
 
@@ -46,21 +45,6 @@ def _wav_bytes(wave: np.ndarray) -> bytes:
     buf = io.BytesIO()
     sf.write(buf, wave, SAMPLE_RATE, format="WAV", subtype="FLOAT")
     return buf.getvalue()
-
-
-def _read_span(handle: sf.SoundFile, begin: float, end: float) -> np.ndarray:
-    """Mono float32 at 16 kHz of [begin, end) seconds of an open file."""
-    sr = handle.samplerate
-    pad = round(RESAMPLE_PAD * sr) if sr != SAMPLE_RATE else 0
-    first, last = round(begin * sr), min(round(end * sr), handle.frames)
-    lo, hi = max(0, first - pad), min(handle.frames, last + pad)
-    if last <= first:
-        return np.zeros(0, dtype=np.float32)
-    handle.seek(lo)
-    wave = handle.read(hi - lo, dtype="float32", always_2d=True).mean(axis=1)
-    wave = resample(wave, sr, SAMPLE_RATE)
-    lead = round((first - lo) * SAMPLE_RATE / sr)
-    return wave[lead : lead + round((last - first) * SAMPLE_RATE / sr)]
 
 
 def cut_segments(path: str, spans: list[Span]) -> tuple[list[bytes], str | None]:
@@ -74,7 +58,7 @@ def cut_segments(path: str, spans: list[Span]) -> tuple[list[bytes], str | None]
     with handle:
         for begin, end in spans:
             try:
-                out.append(_wav_bytes(_read_span(handle, begin, end)))
+                out.append(_wav_bytes(read_span(handle, begin, end)))
             except (RuntimeError, ValueError, OSError) as exc:
                 out.append(b"")
                 error = error or f"cannot decode {begin}-{end}s of {path}: {exc}"
