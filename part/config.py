@@ -112,7 +112,7 @@ class ModelConfig:
     # not taught to be pad on all but one of their frames).
     frame_targets: str = "centre"
     # A JSON file of the token ids the adapter's frames are classified over (the frame losses, the vocabulary
-    # readout), written by `python -m part.frame_vocabulary --config CONFIG` from the training transcripts; None:
+    # readout), written by `python -m part frame_vocabulary --config CONFIG` from the training transcripts; None:
     # the LLM's whole vocabulary. Measured on the default (docs/issue13_stage1_4lang.md): the head over every frame
     # is the largest cost of an adapter-only step, and a frame can only learn the tokens its transcripts hold.
     frame_vocabulary: str | None = None

@@ -2,7 +2,7 @@
 the model directory and real clips the inference tests use.
 
 tests/unit holds fast in-process tests of the library; tests/integration runs the commands (train.py through the
-deepspeed launcher, `python -m part.infer`, ...) in subprocesses. `-m "not slow"` skips the longest launcher runs.
+deepspeed launcher, `python -m part infer`, ...) in subprocesses. `-m "not slow"` skips the longest launcher runs.
 Tests marked `extended` (variants of paths the default run already covers) are skipped unless `--extended` is
 given: the default run, which CI runs, stays under 15 minutes on 2 CPU cores.
 """
@@ -204,7 +204,7 @@ def converted(ct2_files, tmp_path_factory) -> tuple[Path, float]:
     """The wheels converted once, through the CLI: (output directory, seconds)."""
     import time
 
-    from part import convert
+    from part.cli import convert
 
     out = tmp_path_factory.mktemp("whisper_base") / "hf"
     start = time.perf_counter()

@@ -43,7 +43,7 @@ def test_frame_loss_memorises_clips_without_running_the_llm(corpus, tiny_models,
                  "data.max_batch_tokens=4096", "eval.tasks=[asr]", "eval.per_language=2", "eval.max_new_tokens=12",
                  "eval.batch_size=4", "checkpoint.every=1000", "logging.every=10"]
     # the frames classified over the clips' own tokens (as the tiny recipes do), the file written by its command
-    from part.frame_vocabulary import main as write_frame_vocabulary
+    from part.cli.frame_vocabulary import main as write_frame_vocabulary
 
     vocabulary = tmp_path / "frame_vocabulary.json"
     overrides.append(f"model.frame_vocabulary={vocabulary}")

@@ -320,7 +320,7 @@ def test_memory_estimate_counts_the_encoder(encoder_dirs, tiny_models, tok, fami
 @pytest.mark.filterwarnings("ignore:Passing `.*` with `inputs_embeds`:UserWarning")
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f != "whisper"])
 def test_transcribe_uses_the_family_features(models, tok, family, tmp_path):
-    """`python -m part.infer`'s path: audio files through the model's own feature extractor, a clip's text the
+    """`python -m part infer`'s path: audio files through the model's own feature extractor, a clip's text the
     same alone and batched with a longer clip."""
     import soundfile as sf
 

@@ -1,4 +1,4 @@
-"""Token timings from Whisper's alignment heads (part/model/whisper_align.py, `python -m part.align`): the DTW
+"""Token timings from Whisper's alignment heads (part/model/whisper_align.py, `python -m part align`): the DTW
 against an exhaustive one, the frame targets by hand, and the real Whisper-base (converted from its
 wheels) placing the words of an espeak-ng clip on either side of a silence inserted between them."""
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from part import align
+from part.cli import align
 from part.data.audio import load_audio
 from part.model.whisper_align import (
     FrameTargetTeacher,

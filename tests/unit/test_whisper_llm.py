@@ -94,7 +94,7 @@ def small_whisper_with_tokenizer(tmp_path_factory) -> Path:
     wheels, a few seconds), so the stand-in builder runs as on Whisper-base, only faster."""
     from transformers import WhisperForConditionalGeneration
 
-    from part import convert
+    from part.cli import convert
 
     real = tmp_path_factory.mktemp("whisper_base")
     assert convert.main(["whisper-ct2", "--from-packages", str(real)]) == 0
