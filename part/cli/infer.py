@@ -15,7 +15,7 @@ than the Whisper encoder's 30 s window; with --skip-bad such files are reported 
 Batching: `SpeechLLM.encode_audio` masks the padding (features, convolutions, attention), so a clip gets the same
 audio embeddings and the same text alone or batched with longer clips (tests/unit/test_infer.py checks it).
 
-This is the command line; the work is done by part.model.inference.
+This is the command line; the work is done by part.inference.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import torch
 
-    from part.model.inference import InferError, check_task, load_model, probe, read_inputs, transcribe
+    from part.inference import InferError, check_task, load_model, probe, read_inputs, transcribe
     from part.prompts import LANGUAGE_NAMES
 
     args.language = args.language.strip().lower()

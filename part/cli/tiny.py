@@ -2,7 +2,7 @@
 
     python -m part tiny --text corpus.txt --out cache/tiny [--corpus DIR --pretrain-steps N] [size flags]
 
-Writes `<out>/whisper` and `<out>/llm` (with its tokenizer); the work is done by part.model.tiny.
+Writes `<out>/whisper` and `<out>/llm` (with its tokenizer); the work is done by part.convert.tiny.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--llm-layers", type=int, default=4, help="the tiny LLM's depth")
     parser.add_argument("--llm-heads", type=int, default=6, help="attention heads (2 key/value heads)")
     args = parser.parse_args(argv)
-    from part.model.tiny import build_tiny
+    from part.convert.tiny import build_tiny
 
     whisper_dir, llm_dir = build_tiny(args.text, args.out, args.vocab_size, corpus=args.corpus,
                                       pretrain_steps=args.pretrain_steps, llm_hidden=args.llm_hidden,

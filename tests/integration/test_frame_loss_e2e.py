@@ -25,7 +25,7 @@ STAGES = """\
 
 @pytest.fixture(scope="module")
 def standin(converted, tmp_path_factory) -> Path:
-    from part.model.whisper_llm import build_whisper_llm
+    from part.convert.whisper_llm import build_whisper_llm
 
     whisper_dir, _ = converted
     return build_whisper_llm(whisper_dir, tmp_path_factory.mktemp("standin") / "llm", log=lambda _: None)

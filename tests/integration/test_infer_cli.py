@@ -21,7 +21,7 @@ from conftest import (
 )
 
 from part.cli import infer
-from part.model.inference import transcribe
+from part.inference import transcribe
 
 pytestmark = IGNORE_INPUTS_EMBEDS_WARNING
 

@@ -324,7 +324,7 @@ def test_transcribe_uses_the_family_features(models, tok, family, tmp_path):
     same alone and batched with a longer clip."""
     import soundfile as sf
 
-    from part.model.inference import max_audio_seconds, transcribe
+    from part.inference import max_audio_seconds, transcribe
 
     model = models[family]
     paths = []

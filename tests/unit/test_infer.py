@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import AIFF, FLAC, IGNORE_INPUTS_EMBEDS_WARNING, LONG, OGG, STEREO, TOKENS, WAV, check_records
 
-from part.model.inference import InferError, check_task, read_inputs, transcribe
+from part.inference import InferError, check_task, read_inputs, transcribe
 
 pytestmark = IGNORE_INPUTS_EMBEDS_WARNING
 
