@@ -7,12 +7,12 @@ from collections import Counter
 
 import pytest
 from conftest import REPO
+from wandb_offline import Table, offline_runs, raw_records, read_offline_run
 
 from part.config import ConfigError, LoggingConfig, StageConfig, TrainConfig, load_config
 from part.train.curriculum import Curriculum
 from part.train.logging import RunLogger
 from part.train.records import StepRecord
-from part.train.wandb_offline import Table, offline_runs, raw_records, read_offline_run
 
 
 def test_console_jsonl_and_offline_wandb(tmp_path, monkeypatch, capsys):
