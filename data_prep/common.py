@@ -13,8 +13,9 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from part.data.audio import SAMPLE_RATE, AudioDecodeError, encode_flac, load_audio
+from part.data.audio import AudioDecodeError, encode_flac, load_audio
 from part.data.shards import ShardWriter, write_index
+from part.features import SAMPLE_RATE
 
 
 @dataclass

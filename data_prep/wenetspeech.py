@@ -29,7 +29,8 @@ import soundfile as sf
 
 from data_prep.common import Item, add_common_args, build_shards
 from data_prep.manifest import Log, build_options, log_stderr, make_record, sanitize_id
-from part.data.audio import SAMPLE_RATE, resample
+from part.data.audio import resample
+from part.features import SAMPLE_RATE
 
 SOURCE = "wenetspeech"
 LANGUAGE = "zh"

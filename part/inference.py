@@ -18,7 +18,8 @@ from pathlib import Path
 import soundfile as sf
 import torch
 
-from part.data.audio import SAMPLE_RATE, AudioDecodeError, load_audio
+from part.data.audio import AudioDecodeError, load_audio
+from part.features import SAMPLE_RATE
 
 MODEL_FILES = ("part_model.json", "model.safetensors", "tokenizer")
 

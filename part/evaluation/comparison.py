@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from part.config import TrainConfig
+from part.curriculum import Curriculum
 from part.evaluation.bootstrap import Interval, Paired, error_rate_score, paired_bootstrap
 from part.evaluation.metrics import (
     CER_LANGUAGES,
@@ -24,7 +25,6 @@ from part.evaluation.metrics import (
     compare_table,
     error_counts,
 )
-from part.train.curriculum import Curriculum
 
 SYSTEMS = ("part", "baseline")
 FIG_SIZE = (12.0, 4.5)  # inches; at FIG_DPI the PNG is 1200 x 450 pixels

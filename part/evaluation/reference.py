@@ -16,12 +16,12 @@ import numpy as np
 import torch
 
 from part.config import DataConfig, TrainConfig
-from part.data.audio import SAMPLE_RATE, AudioDecodeError, load_audio
+from part.data.audio import AudioDecodeError, load_audio
 from part.data.eval_sets import first_per_language
 from part.data.shards import AUDIO_EXTENSIONS
 from part.evaluation.evaluator import score
 from part.evaluation.metrics import results_table
-from part.model.encoders import MAX_CLIP_SECONDS
+from part.features import MAX_CLIP_SECONDS, SAMPLE_RATE
 
 
 class ReferenceInputError(ValueError):

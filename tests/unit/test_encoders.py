@@ -15,19 +15,16 @@ from tiny_encoders import FAMILIES, LAYERS, build_tiny_encoder
 from torch.utils.flop_counter import FlopCounterMode
 
 from part.config import ActivationCheckpointingConfig, AdapterConfig, EncoderConfig, LLMConfig, ModelConfig
-from part.data.audio import SAMPLE_RATE, encode_flac
+from part.data.audio import encode_flac
 from part.data.batching import collate
 from part.data.samples import Sample, encode_text
+from part.features import SAMPLE_RATE, FbankFeatures, LogMelFeatures, WaveformFeatures, audio_features
 from part.model.encoders import (
     EncoderError,
-    FbankFeatures,
-    LogMelFeatures,
     W2vBertFamily,
     Wav2Vec2Family,
-    WaveformFeatures,
     WavLMFamily,
     WhisperFamily,
-    audio_features,
     encoder_family,
 )
 from part.model.flops import batch_flops

@@ -5,8 +5,8 @@ import dataclasses
 import pytest
 import torch
 
+from part.batch import Batch
 from part.config import AdapterConfig, EncoderConfig, LLMConfig, LoraConfig, ModelConfig
-from part.data.batching import Batch
 from part.model.groups import group_parameters, set_trainable
 from part.model.speech_llm import IGNORE, EncodedAudio, SpeechLLM
 from part.model.tokenizer import load_tokenizer
@@ -326,7 +326,7 @@ def test_frame_loss_is_the_frames_cross_entropy_against_the_teachers_targets(mod
     """The frame loss: CE of every valid adapter frame of the transcribed clips through the LLM's final norm and
     head against the teacher's targets; `forward` adds it at `frame_weight` in training; with `lm_loss=False`
     it is the whole loss and the LLM's decoder never runs."""
-    from part.data.batching import SampleMeta
+    from part.batch import SampleMeta
 
     model, tok = model_and_tokenizer
     ids = tok("Guten Tag", add_special_tokens=False)["input_ids"]
