@@ -1,99 +1,17 @@
-"""Train a Speech LLM with the PART curriculum under DeepSpeed.
+"""Train a Speech LLM with the PART curriculum: the script the DeepSpeed launcher starts on every rank.
 
     deepspeed --num_gpus 8 train.py --config configs/part_large.yaml [--resume [--reevaluate]] [key.sub=value ...]
     python train.py --config configs/part_large.yaml --check --world-size 8   # validate; start nothing
 
-Reads the config, checks it with every stage's data and the model's parameter groups, then hands the run to
-part.train.trainer.Trainer (stages, resume, checkpoints, evaluation, the final export).
+The command is part/cli/train.py (also `python -m part train`); `python train.py --help` lists its options.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
-import warnings
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from part.cli.train import main
+from part.exit_codes import exit_process
 
-from part.exit_codes import ExitCode, exit_process
-
-if TYPE_CHECKING:
-    from part.train.callbacks import TrainerCallback
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML config (see configs/)")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. stages.0.lr=5e-4")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from checkpoint.dir/latest (checked against its SHA256SUMS; a damaged one "
-                             "falls back to the newest good one) if present; refused if the config changed where "
-                             "a resume cannot follow. A run that is already complete (all stages trained, final/ "
-                             "and its evaluation saved) only prints its saved results")
-    parser.add_argument("--reevaluate", action="store_true",
-                        help="with --resume, on an already complete run: evaluate the final model again (and "
-                             "export final/ with the new table) instead of only printing the saved results")
-    parser.add_argument("--check", action="store_true",
-                        help="validate the config, every stage's data and trainable groups, print each stage's memory "
-                             "estimate per rank, then exit (start nothing)")
-    parser.add_argument("--world-size", type=int, default=1, help="with --check: the number of ranks to check for")
-    parser.add_argument("--device-memory-gb", type=float, default=None,
-                        help="with --check: one device's memory for the per-stage estimate (default: this "
-                             "machine's GPU, else 80)")
-    parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the launcher
-    args = parser.parse_intermixed_args(argv)  # flags may come after the overrides
-    if args.reevaluate and not args.resume:
-        parser.error("--reevaluate evaluates a finished run again: use it with --resume")
-    return args
-
-
-def print_memory_estimate(cfg, model, world_size: int, device_memory_gb: float | None) -> None:
-    """`model`: the skeleton preflight built."""
-    import torch
-
-    from part.train.memory import GIB, memory_report
-
-    if device_memory_gb is None:
-        cuda = torch.cuda.is_available()
-        device_bytes = torch.cuda.get_device_properties(0).total_memory if cuda else 80 * GIB
-    else:
-        device_bytes = device_memory_gb * GIB
-    report, _, warnings = memory_report(cfg, model, world_size, device_bytes)
-    print(report)
-    for warning in warnings:
-        print(warning)
-
-
-def main(argv: list[str] | None = None, callbacks: Sequence[TrainerCallback] = ()) -> int:
-    """`callbacks` are for tests (fault injection: tests/integration/nan_loss_train.py)."""
-    args = parse_args(argv)
-    from part.config import ConfigError, load_config
-    from part.train.preflight import preflight
-
-    try:  # before any process starts or any step is spent; WORLD_SIZE is set by the launcher (and the scripts)
-        cfg = load_config(args.config, args.overrides)
-        model = preflight(cfg, int(os.environ.get("WORLD_SIZE", args.world_size)), source=args.config)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return ExitCode.BAD_INPUT
-    if args.check:
-        print(f"{args.config}: OK ({len(cfg.stages)} stages, {cfg.total_steps} steps)")
-        print_memory_estimate(cfg, model, int(os.environ.get("WORLD_SIZE", args.world_size)), args.device_memory_gb)
-        return ExitCode.OK
-    from part.train.trainer import RunRefused, Trainer  # imports DeepSpeed: not for --check
-
-    # torch.distributed's deprecation notice for each collective DeepSpeed calls (all_gather_into_tensor, ...):
-    # hundreds in a run's log, nothing a user can act on
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
-
-    try:
-        trainer = Trainer(cfg, resume=args.resume, callbacks=callbacks, reevaluate=args.reevaluate)
-    except RunRefused as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return ExitCode.BAD_INPUT
-    return trainer.fit()
-
+__all__ = ["main"]
 
 if __name__ == "__main__":
     exit_process(main())

@@ -132,7 +132,7 @@ def resolve_config(args: argparse.Namespace, scratch: Path) -> tuple[object, lis
     if shutil.which("espeak-ng") is None:
         raise SystemExit("error: espeak-ng is required to build the fallback corpus (launch/setup_env.sh installs it)")
     from data_prep import synthetic
-    from part.model.tiny import build_tiny
+    from part.convert.tiny import build_tiny
 
     corpus, tiny = scratch / "corpus", scratch / "tiny"
     langs = "en,de,zh"

@@ -81,7 +81,7 @@ def build_models(work: Path, small: bool, device: str) -> tuple[Path, Path]:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM, WhisperConfig, WhisperModel
 
-    from part.model.tiny import train_tokenizer
+    from part.convert.tiny import train_tokenizer
     from part.prompts import PromptFormat
 
     whisper_dir, llm_dir = work / "whisper", work / "llm"

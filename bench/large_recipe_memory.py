@@ -29,7 +29,7 @@ QWEN25_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28
 def write_shapes(root: Path) -> tuple[Path, Path]:
     from transformers import Qwen2Config, WhisperConfig
 
-    from part.model.tiny import train_tokenizer
+    from part.convert.tiny import train_tokenizer
 
     whisper, llm = root / "whisper-large-v3", root / "Qwen2.5-7B-Instruct"
     WhisperConfig(**WHISPER_LARGE_V3).save_pretrained(whisper)

@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from part.data.batching import Batch  # noqa: E402  (after the path set-up above)
+from part.batch import Batch  # noqa: E402  (after the path set-up above)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,8 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 class Bench:
     def __init__(self, args: argparse.Namespace):
         from part.config import load_config
+        from part.curriculum import Curriculum
         from part.model.tokenizer import load_tokenizer
-        from part.train.curriculum import Curriculum
         from part.train.distributed import DistributedContext
 
         self.args = args

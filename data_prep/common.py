@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from part.data.audio import SAMPLE_RATE, AudioDecodeError, encode_flac, load_audio, resample
+from part.data.audio import AudioDecodeError, encode_flac, load_audio, resample
 from part.data.shards import ShardWriter, write_index
+from part.features import SAMPLE_RATE
 
 RESAMPLE_PAD = 0.05  # s of context read on each side of a span of a non-16 kHz file, so filter edges fall outside
 

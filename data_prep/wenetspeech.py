@@ -29,7 +29,7 @@ import soundfile as sf
 
 from data_prep.common import Item, add_common_args, build_shards, read_span
 from data_prep.manifest import Log, build_options, log_stderr, make_record, sanitize_id
-from part.data.audio import SAMPLE_RATE
+from part.features import SAMPLE_RATE
 
 SOURCE = "wenetspeech"
 LANGUAGE = "zh"

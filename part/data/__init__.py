@@ -1,7 +1,8 @@
 """Streaming data: WebDataset tar shards -> task/language mixture -> duration-bucketed, tokenized batches.
 
 Knows nothing of the model: it needs a tokenizer and the encoder's feature extractor (an `AudioFeatures` of
-part/model/encoders.py, which it calls without knowing its family), nothing else.
+part/features.py, which it calls without knowing its family), nothing else. Its output, the `Batch`, is defined in
+part/batch.py, which the model reads.
 
   audio.py      decoding, resampling, FLAC encoding
   shards.py     the shard format: writing (builders), reading, shard patterns, index.json

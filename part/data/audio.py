@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-SAMPLE_RATE = 16000
+from part.features import SAMPLE_RATE
 
 
 class AudioDecodeError(ValueError):

@@ -1,85 +1,21 @@
-"""Duration bucketing, the collator, and the typed Batch that goes from the collator to the model, the evaluator
-and the logger."""
+"""Duration bucketing and the collator, which makes the typed Batch (part/batch.py) the model, the evaluator and
+the logger read."""
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
 
+from part.batch import Batch, SampleMeta
 from part.config import SPEECH_TASKS, DataConfig
-from part.data.audio import SAMPLE_RATE, AudioDecodeError, load_audio
+from part.data.audio import AudioDecodeError, load_audio
 from part.data.samples import Sample
-from part.model.encoders import audio_features
-
-if TYPE_CHECKING:
-    from part.data.stream import StreamPosition
-
-
-@dataclass(frozen=True)
-class SampleMeta:
-    """What a sample in a batch is, next to its tensors: for scoring, logging and the benchmark."""
-
-    key: str
-    task: str
-    language: str
-    target_language: str | None
-    reference: str  # the target text
-    duration: float  # seconds of audio; 0 for text-only samples
-
-
-@dataclass(frozen=True)
-class Batch:
-    """The model's input. Speech samples have a row of `input_features`; text-only ones have audio_index -1."""
-
-    # The encoder family's features, padded to the longest clip: [clips, mel bins, frames] log-mel (Whisper),
-    # [clips, samples] waveform (wav2vec2, HuBERT, WavLM), [clips, frames, 160] stacked fbank (w2v-BERT)
-    input_features: torch.Tensor
-    feature_frames: torch.Tensor  # [clips] valid time steps (frames or samples) per clip
-    audio_index: torch.Tensor  # [samples] the sample's row of input_features, or -1
-    prompt_ids: list[torch.Tensor]  # per sample; a speech prompt holds one audio placeholder token
-    target_ids: list[torch.Tensor]  # per sample; ends with the end-of-turn token
-    transcript_ids: list[torch.Tensor] = field(default_factory=list)  # per sample (empty: none), for the CTC loss
-    meta: list[SampleMeta] = field(default_factory=list)
-    position: StreamPosition | None = None  # training stream: where its worker was, for resume
-    is_padding: bool = False  # evaluation filler that keeps ranks in lockstep; its outputs are dropped
-
-    def __len__(self) -> int:
-        return len(self.prompt_ids)
-
-    def to(self, device: torch.device | str, features_dtype: torch.dtype | None = None) -> Batch:
-        """The tensors on `device`; audio features in `features_dtype` (the model's compute dtype) when given."""
-        return dataclasses.replace(
-            self,
-            input_features=self.input_features.to(device, features_dtype, non_blocking=True),
-            feature_frames=self.feature_frames.to(device, non_blocking=True),
-            audio_index=self.audio_index.to(device, non_blocking=True),
-            prompt_ids=[t.to(device, non_blocking=True) for t in self.prompt_ids],
-            target_ids=[t.to(device, non_blocking=True) for t in self.target_ids],
-            transcript_ids=[t.to(device, non_blocking=True) for t in self.transcript_ids],
-        )
-
-    def pin_memory(self) -> Batch:
-        """Called by the DataLoader (pin_memory=True on CUDA machines) so host-to-device copies can overlap."""
-        return dataclasses.replace(
-            self,
-            input_features=self.input_features.pin_memory(),
-            feature_frames=self.feature_frames.pin_memory(),
-            audio_index=self.audio_index.pin_memory(),
-            prompt_ids=[t.pin_memory() for t in self.prompt_ids],
-            target_ids=[t.pin_memory() for t in self.target_ids],
-            transcript_ids=[t.pin_memory() for t in self.transcript_ids],
-        )
-
-    @property
-    def audio_seconds(self) -> float:
-        return sum(m.duration for m in self.meta)
+from part.features import SAMPLE_RATE, audio_features
 
 
 def bucket(samples: list[Sample], cfg: DataConfig) -> list[list[Sample]]:

@@ -12,7 +12,7 @@ from part.config import DataConfig
 from part.data.batching import Batch, collate
 from part.data.samples import Sample, encode_text, make_sample
 from part.data.shards import expand_shards, iter_tar_samples
-from part.model.encoders import MAX_CLIP_SECONDS, AudioFeatures, audio_features
+from part.features import MAX_CLIP_SECONDS, AudioFeatures, audio_features
 from part.prompts import PromptFormat
 
 WINDOW_SECONDS = MAX_CLIP_SECONDS  # the longest clip an encoder is given (Whisper's window)

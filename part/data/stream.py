@@ -21,23 +21,13 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from part.batch import Batch, StreamPosition
 from part.config import DataConfig, StageConfig
-from part.data.batching import Batch, bucket, collate
+from part.data.batching import bucket, collate
 from part.data.samples import Sample, encode_text, make_sample
 from part.data.sources import Cursor, SourceReader, stage_mixture, stage_shards
-from part.model.encoders import AudioFeatures, audio_features
+from part.features import AudioFeatures, audio_features
 from part.prompts import PromptFormat
-
-
-@dataclass(frozen=True)
-class StreamPosition:
-    """Where a data worker was when it made a batch: enough to continue right after that batch."""
-
-    worker: int  # global data-worker id: rank x workers + local worker
-    window_state: dict  # the worker's state at the start of the batch's window (JSON: window, draws, cursors, ...)
-    next_batch: int  # index, within that window, of the batch after this one
-    mixed: dict[str, int]  # samples drawn so far per task/language(-target)
-    skipped: dict[str, int]  # samples skipped so far per reason
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The token set of a corpus' transcripts (what `python -m part.frame_vocabulary` writes for the model)."""
+"""The token set of a corpus' transcripts (what `python -m part frame_vocabulary` writes for the model)."""
 
 from __future__ import annotations
 

@@ -2,18 +2,20 @@
 and write them side by side: compare.md (final results per language and direction, averages over the rows both
 runs have, paired bootstrap confidence intervals and significance, the evaluations during training, the
 stages), compare.json (the same numbers) and curves.png (loss and held-out metrics against steps, stage
-boundaries drawn). The command that trains both runs first is `python -m
-part.compare` (part/compare.py).
+boundaries drawn). The command that trains both runs first is
+`python -m part compare` (part/cli/compare.py).
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from part.config import TrainConfig
+from part.curriculum import Curriculum
 from part.evaluation.bootstrap import Interval, Paired, error_rate_score, paired_bootstrap
 from part.evaluation.metrics import (
     CER_LANGUAGES,
@@ -23,7 +25,6 @@ from part.evaluation.metrics import (
     compare_table,
     error_counts,
 )
-from part.train.curriculum import Curriculum
 
 SYSTEMS = ("part", "baseline")
 FIG_SIZE = (12.0, 4.5)  # inches; at FIG_DPI the PNG is 1200 x 450 pixels
@@ -431,6 +432,19 @@ def bootstrap_section(results: Intervals, notes: list[str], resamples: int,
     if not_significant and significant:
         lines += ["", "Not significant (the interval contains 0): " + ", ".join(not_significant) + "."]
     return lines, rows
+
+
+def comparison_header(command: str, recipes: Mapping[str, str], cfgs: Mapping[str, TrainConfig], nproc: int,
+                      overrides: Sequence[str]) -> str:
+    """compare.md's header: the command, the date, each recipe's file, steps and stages, the ranks per run."""
+    lines = ["# PART vs one-stage baseline", "", f"- command: `{command}`",
+             f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}"]
+    for name in SYSTEMS:
+        cfg = cfgs[name]
+        stages = f"{len(cfg.stages)} stages" if name == "part" else f"{len(cfg.stages)} stage(s)"
+        lines.append(f"- {name}: `{recipes[name]}`, {cfg.total_steps} steps in {stages}")
+    lines.append(f"- ranks per run: {nproc}; overrides: {' '.join(overrides) or 'none'}")
+    return "\n".join(lines)
 
 
 def write_comparison(part_run: dict, baseline_run: dict, out_dir: str | Path, header: str = "",

@@ -8,19 +8,44 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from part.batch import Batch
 from part.config import TrainConfig
-from part.data.batching import Batch
 from part.data.eval_sets import eval_batches
 from part.evaluation.metrics import bleu, error_rate, results_table
 
 if TYPE_CHECKING:
     from part.model.speech_llm import SpeechLLM
-    from part.train.distributed import DistributedContext
-    from part.train.logging import RunLogger
+
+
+class Ranks(Protocol):
+    """What the evaluator asks of the run's processes (part.train.distributed.DistributedContext gives it)."""
+
+    @property
+    def rank(self) -> int: ...
+
+    @property
+    def world_size(self) -> int: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def is_main(self) -> bool: ...
+
+    def gather_objects(self, obj: object) -> list:
+        """Every rank's `obj`, in rank order (collective: every rank calls it)."""
+
+
+class EvaluationLog(Protocol):
+    """Where the evaluator reports (part.train.logging.RunLogger on the main rank)."""
+
+    def info(self, message: str) -> None: ...
+
+    def evaluation(self, step: int, rows: list[dict], records: list[dict]) -> None: ...
 
 
 def score(records: list[dict]) -> list[dict]:
@@ -68,7 +93,7 @@ def generate_records(model: SpeechLLM, batches: list[Batch], tokenizer, device: 
 class EvalProgress:
     """Progress lines for a long evaluation (minutes on CPU): batches done, elapsed, ETA; at most one a minute."""
 
-    def __init__(self, logger: RunLogger, step: int, every_seconds: float = 60.0):
+    def __init__(self, logger: EvaluationLog, step: int, every_seconds: float = 60.0):
         self.logger, self.step, self.every = logger, step, every_seconds
         self.started = self.last = time.monotonic()
 
@@ -86,8 +111,7 @@ class EvalProgress:
 class Evaluator:
     """Evaluates a model on `data.eval_shards` during a run; collective (every rank calls `run`)."""
 
-    def __init__(self, cfg: TrainConfig, tokenizer, dist: DistributedContext, features_dtype: torch.dtype,
-                 logger: RunLogger):
+    def __init__(self, cfg: TrainConfig, tokenizer, dist: Ranks, features_dtype: torch.dtype, logger: EvaluationLog):
         self.cfg, self.tokenizer, self.dist, self.dtype, self.logger = cfg, tokenizer, dist, features_dtype, logger
 
     def run(self, model: SpeechLLM, synced: bool, step: int, final: bool = False) -> list[dict]:

@@ -1,5 +1,5 @@
 """One run's figure: the training loss with its stage boundaries, and the held-out metrics per language at each
-evaluation (`python -m part.plot RUN_DIR`)."""
+evaluation (`python -m part plot RUN_DIR`)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The adapter frames' own reading of a run's held-out clips beside its LLM's final hypotheses: how much of the
-ASR error the speech side makes and how much the LLM adds (`python -m part.frame_readout`)."""
+ASR error the speech side makes and how much the LLM adds (`python -m part frame_readout`)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from part.config import load_config
 from part.data.eval_sets import eval_batches
 from part.evaluation.comparison import read_hypotheses
 from part.evaluation.metrics import error_rate
@@ -51,3 +52,23 @@ def readout_table(rows: list[dict]) -> str:
              "|---|---|---:|---:|---:|"]
     lines += [f"| {r['language']} | {r['metric']} | {r['frames']:.2f} | {r['llm']:.2f} | {r['n']} |" for r in rows]
     return "\n".join(lines)
+
+
+OUT_NAME = "frame_readout.md"
+
+
+def write_frame_readout(run_dir: str | Path, batch_size: int = 8, blank_penalty: float = 0.0,
+                        out: str | Path | None = None) -> tuple[str, Path]:
+    """Reads a finished run (`<run>/final`, its `train_config.yaml` and `final_hypotheses.jsonl`), writes the
+    readout table to `out` (default `<run>/frame_readout.md`) and returns (table, its path). A missing or
+    unreadable file of the run is an OSError, ValueError or ConfigError naming it."""
+    from part.model.speech_llm import SpeechLLM
+
+    run = Path(run_dir)
+    cfg = load_config(run / "final" / "train_config.yaml", [])
+    hypotheses = final_asr_hypotheses(run)
+    model, tokenizer = SpeechLLM.from_pretrained(run / "final")
+    table = readout_table(readout_rows(model, tokenizer, cfg, hypotheses, batch_size, blank_penalty))
+    path = Path(out) if out else run / OUT_NAME
+    path.write_text(f"# {run}: the adapter frames' own reading vs the LLM's hypotheses\n\n{table}\n", encoding="utf-8")
+    return table, path

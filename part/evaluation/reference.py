@@ -6,6 +6,7 @@ its features carry for a decoder that was trained on them: a reference for the t
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,11 +15,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from part.config import DataConfig
-from part.data.audio import SAMPLE_RATE, AudioDecodeError, load_audio
+from part.config import DataConfig, TrainConfig
+from part.data.audio import AudioDecodeError, load_audio
 from part.data.eval_sets import first_per_language
 from part.data.shards import AUDIO_EXTENSIONS
-from part.model.encoders import MAX_CLIP_SECONDS
+from part.evaluation.evaluator import score
+from part.evaluation.metrics import results_table
+from part.features import MAX_CLIP_SECONDS, SAMPLE_RATE
+
+
+class ReferenceInputError(ValueError):
+    """The Whisper directory, the tasks or the eval shards cannot give a reference; the message names it."""
 
 
 @dataclass
@@ -94,3 +101,45 @@ def whisper_records(whisper_dir: str | Path, utterances: list[Utterance], tasks:
         if progress is not None:
             progress(done, len(batches))
     return records
+
+
+def write_whisper_reference(cfg: TrainConfig, source: str, whisper_dir: str | Path | None = None,
+                            tasks: list[str] | None = None, per_language: int | None = None, batch_size: int = 8,
+                            out: str | Path = "runs/whisper_reference",
+                            log: Callable[[str], None] = print) -> str:
+    """Whisper's own reading of `cfg`'s held-out speech (the config read from `source`): writes
+    `reference_hypotheses.jsonl` and `reference.md` into `out` and returns the table. `whisper_dir` defaults to
+    the config's encoder, `tasks` to eval.tasks, `per_language` to eval.per_language; `log` gets the clip count,
+    what was skipped and the progress (batches, elapsed, ETA). ReferenceInputError for a directory without
+    Whisper's decoder, a task other than asr and s2tt, or no readable clip."""
+    whisper = Path(whisper_dir or cfg.model.encoder.pretrained or "")
+    if not (whisper / "config.json").is_file() or not (whisper / "generation_config.json").is_file():
+        raise ReferenceInputError(f"{whisper}: not a transformers Whisper directory with its decoder (config.json, "
+                                  "generation_config.json)")
+    tasks = list(tasks or cfg.eval.tasks)
+    unknown = sorted(set(tasks) - {"asr", "s2tt"})
+    if unknown:
+        raise ReferenceInputError(f"tasks: {', '.join(unknown)} (Whisper reads asr and s2tt into English)")
+    skipped: Counter = Counter()
+    utterances = held_out_utterances(cfg.data, cfg.data.languages, per_language or cfg.eval.per_language, skipped)
+    if skipped:
+        log("skipped: " + ", ".join(f"{reason} {n}" for reason, n in sorted(skipped.items())))
+    if not utterances:
+        raise ReferenceInputError(f"no readable clips of {cfg.data.languages} in {cfg.data.eval_shards}")
+    log(f"{len(utterances)} clips ({', '.join(cfg.data.languages)}), {whisper}, tasks {','.join(tasks)}")
+    start = time.monotonic()
+
+    def progress(done: int, total: int) -> None:
+        elapsed = time.monotonic() - start
+        log(f"batch {done}/{total}, {elapsed / 60:.1f} min, eta {elapsed / done * (total - done) / 60:.1f} min")
+
+    records = whisper_records(whisper, utterances, tasks, batch_size=batch_size, progress=progress)
+    table, _ = results_table(score(records))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "reference_hypotheses.jsonl", "w", encoding="utf-8") as fh:
+        for record in records:
+            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+    header = f"Whisper's own decoder ({whisper}) on {source}'s held-out speech, greedy\n\n"
+    (out / "reference.md").write_text(header + table + "\n", encoding="utf-8")
+    return table

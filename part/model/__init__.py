@@ -1,5 +1,6 @@
-"""The Speech LLM: encoder, adapter, LLM (+ LoRA), its parameter groups, tokenizer, inference, the tiny default.
+"""The Speech LLM: encoder, adapter, LLM (+ LoRA), its parameter groups, its tokenizer, its FLOP count.
 
-Nothing here knows about distribution. Import the submodules (`part.model.speech_llm`, `part.model.groups`, ...);
-this package imports nothing, so the config validator can ask `part.model.groups` without loading torch.
+Nothing here knows about distribution, the data pipeline or training: the model reads a `Batch` (part/batch.py)
+and computes features with part/features.py. Import the submodules (`part.model.speech_llm`, ...); this package
+imports nothing by itself.
 """

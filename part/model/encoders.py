@@ -13,7 +13,8 @@ All of them give 50 encoder frames per second.
 
 A family owns, and nothing else knows: building its encoder (`from_pretrained` of the directory, or from the
 config alone: a checkpoint's saved architecture, the meta-device skeleton of `train.py --check`), its feature
-extractor (the one owner of feature computation: the data pipeline is handed an `AudioFeatures` and calls it),
+extractor (an `AudioFeatures` of part/features.py, the one owner of feature computation, which the data pipeline
+is handed and calls),
 encoding a padded batch, the frame counts its convolutions give, its layers and their parameter names (the
 `encoder.top.N` / `encoder.layers.N` groups), per-layer activation checkpointing, and the shapes the FLOP and
 memory estimates read.
@@ -45,16 +46,21 @@ from functools import cached_property
 from pathlib import Path
 from typing import ClassVar
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from part.data.audio import SAMPLE_RATE
+from part.features import (
+    MAX_CLIP_SECONDS,
+    SAMPLE_RATE,
+    AudioFeatures,
+    FbankFeatures,
+    LogMelFeatures,
+    WaveformFeatures,
+)
 from part.model.groups import EncoderLayout
 
-MAX_CLIP_SECONDS = 30.0  # the longest clip the data pipeline accepts (data.max_duration <= 30)
 # (kernel, stride, padding) of Whisper's two convolutions over the log-mel frames
 WHISPER_FRAME_CONVS: tuple[tuple[int, int, int], ...] = ((3, 1, 1), (3, 2, 1))
 
@@ -74,84 +80,6 @@ def conv_lengths(lengths, convs: Sequence[tuple[int, int, int]]):
     for kernel, stride, padding in convs:
         lengths = (lengths + 2 * padding - kernel) // stride + 1
     return lengths
-
-
-# ---------------------------------------------------------------------------------------------------- features
-
-
-class AudioFeatures(ABC):
-    """The one owner of a family's feature computation: 16 kHz mono waveforms in; out, the padded tensor its
-    encoder reads and each clip's valid length, counted in that tensor's time steps. A clip's features do not
-    depend on the other clips of the batch. The data pipeline holds one of these without knowing its family."""
-
-    def __init__(self, extractor):
-        self.extractor = extractor  # the transformers feature extractor
-
-    @abstractmethod
-    def __call__(self, waves: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(features, valid lengths) of a batch of clips."""
-
-    def save(self, directory: str | Path) -> None:
-        """Writes the extractor's settings (preprocessor_config.json), from which the family rebuilds it."""
-        self.extractor.save_pretrained(str(directory))
-
-
-class LogMelFeatures(AudioFeatures):
-    """Whisper: log-mel [clips, mel bins, frames], 100 frames/s, padded to the longest clip (not to 30 s). Computed
-    on the padded batch, as it always was (see the module docstring on a clip's last frame)."""
-
-    HOP = 160
-
-    def __call__(self, waves):
-        feats = self.extractor(list(waves), sampling_rate=SAMPLE_RATE, padding="longest", truncation=False,
-                               return_tensors="np")
-        return torch.from_numpy(feats["input_features"]), torch.tensor([max(1, len(w) // self.HOP) for w in waves])
-
-
-def _pad_rows(rows: list[np.ndarray], value: float) -> torch.Tensor:
-    """Stacks arrays of different lengths (first axis) into one, padded with `value`."""
-    out = np.full((len(rows), max(len(r) for r in rows), *rows[0].shape[1:]), value, dtype=np.float32)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = r
-    return torch.from_numpy(out)
-
-
-class WaveformFeatures(AudioFeatures):
-    """wav2vec2 / HuBERT / WavLM: the waveform [clips, samples], zero-mean unit-variance per clip when the
-    extractor normalises (computed clip by clip: over a padded batch it would include the padding)."""
-
-    def __call__(self, waves):
-        rows = [self.extractor(w, sampling_rate=SAMPLE_RATE, return_tensors="np")["input_values"][0] for w in waves]
-        return _pad_rows(rows, self.extractor.padding_value), torch.tensor([len(r) for r in rows])
-
-
-class FbankFeatures(AudioFeatures):
-    """w2v-BERT 2.0: SeamlessM4T's 80-bin Kaldi fbank (10 ms hop), normalised per bin over the clip, every 2 frames
-    stacked: [clips, frames, 160] at 50 frames/s. An odd last fbank frame is dropped, as its own mask does."""
-
-    def __call__(self, waves):
-        rows = []
-        for w in waves:
-            out = self.extractor(w, sampling_rate=SAMPLE_RATE, return_attention_mask=True, return_tensors="np")
-            rows.append(out["input_features"][0][: int(out["attention_mask"][0].sum())])
-        return _pad_rows(rows, self.extractor.padding_value), torch.tensor([len(r) for r in rows])
-
-
-def audio_features(source) -> AudioFeatures:
-    """The `AudioFeatures` for `source`: one already (what the model's `audio_features` gives), a transformers
-    feature extractor of a supported family, or an int: Whisper's log-mel with that many mel bins."""
-    from transformers import SeamlessM4TFeatureExtractor, Wav2Vec2FeatureExtractor, WhisperFeatureExtractor
-
-    if isinstance(source, AudioFeatures):
-        return source
-    if isinstance(source, int):
-        return LogMelFeatures(WhisperFeatureExtractor(feature_size=source))
-    for extractor_class, features_class in ((WhisperFeatureExtractor, LogMelFeatures),
-                                            (Wav2Vec2FeatureExtractor, WaveformFeatures),
-                                            (SeamlessM4TFeatureExtractor, FbankFeatures)):
-        if isinstance(source, extractor_class):
-            return features_class(source)
-    raise TypeError(f"not a speech feature extractor of a supported encoder family: {type(source).__name__}")
 
 
 # ---------------------------------------------------------------------------------------------------- modules

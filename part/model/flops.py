@@ -34,7 +34,7 @@ import torch
 from part.model.encoders import WHISPER_FRAME_CONVS, conv_lengths
 
 if TYPE_CHECKING:
-    from part.data.batching import Batch
+    from part.batch import Batch
     from part.model.speech_llm import SpeechLLM
 
 

@@ -1,6 +1,7 @@
-"""The model's trainable parameter groups: one registry, asked by the config validator and by the trainer.
+"""The model's trainable parameter groups: which parameters each group the config names selects.
 
-A group is a name pattern (`adapter`, `encoder.top.N`, ...) and a rule that picks parameter names. The rules
+A group is a name pattern (`adapter`, `encoder.top.N`, ...; the config owns the names: part.config.GROUP_PATTERNS)
+and a rule that picks parameter names. The rules
 read names only (and the encoder's layout: its layer count and where its layers sit, which each encoder family
 declares in part/model/encoders.py), so they work as well on a model built on the meta device, which is how
 `train.py --check` finds a group that matches no parameter of the configured model.
@@ -9,12 +10,14 @@ declares in part/model/encoders.py), so they work as well on a model built on th
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
+
+from part.config import GROUP_PATTERNS, KNOWN_GROUPS, match_group
 
 if TYPE_CHECKING:
-    from part.model.speech_llm import SpeechLLM
+    import torch
 
 
 @dataclass(frozen=True)
@@ -76,23 +79,22 @@ def _llm_layer(match: re.Match[str], names: Sequence[str], encoder: EncoderLayou
     return [n for n in names if n.startswith("llm.") and f".layers.{k}." in n and "lora_" not in n]
 
 
-GROUPS: tuple[ParameterGroup, ...] = (
-    ParameterGroup("adapter", re.compile(r"adapter"), _adapter),
-    ParameterGroup("encoder", re.compile(r"encoder"), _encoder),
-    ParameterGroup("encoder.top.N", re.compile(r"encoder\.top\.(\d+)"), _encoder_top),
-    ParameterGroup("encoder.layers.N", re.compile(r"encoder\.layers\.(\d+)"), _encoder_layer),
-    ParameterGroup("llm", re.compile(r"llm"), _llm),
-    ParameterGroup("llm.lora", re.compile(r"llm\.lora"), _llm_lora),
-    ParameterGroup("llm.layers.N", re.compile(r"llm\.layers\.(\d+)"), _llm_layer),
-)
-KNOWN_GROUPS = ", ".join(g.pattern for g in GROUPS)  # for error messages
+SELECTORS: dict[str, Selector] = {
+    "adapter": _adapter,
+    "encoder": _encoder,
+    "encoder.top.N": _encoder_top,
+    "encoder.layers.N": _encoder_layer,
+    "llm": _llm,
+    "llm.lora": _llm_lora,
+    "llm.layers.N": _llm_layer,
+}
+# every group the config knows, with its rule (a group without one is a KeyError here, at import)
+GROUPS: dict[str, ParameterGroup] = {p: ParameterGroup(p, regex, SELECTORS[p]) for p, regex in GROUP_PATTERNS.items()}
 
 
 def find_group(name: str) -> tuple[ParameterGroup, re.Match[str]] | None:
-    for group in GROUPS:
-        if match := group.regex.fullmatch(name):
-            return group, match
-    return None
+    found = match_group(name)
+    return None if found is None else (GROUPS[found[0]], found[1])
 
 
 def select_parameters(group: str, parameter_names: Sequence[str], encoder: EncoderLayout | int) -> list[str]:
@@ -106,13 +108,22 @@ def select_parameters(group: str, parameter_names: Sequence[str], encoder: Encod
     return spec.select(match, parameter_names, layout)
 
 
-def group_parameters(model: SpeechLLM, group: str) -> list[str]:
+class GroupedModel(Protocol):
+    """What the groups read of a model (part.model.speech_llm.SpeechLLM): its parameters and its encoder's layout."""
+
+    @property
+    def encoder_layout(self) -> EncoderLayout: ...
+
+    def named_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]: ...
+
+
+def group_parameters(model: GroupedModel, group: str) -> list[str]:
     """Parameter names of `model` in `group`."""
     names = [n for n, _ in model.named_parameters()]
     return select_parameters(group, names, model.encoder_layout)
 
 
-def set_trainable(model: SpeechLLM, groups: Sequence[str]) -> dict[str, int]:
+def set_trainable(model: GroupedModel, groups: Sequence[str]) -> dict[str, int]:
     """Freezes everything, then unfreezes `groups`; returns trainable parameter counts per group."""
     params = dict(model.named_parameters())
     for p in params.values():

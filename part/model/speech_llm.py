@@ -29,7 +29,7 @@ from part.model.tokenizer import load_tokenizer, suppressed_token_ids
 from part.prompts import AUDIO_TOKEN, PromptFormat
 
 if TYPE_CHECKING:
-    from part.data.batching import Batch  # the collator's output is the model's input
+    from part.batch import Batch  # the collator's output is the model's input
 
 IGNORE = -100
 WEIGHTS_NAME = "model.safetensors"

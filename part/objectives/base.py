@@ -1,16 +1,48 @@
-"""The interface between the Speech LLM and its auxiliary objectives."""
+"""The interface between the Speech LLM and its auxiliary objectives. The objectives sit below the model: they see
+it through the two Protocols here (what they read of it), and the model calls them."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from part.data.batching import Batch
-    from part.model.speech_llm import EncodedAudio, SpeechLLM
+    from part.batch import Batch
+    from part.config import ModelConfig
+
+
+class EncodedAudio(Protocol):
+    """A batch's clips through the encoder and the adapter (part/model/speech_llm.py makes it)."""
+
+    states: torch.Tensor  # [clips, encoder frames, encoder width]
+    state_lengths: torch.Tensor
+    frames: torch.Tensor  # [clips, frames, LLM width]: the adapter's outputs
+    lengths: torch.Tensor
+    audio: torch.Tensor  # what the LLM reads in the audio slot
+    cache: dict[str, torch.Tensor]
+
+
+class SpeechLLM(Protocol):
+    """What an objective reads of the Speech LLM."""
+
+    training: bool
+    cfg: ModelConfig
+    pad_token_id: int
+    llm: nn.Module  # the LLM (under its LoRA wrapper when it has one)
+
+    @property
+    def base_llm(self) -> nn.Module: ...
+
+    @property
+    def llm_final_norm(self) -> nn.Module: ...
+
+    @property
+    def objectives(self) -> nn.ModuleList: ...
+
+    def encode(self, features: torch.Tensor, frames: torch.Tensor) -> EncodedAudio: ...
 
 
 class Objective(nn.Module):

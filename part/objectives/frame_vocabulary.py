@@ -1,9 +1,9 @@
-"""The tokens the adapter's frames are classified over (`model.frame_vocabulary`).
+"""The tokens the adapter's frames are classified over (`model.alignment.vocabulary`).
 
 The frame losses and the vocabulary readout read every adapter frame through the LLM's output head. Over the whole
 vocabulary (51,868 tokens for the Whisper-decoder stand-in, 151,936 for Qwen2.5) that head is the largest cost of an
 adapter-only step, yet a frame can only learn the tokens its transcripts hold: the corpus' token set (17,871 of
-51,868 in the embedded default's four languages), plus the blank. `python -m part.frame_vocabulary` writes that set
+51,868 in the embedded default's four languages), plus the blank. `python -m part frame_vocabulary` writes that set
 from the training shards; the model classifies its frames over it, and a saved model keeps a copy
 (`FILE_NAME` beside its weights), so it loads without the corpus.
 """
@@ -27,7 +27,7 @@ def read_frame_vocabulary(path: str | Path, vocab_size: int, blank: int) -> list
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise FrameVocabularyError(f"{path}: no such file (write it with `python -m part.frame_vocabulary "
+        raise FrameVocabularyError(f"{path}: no such file (write it with `python -m part frame_vocabulary "
                                    "--config CONFIG`)") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise FrameVocabularyError(f"{path}: cannot read the frame vocabulary ({exc})") from None

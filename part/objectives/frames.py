@@ -17,14 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from part.objectives.base import Objective
+from part.objectives.base import EncodedAudio, Objective, SpeechLLM
 from part.objectives.frame_vocabulary import FILE_NAME as VOCABULARY_FILE
 from part.objectives.frame_vocabulary import read_frame_vocabulary, write_frame_vocabulary
 
 if TYPE_CHECKING:
+    from part.batch import Batch
     from part.config import AlignmentConfig, ModelConfig
-    from part.data.batching import Batch
-    from part.model.speech_llm import EncodedAudio, SpeechLLM
 
 # The readout mixes each frame's most likely tokens only: at its low temperature they hold nearly all the
 # posterior's mass, and their embeddings come through the embedding module (ZeRO-3 gathers it), not as the whole
@@ -283,4 +282,5 @@ def frame_alignment(model: SpeechLLM) -> FrameAlignment:
             return objective
     from part.config import AlignmentConfig
 
-    return FrameAlignment(AlignmentConfig(), model.cfg, model, tokenizer=None).to(model.llm_final_norm.weight.device)
+    device = next(model.llm_final_norm.parameters()).device
+    return FrameAlignment(AlignmentConfig(), model.cfg, model, tokenizer=None).to(device)

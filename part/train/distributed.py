@@ -2,7 +2,7 @@
 
 Every collective of this repository's code goes through `DistributedContext`, and every tensor it hands to one
 is made on `self.device`: NCCL refuses CPU tensors (gloo does not, so CPU tests alone would not show it).
-part/train/collective_guard.py enforces both in the launcher tests."""
+tests/collective_guard.py enforces both in the launcher tests."""
 
 from __future__ import annotations
 

@@ -10,8 +10,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from part.config import TrainConfig, to_dict
+from part.curriculum import StageSpan
 from part.evaluation.metrics import results_table
-from part.train.curriculum import StageSpan
 from part.train.records import StepRecord
 
 # (samples drawn per "task/language[-target]", samples skipped per reason) of a stage's stream, over all ranks

@@ -169,3 +169,13 @@ def memory_report(cfg: TrainConfig, model, world_size: int, device_bytes: float)
     heading = (f"estimated memory per rank ({world_size} ranks, ZeRO-{cfg.zero_stage}, {cfg.precision}, "
                f"device {device_bytes / GIB:.0f} GiB):")
     return f"{heading}\n{table}", rows, warnings
+
+
+def device_memory_bytes(device_memory_gb: float | None) -> float:
+    """One device's memory for the estimate: `device_memory_gb` when given, else this machine's first GPU's, else
+    80 GiB."""
+    if device_memory_gb is not None:
+        return device_memory_gb * GIB
+    import torch
+
+    return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else 80 * GIB

@@ -38,7 +38,7 @@ def model_card(cfg: TrainConfig, checkpoint: Path, metrics_markdown: str | None,
         f"# {cfg.logging.run_name or Path(cfg.output_dir).name}: a PART Speech LLM",
         "",
         f"Exported from checkpoint `{checkpoint.name}` (step {cfg.total_steps}). "
-        "Load it with `SpeechLLM.from_pretrained` or `python -m part.infer --model <this directory>`.",
+        "Load it with `SpeechLLM.from_pretrained` or `python -m part infer --model <this directory>`.",
         "",
         "## Model",
         "",

@@ -18,15 +18,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from part.batch import Batch
 from part.config import OptimConfig, TrainConfig, deepspeed_config, to_dict
-from part.data.batching import Batch
+from part.curriculum import StageSpan
 from part.data.stream import MixtureStream, StreamTracker, make_loader
 from part.model.flops import BatchShapes, Shapes, Trainable, step_flops
 from part.model.groups import set_trainable
 from part.model.speech_llm import WEIGHTS_NAME, SpeechLLM
 from part.train.callbacks import TrainerCallback
 from part.train.checkpoint import DS_TAG, Checkpointer, gather_state_dict
-from part.train.curriculum import StageSpan
 from part.train.distributed import DistributedContext
 from part.train.records import StepRecord
 

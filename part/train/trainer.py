@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from part.config import TrainConfig, to_dict
+from part.curriculum import Curriculum, StageSpan
 from part.evaluation.evaluator import Evaluator
 from part.exit_codes import ExitCode
 from part.model.flops import peak_flops
@@ -31,7 +32,6 @@ from part.train.checkpoint import (
     read_trainer_state,
     step_dir_name,
 )
-from part.train.curriculum import Curriculum, StageSpan
 from part.train.distributed import DistributedContext
 from part.train.logging import DataCounters, RunLogger
 from part.train.model_card import model_card

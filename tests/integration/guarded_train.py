@@ -1,4 +1,4 @@
-"""Test-only entry point: train.py under the collective guard (part/train/collective_guard.py).
+"""Test-only entry point: train.py under the collective guard (tests/collective_guard.py).
 
     deepspeed --num_gpus 2 tests/integration/guarded_train.py --config c.yaml [train.py args]
 
@@ -17,11 +17,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: train.py and part/
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the collective guard
+
+from collective_guard import CollectiveGuard  # noqa: E402
 
 import train  # noqa: E402  (after the path set-up above)
 from part.exit_codes import exit_process  # noqa: E402
 from part.train.callbacks import TrainerCallback  # noqa: E402
-from part.train.collective_guard import CollectiveGuard  # noqa: E402
 
 GUARD_LINE = "collective guard: {calls} collectives checked on {device}"
 

@@ -27,7 +27,7 @@ STAGES = """\
 
 @pytest.fixture(scope="module")
 def standin(converted, tmp_path_factory) -> Path:
-    from part.model.whisper_llm import build_whisper_llm
+    from part.convert.whisper_llm import build_whisper_llm
 
     whisper_dir, _ = converted
     return build_whisper_llm(whisper_dir, tmp_path_factory.mktemp("standin") / "llm", log=lambda _: None)
@@ -46,7 +46,7 @@ def test_frame_loss_memorises_clips_without_running_the_llm(corpus, tiny_models,
                  "data.max_batch_tokens=4096", "eval.tasks=[asr]", "eval.per_language=2", "eval.max_new_tokens=12",
                  "eval.batch_size=4", "checkpoint.every=1000", "logging.every=10"]
     # the frames classified over the clips' own tokens (as the tiny recipes do), the file written by its command
-    from part.frame_vocabulary import main as write_frame_vocabulary
+    from part.cli.frame_vocabulary import main as write_frame_vocabulary
 
     vocabulary = tmp_path / "frame_vocabulary.json"
     overrides.append(f"model.alignment.vocabulary={vocabulary}")
@@ -91,7 +91,7 @@ def test_frame_loss_falls_for_an_llm_with_its_own_tokenizer(corpus, tiny_models,
                  f"data.train_shards={clips}", "data.languages=[en]", "data.window=8", "data.max_batch_size=4",
                  "data.max_batch_seconds=200", "data.max_batch_tokens=4096", "eval.per_language=0",
                  "checkpoint.every=1000", "logging.every=4"]
-    from part.frame_vocabulary import main as write_frame_vocabulary
+    from part.cli.frame_vocabulary import main as write_frame_vocabulary
 
     vocabulary = tmp_path / "frame_vocabulary.json"
     overrides.append(f"model.alignment.vocabulary={vocabulary}")

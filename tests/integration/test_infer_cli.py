@@ -1,6 +1,6 @@
-"""The `python -m part.infer` command in a subprocess: JSONL and TSV output, --skip-bad, and exit status 2 with a
+"""The `python -m part infer` command in a subprocess: JSONL and TSV output, --skip-bad, and exit status 2 with a
 message naming the problem (no traceback) for bad files, bad task arguments and a directory that is not a model
-(one of those through a subprocess, the others through part.infer.main in this process: the same code, without
+(one of those through a subprocess, the others through part.cli.infer.main in this process: the same code, without
 a Python start-up each)."""
 
 import json
@@ -20,14 +20,14 @@ from conftest import (
     run,
 )
 
-from part import infer
-from part.model.inference import transcribe
+from part.cli import infer
+from part.inference import transcribe
 
 pytestmark = IGNORE_INPUTS_EMBEDS_WARNING
 
 
 def cli(*args: str):
-    return run(["python", "-m", "part.infer", *args])
+    return run(["python", "-m", "part", "infer", *args])
 
 
 def test_cli_jsonl_matches_transcribe(model_dir, loaded, tmp_path, durations):

@@ -1,6 +1,6 @@
 """A short real run through the deepspeed launcher (2 CPU ranks, ZeRO-3) with wandb offline, then re-runs of it.
 
-The run's offline wandb files are read back (part/train/wandb_offline.py, no server): stage markers, the mixture
+The run's offline wandb files are read back (tests/wandb_offline.py, no server): stage markers, the mixture
 drawn per task and language, the skip counters, the per-language metric table and the hypotheses per language at
 each evaluation, from rank 0 only. Then `--resume` on the finished run only reports it (no training, no
 evaluation, nothing rewritten) and `--resume --reevaluate` evaluates the final model again.
@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, write_config
+from wandb_offline import Table, offline_runs, read_offline_run
 
 from part.train.launcher import deepspeed_command
-from part.train.wandb_offline import Table, offline_runs, read_offline_run
 
 pytestmark = pytest.mark.slow
 

@@ -20,7 +20,8 @@ from conftest import REPO, SHARED
 from data_prep import common_voice, covost2, fleurs, manifest, wenetspeech
 from data_prep.common import build_shards
 from data_prep.manifest import iso639_1, read_manifests, sanitize_id
-from part.data.audio import SAMPLE_RATE, load_audio
+from part.data.audio import load_audio
+from part.features import SAMPLE_RATE
 
 SPEECH = SHARED / "speech"  # the real clips are required: a missing shared/ fails these tests, it does not skip them
 CLIPS = SPEECH / "clips"

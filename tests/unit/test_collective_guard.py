@@ -3,12 +3,12 @@ collectives in this repository, puts every tensor on its device whatever that de
 
 from __future__ import annotations
 
+import collective_guard
 import pytest
 import torch
 import torch.distributed as dist
+from collective_guard import REPO, CollectiveDeviceError, CollectiveGuard
 
-from part.train import collective_guard
-from part.train.collective_guard import REPO, CollectiveDeviceError, CollectiveGuard
 from part.train.distributed import DistributedContext
 
 

@@ -1,5 +1,5 @@
-"""Tests for the comparison (part.evaluation.comparison and the part.compare command, on hand-made run directories,
-no training) and the baseline / large recipes.
+"""Tests for the comparison (part.evaluation.comparison and the `python -m part compare` command, on hand-made run
+directories, no training) and the baseline / large recipes.
 
 Every expected number is worked out by hand in the comments from the made-up rows below.
 """
@@ -17,10 +17,10 @@ import torch
 import yaml
 from conftest import REPO
 
-from part import compare
+from part.cli import compare
 from part.config import TrainConfig, build_config
 from part.evaluation import comparison
-from part.train import launcher
+from part.train import launcher, recipe_pair
 
 # ---------------------------------------------------------------- fake runs
 
@@ -308,11 +308,11 @@ def load_config_tree(path: Path) -> TrainConfig:
 def test_run_overrides():
     cfg = build_config(TrainConfig, yaml.safe_load((REPO / "configs/tiny_part.yaml").read_text()), "")
     out = Path("runs/cmp")
-    assert compare.run_overrides("part", cfg, out, False, ["stages.0.lr=1e-3"], None) == [
+    assert recipe_pair.run_overrides("part", cfg, out, False, ["stages.0.lr=1e-3"], None) == [
         "stages.0.lr=1e-3", f"eval.every={cfg.total_steps // 5}", "output_dir=runs/cmp/part",
         "checkpoint.dir=runs/cmp/part/checkpoints"]
-    assert compare.run_overrides("part", cfg, out, True, ["eval.every=25"], 100) == ["eval.every=25"]
-    assert compare.run_overrides("baseline", cfg, out, True, [], 0) == ["eval.every=0"]
+    assert recipe_pair.run_overrides("part", cfg, out, True, ["eval.every=25"], 100) == ["eval.every=25"]
+    assert recipe_pair.run_overrides("baseline", cfg, out, True, [], 0) == ["eval.every=0"]
 
 
 def test_stream_prefixes_lines_and_returns_the_exit_code(capsys):
@@ -358,7 +358,7 @@ def test_main_skip_training(runs, tmp_path, capsys):
     assert md.startswith("# PART vs one-stage baseline")
     total = load_config_tree(configs["part"]).total_steps
     assert f"{total} steps in 5 stages" in md and f"{total} steps in 1 stage(s)" in md
-    assert "--skip-training" in md and "- date: " in md
+    assert "- command: `python -m part compare --part " in md and "--skip-training`" in md and "- date: " in md
     assert (out / "curves.png").stat().st_size > 0 and (out / "compare.json").is_file()
 
 

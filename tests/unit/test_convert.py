@@ -1,4 +1,4 @@
-"""part.model.whisper_ct2 and the `python -m part.convert` command: CTranslate2 Whisper -> transformers, on the
+"""part.convert.whisper_ct2 and the `python -m part convert` command: CTranslate2 Whisper -> transformers, on the
 Whisper-base wheels pinned in requirements.txt.
 
 The wheels are a hard requirement (no skip): without them every test here fails with a pointer to
@@ -20,9 +20,9 @@ import pytest
 import torch
 
 from data_prep.text_sources import default_shared_dir
-from part import convert
-from part.model import whisper_ct2
-from part.model.whisper_ct2 import CT2FormatError, CT2SourceError, read_ct2_model, whisper_parts
+from part.cli import convert
+from part.convert import whisper_ct2
+from part.convert.whisper_ct2 import CT2FormatError, CT2SourceError, read_ct2_model, whisper_parts
 
 SPEECH = default_shared_dir() / "speech"
 MAX_CLIP_S = 30.0  # Whisper's window; longer clips would need long-form decoding

@@ -3,7 +3,7 @@ import math
 import pytest
 
 from part.config import StageConfig
-from part.train.curriculum import Curriculum
+from part.curriculum import Curriculum
 
 
 def stages():

@@ -273,8 +273,8 @@ def test_eval_batches_equal_count_per_rank(corpus, tokenizer):
 
 
 def test_first_per_language_takes_accepted_samples_in_shard_order_and_stops_reading(tmp_path):
-    """The held-out rule shared by the evaluation and part.whisper_reference: per language, the first N samples
-    accepted, in shard order; once a language has its N, its later shards are not even opened."""
+    """The held-out rule shared by the evaluation and `python -m part whisper_reference`: per language, the first N
+    samples accepted, in shard order; once a language has its N, its later shards are not even opened."""
     write_tar(tmp_path / "en-000000.tar", [(f"{k}.json", record(k, t)) for k, t in
                                            [("a", "one"), ("b", ""), ("c", "three"), ("d", "four")]])
     (tmp_path / "en-000001.tar").write_bytes(b"not a tar")  # would fail or be counted if it were read

@@ -15,19 +15,16 @@ from tiny_encoders import FAMILIES, LAYERS, build_tiny_encoder
 from torch.utils.flop_counter import FlopCounterMode
 
 from part.config import ActivationCheckpointingConfig, AdapterConfig, EncoderConfig, LLMConfig, ModelConfig
-from part.data.audio import SAMPLE_RATE, encode_flac
+from part.data.audio import encode_flac
 from part.data.batching import collate
 from part.data.samples import Sample, encode_text
+from part.features import SAMPLE_RATE, FbankFeatures, LogMelFeatures, WaveformFeatures, audio_features
 from part.model.encoders import (
     EncoderError,
-    FbankFeatures,
-    LogMelFeatures,
     W2vBertFamily,
     Wav2Vec2Family,
-    WaveformFeatures,
     WavLMFamily,
     WhisperFamily,
-    audio_features,
     encoder_family,
 )
 from part.model.flops import batch_flops
@@ -320,11 +317,11 @@ def test_memory_estimate_counts_the_encoder(encoder_dirs, tiny_models, tok, fami
 @pytest.mark.filterwarnings("ignore:Passing `.*` with `inputs_embeds`:UserWarning")
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f != "whisper"])
 def test_transcribe_uses_the_family_features(models, tok, family, tmp_path):
-    """`python -m part.infer`'s path: audio files through the model's own feature extractor, a clip's text the
+    """`python -m part infer`'s path: audio files through the model's own feature extractor, a clip's text the
     same alone and batched with a longer clip."""
     import soundfile as sf
 
-    from part.model.inference import max_audio_seconds, transcribe
+    from part.inference import max_audio_seconds, transcribe
 
     model = models[family]
     paths = []

@@ -1,4 +1,5 @@
-"""part.frame_readout on a finished run's directory: the adapter frames' reading beside the LLM's hypotheses."""
+"""`python -m part frame_readout` on a finished run's directory: the adapter frames' reading beside the LLM's
+hypotheses."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ import shutil
 
 from conftest import write_config
 
+from part.cli.frame_readout import main
 from part.config import load_config
 from part.data.eval_sets import eval_batches
-from part.frame_readout import main
 from part.model.tokenizer import load_tokenizer
 
 STAGE = "  - {name: s1, steps: 1, tasks: {asr: 1.0}, trainable: [adapter], lr: 1.0e-3, warmup_steps: 0}"

@@ -165,7 +165,7 @@ def test_the_command_writes_the_training_transcripts_tokens(tiny_models, corpus,
     """`python -m part frame_vocabulary`: every token of the configured languages' training transcripts, as the
     stream tokenises them; bad records and other languages' clips counted, not read; --check refuses a config whose
     file is missing, naming the field."""
-    from part.frame_vocabulary import main
+    from part.cli.frame_vocabulary import main
     from part.train.preflight import preflight
 
     tok = load_tokenizer(str(tiny_models / "llm"))

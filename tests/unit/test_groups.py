@@ -1,8 +1,10 @@
-"""The parameter-group registry the config validator and the trainer share (names only, no model needed)."""
+"""The parameter groups: the names the config validator accepts (part.config) and the parameters each selects
+(part.model.groups; names only, no model needed)."""
 
 import pytest
 
-from part.model.groups import KNOWN_GROUPS, find_group, select_parameters
+from part.config import KNOWN_GROUPS, match_group
+from part.model.groups import GROUPS, SELECTORS, find_group, select_parameters
 
 NAMES = [
     "adapter.conv.weight", "encoder.layers.0.fc1.weight", "encoder.layers.1.fc1.weight", "encoder.layer_norm.weight",
@@ -25,6 +27,14 @@ def test_every_pattern_resolves():
 
 @pytest.mark.parametrize("name", ["decoder", "encoder.topp.3", "llm.layers.x", "adapter.1", "encoder.top."])
 def test_unknown_names(name):
-    assert find_group(name) is None
+    assert find_group(name) is None and match_group(name) is None
     with pytest.raises(ValueError, match="unknown parameter group"):
         select_parameters(name, NAMES, 2)
+
+
+def test_every_configurable_group_has_a_selector():
+    from part.config import GROUP_PATTERNS
+
+    assert list(GROUPS) == list(GROUP_PATTERNS) and set(SELECTORS) == set(GROUP_PATTERNS)
+    group, match = find_group("encoder.top.3")
+    assert group.pattern == "encoder.top.N" and group.select is SELECTORS["encoder.top.N"] and match.group(1) == "3"

@@ -1,6 +1,6 @@
 """Inference end to end on real clips (Opus .ogg, 22.05 kHz .flac, 44.1 kHz .wav and .aiff, a stereo .flac) with a
 model directory saved from the tiny models: `transcribe()`, batching, beam search, s2tt, and the errors for bad
-files (the `python -m part.infer` command: tests/integration/test_infer_cli.py).
+files (the `python -m part infer` command: tests/integration/test_infer_cli.py).
 
 The tiny model is untrained, so its text is garbage: these tests check the pipeline, not the words.
 """
@@ -9,8 +9,7 @@ import pytest
 import torch
 from conftest import AIFF, FLAC, IGNORE_INPUTS_EMBEDS_WARNING, LONG, OGG, STEREO, TOKENS, WAV, check_records
 
-from part.infer import read_inputs
-from part.model.inference import InferError, check_task, transcribe
+from part.inference import InferError, check_task, read_inputs, transcribe
 
 pytestmark = IGNORE_INPUTS_EMBEDS_WARNING
 

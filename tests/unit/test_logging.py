@@ -7,12 +7,12 @@ from collections import Counter
 
 import pytest
 from conftest import REPO
+from wandb_offline import Table, offline_runs, raw_records, read_offline_run
 
 from part.config import ConfigError, LoggingConfig, StageConfig, TrainConfig, load_config
-from part.train.curriculum import Curriculum
+from part.curriculum import Curriculum
 from part.train.logging import RunLogger
 from part.train.records import StepRecord
-from part.train.wandb_offline import Table, offline_runs, raw_records, read_offline_run
 
 
 def test_console_jsonl_and_offline_wandb(tmp_path, monkeypatch, capsys):
@@ -101,7 +101,7 @@ atexit.register(lambda: open(sys.argv[2], "w").write(json.dumps(attempts)))
 
 from collections import Counter
 from part.config import LoggingConfig, StageConfig, TrainConfig
-from part.train.curriculum import Curriculum
+from part.curriculum import Curriculum
 from part.train.logging import RunLogger
 from part.train.records import StepRecord
 

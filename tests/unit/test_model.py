@@ -5,8 +5,8 @@ import dataclasses
 import pytest
 import torch
 
+from part.batch import Batch
 from part.config import AdapterConfig, EncoderConfig, LLMConfig, LoraConfig, ModelConfig
-from part.data.batching import Batch
 from part.model.groups import group_parameters, set_trainable
 from part.model.speech_llm import IGNORE, SpeechLLM
 from part.model.tokenizer import load_tokenizer

@@ -10,6 +10,7 @@ import pytest
 import torch
 from test_model import make_batch
 
+from part.batch import SampleMeta
 from part.config import (
     AdapterConfig,
     AlignmentConfig,
@@ -21,7 +22,6 @@ from part.config import (
     ModelConfig,
     ReadoutConfig,
 )
-from part.data.batching import SampleMeta
 from part.model.speech_llm import EncodedAudio, SpeechLLM
 from part.model.tokenizer import load_tokenizer
 from part.objectives.frames import LOGITS, FrameAlignment, span_frame_loss

@@ -1,4 +1,4 @@
-"""`python -m part.plot RUN_DIR`: one run's loss with its stage boundaries and its per-language metrics."""
+"""`python -m part plot RUN_DIR`: one run's loss with its stage boundaries and its per-language metrics."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import matplotlib.image
 
-from part import plot
+from part.cli import plot
 
 
 def rows(step: int) -> list[dict]:

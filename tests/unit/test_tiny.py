@@ -6,8 +6,8 @@ import random
 
 import torch
 
+from part.convert.tiny import ctc_like, encode_example, pretrain_llm, text_examples
 from part.model.speech_llm import IGNORE
-from part.model.tiny import ctc_like, encode_example, pretrain_llm, text_examples
 from part.model.tokenizer import load_tokenizer
 from part.prompts import AUDIO_TOKEN, TURN_END, instruction
 
@@ -36,7 +36,7 @@ def test_examples_cover_the_tasks_from_the_training_side_only(corpus):
 def test_slot_example_matches_training_tokenization(tiny_models):
     tok = load_tokenizer(str(tiny_models / "llm"))
     before, after = instruction("asr", "de").split(AUDIO_TOKEN)
-    from part.model.tiny import TextExample
+    from part.convert.tiny import TextExample
 
     ex = TextExample(before, after, "Guten Tag" + TURN_END, slot="Guten Tag", slot_task=True)
     ids, labels = encode_example(tok, ex, max_length=200)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from part import align
+from part.cli import align
 from part.data.audio import load_audio
 from part.objectives.whisper_align import (
     FrameTargetTeacher,
@@ -187,7 +187,7 @@ def test_frame_teacher_places_the_tokens_from_the_encoders_own_outputs(converted
     assert inside in ([], ["."]), inside
 
 
-def test_frame_teacher_needs_whisper_with_its_decoder_and_the_same_vocabulary(converted, tmp_path):
+def test_frame_teacher_needs_whisper_with_its_decoder_and_knows_a_shared_vocabulary(converted, tmp_path):
     import shutil
 
     from transformers import PreTrainedTokenizerFast

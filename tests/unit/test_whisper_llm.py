@@ -1,4 +1,4 @@
-"""part.model.whisper_llm: Whisper's decoder minus its cross-attention as an OPTForCausalLM, on a small random
+"""part.convert.whisper_llm: Whisper's decoder minus its cross-attention as an OPTForCausalLM, on a small random
 Whisper (the mapping is the same for every size). The converted LLM's logits must equal Whisper's own decoder
 forward with the cross-attention block contributing nothing (or a constant vector per layer)."""
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import WhisperConfig, WhisperModel
 
-from part.model.whisper_llm import whisper_decoder_reference, whisper_decoder_to_opt
+from part.convert.whisper_llm import whisper_decoder_reference, whisper_decoder_to_opt
 
 VOCAB = 300
 
@@ -94,7 +94,7 @@ def small_whisper_with_tokenizer(tmp_path_factory) -> Path:
     wheels, a few seconds), so the stand-in builder runs as on Whisper-base, only faster."""
     from transformers import WhisperForConditionalGeneration
 
-    from part import convert
+    from part.cli import convert
 
     real = tmp_path_factory.mktemp("whisper_base")
     assert convert.main(["whisper-ct2", "--from-packages", str(real)]) == 0
@@ -115,8 +115,8 @@ def test_standin_builder_folds_the_means_and_fine_tunes(small_whisper_with_token
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
+    from part.convert.whisper_llm import build_standin_llm, corpus_clips, cross_attention_means
     from part.model.tokenizer import load_tokenizer
-    from part.model.whisper_llm import build_standin_llm, corpus_clips, cross_attention_means
 
     clips = corpus_clips(corpus, ("en", "zh"), 2)
     assert [c[1] for c in clips] == ["en", "en", "zh", "zh"]

@@ -1,4 +1,4 @@
-"""`python -m part.whisper_reference`: Whisper-base (converted from its wheels) reads the recipe's held-out espeak
+"""`python -m part whisper_reference`: Whisper-base (converted from its wheels) reads the recipe's held-out espeak
 clips with its own decoder and the rows are scored as a training run's final table is."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import json
 
 from conftest import write_config
 
-from part import whisper_reference
+from part.cli import whisper_reference
 
 STAGES = "  - {name: s1, steps: 1, tasks: {asr: 1.0}, trainable: [adapter], lr: 1.0e-3, warmup_steps: 0}\n"
 

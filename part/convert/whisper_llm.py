@@ -261,7 +261,7 @@ def build_standin_llm(whisper_dir: Path, corpus: Path, out_dir: Path, languages:
     half of them written CTC-style), the token embeddings frozen. What it learns is to read the audio slot and
     write it out or translate it: the ability the frozen-LLM stages rely on, which a real LLM brings.
     Returns the fine-tune's loss per step."""
-    from part.model.tiny import pretrain_llm, text_examples
+    from part.convert.tiny import pretrain_llm, text_examples
     from part.model.tokenizer import load_tokenizer
 
     torch.manual_seed(seed)

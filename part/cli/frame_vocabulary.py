@@ -1,7 +1,9 @@
-"""Writes the frame vocabulary a config names: the tokens of its training transcripts, which the adapter's frames
-are classified over (`model.alignment.vocabulary`; see part/objectives/frame_vocabulary.py).
+"""Write the frame vocabulary a config names: the tokens of its training transcripts.
 
-    python -m part.frame_vocabulary --config configs/tiny_part.yaml      # writes model.alignment.vocabulary's file
+The adapter's frames are classified over that set (`model.alignment.vocabulary`; see
+part/objectives/frame_vocabulary.py).
+
+    python -m part frame_vocabulary --config configs/tiny_part.yaml      # writes model.alignment.vocabulary's file
 
 Reads `data.train_shards` for `data.languages` (every transcript, tokenised by the LLM's tokenizer as the training
 stream tokenises it) and writes the sorted token ids with where they came from. Build it again when the corpus,
@@ -14,11 +16,12 @@ import argparse
 import sys
 from collections import Counter
 
+from part.cli import command_prog
 from part.exit_codes import ExitCode
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m part.frame_vocabulary", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog=command_prog(__file__), description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--config", required=True, help="the training config (YAML)")
     parser.add_argument("--out", help="where to write it (default: the config's model.alignment.vocabulary)")

@@ -1,11 +1,11 @@
 """Token timings of a known transcript in a clip, from a Whisper model's alignment heads.
 
-    python -m part.align cache/whisper-base clip.wav --language en --text "In an interview, he said ..."
-    python -m part.align cache/whisper-base clip.flac --language de --text "..." --json
+    python -m part align cache/whisper-base clip.wav --language en --text "In an interview, he said ..."
+    python -m part align cache/whisper-base clip.flac --language de --text "..." --json
 
 One line per token of Whisper's tokenizer: start and end in seconds, then the token's text (JSON lines with
 --json). Clips up to Whisper's 30 s window. Exit status 2, naming the file, on an unreadable clip, a directory
-without alignment heads, an unknown language or a clip over 30 s. The work is done by part.model.whisper_align.
+without alignment heads, an unknown language or a clip over 30 s. The work is done by part.objectives.whisper_align.
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ import argparse
 import json
 import sys
 
+from part.cli import command_prog
 from part.exit_codes import ExitCode
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m part.align", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog=command_prog(__file__), description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     parser.add_argument("whisper", help="a transformers Whisper directory (e.g. cache/whisper-base, which the demo "
@@ -38,7 +39,7 @@ def _fail(message: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from part.data.audio import AudioDecodeError, load_audio
-    from part.model.whisper_align import WhisperAligner
+    from part.objectives.whisper_align import WhisperAligner
 
     try:
         audio = load_audio(args.audio)

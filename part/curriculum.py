@@ -1,4 +1,5 @@
-"""The PART curriculum controller: a pure object, global step in, stage (and its learning rate) out."""
+"""The PART curriculum controller: a pure object, global step in, stage (and its learning rate) out. Training
+follows it; the comparison reads a run's stage boundaries from it."""
 
 from __future__ import annotations
 

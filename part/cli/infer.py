@@ -1,7 +1,7 @@
 """Transcribe (asr) or translate (s2tt) audio files with a trained Speech LLM.
 
-    python -m part.infer --model runs/x/final --language de a.flac b.ogg
-    python -m part.infer --model runs/x/final --task s2tt --language de --target en @clips.txt --jsonl
+    python -m part infer --model runs/x/final --language de a.flac b.ogg
+    python -m part infer --model runs/x/final --task s2tt --language de --target en @clips.txt --jsonl
 
 `--model` is a directory that training writes (`<output_dir>/final` or `<checkpoint dir>/step_N`): model.safetensors,
 part_model.json and tokenizer/. Inputs are audio files (wav/flac/ogg/opus/mp3/aiff, any sample rate; decoded to
@@ -15,7 +15,7 @@ than the Whisper encoder's 30 s window; with --skip-bad such files are reported 
 Batching: `SpeechLLM.encode_audio` masks the padding (features, convolutions, attention), so a clip gets the same
 audio embeddings and the same text alone or batched with longer clips (tests/unit/test_infer.py checks it).
 
-This is the command line; the work is done by part.model.inference.
+This is the command line; the work is done by part.inference.
 """
 
 from __future__ import annotations
@@ -23,34 +23,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-import torch
-
+from part.cli import command_prog
 from part.exit_codes import ExitCode
-from part.model.inference import InferError, check_task, load_model, probe, transcribe
-from part.prompts import LANGUAGE_NAMES
 
 JSONL_FIELDS = ("audio", "task", "language", "target", "text", "duration")
-
-
-def read_inputs(items: list[str]) -> list[str]:
-    """Audio paths from the command line: `@file` items are expanded to the paths listed in that file."""
-    paths: list[str] = []
-    for item in items:
-        if not item.startswith("@"):
-            paths.append(item)
-            continue
-        list_file = Path(item[1:])
-        try:
-            lines = list_file.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise InferError(f"cannot read list file {list_file}: {exc}") from None
-        paths.extend(s for s in (line.strip() for line in lines) if s and not s.startswith("#"))
-    return paths
-
-
-# ---------------------------------------------------------------- command line
 
 
 def positive_int(value: str) -> int:
@@ -62,8 +39,8 @@ def positive_int(value: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m part.infer", description=__doc__.split("\n\n")[0],
-        epilog="Example: python -m part.infer --model runs/x/final --task s2tt --language de --target en a.ogg @b.txt",
+        prog=command_prog(__file__), description=__doc__.split("\n\n")[0],
+        epilog="Example: python -m part infer --model runs/x/final --task s2tt --language de --target en a.ogg @b.txt",
     )
     parser.add_argument("--model", required=True, help="trained model directory (<output_dir>/final or step_N)")
     parser.add_argument("--task", choices=("asr", "s2tt"), default="asr", help="transcribe (asr) or translate (s2tt)")
@@ -97,6 +74,11 @@ def format_line(record: dict, jsonl: bool) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    import torch
+
+    from part.inference import InferError, check_task, load_model, probe, read_inputs, transcribe
+    from part.prompts import LANGUAGE_NAMES
+
     args.language = args.language.strip().lower()
     args.target = args.target.strip().lower() if args.target else None
     try:

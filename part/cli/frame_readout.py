@@ -1,7 +1,7 @@
 """Where a trained model's held-out ASR errors come from: the speech side, or the LLM.
 
-    python -m part.frame_readout runs/tiny_part          # prints and writes runs/tiny_part/frame_readout.md
-    python -m part.frame_readout runs/tiny_part --blank-penalty 1 --out /tmp/readout_b1.md
+    python -m part frame_readout runs/tiny_part          # prints and writes runs/tiny_part/frame_readout.md
+    python -m part frame_readout runs/tiny_part --blank-penalty 1 --out /tmp/readout_b1.md
 
 Reads a finished run: `<run>/final` (the model, and its resolved config `train_config.yaml`) and the final
 evaluation's ASR hypotheses (`<run>/final_hypotheses.jsonl`). On the same held-out clips it scores the adapter
@@ -17,15 +17,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
+from part.cli import command_prog
 from part.exit_codes import ExitCode
-
-OUT_NAME = "frame_readout.md"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m part.frame_readout", description=__doc__.split("\n\n")[0],
+    from part.config import ConfigError
+    from part.evaluation.readout import OUT_NAME, write_frame_readout
+
+    parser = argparse.ArgumentParser(prog=command_prog(__file__), description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("run", help="a finished run's output_dir (holds final/ and final_hypotheses.jsonl)")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -33,22 +34,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="subtracted from the blank's logit before the greedy reading (default 0)")
     parser.add_argument("--out", help=f"the markdown table (default: <run>/{OUT_NAME})")
     args = parser.parse_args(argv)
-    from part.config import ConfigError, load_config
-    from part.evaluation.readout import final_asr_hypotheses, readout_rows, readout_table
-    from part.model.speech_llm import SpeechLLM
 
-    run = Path(args.run)
     try:
-        cfg = load_config(run / "final" / "train_config.yaml", [])
-        hypotheses = final_asr_hypotheses(run)
-        model, tokenizer = SpeechLLM.from_pretrained(run / "final")
+        table, out = write_frame_readout(args.run, args.batch_size, args.blank_penalty, args.out)
     except (OSError, ValueError, ConfigError) as exc:
-        print(f"error: {run}: {exc}", file=sys.stderr)
+        print(f"error: {args.run}: {exc}", file=sys.stderr)
         return ExitCode.BAD_INPUT
-    rows = readout_rows(model, tokenizer, cfg, hypotheses, args.batch_size, args.blank_penalty)
-    table = readout_table(rows)
-    out = Path(args.out) if args.out else run / OUT_NAME
-    out.write_text(f"# {run}: the adapter frames' own reading vs the LLM's hypotheses\n\n{table}\n", encoding="utf-8")
     print(table)
     print(f"wrote {out}")
     return ExitCode.OK

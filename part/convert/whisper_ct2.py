@@ -1,5 +1,5 @@
-"""CTranslate2 Whisper -> transformers Whisper directory (the command line is `python -m part.convert whisper-ct2`,
-part/convert.py).
+"""CTranslate2 Whisper -> transformers Whisper directory (the command line is `python -m part convert whisper-ct2`,
+part/cli/convert.py).
 
 The converter reads a CTranslate2 Whisper model (the format faster-whisper uses): `model.bin` — or
 `model.bin.part1`, `model.bin.part2`, ... which are read in order as one stream, so the parts never need to be

@@ -2,7 +2,7 @@
 
 `--model` directories are what training writes (`<output_dir>/final` or `<checkpoint dir>/step_N`):
 model.safetensors, part_model.json and tokenizer/. Files are sorted by length and batched so padding stays small;
-results come back in input order. The command line is `python -m part.infer` (part/infer.py).
+results come back in input order. The command line is `python -m part infer` (part/cli/infer.py).
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from pathlib import Path
 import soundfile as sf
 import torch
 
-from part.data.audio import SAMPLE_RATE, AudioDecodeError, load_audio
+from part.data.audio import AudioDecodeError, load_audio
+from part.features import SAMPLE_RATE
 
 MODEL_FILES = ("part_model.json", "model.safetensors", "tokenizer")
 
@@ -28,6 +29,22 @@ class InferError(RuntimeError):
 
 
 # ---------------------------------------------------------------- inputs
+
+
+def read_inputs(items: list[str]) -> list[str]:
+    """Audio paths from the command line: `@file` items are expanded to the paths listed in that file."""
+    paths: list[str] = []
+    for item in items:
+        if not item.startswith("@"):
+            paths.append(item)
+            continue
+        list_file = Path(item[1:])
+        try:
+            lines = list_file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InferError(f"cannot read list file {list_file}: {exc}") from None
+        paths.extend(s for s in (line.strip() for line in lines) if s and not s.startswith("#"))
+    return paths
 
 
 def check_task(task: str, language: str, target: str | None) -> None:

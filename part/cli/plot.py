@@ -1,4 +1,6 @@
-"""Draw one run: `python -m part.plot RUN_DIR [--out PNG]`.
+"""Draw one run's training loss and held-out metrics, with its stages.
+
+    python -m part plot RUN_DIR [--out PNG]
 
 Reads RUN_DIR's train_log.jsonl, eval_step_*.json and final.json (what train.py writes into output_dir) and
 writes RUN_DIR/run.png: the training loss with the stage boundaries, and the held-out ASR error rate per language
@@ -10,11 +12,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from part.cli import command_prog
 from part.exit_codes import ExitCode, exit_process
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=command_prog(__file__), description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", help="a train.py output_dir (e.g. runs/tiny_part)")
     parser.add_argument("--out", help="the PNG to write (default: RUN_DIR/run.png)")
     args = parser.parse_args(argv)

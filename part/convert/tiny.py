@@ -1,7 +1,7 @@
 """Builds the tiny default: a sentencepiece tokenizer trained on the corpus text, and a few-million-parameter
 Whisper-style encoder and Qwen2-style LLM saved with `save_pretrained`. Training then loads them with
 `from_pretrained`, the same path as a local copy of openai/whisper-small and Qwen/Qwen2.5-1.5B.
-The command line is `python -m part.tiny` (part/tiny.py).
+The command line is `python -m part tiny` (part/cli/tiny.py).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 r"""Train the PART recipe and its one-stage baseline, then compare them side by side.
 
-    python -m part.compare --part configs/tiny_part.yaml --baseline configs/tiny_baseline.yaml --out runs/compare \
+    python -m part compare --part configs/tiny_part.yaml --baseline configs/tiny_baseline.yaml --out runs/compare \
         [--nproc 2] [--eval-every N] [--skip-training] [--use-config-dirs] [--bootstrap 1000] [--seed 0] \
         [key.sub=value ...]
 
@@ -28,35 +28,17 @@ Then (or only, with `--skip-training`) it reads both output dirs and writes into
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
 import shlex
 import sys
 from pathlib import Path
 
-from part.evaluation.comparison import load_run, stages_from_config, write_comparison
+from part.cli import command_prog
 from part.exit_codes import ExitCode
-from part.train.launcher import available_cores, deepspeed_command, run_prefixed
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def run_overrides(name: str, cfg, out: Path, use_config_dirs: bool, overrides: list[str],
-                  eval_every: int | None) -> list[str]:
-    """The overrides one run is trained with: the user's, then eval.every (unless the user set it), then the
-    output and checkpoint directories (under --out unless --use-config-dirs)."""
-    result = list(overrides)
-    if not any(o.split("=", 1)[0].strip() == "eval.every" for o in overrides):
-        every = eval_every if eval_every is not None else max(1, cfg.total_steps // 5)
-        result.append(f"eval.every={every}")
-    if not use_config_dirs:
-        run_dir = out / name
-        result += [f"output_dir={run_dir}", f"checkpoint.dir={run_dir / 'checkpoints'}"]
-    return result
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=command_prog(__file__), description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", required=True, help="the PART recipe (e.g. configs/tiny_part.yaml)")
     parser.add_argument("--baseline", required=True, help="the baseline recipe (e.g. configs/tiny_baseline.yaml)")
     parser.add_argument("--out", required=True, help="directory for compare.md / compare.json / curves.png")
@@ -80,67 +62,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from part.config import ConfigError, load_config
+    from part.config import ConfigError
+    from part.evaluation.comparison import comparison_header, load_run, stages_from_config, write_comparison
+    from part.train.recipe_pair import recipe_runs, train_recipes
 
     out = Path(args.out)
-    configs = {"part": args.part, "baseline": args.baseline}
-    run_args: dict[str, list[str]] = {}
-    cfgs = {}
-    for name, path in configs.items():
-        try:
-            cfg = load_config(path, args.overrides)
-            run_args[name] = run_overrides(name, cfg, out, args.use_config_dirs, args.overrides, args.eval_every)
-            cfgs[name] = load_config(path, run_args[name])
-        except ConfigError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return ExitCode.BAD_INPUT
+    recipes = {"part": args.part, "baseline": args.baseline}
+    try:
+        cfgs, run_args = recipe_runs(recipes, out, args.use_config_dirs, args.overrides, args.eval_every)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return ExitCode.BAD_INPUT
     if cfgs["part"].total_steps != cfgs["baseline"].total_steps:
         print(f"warning: the runs differ in length: part {cfgs['part'].total_steps} steps, baseline "
               f"{cfgs['baseline'].total_steps}", file=sys.stderr)
     if cfgs["part"].output_dir == cfgs["baseline"].output_dir:
         print(f"error: both runs would write to {cfgs['part'].output_dir}", file=sys.stderr)
         return ExitCode.BAD_INPUT
-
-    if not args.skip_training:
-        train_py = "train.py" if Path.cwd().resolve() == REPO else str(REPO / "train.py")
-        threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, available_cores() // args.nproc))
-        env = dict(os.environ, OMP_NUM_THREADS=threads, PYTHONUNBUFFERED="1")
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-        # Both configs and all their data first, so a broken baseline cannot fail after the PART run's minutes.
-        for name, path in configs.items():
-            check = [sys.executable, train_py, "--config", path, "--check", "--world-size", str(args.nproc),
-                     *run_args[name]]
-            if (code := run_prefixed(check, name, dict(env, WORLD_SIZE=str(args.nproc)))) != 0:
-                print(f"error: {name}: the config check failed (exit {code})", file=sys.stderr)
-                return code
-        for name, path in configs.items():
-            cmd = deepspeed_command(train_py, ["--config", path, "--resume", *run_args[name]], args.nproc,
-                                    launcher=args.deepspeed)
-            print(f"[{name}] OMP_NUM_THREADS={threads}, output in {cfgs[name].output_dir}", flush=True)
-            if (code := run_prefixed(cmd, name, env)) != 0:
-                print(f"error: {name}: training failed (exit {code}); re-run the same command to resume",
-                      file=sys.stderr)
-                return code
+    if not args.skip_training and (code := train_recipes(recipes, run_args, cfgs, args.nproc, args.deepspeed)):
+        return code
 
     try:
-        runs = {name: load_run(cfgs[name].output_dir) for name in configs}
+        runs = {name: load_run(cfgs[name].output_dir) for name in recipes}
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return ExitCode.FAILED
     # The curriculum's own boundaries (the log's can be off by a step when a stage's first step was skipped).
     stages = stages_from_config(cfgs["part"]) or runs["part"]["stages"]
-    command = shlex.join([Path(sys.executable).name, "-m", "part.compare",
-                          *(argv if argv is not None else sys.argv[1:])])
-    header = "\n".join([
-        "# PART vs one-stage baseline",
-        "",
-        f"- command: `{command}`",
-        f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
-        f"- part: `{args.part}`, {cfgs['part'].total_steps} steps in {len(cfgs['part'].stages)} stages",
-        f"- baseline: `{args.baseline}`, {cfgs['baseline'].total_steps} steps in "
-        f"{len(cfgs['baseline'].stages)} stage(s)",
-        f"- ranks per run: {args.nproc}; overrides: {' '.join(args.overrides) or 'none'}",
-    ])
+    command = f"{command_prog(__file__)} {shlex.join(argv if argv is not None else sys.argv[1:])}"
+    header = comparison_header(command, recipes, cfgs, args.nproc, args.overrides)
     md_path = write_comparison(runs["part"], runs["baseline"], out, header, stages=stages, resamples=args.bootstrap,
                                seed=args.seed)
     print(md_path.read_text(encoding="utf-8"))
