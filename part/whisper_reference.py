@@ -5,10 +5,11 @@ r"""How well the Whisper checkpoint a recipe builds on reads that recipe's held-
 
 Whisper's own decoder (greedy, the language given) transcribes the first `eval.per_language` clips of each
 language in `data.eval_shards` (the clips the trained model is evaluated on) and translates the non-English ones
-into English; the rows are scored as the training run's final table is (WER, zh CER, BLEU). The Whisper directory
-defaults to the config's `model.encoder.pretrained`. On the embedded default this is the model the encoder and
-the frame targets come from: what its features carry of this speech for a decoder trained on them (a reference
-for the table, not a bound: the recipe's stage 2 trains the encoder on the speech). Writes `reference.md` (the
+into English; the rows are scored as the training run's final table is (WER, zh CER, BLEU), in final.md's form
+(under each normaliser). The Whisper directory defaults to the config's `model.encoder.pretrained`. On the
+embedded default this is the model the encoder and the frame targets come from: what its features carry of this
+speech for a decoder trained on them (a reference for the table, not a bound: the recipe's stage 2 trains the
+encoder on the speech). Writes `reference.md` (the
 table) and `reference_hypotheses.jsonl` into `--out` and prints the table.
 """
 
@@ -43,8 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from part.config import ConfigError, load_config
-    from part.evaluation.evaluator import score
-    from part.evaluation.metrics import results_table
+    from part.evaluation.evaluator import score_each
+    from part.evaluation.metrics import evaluation_report, normalizers_from
     from part.evaluation.reference import held_out_utterances, whisper_records
 
     try:
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     # batch that the latter wins, which is what we mean
     transformers_logging.set_verbosity_error()
     records = whisper_records(whisper, utterances, tasks, batch_size=args.batch_size, progress=progress)
-    table, _ = results_table(score(records))
+    table = evaluation_report(score_each(records, normalizers_from(cfg.eval.normalizer)), cfg.eval.normalizer)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "reference_hypotheses.jsonl", "w", encoding="utf-8") as fh:

@@ -1,0 +1,97 @@
+r"""Score a finished evaluation's hypotheses again, under either text normaliser or both, without the model.
+
+    python -m part.rescore runs/tiny_part                          # its final_hypotheses.jsonl, both normalisers
+    python -m part.rescore runs/tiny_part/eval_step_200_hypotheses.jsonl --normalizer whisper
+
+Reads RUN_DIR/final_hypotheses.jsonl, or the *_hypotheses.jsonl file given (one JSON record per utterance, as the
+evaluation writes them: key, task, language, target_language, reference, hypothesis), scores it as the
+evaluation does (WER; CER for zh, ja, ko, yue, th; BLEU with its sacrebleu signature) and prints the table in
+final.md's form: the rows under the first normaliser, the BLEU signatures, and with `both` the WER/CER under each
+normaliser side by side. `both` leads with the normaliser the run was scored with (the "normalizer" of the
+results file beside the hypotheses: final.json, eval_step_N.json), so the output is then the run's final.md
+again. Normalisers: `part` (the project's) and `whisper` (Whisper's EnglishTextNormalizer for English,
+BasicTextNormalizer otherwise, as papers score); docs/scoring.md says what each does.
+
+A file that is missing, a line that is not JSON or a record without those fields exits with 2, naming the file
+and the line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from part.exit_codes import ExitCode
+
+HYPOTHESES = "final_hypotheses.jsonl"
+_SUFFIX = "_hypotheses.jsonl"
+
+
+def hypotheses_path(source: Path) -> Path:
+    """The hypotheses file of a run directory (its final evaluation's) or the file itself."""
+    if source.is_dir():
+        path = source / HYPOTHESES
+        if not path.is_file():
+            others = sorted(p.name for p in source.glob(f"*{_SUFFIX}"))
+            found = f" (it has {', '.join(others)}: pass one of them)" if others else ""
+            raise FileNotFoundError(f"{source}: no {HYPOTHESES}{found}")
+        return path
+    if not source.is_file():
+        raise FileNotFoundError(f"{source}: no such run directory or hypotheses file")
+    return source
+
+
+def recorded_normalizer(hypotheses: Path) -> str | None:
+    """The normaliser of the results file written beside `hypotheses` (X_hypotheses.jsonl -> X.json), if any."""
+    if not hypotheses.name.endswith(_SUFFIX):
+        return None
+    results = hypotheses.with_name(hypotheses.name[: -len(_SUFFIX)] + ".json")
+    try:
+        return json.loads(results.read_text(encoding="utf-8")).get("normalizer")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from part.config import NORMALIZERS
+
+    parser = argparse.ArgumentParser(prog="python -m part.rescore", description=__doc__.split("\n\n")[0],
+                                     epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", metavar="RUN_DIR_OR_HYPOTHESES_JSONL",
+                        help=f"a run's output_dir (its {HYPOTHESES} is read) or a *{_SUFFIX} file")
+    parser.add_argument("--normalizer", choices=[*NORMALIZERS, "both"], default="both",
+                        help="the WER/CER text normaliser (default: both, side by side)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from part.config import NORMALIZERS
+    from part.evaluation.comparison import read_hypotheses
+    from part.evaluation.evaluator import score_each
+    from part.evaluation.metrics import DEFAULT_NORMALIZER, evaluation_report, normalizers_from
+
+    try:
+        path = hypotheses_path(Path(args.source))
+        records = read_hypotheses(path, strict=True)
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return ExitCode.BAD_INPUT
+    if not records:
+        print(f"error: {path}: no hypotheses", file=sys.stderr)
+        return ExitCode.BAD_INPUT
+    if args.normalizer == "both":
+        recorded = recorded_normalizer(path)
+        normalizers = normalizers_from(recorded if recorded in NORMALIZERS else DEFAULT_NORMALIZER)
+    else:
+        normalizers = [args.normalizer]
+    print(f"{len(records)} utterances from {path}, normalisers: {', '.join(normalizers)}", file=sys.stderr)
+    print(evaluation_report(score_each(records, normalizers), normalizers[0]))
+    return ExitCode.OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
