@@ -12,8 +12,8 @@ results file beside the hypotheses: final.json, eval_step_N.json), so the output
 again. Normalisers: `part` (the project's) and `whisper` (Whisper's EnglishTextNormalizer for English,
 BasicTextNormalizer otherwise, as papers score); docs/scoring.md says what each does.
 
-A file that is missing, a line that is not JSON or a record without those fields exits with 2, naming the file
-and the line.
+A file that is missing, a line that is not JSON, a record without those fields or a translation without its
+target_language exits with 2, naming the file and the line or the record.
 """
 
 from __future__ import annotations
@@ -82,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
         return ExitCode.BAD_INPUT
     if not records:
         print(f"error: {path}: no hypotheses", file=sys.stderr)
+        return ExitCode.BAD_INPUT
+    if untargeted := next((r for r in records if r["task"] != "asr" and not r.get("target_language")), None):
+        print(f"error: {path}: the {untargeted['task']} record {untargeted['key']!r} ({untargeted['language']}) has "
+              "no target_language", file=sys.stderr)
         return ExitCode.BAD_INPUT
     if args.normalizer == "both":
         recorded = recorded_normalizer(path)

@@ -86,7 +86,7 @@ def read_hypotheses(path: str | Path, strict: bool = False) -> list[dict]:
     """Per-utterance records of a *_hypotheses.jsonl (the evaluator's: key, task, language, target_language,
     reference, hypothesis, ...); malformed lines and records without key, task, language and reference are
     skipped, or with `strict` (a finished run's file) a ValueError naming the file and the line, as is a record
-    there without its hypothesis or, for a translation, its target_language. Blank lines are skipped."""
+    there without its hypothesis. Blank lines are skipped."""
     records = []
     with open(path, encoding="utf-8") as fh:
         for number, line in enumerate(fh, 1):
@@ -99,20 +99,13 @@ def read_hypotheses(path: str | Path, strict: bool = False) -> list[dict]:
                     raise ValueError(f"{path}, line {number}: not JSON ({exc})") from None
                 continue
             if isinstance(record, dict) and all(k in record for k in _HYPOTHESIS_FIELDS):
-                if strict and (missing := _missing_strict_fields(record)):
-                    raise ValueError(f"{path}, line {number}: no {' or '.join(missing)}")
+                if strict and not isinstance(record.get("hypothesis"), str):
+                    raise ValueError(f"{path}, line {number}: no hypothesis")
                 records.append(record)
             elif strict:
                 fields = ", ".join(_HYPOTHESIS_FIELDS + ("hypothesis",))
                 raise ValueError(f"{path}, line {number}: not a hypothesis record (a JSON object with {fields})")
     return records
-
-
-def _missing_strict_fields(record: dict) -> list[str]:
-    missing = [] if isinstance(record.get("hypothesis"), str) else ["hypothesis"]
-    if record["task"] != "asr" and not record.get("target_language"):
-        missing.append("target_language")
-    return missing
 
 
 def stages_from_config(cfg: TrainConfig) -> list[dict]:
@@ -525,8 +518,8 @@ def write_comparison(part_run: dict, baseline_run: dict, out_dir: str | Path, he
                  "(`python -m part.rescore RUN_DIR` shows a run's under each)")
     for name, (_, unscored) in views.items():
         if unscored:
-            lines.append(f"- **{name}: {', '.join(unscored)} hold no WER/CER under `{normalizer}`: those rows are "
-                         "under the normaliser named, not comparable**")
+            lines.append(f"- **{name}: no WER/CER under `{normalizer}` in {', '.join(unscored)}: the rows from "
+                         "there are under the normaliser named, not comparable**")
     signatures = {name: bleu_signature_line(rows) for name, rows in final_rows.items()}
     if len(set(signatures.values()) - {None}) == 1:
         lines.append(f"- {next(s for s in signatures.values() if s)}")

@@ -82,7 +82,8 @@ def _replace_symbols(text: str, keep_inword_apostrophe: bool) -> str:
 
 
 def normalize_text(text: str, language: str) -> str:
-    """Whisper-style basic normalisation plus a few per-language rules, applied identically to refs and hyps.
+    """The 'part' normaliser: Whisper-style basic normalisation plus a few per-language rules, applied identically
+    to refs and hyps.
 
     Steps: NFKC (full-width -> half-width, compatibility forms), lowercase (`str.lower`, so German ß is kept;
     Turkish/Azerbaijani dotted and dotless I are mapped first), drop [..], <..>, (..), {..} spans (noise tags,

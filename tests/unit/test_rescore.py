@@ -131,7 +131,8 @@ def test_rescore_bad_input(tmp_path, capsys):
         (good + "\n{oops\n", "bad.jsonl, line 2: not JSON"),
         (good + "\n" + json.dumps({k: v for k, v in RECORDS[0].items() if k != "hypothesis"}) + "\n",
          "bad.jsonl, line 2: no hypothesis"),
-        (json.dumps(dict(RECORDS[4], target_language=None)) + "\n", "bad.jsonl, line 1: no target_language"),
+        (json.dumps(dict(RECORDS[4], target_language=None)) + "\n",
+         "bad.jsonl: the s2tt record 'de1' (de) has no target_language"),
         ("\n" + json.dumps({"key": "a"}) + "\n", "bad.jsonl, line 2: not a hypothesis record"),
         ("", "bad.jsonl: no hypotheses"),
     ]:
