@@ -43,6 +43,10 @@ def match_group(name: str) -> tuple[str, re.Match[str]] | None:
     return None
 
 
+# Text normalisers of WER/CER (part.evaluation.metrics.normalize): the project's own, or Whisper's (docs/scoring.md)
+NORMALIZERS = ("part", "whisper")
+
+
 class ConfigError(ValueError):
     """A configuration problem; the message starts with the field's dotted path."""
 
@@ -236,6 +240,8 @@ class EvalConfig:
     # model must fit a device a second time), instead of the partitioned engine, which gathers every layer again
     # at every generated token. false: the engine decodes, ranks in lockstep.
     replicate: bool = True
+    # The normaliser of the results' rows (final.json, the logged scores); final.md shows every one of NORMALIZERS
+    normalizer: str = "part"
 
 
 @dataclass
@@ -502,6 +508,8 @@ def validate(cfg: TrainConfig, source: str | Path = "config") -> None:
     check(cfg.eval.per_language >= 0, "eval.per_language: must be >= 0")
     check(cfg.eval.every >= 0, "eval.every: must be >= 0 (0: only at the end)")
     check(cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens: must be >= 1")
+    check(cfg.eval.normalizer in NORMALIZERS,
+          f"eval.normalizer: '{cfg.eval.normalizer}' is not one of {', '.join(NORMALIZERS)}")
     for task in cfg.eval.tasks:
         check(task in SPEECH_TASKS, f"eval.tasks: '{task}' is not one of {SPEECH_TASKS}")
     if errors:

@@ -2,7 +2,7 @@ r"""Train the PART recipe and its one-stage baseline, then compare them side by 
 
     python -m part compare --part configs/tiny_part.yaml --baseline configs/tiny_baseline.yaml --out runs/compare \
         [--nproc 2] [--eval-every N] [--skip-training] [--use-config-dirs] [--bootstrap 1000] [--seed 0] \
-        [key.sub=value ...]
+        [--normalizer part|whisper] [key.sub=value ...]
 
 Each recipe is trained in turn through the DeepSpeed launcher (`deepspeed --num_gpus NPROC --master_port <free>
 train.py --config X --resume <overrides> eval.every=N output_dir=... checkpoint.dir=...`), its output streamed with
@@ -16,10 +16,11 @@ relative to the working directory. Each run gets OMP_NUM_THREADS = cores // NPRO
 1) unless OMP_NUM_THREADS is already set.
 
 Then (or only, with `--skip-training`) it reads both output dirs and writes into `--out`:
-  compare.md    header (command, date, steps), final results side by side (ASR per language, S2TT per direction,
-                averages), paired bootstrap 95% confidence intervals of each final metric and of the difference
-                PART - baseline (from the runs' per-utterance hypotheses files), with the significant
-                differences stated in words, the evaluations during training, and the curves
+  compare.md    header (command, date, steps), the WER/CER normaliser and the BLEU signatures, final results side
+                by side (ASR per language, S2TT per direction, averages), paired bootstrap 95% confidence
+                intervals of each final metric and of the difference PART - baseline (from the runs'
+                per-utterance hypotheses files), with the significant differences stated in words, the
+                evaluations during training, and the curves
   compare.json  the same numbers, machine-readable
   curves.png    (a) smoothed training loss vs step, (b) average ASR error rate and average S2TT BLEU vs step,
                 with the PART stage boundaries drawn and labelled
@@ -33,6 +34,7 @@ import sys
 from pathlib import Path
 
 from part.cli import command_prog
+from part.config import NORMALIZERS
 from part.exit_codes import ExitCode
 
 
@@ -52,6 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bootstrap", type=int, default=1000, metavar="N",
                         help="bootstrap resamples for the confidence intervals (default 1000; 0: none)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling (default 0)")
+    parser.add_argument("--normalizer", choices=NORMALIZERS, default=None,
+                        help="the WER/CER text normaliser of the comparison, for both runs (default: the PART "
+                             "config's eval.normalizer; the runs' results files hold their rows under each)")
     parser.add_argument("--deepspeed", default="deepspeed", help="the launcher (default: deepspeed from PATH)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides applied to both runs")
     args = parser.parse_intermixed_args(argv)
@@ -92,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     command = f"{command_prog(__file__)} {shlex.join(argv if argv is not None else sys.argv[1:])}"
     header = comparison_header(command, recipes, cfgs, args.nproc, args.overrides)
     md_path = write_comparison(runs["part"], runs["baseline"], out, header, stages=stages, resamples=args.bootstrap,
-                               seed=args.seed)
+                               seed=args.seed, normalizer=args.normalizer or cfgs["part"].eval.normalizer)
     print(md_path.read_text(encoding="utf-8"))
     print(f"wrote {md_path}, {out / 'compare.json'}, {out / 'curves.png'}")
     return ExitCode.OK

@@ -5,10 +5,11 @@ r"""How well the Whisper checkpoint a recipe builds on reads that recipe's held-
 
 Whisper's own decoder (greedy, the language given) transcribes the first `eval.per_language` clips of each
 language in `data.eval_shards` (the clips the trained model is evaluated on) and translates the non-English ones
-into English; the rows are scored as the training run's final table is (WER, zh CER, BLEU). The Whisper directory
-defaults to the config's `model.encoder.pretrained`. On the embedded default this is the model the encoder and
-the frame targets come from: what its features carry of this speech for a decoder trained on them (a reference
-for the table, not a bound: the recipe's stage 2 trains the encoder on the speech). Writes `reference.md` (the
+into English; the rows are scored as the training run's final table is (WER, zh CER, BLEU), in final.md's form
+(under each normaliser). The Whisper directory defaults to the config's `model.encoder.pretrained`. On the
+embedded default this is the model the encoder and the frame targets come from: what its features carry of this
+speech for a decoder trained on them (a reference for the table, not a bound: the recipe's stage 2 trains the
+encoder on the speech). Writes `reference.md` (the
 table) and `reference_hypotheses.jsonl` into `--out` and prints the table.
 """
 

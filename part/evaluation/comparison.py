@@ -19,8 +19,11 @@ from part.curriculum import Curriculum
 from part.evaluation.bootstrap import Interval, Paired, error_rate_score, paired_bootstrap
 from part.evaluation.metrics import (
     CER_LANGUAGES,
+    DEFAULT_NORMALIZER,
+    NORMALIZER_DESCRIPTIONS,
     base_language,
     bleu_from_statistics,
+    bleu_signature_line,
     bleu_statistics,
     compare_table,
     error_counts,
@@ -30,6 +33,8 @@ SYSTEMS = ("part", "baseline")
 FIG_SIZE = (12.0, 4.5)  # inches; at FIG_DPI the PNG is 1200 x 450 pixels
 FIG_DPI = 100
 _EVAL_FILE = re.compile(r"^eval_step_(\d+)\.json$")
+# The normaliser of a results file that does not name one: the project's own, the only one such files were scored with
+UNNAMED_NORMALIZER = "part"
 
 
 # ---------------------------------------------------------------- reading a run
@@ -75,21 +80,32 @@ def _existing(path: Path) -> str | None:
     return str(path) if path.is_file() else None
 
 
+_HYPOTHESIS_FIELDS = ("key", "task", "language", "reference")
+
+
 def read_hypotheses(path: str | Path, strict: bool = False) -> list[dict]:
     """Per-utterance records of a *_hypotheses.jsonl (the evaluator's: key, task, language, target_language,
-    reference, hypothesis, ...); malformed lines and records without those fields are skipped, or with `strict`
-    (a finished run's file) a malformed line is a ValueError naming the file and the line."""
+    reference, hypothesis, ...); malformed lines and records without key, task, language and reference are
+    skipped, or with `strict` (a finished run's file) a ValueError naming the file and the line, as is a record
+    there without its hypothesis. Blank lines are skipped."""
     records = []
     with open(path, encoding="utf-8") as fh:
         for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 if strict:
                     raise ValueError(f"{path}, line {number}: not JSON ({exc})") from None
                 continue
-            if isinstance(record, dict) and all(k in record for k in ("key", "task", "language", "reference")):
+            if isinstance(record, dict) and all(k in record for k in _HYPOTHESIS_FIELDS):
+                if strict and not isinstance(record.get("hypothesis"), str):
+                    raise ValueError(f"{path}, line {number}: no hypothesis")
                 records.append(record)
+            elif strict:
+                fields = ", ".join(_HYPOTHESIS_FIELDS + ("hypothesis",))
+                raise ValueError(f"{path}, line {number}: not a hypothesis record (a JSON object with {fields})")
     return records
 
 
@@ -98,15 +114,24 @@ def stages_from_config(cfg: TrainConfig) -> list[dict]:
     return [{"index": s.index, "name": s.name, "start": s.start, "end": s.end} for s in Curriculum(cfg.stages).spans]
 
 
+def _scored(data: dict) -> dict:
+    """rows, normalizer and by_normalizer ({normaliser: rows} or None) of an eval_step_N.json / final.json."""
+    by_normalizer = data.get("by_normalizer")
+    return {"rows": list(data.get("rows", [])), "normalizer": data.get("normalizer") or UNNAMED_NORMALIZER,
+            "by_normalizer": by_normalizer if isinstance(by_normalizer, dict) else None}
+
+
 def load_run(output_dir: str | Path) -> dict:
     """Reads a train.py output_dir.
 
     Returns {"output_dir", "train": [{step, stage, stage_index, loss, ...}] (one per step, sorted; a step logged
     twice, as after a resume, keeps its last record), "stages": [{index, name, start, end}], "evals": [{step,
-    rows, final, hypotheses}] (every eval_step_N.json, plus final.json when its step has no intermediate file;
+    rows, normalizer, by_normalizer, final, hypotheses}] (every eval_step_N.json, plus final.json when its step
+    has no intermediate file; rows: scored with its normalizer, by_normalizer: {normaliser: rows} or None;
     hypotheses: the path of its per-utterance *_hypotheses.jsonl or None), "final": rows of final.json or None,
-    "final_step": its step or None, "final_hypotheses": the path of final_hypotheses.jsonl or None,
-    "last_step": the last logged training step or None}.
+    "final_step": its step or None, "normalizer" and "final_by_normalizer": final.json's (or None),
+    "final_hypotheses": the path of final_hypotheses.jsonl or None, "last_step": the last logged training step
+    or None}.
     """
     out = Path(output_dir)
     if not out.is_dir():
@@ -123,16 +148,17 @@ def load_run(output_dir: str | Path) -> dict:
             continue
         data = json.loads(path.read_text(encoding="utf-8"))
         step = int(data.get("step", match.group(1)))
-        evals[step] = {"step": step, "rows": list(data.get("rows", [])), "final": False,
+        evals[step] = {"step": step, **_scored(data), "final": False,
                        "hypotheses": _existing(out / f"eval_step_{step}_hypotheses.jsonl")}
-    final_rows, final_step = None, None
+    final_rows, final_step, final = None, None, {"normalizer": None, "by_normalizer": None}
     final_path = out / "final.json"
     if final_path.is_file():
         data = json.loads(final_path.read_text(encoding="utf-8"))
-        final_rows = list(data.get("rows", []))
+        final = _scored(data)
+        final_rows = final["rows"]
         final_step = data.get("step")
         if final_step is not None and int(final_step) not in evals:
-            evals[int(final_step)] = {"step": int(final_step), "rows": final_rows, "final": True,
+            evals[int(final_step)] = {"step": int(final_step), **final, "final": True,
                                       "hypotheses": _existing(out / "final_hypotheses.jsonl")}
     return {
         "output_dir": str(out),
@@ -141,6 +167,8 @@ def load_run(output_dir: str | Path) -> dict:
         "evals": [evals[s] for s in sorted(evals)],
         "final": final_rows,
         "final_step": final_step,
+        "normalizer": final["normalizer"],
+        "final_by_normalizer": final["by_normalizer"],
         "final_hypotheses": _existing(out / "final_hypotheses.jsonl") if final_rows is not None else None,
         "last_step": train[-1]["step"] if train else None,
     }
@@ -303,6 +331,27 @@ def plot_curves(runs: Mapping[str, dict], stages: list[dict], path: Path) -> Pat
 # ---------------------------------------------------------------- writing the comparison
 
 
+def run_under(run: dict, normalizer: str) -> tuple[dict, list[str]]:
+    """A copy of a `load_run` result whose final and evaluation rows are those scored with `normalizer` (each
+    file's by_normalizer), and the names of the files that hold none under it (their own rows are kept)."""
+    view = dict(run)
+    unscored: list[str] = []
+
+    def under(rows: list[dict] | None, recorded: str | None, by_normalizer: dict | None, name: str) -> list | None:
+        if by_normalizer and normalizer in by_normalizer:
+            return list(by_normalizer[normalizer])
+        if rows is not None and recorded != normalizer and any(r.get("task") == "asr" for r in rows):
+            unscored.append(f"{name} (`{recorded}`)")
+        return rows
+
+    view["evals"] = [dict(e, rows=under(e["rows"], e.get("normalizer"), e.get("by_normalizer"),
+                                         "final.json" if e["final"] else f"eval_step_{e['step']}.json"))
+                     for e in run.get("evals", [])]
+    if run.get("final") is not None:
+        view["final"] = under(run["final"], run.get("normalizer"), run.get("final_by_normalizer"), "final.json")
+    return view, list(dict.fromkeys(unscored))
+
+
 def _final_rows(run: dict) -> tuple[list[dict], str]:
     """The run's final rows, or its last intermediate evaluation (with a note) when final.json is missing."""
     if run.get("final") is not None:
@@ -335,8 +384,10 @@ Intervals = dict[tuple[str, str], dict[str, Paired]]  # (task, metric) -> {row k
 
 
 def paired_intervals(part_records: Sequence[Mapping], baseline_records: Sequence[Mapping], resamples: int = 1000,
-                     seed: int = 0, confidence: float = 0.95) -> tuple[Intervals, list[str]]:
-    """Paired bootstrap of every final metric from the two runs' per-utterance hypotheses (A = part).
+                     seed: int = 0, confidence: float = 0.95,
+                     normalizer: str = DEFAULT_NORMALIZER) -> tuple[Intervals, list[str]]:
+    """Paired bootstrap of every final metric from the two runs' per-utterance hypotheses (A = part), WER/CER on
+    text normalised by `normalizer`.
 
     Utterances are paired by (task, language, target, key); those only one run has are left out (with a note).
     Returns ({(task, metric): {row key: Paired, ..., "average": Paired}}, notes). WER/CER statistics are
@@ -366,7 +417,7 @@ def paired_intervals(part_records: Sequence[Mapping], baseline_records: Sequence
             if metric == "bleu":
                 stats.append(bleu_statistics(refs, hyps, keys[0][2]))
             else:
-                stats.append(error_counts(refs, hyps, keys[0][1]))
+                stats.append(error_counts(refs, hyps, keys[0][1], normalizer))
         if metric != "bleu":  # error_rate skips empty references: so do the resamples
             kept = [i for i, (a, b) in enumerate(zip(*stats)) if a[1] > 0 and b[1] > 0]
             if not kept:
@@ -448,16 +499,21 @@ def comparison_header(command: str, recipes: Mapping[str, str], cfgs: Mapping[st
 
 
 def write_comparison(part_run: dict, baseline_run: dict, out_dir: str | Path, header: str = "",
-                     stages: list[dict] | None = None, resamples: int = 1000, seed: int = 0) -> Path:
+                     stages: list[dict] | None = None, resamples: int = 1000, seed: int = 0,
+                     normalizer: str | None = None) -> Path:
     """Writes compare.md, compare.json and curves.png into `out_dir`; returns the path of compare.md.
 
     `header` is markdown put at the top (command, date, ...). The vertical lines of the plot are `stages`, by
     default the PART run's stages as read from its train_log. With both runs' hypotheses files and `resamples`
-    > 0, a paired bootstrap (`resamples`, `seed`) adds confidence intervals and significance.
+    > 0, a paired bootstrap (`resamples`, `seed`) adds confidence intervals and significance. WER/CER are those
+    under `normalizer` (by default the one the PART run's final.json was scored with) for both runs, as their
+    results files hold them; a file holding none under it keeps its own, and compare.md says so.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    runs = {"part": part_run, "baseline": baseline_run}
+    normalizer = normalizer or part_run.get("normalizer") or DEFAULT_NORMALIZER
+    views = {name: run_under(run, normalizer) for name, run in (("part", part_run), ("baseline", baseline_run))}
+    runs = {name: view for name, (view, _) in views.items()}
     if stages is None:
         stages = part_run.get("stages") or []
     finals = {name: _final_rows(run) for name, run in runs.items()}
@@ -472,6 +528,17 @@ def write_comparison(part_run: dict, baseline_run: dict, out_dir: str | Path, he
         steps = run.get("last_step")
         lines.append(f"- {name}: `{run['output_dir']}` ({finals[name][1]}; last training step "
                      f"{steps if steps is not None else 'n/a'}, {len(run.get('stages') or [])} stage(s))")
+    lines.append(f"- normaliser of WER/CER: `{normalizer}`, {NORMALIZER_DESCRIPTIONS[normalizer]} "
+                 "(`python -m part rescore RUN_DIR` shows a run's under each)")
+    for name, (_, unscored) in views.items():
+        if unscored:
+            lines.append(f"- **{name}: no WER/CER under `{normalizer}` in {', '.join(unscored)}: the rows from "
+                         "there are under the normaliser named, not comparable**")
+    signatures = {name: bleu_signature_line(rows) for name, rows in final_rows.items()}
+    if len(set(signatures.values()) - {None}) == 1:
+        lines.append(f"- {next(s for s in signatures.values() if s)}")
+    else:
+        lines += [f"- {name}: {line}" for name, line in signatures.items() if line]
     lines += ["", table, "", "### Averages over the rows both runs have", "",
               "| summary | part | baseline |", "|---|---:|---:|"]
     for key, label in SUMMARY_LABELS.items():
@@ -487,7 +554,7 @@ def write_comparison(part_run: dict, baseline_run: dict, out_dir: str | Path, he
                      "no confidence intervals._")
     else:
         results, notes = paired_intervals(read_hypotheses(hypotheses["part"]), read_hypotheses(hypotheses["baseline"]),
-                                          resamples=resamples, seed=seed)
+                                          resamples=resamples, seed=seed, normalizer=normalizer)
         section, boot_rows = bootstrap_section(results, notes, resamples, seed)
         lines += section
         bootstrap = {"resamples": resamples, "seed": seed, "confidence": 0.95, "hypotheses": hypotheses,
@@ -515,6 +582,9 @@ def write_comparison(part_run: dict, baseline_run: dict, out_dir: str | Path, he
 
     payload = {
         "header": header,
+        "normalizer": normalizer,
+        "not_under_normalizer": {name: unscored for name, (_, unscored) in views.items()},
+        "bleu_signatures": signatures,
         "final": {name: {"rows": rows, "source": finals[name][1], "output_dir": runs[name]["output_dir"],
                          "last_step": runs[name].get("last_step")} for name, rows in final_rows.items()},
         "averages": summaries,

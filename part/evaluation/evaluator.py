@@ -15,7 +15,14 @@ import torch
 from part.batch import Batch
 from part.config import TrainConfig
 from part.data.eval_sets import eval_batches
-from part.evaluation.metrics import bleu, error_rate, results_table
+from part.evaluation.metrics import (
+    DEFAULT_NORMALIZER,
+    bleu,
+    error_rate,
+    evaluation_report,
+    normalizers_from,
+    results_table,
+)
 
 if TYPE_CHECKING:
     from part.model.speech_llm import SpeechLLM
@@ -48,8 +55,10 @@ class EvaluationLog(Protocol):
     def evaluation(self, step: int, rows: list[dict], records: list[dict]) -> None: ...
 
 
-def score(records: list[dict]) -> list[dict]:
-    """Rows per ASR language (WER/CER) and per S2TT direction (BLEU) from {task, language, target, ref, hyp}."""
+def score(records: list[dict], normalizer: str = DEFAULT_NORMALIZER) -> list[dict]:
+    """Rows per ASR language (WER/CER on text normalised by `normalizer`, which the row names) and per S2TT
+    direction (BLEU, with its sacrebleu tokenizer and signature) from {task, language, target_language, reference,
+    hypothesis}."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in records:
         groups[(r["task"], r["language"], r.get("target_language"))].append(r)
@@ -58,13 +67,39 @@ def score(records: list[dict]) -> list[dict]:
         refs = [x["reference"] for x in items]
         hyps = [x["hypothesis"] for x in items]
         if task == "asr":
-            m = error_rate(refs, hyps, lang)
-            rows.append({"task": "asr", "language": lang, "metric": m["metric"], "value": m["value"], "n": m["n"]})
+            m = error_rate(refs, hyps, lang, normalizer)
+            rows.append({"task": "asr", "language": lang, "metric": m["metric"], "value": m["value"], "n": m["n"],
+                         "normalizer": normalizer})
         else:
             b = bleu(refs, hyps, target)
             rows.append({"task": task, "source": lang, "target": target, "metric": "bleu", "value": b["value"],
-                         "n": b["n"]})
+                         "n": b["n"], "tokenizer": b["tokenizer"], "signature": b["signature"]})
     return rows
+
+
+def score_each(records: list[dict], normalizers: list[str] | tuple[str, ...]) -> dict[str, list[dict]]:
+    """{normaliser: `score(records, normaliser)`} in the order given (BLEU rows are the same under each)."""
+    return {name: score(records, name) for name in normalizers}
+
+
+def write_evaluation(out_dir: Path, name: str, step: int, records: list[dict], primary: str) -> tuple[list[dict], str]:
+    """Scores `records` under every normaliser and writes `name`.json ({step, normalizer: `primary`, rows: the
+    rows under it, table: their `results_table` dict, by_normalizer: {normaliser: rows}}), `name`.md
+    (`evaluation_report`) and `name`_hypotheses.jsonl (the records, one a line) into `out_dir`. Returns (the
+    rows under `primary`, the report)."""
+    by_normalizer = score_each(records, normalizers_from(primary))
+    rows = by_normalizer[primary]
+    _, as_dict = results_table(rows)
+    report = evaluation_report(by_normalizer, primary)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.json").write_text(json.dumps({"step": step, "normalizer": primary, "rows": rows,
+                                                      "table": as_dict, "by_normalizer": by_normalizer},
+                                                     indent=1, ensure_ascii=False))
+    (out_dir / f"{name}.md").write_text(report + "\n")
+    with open(out_dir / f"{name}_hypotheses.jsonl", "w", encoding="utf-8") as fh:
+        for r in records:
+            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return rows, report
 
 
 @torch.no_grad()
@@ -130,21 +165,9 @@ class Evaluator:
         rows: list[dict] = []
         if dist.is_main:
             everything = [r for part in gathered for r in part]
-            rows = score(everything)
-            self._write(everything, rows, step, final)
+            rows, report = write_evaluation(Path(cfg.output_dir), "final" if final else f"eval_step_{step}", step,
+                                            everything, cfg.eval.normalizer)
+            self.logger.info(f"evaluation at step {step} ({len(everything)} utterances):\n{report}")
+            self.logger.evaluation(step, rows, everything)
         model.train()
         return rows
-
-    def _write(self, records: list[dict], rows: list[dict], step: int, final: bool) -> None:
-        table, as_dict = results_table(rows)
-        out = Path(self.cfg.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        name = "final" if final else f"eval_step_{step}"
-        (out / f"{name}.json").write_text(json.dumps({"step": step, "rows": rows, "table": as_dict}, indent=1,
-                                                      ensure_ascii=False))
-        (out / f"{name}.md").write_text(table + "\n")
-        with open(out / f"{name}_hypotheses.jsonl", "w", encoding="utf-8") as fh:
-            for r in records:
-                fh.write(json.dumps(r, ensure_ascii=False) + "\n")
-        self.logger.info(f"evaluation at step {step} ({len(records)} utterances):\n{table}")
-        self.logger.evaluation(step, rows, records)

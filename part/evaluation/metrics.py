@@ -3,9 +3,10 @@
 Conventions
 - ASR is scored with WER on normalised text, except for `CER_LANGUAGES` (no word spacing), which use CER on the
   normalised text with every whitespace character removed. Rates are corpus-level: total edits / total reference
-  units, in percent.
+  units, in percent. The normaliser is one of `NORMALIZERS` (`normalize`): 'part' (`normalize_text`) or
+  'whisper' (`whisper_normalize`, Whisper's own, for numbers comparable with published ones).
 - S2TT / MT are scored with corpus BLEU (sacrebleu) on the raw, cased text, with a tokenizer chosen from the
-  target language (`bleu_tokenizer`).
+  target language (`bleu_tokenizer`); every BLEU row carries sacrebleu's signature.
 - Every scoring function returns a plain dict with at least {"metric", "value", "n"} so its output, plus the
   task and language keys, can go straight into `results_table` / `compare_table`.
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 import importlib
 import re
 import unicodedata
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from functools import cache
 
@@ -23,6 +24,20 @@ import jiwer
 import numpy as np
 from numpy.typing import ArrayLike
 from sacrebleu.metrics import BLEU
+
+from part.config import NORMALIZERS, EvalConfig
+
+DEFAULT_NORMALIZER = EvalConfig.normalizer
+NORMALIZER_DESCRIPTIONS = {
+    "part": "the project's Whisper-style basic normaliser (NFKC, lowercase, bracketed spans dropped, punctuation "
+            "and symbols to spaces; combining marks kept, in-word apostrophes kept for en/fr/it)",
+    "whisper": "Whisper's normalisers as transformers ships them: EnglishTextNormalizer for English (numbers to "
+               "digits, contractions and titles spelled out, fillers dropped; British spellings not mapped), "
+               "BasicTextNormalizer for every other language (combining marks become spaces)",
+}
+# Whisper's British -> American spelling list (english.json in the openai-whisper package, normalizer.json beside
+# a Hugging Face Whisper tokenizer) ships with no installed package, and nothing is downloaded: no spelling is mapped.
+ENGLISH_SPELLINGS: dict[str, str] = {}
 
 CER_LANGUAGES = {"zh", "ja", "ko", "yue", "th"}
 # Languages whose in-word apostrophes are part of the word ("don't", "l'homme", "dell'anno").
@@ -67,7 +82,8 @@ def _replace_symbols(text: str, keep_inword_apostrophe: bool) -> str:
 
 
 def normalize_text(text: str, language: str) -> str:
-    """Whisper-style basic normalisation plus a few per-language rules, applied identically to refs and hyps.
+    """The 'part' normaliser: Whisper-style basic normalisation plus a few per-language rules, applied identically
+    to refs and hyps.
 
     Steps: NFKC (full-width -> half-width, compatibility forms), lowercase (`str.lower`, so German ß is kept;
     Turkish/Azerbaijani dotted and dotless I are mapped first), drop [..], <..>, (..), {..} spans (noise tags,
@@ -92,18 +108,57 @@ def normalize_text(text: str, language: str) -> str:
     return text
 
 
-def _scored_pairs(refs: list[str], hyps: list[str], language: str) -> tuple[bool, list[int], list[str], list[str]]:
+@cache
+def _whisper_normalizers() -> tuple[Callable[[str], str], Callable[[str], str]]:
+    """(English, every other language): transformers' copies of Whisper's normalisers, as Whisper's own evaluation
+    builds them (BasicTextNormalizer() keeps diacritics; its remove_symbols turns combining marks into spaces)."""
+    from transformers.models.whisper.english_normalizer import BasicTextNormalizer, EnglishTextNormalizer
+
+    return EnglishTextNormalizer(ENGLISH_SPELLINGS), BasicTextNormalizer()
+
+
+def whisper_normalize(text: str, language: str) -> str:
+    """Whisper's normalisation: EnglishTextNormalizer for English ("Mr. Smith's TV cost twenty-five dollars" ->
+    "mister smith is tv cost $25"), BasicTextNormalizer for the rest; leading and trailing spaces stripped (WER
+    ignores them; an all-noise reference then counts as empty)."""
+    english, basic = _whisper_normalizers()
+    return (english if base_language(language) == "en" else basic)(text).strip()
+
+
+def normalizers_from(first: str) -> list[str]:
+    """Every one of `NORMALIZERS`, `first` first: the columns of a table that leads with `first`'s rows."""
+    _normalizer(first)
+    return [first] + [name for name in NORMALIZERS if name != first]
+
+
+def normalize(text: str, language: str, normalizer: str = DEFAULT_NORMALIZER) -> str:
+    """`text` normalised for WER/CER by one of `NORMALIZERS`: 'part' (`normalize_text`) or 'whisper'
+    (`whisper_normalize`)."""
+    return _normalizer(normalizer)(text, language)
+
+
+def _normalizer(name: str) -> Callable[[str, str], str]:
+    if name == "part":
+        return normalize_text
+    if name == "whisper":
+        return whisper_normalize
+    raise ValueError(f"unknown normalizer {name!r} (known: {', '.join(NORMALIZERS)})")
+
+
+def _scored_pairs(refs: list[str], hyps: list[str], language: str,
+                  normalizer: str) -> tuple[bool, list[int], list[str], list[str]]:
     """(use_cer, kept indices, normalised refs, normalised hyps) of the pairs `error_rate` scores: those whose
     normalised reference is not empty. For CER every whitespace character is removed."""
     if len(refs) != len(hyps):
         raise ValueError(f"{len(refs)} references but {len(hyps)} hypotheses")
     lang = base_language(language)
     use_cer = lang in CER_LANGUAGES
+    norm = _normalizer(normalizer)
     kept: list[int] = []
     kept_refs: list[str] = []
     kept_hyps: list[str] = []
     for i, (ref, hyp) in enumerate(zip(refs, hyps)):
-        norm_ref, norm_hyp = normalize_text(ref, lang), normalize_text(hyp or "", lang)
+        norm_ref, norm_hyp = norm(ref, lang), norm(hyp or "", lang)
         if use_cer:
             norm_ref, norm_hyp = _WHITESPACE.sub("", norm_ref), _WHITESPACE.sub("", norm_hyp)
         if norm_ref:
@@ -113,17 +168,18 @@ def _scored_pairs(refs: list[str], hyps: list[str], language: str) -> tuple[bool
     return use_cer, kept, kept_refs, kept_hyps
 
 
-def error_rate(refs: list[str], hyps: list[str], language: str) -> dict:
-    """Corpus WER (or CER for `CER_LANGUAGES`) in percent on normalised text.
+def error_rate(refs: list[str], hyps: list[str], language: str, normalizer: str = DEFAULT_NORMALIZER) -> dict:
+    """Corpus WER (or CER for `CER_LANGUAGES`) in percent on text normalised by `normalizer` (`normalize`).
 
     Pairs whose normalised reference is empty are skipped and counted in "skipped_empty". When nothing is left,
-    "value" is None. Returned keys: metric, value, n, errors, ref_units, substitutions, deletions, insertions,
-    skipped_empty.
+    "value" is None. Returned keys: metric, value, n, normalizer, errors, ref_units, substitutions, deletions,
+    insertions, skipped_empty.
     """
-    use_cer, _, kept_refs, kept_hyps = _scored_pairs(refs, hyps, language)
+    use_cer, _, kept_refs, kept_hyps = _scored_pairs(refs, hyps, language, normalizer)
     result = {
         "metric": "cer" if use_cer else "wer",
         "value": None,
+        "normalizer": normalizer,
         "n": len(kept_refs),
         "errors": 0,
         "ref_units": 0,
@@ -148,11 +204,12 @@ def error_rate(refs: list[str], hyps: list[str], language: str) -> dict:
     return result
 
 
-def error_counts(refs: list[str], hyps: list[str], language: str) -> list[tuple[int, int]]:
+def error_counts(refs: list[str], hyps: list[str], language: str,
+                 normalizer: str = DEFAULT_NORMALIZER) -> list[tuple[int, int]]:
     """Per-utterance (errors, reference units) of `error_rate`, (0, 0) for a pair it skips (empty normalised
     reference). They sum exactly to its corpus "errors" and "ref_units", so a resample's corpus rate is the ratio
     of the resampled sums (see part.evaluation.bootstrap)."""
-    use_cer, kept, kept_refs, kept_hyps = _scored_pairs(refs, hyps, language)
+    use_cer, kept, kept_refs, kept_hyps = _scored_pairs(refs, hyps, language, normalizer)
     counts = [(0, 0)] * len(refs)
     if not kept:
         return counts
@@ -381,3 +438,35 @@ def compare_table(named: dict[str, list[Row]]) -> str:
         if len(shared) < len(keys):
             notes.append(f"{task}/{metric} average over the {len(shared)} of {len(keys)} rows every system has.")
     return "\n".join(lines + ([""] + [f"_{n}_" for n in notes] if notes else []))
+
+
+def bleu_signature_line(rows: Iterable[Row]) -> str | None:
+    """One line naming the sacrebleu signature of every scored BLEU row, the rows that share one listed after it
+    ("`nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:2.6.0` (de→en, zh→en)"); None without BLEU rows.
+    A row without a "signature" key shows "signature not recorded"."""
+    by_signature: dict[str, list[str]] = {}
+    for row in rows:
+        if isinstance(row, EvalResult) or row.get("metric") != "bleu" or row.get("value") is None:
+            continue
+        signature = f"`{row['signature']}`" if row.get("signature") else "signature not recorded"
+        by_signature.setdefault(signature, []).append(EvalResult.from_dict(row).key)
+    if not by_signature:
+        return None
+    parts = [f"{signature} ({', '.join(sorted(keys))})" for signature, keys in by_signature.items()]
+    return "BLEU: sacrebleu corpus BLEU on the raw cased text, " + "; ".join(parts) + "."
+
+
+def evaluation_report(by_normalizer: Mapping[str, list[Row]], primary: str) -> str:
+    """The markdown of final.md: the normaliser of the rows, the rows scored with it (`results_table`), the BLEU
+    signatures, and with more than one normaliser in `by_normalizer` ({normaliser: rows}) the WER/CER under each
+    side by side (`compare_table`)."""
+    rows = by_normalizer[primary]
+    table, _ = results_table(rows)
+    lines = [f"Normaliser of WER/CER: `{primary}`, {NORMALIZER_DESCRIPTIONS[primary]}.", "", table]
+    if signatures := bleu_signature_line(rows):
+        lines += ["", signatures]
+    asr = {name: [r for r in _as_results(named) if r.task == "asr"] for name, named in by_normalizer.items()}
+    if len(asr) > 1 and any(asr.values()):
+        lines += ["", "### WER/CER under each normaliser", "", compare_table(asr), ""]
+        lines += [f"- `{name}`: {NORMALIZER_DESCRIPTIONS[name]}" for name in asr if name != primary]
+    return "\n".join(lines)

@@ -22,9 +22,9 @@ def final_asr_hypotheses(run_dir: Path) -> dict[tuple[str, str], str]:
 @torch.no_grad()
 def readout_rows(model, tokenizer, cfg, hypotheses: dict[tuple[str, str], str], batch_size: int = 8,
                  blank_penalty: float = 0.0) -> list[dict]:
-    """Per language of `cfg.data.languages`: the error rate of the frames' reading (`FrameAlignment.greedy_reading`
-    with `blank_penalty`) and of the hypotheses, on the held-out clips (`cfg.eval.per_language` of them, as the
-    evaluation takes them) that have a hypothesis."""
+    """Per language of `cfg.data.languages`: the error rate (under `cfg.eval.normalizer`) of the frames' reading
+    (`FrameAlignment.greedy_reading` with `blank_penalty`) and of the hypotheses, on the held-out clips
+    (`cfg.eval.per_language` of them, as the evaluation takes them) that have a hypothesis."""
     from part.objectives.frames import frame_alignment
 
     model.eval()
@@ -41,7 +41,7 @@ def readout_rows(model, tokenizer, cfg, hypotheses: dict[tuple[str, str], str], 
                     llm.append(hypotheses[(lang, meta.key)])
         if not refs:
             continue
-        read, said = error_rate(refs, frames, lang), error_rate(refs, llm, lang)
+        read, said = (error_rate(refs, texts, lang, cfg.eval.normalizer) for texts in (frames, llm))
         rows.append({"language": lang, "metric": read["metric"], "frames": read["value"], "llm": said["value"],
                      "n": len(refs)})
     return rows

@@ -19,8 +19,8 @@ from part.config import DataConfig, TrainConfig
 from part.data.audio import AudioDecodeError, load_audio
 from part.data.eval_sets import first_per_language
 from part.data.shards import AUDIO_EXTENSIONS
-from part.evaluation.evaluator import score
-from part.evaluation.metrics import results_table
+from part.evaluation.evaluator import score_each
+from part.evaluation.metrics import evaluation_report, normalizers_from
 from part.features import MAX_CLIP_SECONDS, SAMPLE_RATE
 
 
@@ -134,7 +134,7 @@ def write_whisper_reference(cfg: TrainConfig, source: str, whisper_dir: str | Pa
         log(f"batch {done}/{total}, {elapsed / 60:.1f} min, eta {elapsed / done * (total - done) / 60:.1f} min")
 
     records = whisper_records(whisper, utterances, tasks, batch_size=batch_size, progress=progress)
-    table, _ = results_table(score(records))
+    table = evaluation_report(score_each(records, normalizers_from(cfg.eval.normalizer)), cfg.eval.normalizer)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "reference_hypotheses.jsonl", "w", encoding="utf-8") as fh:

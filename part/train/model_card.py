@@ -73,8 +73,15 @@ def model_card(cfg: TrainConfig, checkpoint: Path, metrics_markdown: str | None,
     else:
         lines.append(f"`{cfg.data.train_shards}` over {', '.join(cfg.data.languages)} (no index.json found).")
     lines += ["", "## Evaluation", ""]
-    lines.append(metrics_markdown.strip() if metrics_markdown else "Not evaluated at the end of training "
-                 "(`eval.per_language: 0`).")
+    if metrics_markdown:
+        e = cfg.eval
+        decoding = "greedy" if e.num_beams == 1 else f"beam search ({e.num_beams} beams)"
+        lines += [f"The run's final.md: the first {e.per_language} held-out utterances per language, {decoding}; "
+                  f"WER/CER on text normalised by `{e.normalizer}` (`eval.normalizer`), BLEU with its sacrebleu "
+                  "signature. `python -m part rescore <output_dir>` scores the saved hypotheses again under either "
+                  "normaliser.", "", metrics_markdown.strip()]
+    else:
+        lines.append("Not evaluated at the end of training (`eval.per_language: 0`).")
     lines += ["", "## Reproduce", "", "```bash", command, "```", ""]
     return "\n".join(lines)
 

@@ -118,7 +118,11 @@ def test_trains_all_stages_and_loss_falls(reference):
     assert "whisper" in card and "| s3_lora | 3 | asr 0.5, s2tt 0.5 | adapter, llm.lora |" in card
     assert "| en |" in card and "| asr | wer | average |" in card and "train_config.yaml" in card
     assert load_config(reference["out"] / "final" / "train_config.yaml").stages[2].name == "s3_lora"
-    assert (reference["out"] / "final.md").read_text().count("average") == 3  # wer, cer, bleu
+    final_md = (reference["out"] / "final.md").read_text()
+    # wer, cer, bleu; then wer and cer again in the table of each normaliser side by side
+    assert final_md.count("average") == 5 and "### WER/CER under each normaliser" in final_md
+    assert "BLEU: sacrebleu corpus BLEU on the raw cased text, `nrefs:1|case:mixed|eff:no|tok:13a|" in final_md
+    assert "WER/CER on text normalised by `part` (`eval.normalizer`)" in card
 
 
 def test_profile_window_on_every_rank(reference):

@@ -395,3 +395,62 @@ def test_large_recipes_parse_and_match():
     assert part.model.activation_checkpointing.encoder and part.model.activation_checkpointing.llm
     assert part.logging.wandb_project and part.model.llm.lora is not None
     assert "{lang}" in part.data.train_shards
+
+
+# ---------------------------------------------------------------- the normaliser of the comparison
+
+
+def test_write_comparison_under_each_normaliser(tmp_path):
+    """Both runs' results files hold their rows under each normaliser (the evaluator's writer): the comparison
+    takes both under the one asked for, and its bootstrap scores the hypotheses under it too."""
+    import sacrebleu
+
+    from part.evaluation.evaluator import write_evaluation
+
+    ref = "Mr. Smith's TV cost twenty-five dollars"
+    # part writes the amount in digits: under part 4 errors / 7 words per utterance (mr/mister and twenty/25
+    # substituted, five and dollars deleted) = 57.14; under whisper both sides read "mister smith is tv cost $25"
+    part = [hyp_record(f"u{i}", "asr", "en", ref, "Mister Smith's TV cost $25.") for i in range(12)]
+    baseline = [hyp_record(f"u{i}", "asr", "en", ref, ref) for i in range(12)]
+    for records in (part, baseline):
+        records.append(hyp_record("t0", "s2tt", "de", "the cat sat on the mat", "the cat sat on a mat", "en"))
+    dirs = {}
+    for name, records in (("part", part), ("baseline", baseline)):
+        dirs[name] = tmp_path / name
+        write_evaluation(dirs[name], "final", 10, records, "part")
+    runs = {name: comparison.load_run(d) for name, d in dirs.items()}
+    assert runs["part"]["normalizer"] == "part" and list(runs["part"]["final_by_normalizer"]) == ["part", "whisper"]
+
+    md = comparison.write_comparison(runs["part"], runs["baseline"], tmp_path / "a", resamples=200).read_text()
+    lines = md.splitlines()
+    assert any(line.startswith("- normaliser of WER/CER: `part`, the project's") for line in lines)
+    signature = f"nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:{sacrebleu.__version__}"
+    assert f"- BLEU: sacrebleu corpus BLEU on the raw cased text, `{signature}` (de→en)." in lines  # once: the same
+    assert "| asr | wer | en | 57.14 | 0.00 |" in lines
+    assert any(line.startswith("| asr | wer | en | 12 | 57.14 | [57.14, 57.14] | 0.00 |") for line in lines)
+
+    md = comparison.write_comparison(runs["part"], runs["baseline"], tmp_path / "b", resamples=200,
+                                     normalizer="whisper").read_text()
+    lines = md.splitlines()
+    assert any(line.startswith("- normaliser of WER/CER: `whisper`, Whisper's normalisers") for line in lines)
+    assert "| asr | wer | en | 0.00 | 0.00 |" in lines and "no WER/CER under" not in md
+    assert any(line.startswith("| asr | wer | en | 12 | 0.00 | [0.00, 0.00] | 0.00 |") for line in lines)
+    data = json.loads((tmp_path / "b" / "compare.json").read_text())
+    assert data["normalizer"] == "whisper" and data["not_under_normalizer"] == {"part": [], "baseline": []}
+    assert data["bleu_signatures"]["part"] == data["bleu_signatures"]["baseline"]
+    assert data["averages"]["part"]["asr_wer"] == 0.0
+
+    # a results file that holds its rows under one normaliser only: kept, and said to be so
+    final = dirs["baseline"] / "final.json"
+    saved = json.loads(final.read_text())
+    del saved["by_normalizer"], saved["normalizer"]  # as files without them read: scored with part
+    final.write_text(json.dumps(saved))
+    runs["baseline"] = comparison.load_run(dirs["baseline"])
+    md = comparison.write_comparison(runs["part"], runs["baseline"], tmp_path / "c", resamples=0,
+                                     normalizer="whisper").read_text()
+    assert ("- **baseline: no WER/CER under `whisper` in final.json (`part`): the rows from there are under the "
+            "normaliser named, not comparable**") in md.splitlines()
+    assert json.loads((tmp_path / "c" / "compare.json").read_text())["not_under_normalizer"]["baseline"] == [
+        "final.json (`part`)"]
+    assert compare.parse_args(["--part", "a", "--baseline", "b", "--out", "o", "--normalizer", "whisper"]).normalizer \
+        == "whisper"

@@ -12,11 +12,15 @@ from part.evaluation.metrics import (
     CER_LANGUAGES,
     EvalResult,
     bleu,
+    bleu_signature_line,
     bleu_tokenizer,
     compare_table,
     error_rate,
+    evaluation_report,
+    normalize,
     normalize_text,
     results_table,
+    whisper_normalize,
 )
 
 # --------------------------------------------------------------------------------------------- normalisation
@@ -64,6 +68,120 @@ def test_normalize_text(text: str, language: str, expected: str) -> None:
 def test_normalize_cjk_spacing_only_for_no_space_languages() -> None:
     # the same Han text tagged as English keeps its spaces
     assert normalize_text("今天 天气", "en") == "今天 天气"
+
+
+# ------------------------------------------------------------------------------------------ Whisper's normalisers
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # titles spelled out, "'s" read as "is", spelled-out numbers and "dollars" to "$25"; "colour" stays British
+        ("Mr. Smith's colour TV cost twenty-five dollars", "mister smith is colour tv cost $25"),
+        ("Mister Smith's TV cost $25.", "mister smith is tv cost $25"),  # the final period dropped, not "$25."
+        # contractions
+        ("I won't go, we can't stay.", "i will not go we can not stay"),
+        ("She's been there.", "she has been there"),
+        # fillers dropped; "ten percent" -> "10%"; a compound number -> digits
+        ("Um, it's ten percent of one thousand two hundred and thirty-four", "it is 10% of 1234"),
+        ("Dr. Jones, Jr.", "doctor jones junior"),
+        ("It's 3.5 km", "it is 3.5 km"),  # a decimal point survives
+        # a curly apostrophe is punctuation to it (the part normaliser folds it into "'")
+        ("Don’t stop", "don t stop"),
+        ("[noise] Hello (laughs) there!", "hello there"),
+    ],
+)
+def test_whisper_english_normaliser(text: str, expected: str) -> None:
+    assert whisper_normalize(text, "en") == expected
+    assert whisper_normalize(text, "en-US") == expected
+    assert normalize(text, "en", "whisper") == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "language", "expected"),
+    [
+        # Whisper's BasicTextNormalizer(): diacritics and ß kept, every apostrophe a space
+        ("Straße, ÉCOLE!", "de", "straße école"),
+        ("L'homme est là.", "fr", "l homme est là"),
+        # combining marks (Devanagari vowel signs and virama, Thai vowels, the dot of Turkish İ) become spaces:
+        # the divergence the part normaliser avoids (it keeps "नमस्ते दुनिया", "istanbul")
+        ("नमस्ते दुनिया।", "hi", "नमस त द न य"),
+        ("İSTANBUL", "tr", "i stanbul"),
+        ("สวัสดีครับ", "th", "สว สด คร บ"),
+        # no English rules for other languages: "Mr." stays, numbers stay words
+        ("Mr. Dupont a vingt-cinq ans", "fr", "mr dupont a vingt cinq ans"),
+        ("ＡＢＣ ﾃｽﾄ です。", "ja", "abc テスト です"),  # NFKC folds the widths
+    ],
+)
+def test_whisper_basic_normaliser(text: str, language: str, expected: str) -> None:
+    assert whisper_normalize(text, language) == expected
+
+
+def test_unknown_normalizer_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown normalizer 'nemo'.*part, whisper"):
+        normalize("a", "en", "nemo")
+    with pytest.raises(ValueError, match="unknown normalizer"):
+        error_rate(["a"], ["a"], "en", "nemo")
+    assert metrics.normalizers_from("whisper") == ["whisper", "part"]
+    assert metrics.normalizers_from("part") == ["part", "whisper"]
+
+
+def test_english_wer_under_each_normaliser() -> None:
+    ref, hyp = "Mr. Smith's colour TV cost twenty-five dollars", "mister smiths color tv cost $25"
+    # part: "mr smith's colour tv cost twenty five dollars" (8) vs "mister smiths color tv cost 25" (6):
+    # tv and cost match; mr, smith's, colour, twenty substituted; five, dollars deleted -> 6 / 8 = 75.0
+    part = error_rate([ref], [hyp], "en", "part")
+    assert (part["value"], part["errors"], part["ref_units"], part["normalizer"]) == (75.0, 6, 8, "part")
+    # whisper: "mister smith is colour tv cost $25" (7) vs "mister smiths color tv cost $25" (6):
+    # mister, tv, cost, $25 match; smith/smiths and colour/color substituted, "is" deleted -> 3 / 7 = 42.86
+    whisper = error_rate([ref], [hyp], "en", "whisper")
+    assert (whisper["errors"], whisper["ref_units"], whisper["normalizer"]) == (3, 7, "whisper")
+    assert whisper["value"] == pytest.approx(42.857, abs=0.001)
+    # a hypothesis in another written form of the same words is exact under whisper only:
+    # part: mr/mister, twenty/25 substituted, five and dollars deleted -> 4 / 7 ("smith's" matches)
+    same = ("Mr. Smith's TV cost twenty-five dollars", "Mister Smith's TV cost $25.")
+    assert error_rate([same[0]], [same[1]], "en", "whisper")["value"] == 0.0
+    assert error_rate([same[0]], [same[1]], "en", "part")["value"] == pytest.approx(100 * 4 / 7)
+    assert error_rate([same[0]], [same[1]], "en")["normalizer"] == "part"  # the default
+
+
+def test_whisper_maps_no_british_spelling() -> None:
+    # no offline copy of Whisper's spelling list: colour/color is 1 substitution in 3 words
+    assert metrics.ENGLISH_SPELLINGS == {}
+    assert error_rate(["the colour red"], ["the color red"], "en", "whisper")["value"] == pytest.approx(100 / 3)
+
+
+def test_whisper_fillers_only_reference_is_skipped() -> None:
+    # "Um, uh." normalises to "" under whisper (fillers dropped): skipped; under part it is two words
+    out = error_rate(["Um, uh.", "a b"], ["", "a c"], "en", "whisper")
+    assert (out["skipped_empty"], out["n"], out["value"]) == (1, 1, 50.0)  # 1 substitution / 2 words
+    out = error_rate(["Um, uh.", "a b"], ["", "a c"], "en", "part")
+    assert (out["skipped_empty"], out["n"], out["errors"], out["ref_units"]) == (0, 2, 3, 4)  # 2 del + 1 sub
+
+
+@pytest.mark.parametrize("normalizer", ["part", "whisper"])
+def test_cer_languages_under_each_normaliser(normalizer: str) -> None:
+    for lang in ("zh", "ja", "ko", "yue", "th", "zh-TW"):
+        assert error_rate(["x"], ["x"], lang, normalizer)["metric"] == "cer"
+    for lang in ("en", "de", "hi", "vi"):
+        assert error_rate(["x"], ["x"], lang, normalizer)["metric"] == "wer"
+    # zh: 今天天气很好 (6) vs 今天天汽很好啊 once punctuation and spaces are gone: 1 sub + 1 ins = 33.33
+    out = error_rate(["今天天气很好"], ["今天 天汽，很好啊。"], "zh", normalizer)
+    assert (out["errors"], out["ref_units"]) == (2, 6)
+    # ja: width variants fold to the same 6 characters; ko: spacing ignored, 분 -> 운 is 1 of 8 syllables
+    assert error_rate(["ＡＢＣ ﾃｽﾄ"], ["abc テスト"], "ja", normalizer)["value"] == 0.0
+    assert error_rate(["안녕하세요 여러분"], ["안녕하세요 여러운"], "ko", normalizer)["value"] == pytest.approx(12.5)
+    assert error_rate(["粵語 好正"], ["粵語好正"], "yue", normalizer)["value"] == 0.0
+
+
+def test_thai_cer_units_differ_between_normalisers() -> None:
+    # สวัสดีครับ is 10 code points, 3 of them combining vowel marks (U+0E31 twice, U+0E35): the part normaliser
+    # scores all 10; Whisper's turns the marks into spaces, which CER then removes: 7 units
+    assert error_rate(["สวัสดี ครับ"], ["สวัสดีครับ"], "th", "part")["ref_units"] == 10
+    assert error_rate(["สวัสดี ครับ"], ["สวัสดีครับ"], "th", "whisper")["ref_units"] == 7
+    # a wrong vowel mark is an error under part, invisible under whisper (สวัสดิ: U+0E34 for U+0E35)
+    assert error_rate(["สวัสดี"], ["สวัสดิ"], "th", "part")["errors"] == 1
+    assert error_rate(["สวัสดี"], ["สวัสดิ"], "th", "whisper")["errors"] == 0
 
 
 # ------------------------------------------------------------------------------------------------- WER / CER
@@ -251,6 +369,61 @@ def test_bleu_ko_mecab() -> None:
     out = bleu([sentence], [sentence], "ko")
     assert out["tokenizer"] == "ko-mecab"
     assert out["value"] == pytest.approx(100.0)
+
+
+def test_bleu_signature() -> None:
+    import sacrebleu
+
+    version = sacrebleu.__version__
+    out = bleu(["the cat sat on the mat"], ["the cat sat on a mat"], "en")
+    assert out["signature"] == f"nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:{version}"
+    assert bleu(["我们今天去公园散步"], ["我们今天去公园散心"], "zh")["signature"] == (
+        f"nrefs:1|case:mixed|eff:no|tok:zh|smooth:exp|version:{version}")
+
+
+def test_bleu_signature_line() -> None:
+    sig_13a = "nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:2.6.0"
+    sig_zh = sig_13a.replace("tok:13a", "tok:zh")
+    rows = [
+        {"task": "asr", "language": "de", "metric": "wer", "value": 10.0, "n": 4},
+        {"task": "s2tt", "source": "zh", "target": "en", "metric": "bleu", "value": 5.0, "n": 4, "signature": sig_13a},
+        {"task": "s2tt", "source": "en", "target": "zh", "metric": "bleu", "value": 7.0, "n": 4, "signature": sig_zh},
+        {"task": "s2tt", "source": "de", "target": "en", "metric": "bleu", "value": 6.0, "n": 4, "signature": sig_13a},
+        {"task": "s2tt", "source": "fr", "target": "en", "metric": "bleu", "value": None, "n": 0, "signature": None},
+        {"task": "mt", "source": "en", "target": "de", "metric": "bleu", "value": 9.0, "n": 2},  # none recorded
+    ]
+    assert bleu_signature_line(rows) == (
+        f"BLEU: sacrebleu corpus BLEU on the raw cased text, `{sig_13a}` (de→en, zh→en); `{sig_zh}` (en→zh); "
+        "signature not recorded (en→de).")
+    assert bleu_signature_line(rows[:1]) is None
+
+
+def test_evaluation_report() -> None:
+    sig = "nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:2.6.0"
+    bleu_row = {"task": "s2tt", "source": "de", "target": "en", "metric": "bleu", "value": 20.0, "n": 3,
+                "signature": sig}
+    by_normalizer = {
+        "whisper": [asr_row("en", 10.0, "whisper"), asr_row("zh", 4.0, "whisper", "cer"), bleu_row],
+        "part": [asr_row("en", 30.0, "part"), asr_row("zh", 5.0, "part", "cer"), bleu_row],
+    }
+    lines = evaluation_report(by_normalizer, "whisper").splitlines()
+    assert lines[0] == f"Normaliser of WER/CER: `whisper`, {metrics.NORMALIZER_DESCRIPTIONS['whisper']}."
+    assert lines[2:5] == ["| task | metric | lang | value | n |", "|---|---|---|---:|---:|",
+                          "| asr | wer | en | 10.00 | 3 |"]
+    assert f"BLEU: sacrebleu corpus BLEU on the raw cased text, `{sig}` (de→en)." in lines
+    side = lines.index("### WER/CER under each normaliser")
+    assert lines[side + 2:side + 8] == [
+        "| task | metric | lang | whisper | part |", "|---|---|---|---:|---:|",
+        "| asr | wer | en | 10.00 | 30.00 |", "| asr | wer | average | 10.00 | 30.00 |",
+        "| asr | cer | zh | 4.00 | 5.00 |", "| asr | cer | average | 4.00 | 5.00 |"]
+    assert lines[-1] == f"- `part`: {metrics.NORMALIZER_DESCRIPTIONS['part']}"
+    # one normaliser: no side-by-side section
+    single = evaluation_report({"part": by_normalizer["part"]}, "part")
+    assert "under each normaliser" not in single and "| asr | wer | en | 30.00 | 3 |" in single
+
+
+def asr_row(lang: str, value: float, normalizer: str, metric: str = "wer") -> dict:
+    return {"task": "asr", "language": lang, "metric": metric, "value": value, "n": 3, "normalizer": normalizer}
 
 
 def test_bleu_empty_corpus_and_mismatch() -> None:
