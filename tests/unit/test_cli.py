@@ -8,8 +8,8 @@ from conftest import call_main, run
 
 from part import cli
 
-EXPECTED = {"train", "infer", "compare", "plot", "convert", "tiny", "align", "frame_vocabulary", "frame_readout",
-            "whisper_reference"}
+EXPECTED = {"train", "infer", "compare", "rescore", "plot", "convert", "tiny", "align", "frame_vocabulary",
+            "frame_readout", "whisper_reference"}
 
 
 def test_help_lists_every_command_with_its_summary(capsys):
