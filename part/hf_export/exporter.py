@@ -103,10 +103,10 @@ def export_state(model, llm: torch.nn.Module, dtype: torch.dtype) -> dict[str, t
         for name, tensor in module.state_dict().items():
             if prefix == "llm" and tied and name in head_names:
                 continue
-            value = tensor.detach().cpu()
-            state[f"{prefix}.{name}"] = (value.to(dtype) if value.is_floating_point() else value).clone().contiguous()
+            value = tensor.detach().cpu()  # the model's own memory where nothing changes: no second copy
+            state[f"{prefix}.{name}"] = (value.to(dtype) if value.is_floating_point() else value).contiguous()
     if model.frame_token_ids is not None:
-        state["frame_token_ids"] = model.frame_token_ids.detach().cpu().clone()
+        state["frame_token_ids"] = model.frame_token_ids.detach().cpu()
     return state
 
 
