@@ -34,7 +34,7 @@ pytestmark = IGNORE_INPUTS_EMBEDS_WARNING
 TOKENS = 16  # greedy steps compared: enough for the penalties and the suppressed tokens to act
 FAMILIES = ("wav2vec2", "hubert", "wavlm", "wav2vec2-bert")
 EXTENDED_FAMILIES = ("hubert", "wavlm", "wav2vec2-bert")  # wav2vec2's code path covers most of theirs
-# name -> (clips, task, language, target); OGG (17.9 s) is batched with a 1.9 s clip
+# name -> (clips, task, language, target); OGG (17.9 s) is batched with WAV (2.7 s), as transcribe batches them
 JOBS = {"embeddings": ([OGG, FLAC, WAV], "asr", "de", None),
         "vocabulary": ([FLAC, WAV, AIFF], "s2tt", "de", "en")}
 JOBS.update({family: ([WAV, FLAC], "asr", "en", None) for family in FAMILIES})
