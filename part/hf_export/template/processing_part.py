@@ -78,7 +78,7 @@ class PartSpeechProcessor(ProcessorMixin):
     # ---------------------------------------------------------------- audio
 
     def _to_rate(self, wave, sampling_rate: int) -> np.ndarray:
-        wave = np.asarray(wave, dtype=np.float32)
+        wave = np.asarray(wave.cpu() if isinstance(wave, torch.Tensor) else wave, dtype=np.float32)
         if wave.ndim != 1 or wave.size == 0:
             raise ValueError(f"audio: one non-empty mono waveform per clip (1-D), got shape {wave.shape}; "
                              "average the channels of a multi-channel clip first")
@@ -121,12 +121,12 @@ class PartSpeechProcessor(ProcessorMixin):
 
     def __call__(self, audio, sampling_rate: int | None = None, task: str = "asr", language: str = "en",
                  target: str | None = None, message: str | None = None, return_tensors: str = "pt") -> BatchFeature:
-        """Model inputs for one clip or a list of them (1-D float arrays at `sampling_rate`, default 16 kHz),
-        each with the same prompt: input_ids and attention_mask, input_features and
+        """Model inputs for one clip or a list of them (1-D float arrays or tensors at `sampling_rate`, default the
+        feature extractor's 16 kHz), each with the same prompt: input_ids and attention_mask, input_features and
         feature_lengths."""
         if return_tensors != "pt":
             raise ValueError("return_tensors: only 'pt' (the model is a torch model)")
-        clips = [audio] if isinstance(audio, np.ndarray) and audio.ndim == 1 else list(audio)
+        clips = list(audio) if isinstance(audio, (list, tuple)) else [audio]
         if not clips:
             raise ValueError("audio: no clips")
         rate = self.feature_extractor.sampling_rate if sampling_rate is None else sampling_rate
