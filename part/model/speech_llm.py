@@ -276,15 +276,8 @@ class SpeechLLM(nn.Module):
                 attention_mask=left_mask,
                 max_new_tokens=max_new_tokens,
                 num_beams=num_beams,
-                do_sample=False,
-                eos_token_id=[self.end_token_id],
-                pad_token_id=self.pad_token_id,
-                no_repeat_ngram_size=4,
-                repetition_penalty=1.1,
-                # A static -inf mask (SuppressTokensLogitsProcessor): the same on every step, beam and rank, so it
-                # needs nothing special for beam search or synced_gpus.
-                suppress_tokens=self.suppressed_token_ids,
                 synced_gpus=synced_gpus,
+                **self.generation_settings(),
             )
         results = []
         for row in out.tolist():
@@ -295,6 +288,20 @@ class SpeechLLM(nn.Module):
                 ids.append(t)
             results.append(ids)
         return results
+
+    def generation_settings(self) -> dict:
+        """What `generate` decodes with besides its inputs, beams and length (an exported model's
+        generation_config.json holds the same: part/hf_export)."""
+        return dict(
+            do_sample=False,
+            eos_token_id=[self.end_token_id],
+            pad_token_id=self.pad_token_id,
+            no_repeat_ngram_size=4,
+            repetition_penalty=1.1,
+            # A static -inf mask (SuppressTokensLogitsProcessor): the same on every step, beam and rank, so it
+            # needs nothing special for beam search or synced_gpus.
+            suppress_tokens=self.suppressed_token_ids,
+        )
 
     # ---------------------------------------------------------------- save / load
 
