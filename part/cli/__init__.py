@@ -14,7 +14,7 @@ from pathlib import Path
 from part.exit_codes import ExitCode
 
 # The commands, in the order `python -m part --help` lists them; each is the module part/cli/<name>.py.
-COMMANDS = ("train", "infer", "compare", "rescore", "plot", "convert", "tiny", "align", "frame_vocabulary",
+COMMANDS = ("train", "infer", "export", "compare", "rescore", "plot", "convert", "tiny", "align", "frame_vocabulary",
             "frame_readout", "whisper_reference")
 LAUNCHER = "python -m part"
 

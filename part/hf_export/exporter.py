@@ -1,5 +1,5 @@
 """Exports a trained Speech LLM directory to a self-contained Hugging Face directory (the command line is
-`python -m part.export`, part/export.py).
+`python -m part export`, part/cli/export.py).
 
 The source is a directory `SpeechLLM.from_pretrained` loads (`<output_dir>/final`, a checkpoint's `step_N`), or
 a run's output directory (its `final/`), or a checkpoint directory (the step its `latest` names). Written to OUT:
@@ -8,7 +8,7 @@ a run's output directory (its `final/`), or a checkpoint directory (the step its
                            the audio placeholder's id, the frame vocabulary's size; auto_map for AutoConfig,
                            AutoModel, AutoModelForCausalLM and AutoProcessor
   generation_config.json   the decoding settings of `SpeechLLM.generate` (greedy, penalties, suppressed tokens, eos
-                           at the chat format's end-of-turn token) and part.infer's default length
+                           at the chat format's end-of-turn token) and `python -m part infer`'s default length
   model.safetensors        encoder.*, adapter.*, llm.* (LoRA merged into the LLM's weights), frame_token_ids
   processor_config.json, tokenizer files
                            the processor: the encoder family's feature extractor, the tokenizer with a chat
@@ -105,9 +105,30 @@ def export_state(model, llm: torch.nn.Module, dtype: torch.dtype) -> dict[str, t
                 continue
             value = tensor.detach().cpu()  # the model's own memory where nothing changes: no second copy
             state[f"{prefix}.{name}"] = (value.to(dtype) if value.is_floating_point() else value).contiguous()
-    if model.frame_token_ids is not None:
-        state["frame_token_ids"] = model.frame_token_ids.detach().cpu()
+    if (token_ids := readout_token_ids(model)) is not None:
+        state["frame_token_ids"] = token_ids.detach().cpu()
     return state
+
+
+def readout_settings(model) -> dict:
+    """How the exported model reads the adapter's frames: as they are, or through the vocabulary readout
+    (`model.alignment.readout`, part/objectives/frames.py) at its temperature over its top tokens."""
+    alignment = model.cfg.alignment
+    if alignment is None or alignment.readout is None:
+        return {"readout": "embeddings", "readout_temperature": 1.0, "readout_top_k": 0}
+    from part.objectives.frames import READOUT_TOP_K
+
+    return {"readout": "vocabulary", "readout_temperature": alignment.readout.temperature,
+            "readout_top_k": READOUT_TOP_K}
+
+
+def readout_token_ids(model) -> torch.Tensor | None:
+    """The token id of each frame class of the vocabulary readout (None: the classes are the token ids)."""
+    if readout_settings(model)["readout"] != "vocabulary":
+        return None
+    from part.objectives.frames import frame_alignment
+
+    return frame_alignment(model).token_ids
 
 
 def export(source: str | Path, out: str | Path, dtype: str = "float32", max_new_tokens: int = 128,
@@ -118,7 +139,7 @@ def export(source: str | Path, out: str | Path, dtype: str = "float32", max_new_
 
     from part.hf_export.template.configuration_part import PartSpeechLLMConfig
     from part.hf_export.template.processing_part import PartSpeechProcessor
-    from part.model.speech_llm import READOUT_TOP_K, SpeechLLM
+    from part.model.speech_llm import SpeechLLM
     from part.prompts import AUDIO_TOKEN, LANGUAGE_NAMES, PromptFormat
 
     start = time.time()
@@ -160,10 +181,9 @@ def export(source: str | Path, out: str | Path, dtype: str = "float32", max_new_
         config = PartSpeechLLMConfig(
             encoder_config=model.encoder.config.to_dict(), llm_config=llm.config.to_dict(),
             adapter={"downsample": cfg.adapter.downsample, "kind": cfg.adapter.kind, "hidden": cfg.adapter.hidden,
-                     "layers": cfg.adapter.layers, "heads": cfg.adapter.heads, "readout": cfg.adapter.readout,
-                     "readout_temperature": cfg.adapter.readout_temperature, "readout_top_k": READOUT_TOP_K},
+                     "layers": cfg.adapter.layers, "heads": cfg.adapter.heads, **readout_settings(model)},
             audio_token_id=model.audio_token_id,
-            frame_vocabulary_size=0 if model.frame_token_ids is None else len(model.frame_token_ids),
+            frame_vocabulary_size=0 if (ids := readout_token_ids(model)) is None else len(ids),
             architectures=[MODEL_CLASS], dtype=dtype,
         )
         config.auto_map = dict(AUTO_MAP, **PROCESSOR_AUTO_MAP)

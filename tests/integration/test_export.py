@@ -1,11 +1,11 @@
-"""`python -m part.export`: a trained model directory as a self-contained Hugging Face directory.
+"""`python -m part export`: a trained model directory as a self-contained Hugging Face directory.
 
 Models saved from the tiny models with non-zero LoRA weights (so that merging them changes the LLM): the default
 readout, the vocabulary readout over a frame vocabulary (as the demo's model), and the other encoder families.
 They are exported through the command's `main`, then loaded in a fresh interpreter whose sys.path holds no
 repository directory (tests/integration/hf_generate.py, one run for all of them), where AutoModel and
 AutoProcessor with trust_remote_code must load them without importing `part`, and greedy `generate` must give
-the token ids `part.infer`'s `transcribe` gives on the same real clips.
+the token ids `python -m part infer`'s `transcribe` gives on the same real clips.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 from conftest import AIFF, FLAC, IGNORE_INPUTS_EMBEDS_WARNING, OGG, REPO, WAV, call_main
 from safetensors.torch import load_file
 
-from part.export import main
+from part.cli.export import main
 from part.hf_export.exporter import TEMPLATE, TEMPLATE_FILES, ExportError, resolve_source
 
 pytestmark = IGNORE_INPUTS_EMBEDS_WARNING
@@ -78,8 +78,9 @@ def save_trained(tiny_models: Path, out: Path, encoder: Path, **model_fields) ->
 def trained(tiny_models, corpus, tmp_path_factory, request) -> dict[str, Path]:
     from tiny_encoders import build_tiny_encoder
 
-    from part.model.frame_vocabulary import write_frame_vocabulary
+    from part.config import AlignmentConfig, ReadoutConfig
     from part.model.tokenizer import load_tokenizer
+    from part.objectives.frame_vocabulary import write_frame_vocabulary
 
     root = tmp_path_factory.mktemp("trained")
     tok = load_tokenizer(str(tiny_models / "llm"))
@@ -88,7 +89,8 @@ def trained(tiny_models, corpus, tmp_path_factory, request) -> dict[str, Path]:
     write_frame_vocabulary(vocabulary, [i for line in lines for i in tok(line, add_special_tokens=False)["input_ids"]])
     dirs = {"embeddings": save_trained(tiny_models, root / "embeddings", tiny_models / "whisper"),
             "vocabulary": save_trained(tiny_models, root / "vocabulary", tiny_models / "whisper",
-                                       adapter={"readout": "vocabulary"}, frame_vocabulary=str(vocabulary))}
+                                       alignment=AlignmentConfig(vocabulary=str(vocabulary),
+                                                                 readout=ReadoutConfig(temperature=0.2)))}
     for family in (name for name in jobs_run(request.config) if name in FAMILIES):
         encoder = build_tiny_encoder(family, root / f"encoder_{family}")
         dirs[family] = save_trained(tiny_models, root / family, encoder)
@@ -139,10 +141,10 @@ def start_hf_generate(exported: dict, clips: dict[str, np.ndarray], root: Path) 
 
 @pytest.fixture(scope="module")
 def compared(trained, exported, tmp_path_factory) -> dict:
-    """hf_generate.py's report and the folder of its arrays (`report`, `arrays`), and, per job, what part.infer
-    computes (`reference`): each clip's token ids and text, the batches with their features and audio frames,
-    the prompt's ids. The fresh process runs while this one computes the reference."""
-    from part.model.inference import transcribe
+    """hf_generate.py's report and the folder of its arrays (`report`, `arrays`), and, per job, what
+    `python -m part infer` computes (`reference`): each clip's token ids and text, the batches with their features
+    and audio frames, the prompt's ids. The fresh process runs while this one computes the reference."""
+    from part.inference import transcribe
     from part.model.speech_llm import SpeechLLM
 
     clips = waves()
@@ -199,7 +201,7 @@ def test_export_writes_a_self_contained_directory(trained, exported):
     assert config["adapter"] == {"downsample": 4, "kind": "transformer", "hidden": 64, "layers": 1, "heads": 4,
                                  "readout": "vocabulary", "readout_temperature": 0.2, "readout_top_k": 16}
     assert config["audio_token_id"] == model.audio_token_id
-    assert config["frame_vocabulary_size"] == len(model.frame_token_ids) > 100
+    assert config["frame_vocabulary_size"] == len(model.objectives[0].token_ids) > 100
     generation = json.loads((out / "generation_config.json").read_text())
     assert generation["eos_token_id"] == [tok.convert_tokens_to_ids("<|im_end|>")]
     assert (generation["no_repeat_ngram_size"], generation["repetition_penalty"]) == (4, 1.1)
@@ -274,7 +276,7 @@ def test_greedy_generate_gives_part_infer_token_ids(name, compared):
 
 def test_help_and_bad_inputs_exit_2(trained, exported, tmp_path, capsys):
     code, out, _ = call_main(main, ["--help"], capsys)
-    assert code == 0 and "python -m part.export" in out and "AutoModel.from_pretrained" in out
+    assert code == 0 and "python -m part export" in out and "AutoModel.from_pretrained" in out
     cases = [
         ([str(tmp_path / "nowhere"), str(tmp_path / "a")], "nowhere: no such directory"),
         ([str(tmp_path), str(tmp_path / "b")], "missing part_model.json"),

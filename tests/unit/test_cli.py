@@ -8,7 +8,7 @@ from conftest import call_main, run
 
 from part import cli
 
-EXPECTED = {"train", "infer", "compare", "rescore", "plot", "convert", "tiny", "align", "frame_vocabulary",
+EXPECTED = {"train", "infer", "export", "compare", "rescore", "plot", "convert", "tiny", "align", "frame_vocabulary",
             "frame_readout", "whisper_reference"}
 
 

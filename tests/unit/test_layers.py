@@ -8,7 +8,7 @@ other):
   config        part.config, then part.curriculum (the pure stage schedule)
   objectives    the auxiliary objectives the model calls (part.objectives), which see it through Protocols
   data | model  the data pipeline and the model, which share only leaves and the config
-  inference | evaluation | convert
+  inference | evaluation | convert | hf_export
   train
   cli           the commands (part.cli.*), then `python -m part` (part.__main__), which runs them
 """
@@ -29,7 +29,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("part.curriculum",),
     ("part.objectives",),  # the plug-ins the model calls: they see it through Protocols (part/objectives/base.py)
     ("part.data", "part.model"),
-    ("part.inference", "part.evaluation", "part.convert"),
+    ("part.inference", "part.evaluation", "part.convert", "part.hf_export"),
     ("part.train",),
     ("part.cli",),
     ("part.__main__",),

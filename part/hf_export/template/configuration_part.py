@@ -1,7 +1,7 @@
 """Configuration of a PART Speech LLM exported for transformers: the speech encoder's and the LLM's own configs
 nested, the adapter's settings, the audio placeholder's token id and the frame vocabulary's size.
 
-Written by `python -m part.export`; plain transformers code (no import of the training package), loaded with
+Written by `python -m part export`; plain transformers code (no import of the training package), loaded with
 `AutoConfig.from_pretrained(directory, trust_remote_code=True)`.
 """
 

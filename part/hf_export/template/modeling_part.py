@@ -1,7 +1,7 @@
 """A PART Speech LLM for transformers: speech encoder -> adapter -> (vocabulary readout) -> the frames spliced into
 the prompt at the audio placeholder -> decoder-only LLM.
 
-Written by `python -m part.export` next to the weights; plain torch/transformers code, loaded with
+Written by `python -m part export` next to the weights; plain torch/transformers code, loaded with
 `AutoModel.from_pretrained(directory, trust_remote_code=True)`. It computes what the training code computes at
 inference: every encoder masks the batch's padding (features, convolutions, the first GroupNorm's statistics,
 attention), so a clip's frames do not depend on the clips batched with it, and `generate` decodes with the

@@ -1,7 +1,7 @@
 """The processor of a PART Speech LLM exported for transformers: audio arrays and a task in, the model's inputs
 out, built as the training code's inference builds them.
 
-Written by `python -m part.export`; plain transformers code, loaded with
+Written by `python -m part export`; plain transformers code, loaded with
 `AutoProcessor.from_pretrained(directory, trust_remote_code=True)`.
 
     processor(audio=[wave_a, wave_b], sampling_rate=16000, task="asr", language="de")

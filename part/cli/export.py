@@ -1,7 +1,7 @@
 """Export a trained Speech LLM to a self-contained Hugging Face directory (transformers with trust_remote_code).
 
-    python -m part.export runs/x/out runs/x/hf
-    python -m part.export runs/x/ckpt/step_0000300 hf_step300 --dtype bfloat16
+    python -m part export runs/x/out runs/x/hf
+    python -m part export runs/x/ckpt/step_0000300 hf_step300 --dtype bfloat16
 
 RUN_OR_CHECKPOINT is a run's output directory (its final/ is exported), a model directory training wrote
 (<output_dir>/final, <checkpoint dir>/step_N), or a checkpoint directory (the step its `latest` names). OUT gets
@@ -14,7 +14,7 @@ modeling_part.py, processing_part.py), which imports only torch and transformers
     inputs = processor(audio=wave_16khz, sampling_rate=16000, task="asr", language="de")
     text = processor.batch_decode(model.generate(**inputs))
 
-Greedy decoding gives the token ids `python -m part.infer` gives on the same clips (docs/export.md).
+Greedy decoding gives the token ids `python -m part infer` gives on the same clips (docs/export.md).
 Exit status 2, with a message naming the path, when the source is not a trained model or OUT is not empty.
 
 This is the command line; the work is done by part.hf_export.exporter.
@@ -25,14 +25,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+from part.cli import command_prog
 from part.exit_codes import ExitCode
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from part.cli.infer import positive_int
     from part.hf_export.exporter import DTYPES
-    from part.infer import positive_int
 
-    parser = argparse.ArgumentParser(prog="python -m part.export", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog=command_prog(__file__), description=__doc__.split("\n\n")[0],
                                      epilog="examples:\n" + __doc__.split("\n\n", 1)[1].rsplit("\n\n", 1)[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", metavar="RUN_OR_CHECKPOINT",
@@ -41,15 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
                         help="the floating-point weights' type in model.safetensors (default: float32, as trained)")
     parser.add_argument("--max-new-tokens", type=positive_int, default=None,
-                        help="generation_config.json's default length (default: part.infer's)")
+                        help="generation_config.json's default length (default: `python -m part infer`'s)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT when it exists and is not empty")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from part.cli.infer import build_parser as infer_parser
     from part.hf_export.exporter import ExportError, export, main_report
-    from part.infer import build_parser as infer_parser
 
     max_new_tokens = args.max_new_tokens or infer_parser().get_default("max_new_tokens")
     try:
@@ -59,7 +60,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return ExitCode.BAD_INPUT
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
