@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
+import traceback
 import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -87,12 +89,60 @@ def main(argv: list[str] | None = None, callbacks: Sequence[TrainerCallback] = (
     # hundreds in a run's log, nothing a user can act on
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
 
+    from part.data.shards import DataError
+
+    # Every failure ends here with its exit code and message; exit_process then ends the loader workers and
+    # skips the interpreter's teardown, which would wait on them.
     try:
-        trainer = Trainer(cfg, resume=args.resume, callbacks=callbacks, reevaluate=args.reevaluate)
+        return Trainer(cfg, resume=args.resume, callbacks=callbacks, reevaluate=args.reevaluate).fit()
     except RunRefused as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return ExitCode.BAD_INPUT
-    return trainer.fit()
+    except DataError as exc:  # a shard refused while training reads it (e.g. a member only pickle decodes)
+        print(f"error: {failure_message(exc)}", file=sys.stderr, flush=True)
+        return ExitCode.BAD_INPUT
+    except KeyboardInterrupt:
+        print("error: interrupted again (a second SIGINT): stopped without a checkpoint; --resume continues from "
+              "the last one", file=sys.stderr, flush=True)
+        return ExitCode.FAILED
+    except Exception as exc:  # noqa: BLE001  the traceback, then the one-line reason
+        if lost_a_peer(exc):  # another rank ended first: its exit code and message are the run's
+            print(f"error: a collective failed, another rank ended first ({failure_message(exc)})", file=sys.stderr,
+                  flush=True)
+            time.sleep(PEER_FAILURE_DELAY_S)
+            return ExitCode.FAILED
+        traceback.print_exc()
+        print(f"error: {failure_message(exc)}", file=sys.stderr, flush=True)
+        return ExitCode.FAILED
+
+
+# A rank that lost a peer waits this long before exiting, so that DeepSpeed's launcher (which polls its ranks
+# every second and reports the first failed one's exit code) reports the rank that failed first.
+PEER_FAILURE_DELAY_S = 3.0
+
+
+def lost_a_peer(exc: BaseException) -> bool:
+    """Whether `exc` is a collective that failed because another rank's process ended (gloo says so in its
+    message; NCCL raises DistBackendError)."""
+    import torch.distributed as dist
+
+    text = str(exc)
+    return (isinstance(exc, getattr(dist, "DistBackendError", ())) or "Connection closed by peer" in text
+            or "Connection reset by peer" in text)
+
+
+def failure_message(exc: BaseException) -> str:
+    """`exc`'s message; for one a DataLoader worker raised (re-raised in the rank with the worker's traceback as
+    its text), the worker's own message and which worker it was."""
+    text = str(exc)
+    lines = text.rstrip().splitlines()
+    if text.startswith("Caught ") and "Original Traceback" in text and len(lines) > 1:
+        where = lines[0].removeprefix("Caught ").rstrip(".")  # "DataError in DataLoader worker process 0"
+        _, _, message = lines[-1].partition(": ")
+        return f"{message or lines[-1]} ({where})"
+    from part.data.shards import DataError
+
+    return text if isinstance(exc, DataError) else f"{type(exc).__name__}: {text}"
 
 
 if __name__ == "__main__":
