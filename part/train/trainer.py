@@ -104,6 +104,7 @@ class Trainer:
         self.checkpoint: Path | None = None  # the latest checkpoint of this run: the next stage is built from it
         self.checkpoint_state: dict | None = None
         self.stop_signal: int | None = None  # SIGTERM/SIGINT seen: checkpoint at the next step boundary, stop
+        self.stop_cause = "a signal"
         # Set when no step boundary is ahead to stop at (the run is failing, or only its end is left): a stop
         # signal then exits at once with this code instead of waiting for a step that will not come.
         self.exit_now_code: ExitCode | None = None
@@ -141,6 +142,8 @@ class Trainer:
 
     def _on_launcher_gone(self, name: str) -> None:
         """From the launcher watch's thread: the run's launcher is gone, so no one would stop this rank."""
+        if self.stop_signal is None:
+            self.stop_cause = "the launcher's end"
         self._request_stop(signal.SIGTERM, f"{name} is gone")
 
     def _request_stop(self, signum: int, reason: str) -> None:
@@ -298,8 +301,8 @@ class Trainer:
                 if (code := self._save_checkpoint(stage)) is not ExitCode.OK:
                     return code
             if stopping:
-                self.logger.info(f"stopped by a signal at step {self.step}, after checkpoint {self.checkpoint.name}; "
-                                 "continue with --resume")
+                self.logger.info(f"stopped by {self.stop_cause} at step {self.step}, after checkpoint "
+                                 f"{self.checkpoint.name}; continue with --resume")
                 return ExitCode.STOPPED
             if self._evaluation_due():
                 self.evaluator.run(*stage.decoding_model(), self.step)

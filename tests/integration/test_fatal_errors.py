@@ -13,10 +13,9 @@ import tarfile
 import time
 from pathlib import Path
 
-import psutil
 import pytest
-from conftest import REPO, write_config
-from test_train_e2e import deepspeed_cmd, env
+from conftest import write_config
+from test_train_e2e import assert_nothing_left, start_run
 
 from part.data.shards import expand_shards
 
@@ -24,25 +23,6 @@ pytestmark = pytest.mark.slow
 
 STAGE = "  - {name: s1, steps: 6, tasks: {asr: 1.0}, trainable: [adapter], lr: 1.0e-3, warmup_steps: 1}"
 ENDS_WITHIN_S = 60
-
-
-def processes_of_group(pgid: int) -> list[str]:
-    """The live processes (not zombies) of process group `pgid`, described."""
-    found = []
-    for proc in psutil.process_iter(["pid", "status", "cmdline"]):
-        try:
-            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
-                found.append(f"{proc.pid}: {' '.join(proc.info['cmdline'] or [])[:160]}")
-        except (ProcessLookupError, psutil.Error):
-            continue
-    return found
-
-
-def start_run(config: Path, *extra: str, script: str = "tests/integration/guarded_train.py",
-              nproc: int = 2) -> subprocess.Popen:
-    """The launcher in a session of its own: its process group is the run's (launch.py, ranks, workers)."""
-    return subprocess.Popen(deepspeed_cmd(config, *extra, script=script, nproc=nproc), cwd=REPO, env=env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def follow_until_exit(run: subprocess.Popen, marker: str, timeout: float = 400) -> tuple[str, float | None]:
@@ -58,16 +38,6 @@ def follow_until_exit(run: subprocess.Popen, marker: str, timeout: float = 400) 
             pytest.fail("the run did not end:\n" + "".join(lines[-60:]))
     run.wait(timeout=60)
     return "".join(lines), seen_at
-
-
-def assert_nothing_left(run: subprocess.Popen) -> None:
-    for _ in range(20):  # the launcher has exited; its last children may take a moment to be reaped
-        left = processes_of_group(run.pid)
-        if not left:
-            return
-        time.sleep(0.5)
-    os.killpg(run.pid, signal.SIGKILL)
-    pytest.fail(f"processes of the run left behind: {left}")
 
 
 def poison_corpus(corpus: Path, out: Path, language: str = "en") -> list[str]:
@@ -107,6 +77,7 @@ def test_a_forbidden_shard_member_ends_every_rank(corpus, tiny_models, tmp_path)
     assert not (tmp_path / "ckpt" / "run.lock").exists()  # released on the way out
 
 
+@pytest.mark.extended  # the same exit path as the forbidden member's, which the default run keeps
 def test_an_exception_in_a_loader_worker_ends_every_rank(corpus, tiny_models, tmp_path):
     """A bug in the data code: rank 1's loader worker raises at its 20th sample (in step 2's window)."""
     config = write_config(tmp_path / "c.yaml", corpus, tiny_models, STAGE)
