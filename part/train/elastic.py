@@ -38,8 +38,10 @@ def convert_to_universal(checkpoint: Path, out: Path) -> None:
 
     shutil.rmtree(out, ignore_errors=True)
     args = argparse.Namespace(input_folder=str(checkpoint / DS_TAG), output_folder=str(out), num_extract_workers=1,
-                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False)
+                              num_merge_workers=1, keep_temp_folder=False, strict=True,
+                              inject_missing_state=True)  # ZeRO-1/2 checkpoints lack its metadata
     ds_to_universal.main(args)
+    (out.parent / "latest_universal").unlink(missing_ok=True)  # its pointer for DeepSpeed's own loader: not ours
 
 
 def _local_partition(full: torch.Tensor, param, rank: int) -> torch.Tensor:
@@ -89,6 +91,8 @@ def load_resharded_optimizer(engine, model: torch.nn.Module, checkpoint: Path, d
         for key in OPTIMIZER_KEYS:
             if key not in state:
                 state[key] = torch.zeros_like(flat)
+    if hasattr(zero_optimizer, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2: each parameter's view of it
+        zero_optimizer._lazy_init_hp_params_optimizer_state()
     restored = 0
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -96,8 +100,7 @@ def load_resharded_optimizer(engine, model: torch.nn.Module, checkpoint: Path, d
         folder = zero / name
         if not folder.is_dir():
             raise ReshardError(f"{checkpoint}: the optimizer state has no entry for trainable parameter {name}")
-        values = {key: torch.load(folder / f"{key}.pt", map_location="cpu", weights_only=True).float()
-                  for key in ("fp32", *OPTIMIZER_KEYS)}
+        values = {key: _load_tensor(folder / f"{key}.pt").float() for key in ("fp32", *OPTIMIZER_KEYS)}
         if hasattr(param, "ds_tensor"):  # ZeRO-3: every rank holds a padded slice of each parameter
             safe_set_local_fp32_param(param, _local_partition(values["fp32"], param, dist.rank))
             for key in OPTIMIZER_KEYS:
@@ -107,8 +110,7 @@ def load_resharded_optimizer(engine, model: torch.nn.Module, checkpoint: Path, d
             for key in OPTIMIZER_KEYS:
                 safe_set_full_optimizer_state(param, values[key].view_as(param), key)
         restored += 1
-    common = torch.load(zero / "optimizer_state.pt", map_location="cpu", weights_only=False)
-    step = next(iter(common["optimizer_state_dict"]["state"].values()))["step"]
+    step = _adam_step(zero)
     for state in base.state.values():
         state["step"] = step.clone() if torch.is_tensor(step) else step
     _restore_engine_counters(engine, checkpoint)
@@ -116,6 +118,20 @@ def load_resharded_optimizer(engine, model: torch.nn.Module, checkpoint: Path, d
     if dist.is_main:
         shutil.rmtree(out, ignore_errors=True)
     return restored
+
+
+def _load_tensor(path: Path) -> torch.Tensor:
+    """One state of one parameter in the universal layout: a tensor (from ZeRO-3) or {"param": tensor, ...}."""
+    value = torch.load(path, map_location="cpu", weights_only=True)
+    return value["param"] if isinstance(value, dict) else value
+
+
+def _adam_step(zero: Path):
+    """Adam's step count: in the common optimizer state (from ZeRO-3), else beside each parameter (ZeRO-1/2)."""
+    common = torch.load(zero / "optimizer_state.pt", map_location="cpu", weights_only=False)
+    if common.get("optimizer_state_dict"):
+        return next(iter(common["optimizer_state_dict"]["state"].values()))["step"]
+    return _load_tensor(next(zero.glob("*/step.pt")))
 
 
 def _restore_engine_counters(engine, checkpoint: Path) -> None:

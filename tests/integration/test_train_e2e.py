@@ -539,6 +539,7 @@ def test_resume_on_another_number_of_ranks_continues_exactly(reference, tmp_path
     assert sorted(got) == list(range(4, 14))
     for step in got:
         assert got[step] == pytest.approx(ref[step], rel=1e-6, abs=1e-7), (step, got[step], ref[step])
+    assert not list((tmp_path / "ckpt").glob("*universal*"))  # the conversion is removed once loaded
     single = tmp_path / "ckpt" / "step_0000006"  # inside stage 2, written by the one rank
     assert read_trainer_state(single)["world_size"] == 1
     assert worker_positions(single, 1) == worker_positions(reference["ckpt"] / "step_0000006", 2)
