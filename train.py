@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None, callbacks: Sequence[TrainerCallback] = (
         print(f"error: {failure_message(exc)}", file=sys.stderr, flush=True)
         return ExitCode.BAD_INPUT
     except KeyboardInterrupt:
-        print("error: interrupted again (a second SIGINT): stopped without a checkpoint; --resume continues from "
+        print("error: interrupted (SIGINT) where no checkpoint could be written first; --resume continues from "
               "the last one", file=sys.stderr, flush=True)
         return ExitCode.FAILED
     except Exception as exc:  # noqa: BLE001  the traceback, then the one-line reason

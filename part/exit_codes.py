@@ -18,6 +18,7 @@ class ExitCode(IntEnum):
     CHECKPOINT_FAILED = 4  # the stage-boundary checkpoint could not be written (the next stage is built from it)
     NON_FINITE_WEIGHTS = 5  # the weights became non-finite: nothing was saved; the last good checkpoint is kept
     STOPPED = 6  # SIGTERM/SIGINT: every rank wrote a checkpoint at the step boundary and stopped; --resume goes on
+    # (also when the launcher is gone: part/train/supervision.py)
 
 
 def end_child_processes(timeout: float = 5.0) -> None:

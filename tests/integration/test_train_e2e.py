@@ -450,24 +450,14 @@ def test_sigterm_then_resume_matches_uninterrupted(reference, tmp_path):
 LONG_STAGE = "  - {name: s1, steps: 40, tasks: {asr: 1.0}, trainable: [adapter], lr: 1.0e-3, warmup_steps: 1}"
 
 
-def test_the_deepspeed_launcher_is_followed_and_owns_its_checkpoint_dir(corpus, tiny_models, tmp_path):
+def test_sigterm_to_the_deepspeed_launcher_reaches_every_rank(corpus, tiny_models, tmp_path):
     """SIGTERM to the `deepspeed` process itself, which on one node forwards nothing to the ranks: every rank notices
     its launcher is gone, writes the checkpoint at the next step and exits 6 (launch.py reports it), the run's
-    lock is released and no process of the run is left. Before that, a second run into the same checkpoint.dir
-    (--resume, one rank) is refused before any work, naming the first run's rank 0."""
+    lock is released and no process of the run is left."""
     config = write_config(tmp_path / "c.yaml", corpus, tiny_models, LONG_STAGE)
     run = start_run(config, "eval.per_language=0")
     out = RunOutput(run)
     out.wait_for("[part] step 2/")
-    owner = rank_process(run, 0)
-    second = subprocess.run(deepspeed_cmd(config, "--resume", "eval.per_language=0", nproc=1), cwd=REPO, env=env(),
-                            capture_output=True, text=True, timeout=300)
-    assert second.returncode == 2, second.stdout[-3000:] + second.stderr[-3000:]
-    assert (f"{tmp_path / 'ckpt'} is in use by another run (host {socket.gethostname()}, pid {owner.pid}, "
-            in second.stderr), second.stderr[-3000:]
-    assert "resuming from" not in second.stdout and "[part] step" not in second.stdout
-    steps = sum("[part] step " in line for line in out.lines)
-    out.wait_for(f"[part] step {steps + 1}/")  # the first run goes on
     os.kill(run.pid, signal.SIGTERM)  # the runner only
     signalled = time.time()
     assert run.wait(timeout=120) == -signal.SIGTERM
@@ -483,14 +473,25 @@ def test_the_deepspeed_launcher_is_followed_and_owns_its_checkpoint_dir(corpus, 
     assert not (tmp_path / "ckpt" / "run.lock").exists()
 
 
-@pytest.mark.extended  # the same watch as the runner's SIGTERM above, for the ranks' own parent
-def test_sigkill_of_launch_py_stops_every_rank_within_30_s(corpus, tiny_models, tmp_path):
-    """DeepSpeed's launch.py (the ranks' parent) is killed and forwards nothing: every rank notices within a second,
-    the ranks agree on a checkpoint at the next step and all of them are gone within 30 s."""
+@pytest.mark.extended  # the same watch as the runner's SIGTERM above, for the ranks' own parent; a second run
+def test_a_second_run_is_refused_and_sigkill_of_launch_py_stops_every_rank(corpus, tiny_models, tmp_path):
+    """While a run trains, a second run into its checkpoint.dir (--resume, one rank) is refused before any work,
+    naming the first run's rank 0. Then DeepSpeed's launch.py (the ranks' parent) is killed and forwards nothing:
+    every rank notices within a second, the ranks agree on a checkpoint at the next step and all of them are gone
+    within 30 s."""
     config = write_config(tmp_path / "c.yaml", corpus, tiny_models, LONG_STAGE)
     run = start_run(config, "eval.per_language=0")
     out = RunOutput(run)
     out.wait_for("[part] step 2/")
+    owner = rank_process(run, 0)
+    second = subprocess.run(deepspeed_cmd(config, "--resume", "eval.per_language=0", nproc=1), cwd=REPO, env=env(),
+                            capture_output=True, text=True, timeout=300)
+    assert second.returncode == 2, second.stdout[-3000:] + second.stderr[-3000:]
+    assert (f"{tmp_path / 'ckpt'} is in use by another run (host {socket.gethostname()}, pid {owner.pid}, "
+            in second.stderr), second.stderr[-3000:]
+    assert "resuming from" not in second.stdout and "[part] step" not in second.stdout
+    steps = sum("[part] step " in line for line in out.lines)
+    out.wait_for(f"[part] step {steps + 1}/")  # the first run goes on
     ranks = [rank_process(run, r) for r in (0, 1)]
     launch_py = ranks[0].parent()
     launch_py.kill()
@@ -502,6 +503,7 @@ def test_sigkill_of_launch_py_stops_every_rank_within_30_s(corpus, tiny_models, 
     stopped = int(re.search(r"stopped by the launcher's end at step (\d+)", text).group(1))
     assert (tmp_path / "ckpt" / "latest").read_text().strip() == f"step_{stopped:07d}"
     assert_nothing_left(run)
+    assert not (tmp_path / "ckpt" / "run.lock").exists()
 
 
 def accumulate_two(tmp_path: Path) -> Path:
