@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
+import traceback
 import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -79,12 +81,32 @@ def main(argv: list[str] | None = None, callbacks: Sequence[TrainerCallback] = (
     # hundreds in a run's log, nothing a user can act on
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
 
+    from part.data.shards import DataError
+    from part.train.supervision import PEER_FAILURE_DELAY_S, failure_message, lost_a_peer
+
+    # Every failure ends here with its exit code and message; exit_process then ends the loader workers and
+    # skips the interpreter's teardown, which would wait on them.
     try:
-        trainer = Trainer(cfg, resume=args.resume, callbacks=callbacks, reevaluate=args.reevaluate)
+        return Trainer(cfg, resume=args.resume, callbacks=callbacks, reevaluate=args.reevaluate).fit()
     except RunRefused as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return ExitCode.BAD_INPUT
-    return trainer.fit()
+    except DataError as exc:  # a shard refused while training reads it (e.g. a member only pickle decodes)
+        print(f"error: {failure_message(exc)}", file=sys.stderr, flush=True)
+        return ExitCode.BAD_INPUT
+    except KeyboardInterrupt:
+        print("error: interrupted (SIGINT) where no checkpoint could be written first; --resume continues from "
+              "the last one", file=sys.stderr, flush=True)
+        return ExitCode.FAILED
+    except Exception as exc:  # noqa: BLE001  the traceback, then the one-line reason
+        if lost_a_peer(exc):  # another rank ended first: its exit code and message are the run's
+            print(f"error: a collective failed, another rank ended first ({failure_message(exc)})", file=sys.stderr,
+                  flush=True)
+            time.sleep(PEER_FAILURE_DELAY_S)
+            return ExitCode.FAILED
+        traceback.print_exc()
+        print(f"error: {failure_message(exc)}", file=sys.stderr, flush=True)
+        return ExitCode.FAILED
 
 
 if __name__ == "__main__":

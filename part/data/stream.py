@@ -114,10 +114,11 @@ class MixtureStream(IterableDataset):
             if self.on_window is not None:
                 self.on_window(BucketedWindow(list(samples), batches))
             for b, batch_samples in enumerate(batches):
-                if b < skip_batches:
-                    continue
+                # counted also when skipped: a resume re-reads the window, whose earlier batches were drawn
                 mixed.update(s.task + "/" + s.language + ("-" + s.target_language if s.target_language else "")
                              for s in batch_samples)
+                if b < skip_batches:
+                    continue
                 batch = collate(batch_samples, self.feature_extractor, counters, self.cfg.max_duration)
                 if batch is None:
                     continue
@@ -169,3 +170,22 @@ class StreamTracker:
             mixed.update(w["mixed"])
             skipped.update(w["skipped"])
         return mixed, skipped
+
+
+def data_workers(layout: dict) -> int:
+    """How many data workers a stream layout (StageRun.stream_layout) has in all: ranks x loader workers."""
+    return int(layout["world_size"]) * max(1, int(layout["num_workers"]))
+
+
+def regroup_positions(saved: list[dict], rank: int, world_size: int, num_workers: int) -> dict | None:
+    """Rank `rank`'s resume state under a layout of `world_size` ranks x `num_workers` loader workers, from every
+    rank's saved state (`saved[r]`: rank r's tracker state with its layout). A data worker's stream (its shards,
+    their order, its windows) depends only on its global id g and the number of workers G, and its position is
+    its own; so when G is unchanged, each worker continues exactly where it stopped, whichever rank runs it now:
+    no sample is repeated or skipped. None when G changed (a position means nothing under another G)."""
+    if not saved or any(data_workers(s) != world_size * max(1, num_workers) for s in saved):
+        return None
+    per_rank = max(1, num_workers)
+    mine = range(rank * per_rank, (rank + 1) * per_rank)
+    workers = {g: w for s in saved for g, w in s.get("workers", {}).items() if int(g) in mine}
+    return {"consumed": 0, "workers": workers}  # consumed 0: local loader worker w runs global worker rank*W + w

@@ -26,8 +26,9 @@ from part.model.flops import BatchShapes, Shapes, Trainable, step_flops
 from part.model.groups import set_trainable
 from part.model.speech_llm import WEIGHTS_NAME, SpeechLLM
 from part.train.callbacks import TrainerCallback
-from part.train.checkpoint import DS_TAG, Checkpointer, gather_state_dict
+from part.train.checkpoint import DS_TAG, Checkpointer, gather_state_dict, read_trainer_state
 from part.train.distributed import DistributedContext
+from part.train.elastic import load_resharded_optimizer
 from part.train.records import StepRecord
 
 
@@ -115,8 +116,11 @@ class StageRun:
         if restore_optimizer:
             if checkpoint is None:
                 raise ValueError("restore_optimizer needs a checkpoint")
-            engine.load_checkpoint(str(checkpoint), tag=DS_TAG, load_module_strict=False,
-                                   load_optimizer_states=True, load_lr_scheduler_states=False)
+            if read_trainer_state(checkpoint).get("world_size", dist.world_size) == dist.world_size:
+                engine.load_checkpoint(str(checkpoint), tag=DS_TAG, load_module_strict=False,
+                                       load_optimizer_states=True, load_lr_scheduler_states=False)
+            else:  # written by another number of ranks: its ZeRO partitions, resharded onto this engine's
+                load_resharded_optimizer(engine, model, checkpoint, dist)
         t4 = time.perf_counter()
         times = BuildTimes(model=t1 - t0, weights=t2 - t1, engine=t3 - t2, optimizer_state=t4 - t3)
         dist.peak_memory(reset=True)  # the stage's peak, from here

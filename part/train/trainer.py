@@ -18,8 +18,9 @@ import yaml
 
 from part.config import TrainConfig, to_dict
 from part.curriculum import Curriculum, StageSpan
+from part.data.stream import data_workers, regroup_positions
 from part.evaluation.evaluator import Evaluator
-from part.exit_codes import ExitCode
+from part.exit_codes import ExitCode, exit_process
 from part.model.flops import peak_flops
 from part.model.tokenizer import load_tokenizer
 from part.train.callbacks import TrainerCallback
@@ -38,7 +39,9 @@ from part.train.model_card import model_card
 from part.train.profiling import StepProfiler
 from part.train.records import StepRecord
 from part.train.resume_check import resume_conflicts
+from part.train.run_lock import CheckpointDirInUse, CheckpointDirLock
 from part.train.stage import StageRun, features_dtype
+from part.train.supervision import LauncherWatch
 
 TRAIN_CONFIG = "train_config.yaml"  # the resolved config, exported with the final model
 
@@ -56,6 +59,34 @@ class Trainer:
         self.reevaluate = reevaluate
         self.callbacks = list(callbacks)
         self.dist = dist or DistributedContext.init()
+        self.run_lock = self._lock_checkpoint_dir()
+        try:
+            self._set_up(resume)
+        except BaseException:
+            self.run_lock.release()
+            raise
+
+    def _lock_checkpoint_dir(self) -> CheckpointDirLock:
+        """Rank 0 takes checkpoint.dir's lock before any work; every rank stops when it cannot (RunRefused)."""
+        lock = CheckpointDirLock(self.cfg.checkpoint.dir)
+        refusal = ""
+
+        def take() -> bool:
+            nonlocal refusal
+            try:
+                lock.acquire(report=lambda message: print(f"[part] {message}", flush=True))
+            except CheckpointDirInUse as exc:
+                refusal = str(exc)
+                return False
+            return True
+
+        if not self.dist.rank0_decides(take):
+            raise RunRefused(refusal or f"checkpoint.dir {self.cfg.checkpoint.dir} is in use by another run "
+                             "(rank 0 names it)")
+        return lock
+
+    def _set_up(self, resume: bool) -> None:
+        cfg = self.cfg
         if cfg.precision == "bf16" and not self.dist.supports_bf16():
             raise SystemExit(f"error: precision bf16 ({cfg.ds_config}) is not supported on {self.dist.device.type}; "
                              "use precision: fp32 with an fp32 DeepSpeed config such as ds_configs/zero3_cpu.json")
@@ -73,8 +104,13 @@ class Trainer:
         self.checkpoint: Path | None = None  # the latest checkpoint of this run: the next stage is built from it
         self.checkpoint_state: dict | None = None
         self.stop_signal: int | None = None  # SIGTERM/SIGINT seen: checkpoint at the next step boundary, stop
+        self.stop_cause = "a signal"
+        # Set when no step boundary is ahead to stop at (the run is failing, or only its end is left): a stop
+        # signal then exits at once with this code instead of waiting for a step that will not come.
+        self.exit_now_code: ExitCode | None = None
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_stop_signal)
+        self.launcher_watch = LauncherWatch(self._on_launcher_gone, label=f"[rank {self.dist.rank}] ").start()
         if resume:
             # rank 0 reads and checks the files (SHA-256) and falls back past damaged checkpoints, loudly
             step = self.dist.rank0_int(self._newest_good_step)
@@ -87,6 +123,11 @@ class Trainer:
                                      "(part/train/resume_check.py says what may change):\n  " + "\n  ".join(conflicts))
                 self.logger.resumed_at(self.step)
                 self.logger.info(f"resuming from {path} at step {self.step}")
+                ranks = self.checkpoint_state.get("world_size", self.dist.world_size)
+                if ranks != self.dist.world_size:
+                    self.logger.info(f"the checkpoint was written by {ranks} rank(s), this run has "
+                                     f"{self.dist.world_size}: the weights are whole; inside a stage its optimizer "
+                                     "state is resharded onto this run's ranks")
             else:
                 self.logger.info(f"--resume: no checkpoint in {cfg.checkpoint.dir}; starting fresh")
         elif self.dist.rank0_decides(lambda: bool(self.checkpointer.complete())):
@@ -95,11 +136,23 @@ class Trainer:
                              "mix the two runs)")
 
     def _on_stop_signal(self, signum: int, frame) -> None:
-        if self.stop_signal is not None and signum == signal.SIGINT:
+        if self.exit_now_code is None and self.stop_signal is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the checkpoint
+        self._request_stop(signum, signal.Signals(signum).name)
+
+    def _on_launcher_gone(self, name: str) -> None:
+        """From the launcher watch's thread: the run's launcher is gone, so no one would stop this rank."""
         if self.stop_signal is None:
-            print(f"[rank {self.dist.rank}] {signal.Signals(signum).name}: stopping after a checkpoint at the next "
-                  "step", flush=True)
+            self.stop_cause = "the launcher's end"
+        self._request_stop(signal.SIGTERM, f"{name} is gone")
+
+    def _request_stop(self, signum: int, reason: str) -> None:
+        if self.exit_now_code is not None:
+            print(f"[rank {self.dist.rank}] {reason}: no step boundary is ahead; exiting now (exit code "
+                  f"{int(self.exit_now_code)})", flush=True)
+            exit_process(self.exit_now_code)
+        if self.stop_signal is None:
+            print(f"[rank {self.dist.rank}] {reason}: stopping after a checkpoint at the next step", flush=True)
         self.stop_signal = signum
 
     def _newest_good_step(self) -> int:
@@ -113,7 +166,24 @@ class Trainer:
         A run that is already complete (every stage trained, final/ exported from the last checkpoint and its
         final evaluation saved) says so and prints the saved table, unless `reevaluate` asks for the run's end
         again."""
+        try:
+            code = self._fit()
+        except BaseException:
+            self.exit_now_code = ExitCode.FAILED
+            self.launcher_watch.stop()
+            self.run_lock.release()
+            raise
+        self.exit_now_code = code if code is not ExitCode.OK else ExitCode.STOPPED
+        self.logger.close()
+        self.dist.close()
+        self.launcher_watch.stop()
+        self.run_lock.release()
+        return code
+
+    def _fit(self) -> ExitCode:
         code = ExitCode.OK
+        if self.step >= self.curriculum.total_steps:
+            self.exit_now_code = ExitCode.STOPPED  # only the run's end (or nothing) is left
         if self._finished():
             if self.reevaluate:
                 self.logger.info(f"run already complete at step {self.step}; --reevaluate: evaluating the final "
@@ -125,8 +195,6 @@ class Trainer:
         # last checkpoint): the stage is rebuilt from that checkpoint and only the run's end is done.
         while code is ExitCode.OK and not self._finished():
             code = self._run_stage(self.curriculum.at(self.step))
-        self.logger.close()
-        self.dist.close()
         return code
 
     def _finished(self) -> bool:
@@ -181,10 +249,28 @@ class Trainer:
         return ExitCode.OK
 
     def _data_resume(self, stage: StageRun) -> dict | None:
-        """This rank's data position in the checkpoint, when the stream layout it was saved with is this one."""
+        """This rank's data position in the checkpoint. The same stream layout: its own, exact. Another number of
+        ranks or loader workers with as many data workers in all (ranks x data.num_workers): every worker's
+        position, regrouped onto the ranks that now run it, exact too. Else None: the stream restarts."""
+        layout = stage.stream_layout()
         saved = read_data_state(self.checkpoint, self.dist.rank)
-        if saved and all(saved.get(k) == v for k, v in stage.stream_layout().items()):
+        if saved and all(saved.get(k) == v for k, v in layout.items()):
             return saved
+        ranks = int(self.checkpoint_state.get("world_size", self.dist.world_size))
+        every = [read_data_state(self.checkpoint, r) for r in range(ranks)]
+        if all(s is not None and s.get("stage") == layout["stage"] for s in every):
+            regrouped = regroup_positions(every, self.dist.rank, self.dist.world_size, self.cfg.data.num_workers)
+            if regrouped is not None:
+                self.logger.info(f"data: the checkpoint's {ranks} rank(s) x {every[0]['num_workers']} loader "
+                                 f"worker(s) now run as {self.dist.world_size} x {layout['num_workers']}: the same "
+                                 f"{data_workers(layout)} data workers, each continuing from its position")
+                return regrouped
+            self.logger.info(f"data: the checkpoint's stream had {data_workers(every[0])} data workers (ranks x "
+                             f"data.num_workers: {ranks} x {every[0]['num_workers']}), this run has "
+                             f"{data_workers(layout)} ({self.dist.world_size} x {layout['num_workers']}); positions "
+                             "do not carry over: this stage's data stream restarts from its beginning (keep ranks x "
+                             "data.num_workers to continue it exactly)")
+            return None
         self.logger.info("data: the checkpoint's stream layout differs (stage, ranks or workers); "
                          "this stage's data stream restarts from its beginning")
         return None
@@ -215,8 +301,8 @@ class Trainer:
                 if (code := self._save_checkpoint(stage)) is not ExitCode.OK:
                     return code
             if stopping:
-                self.logger.info(f"stopped by a signal at step {self.step}, after checkpoint {self.checkpoint.name}; "
-                                 "continue with --resume")
+                self.logger.info(f"stopped by {self.stop_cause} at step {self.step}, after checkpoint "
+                                 f"{self.checkpoint.name}; continue with --resume")
                 return ExitCode.STOPPED
             if self._evaluation_due():
                 self.evaluator.run(*stage.decoding_model(), self.step)
@@ -264,6 +350,7 @@ class Trainer:
 
     def _finish(self, stage: StageRun) -> None:
         """The run's end: the final evaluation, then `final/` exported from the last checkpoint."""
+        self.exit_now_code = ExitCode.STOPPED  # the last step's checkpoint is written: --resume does only this
         if self.cfg.eval.per_language:
             self.evaluator.run(*stage.decoding_model(), self.step, final=True)
         if self.dist.is_main:

@@ -2,7 +2,9 @@
 
 One reference run trains a four-stage curriculum; the other tests compare against it: exact parameter
 changes per stage, optimizer state following the trainable set, kill -9 + resume, resume at a boundary,
-non-finite losses, and a two-node launch resumed on one node.
+non-finite losses, a two-node launch resumed on one node, resumes on another number of ranks, and a run
+interrupted again and again that ends exactly as the uninterrupted one. Ranks follow their launcher, and one run
+at a time owns a checkpoint directory.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -27,7 +31,7 @@ from part.config import load_config
 from part.model.groups import group_parameters
 from part.model.speech_llm import SpeechLLM
 from part.model.tokenizer import load_tokenizer
-from part.train.checkpoint import read_data_state, read_trainer_state, step_of, verify_sums
+from part.train.checkpoint import read_data_state, read_trainer_state, step_dir_name, step_of, verify_sums
 from part.train.launcher import deepspeed_command, free_port
 
 pytestmark = pytest.mark.slow
@@ -75,6 +79,54 @@ def run_ds(config: Path, *extra: str, timeout: int = 600, script: str = GUARDED)
 
 def losses(out_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, (out_dir / "train_log.jsonl").read_text().splitlines())}
+
+
+def processes_of_group(pgid: int) -> list[str]:
+    """The live processes (not zombies) of process group `pgid`, described."""
+    found = []
+    for proc in psutil.process_iter(["pid", "status", "cmdline"]):
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                found.append(f"{proc.pid}: {' '.join(proc.info['cmdline'] or [])[:160]}")
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return found
+
+
+def start_run(config: Path, *extra: str, script: str = GUARDED, nproc: int = 2) -> subprocess.Popen:
+    """The launcher in a session of its own: its process group is the run's (launch.py, ranks, workers)."""
+    return subprocess.Popen(deepspeed_cmd(config, *extra, script=script, nproc=nproc), cwd=REPO, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def assert_nothing_left(run: subprocess.Popen, wait_s: float = 10) -> None:
+    """No process of `run` (started by start_run) runs any more; the stragglers are killed if one does."""
+    deadline = time.time() + wait_s
+    while left := processes_of_group(run.pid):
+        if time.time() > deadline:
+            os.killpg(run.pid, signal.SIGKILL)
+            pytest.fail(f"processes of the run left behind: {left}")
+        time.sleep(0.5)
+
+
+class RunOutput:
+    """A run's output, read by a thread (the test waits for lines while the run goes on)."""
+
+    def __init__(self, run: subprocess.Popen):
+        self.lines: list[str] = []
+        self._thread = threading.Thread(target=lambda: self.lines.extend(run.stdout), daemon=True)
+        self._thread.start()
+
+    def wait_for(self, text: str, timeout: float = 400) -> None:
+        deadline = time.time() + timeout
+        while not any(text in line for line in list(self.lines)):
+            if time.time() > deadline or not self._thread.is_alive() and not any(text in x for x in self.lines):
+                pytest.fail(f"no {text!r} in the run's output:\n" + "".join(self.lines[-60:]))
+            time.sleep(0.2)
+
+    def text(self) -> str:
+        self._thread.join(timeout=120)
+        return "".join(self.lines)
 
 
 @pytest.fixture(scope="module")
@@ -377,6 +429,7 @@ def sigterm_the_launch_script(reference, tmp_path) -> Path:
     return config
 
 
+@pytest.mark.extended  # the raw launcher's SIGTERM test below is the default run's
 def test_sigterm_to_the_launch_script_checkpoints_and_stops_every_rank(reference, tmp_path):
     sigterm_the_launch_script(reference, tmp_path)
     # the signal's checkpoint is one --resume takes: complete (its hashes), at the step it stopped, with both ranks'
@@ -396,3 +449,174 @@ def test_sigterm_then_resume_matches_uninterrupted(reference, tmp_path):
     assert sorted(got) == list(range(1, 14))
     for step in range(1, 14):
         assert got[step] == pytest.approx(ref[step], rel=1e-5, abs=1e-6), (step, got[step], ref[step])
+
+
+LONG_STAGE = "  - {name: s1, steps: 40, tasks: {asr: 1.0}, trainable: [adapter], lr: 1.0e-3, warmup_steps: 1}"
+
+
+def test_sigterm_to_the_deepspeed_launcher_reaches_every_rank(corpus, tiny_models, tmp_path):
+    """SIGTERM to the `deepspeed` process itself, which on one node forwards nothing to the ranks: every rank notices
+    its launcher is gone, writes the checkpoint at the next step and exits 6 (launch.py reports it), the run's
+    lock is released and no process of the run is left."""
+    config = write_config(tmp_path / "c.yaml", corpus, tiny_models, LONG_STAGE)
+    run = start_run(config, "eval.per_language=0")
+    out = RunOutput(run)
+    out.wait_for("[part] step 2/")
+    os.kill(run.pid, signal.SIGTERM)  # the runner only
+    signalled = time.time()
+    assert run.wait(timeout=120) == -signal.SIGTERM
+    text = out.text()
+    assert time.time() - signalled < 60
+    gone = f"the deepspeed launcher (pid {run.pid}) is gone: stopping after a checkpoint at the next step"
+    assert text.count(gone) == 2, text[-4000:]
+    stopped = int(re.search(r"stopped by the launcher's end at step (\d+)", text).group(1))
+    assert (tmp_path / "ckpt" / "latest").read_text().strip() == f"step_{stopped:07d}"
+    assert verify_sums(tmp_path / "ckpt" / f"step_{stopped:07d}") is None
+    assert "exits with return code = 6" in text  # launch.py saw the ranks stop with ExitCode.STOPPED
+    assert_nothing_left(run)
+    assert not (tmp_path / "ckpt" / "run.lock").exists()
+
+
+@pytest.mark.extended  # the same watch as the runner's SIGTERM above, for the ranks' own parent; a second run
+def test_a_second_run_is_refused_and_sigkill_of_launch_py_stops_every_rank(corpus, tiny_models, tmp_path):
+    """While a run trains, a second run into its checkpoint.dir (--resume, one rank) is refused before any work,
+    naming the first run's rank 0. Then DeepSpeed's launch.py (the ranks' parent) is killed and forwards nothing:
+    every rank notices within a second, the ranks agree on a checkpoint at the next step and all of them are gone
+    within 30 s."""
+    config = write_config(tmp_path / "c.yaml", corpus, tiny_models, LONG_STAGE)
+    run = start_run(config, "eval.per_language=0")
+    out = RunOutput(run)
+    out.wait_for("[part] step 2/")
+    owner = rank_process(run, 0)
+    second = subprocess.run(deepspeed_cmd(config, "--resume", "eval.per_language=0", nproc=1), cwd=REPO, env=env(),
+                            capture_output=True, text=True, timeout=300)
+    assert second.returncode == 2, second.stdout[-3000:] + second.stderr[-3000:]
+    assert (f"{tmp_path / 'ckpt'} is in use by another run (host {socket.gethostname()}, pid {owner.pid}, "
+            in second.stderr), second.stderr[-3000:]
+    assert "resuming from" not in second.stdout and "[part] step" not in second.stdout
+    steps = sum("[part] step " in line for line in out.lines)
+    out.wait_for(f"[part] step {steps + 1}/")  # the first run goes on
+    ranks = [rank_process(run, r) for r in (0, 1)]
+    launch_py = ranks[0].parent()
+    launch_py.kill()
+    killed = time.time()
+    psutil.wait_procs(ranks, timeout=60)
+    assert time.time() - killed < 30
+    text = out.text()
+    assert text.count(f"DeepSpeed's launch.py (pid {launch_py.pid}) is gone: stopping after a checkpoint") == 2
+    stopped = int(re.search(r"stopped by the launcher's end at step (\d+)", text).group(1))
+    assert (tmp_path / "ckpt" / "latest").read_text().strip() == f"step_{stopped:07d}"
+    assert_nothing_left(run)
+    assert not (tmp_path / "ckpt" / "run.lock").exists()
+
+
+def accumulate_two(tmp_path: Path) -> Path:
+    """The CPU ZeRO-3 DeepSpeed config with 2 micro-batches per step (the YAML's optim.grad_accum_steps=2)."""
+    ds = json.loads((REPO / "ds_configs" / "zero3_cpu.json").read_text())
+    ds["gradient_accumulation_steps"] = 2
+    path = tmp_path / "zero3_cpu_accum2.json"
+    path.write_text(json.dumps(ds))
+    return path
+
+
+def worker_positions(ckpt: Path, ranks: int) -> dict[str, dict]:
+    return {g: w for r in range(ranks) for g, w in read_data_state(ckpt, r)["workers"].items()}
+
+
+@pytest.mark.extended  # three launcher runs (about 4 minutes)
+def test_resume_on_another_number_of_ranks_continues_exactly(reference, tmp_path):
+    """2 ranks -> 1 -> 2, inside stages. One rank with 2 loader workers and 2 micro-batches a step sees the same
+    global batch as 2 ranks with 1 worker each (the same 2 data workers, regrouped), so with the optimizer state
+    resharded the resumed runs continue the reference run exactly: the same losses, the same final weights and
+    the same data positions, as the uninterrupted 2-rank run."""
+    ref = losses(reference["out"])
+    config = tmp_path / "c.yaml"
+    config.write_text(reference["config"].read_text().replace(str(reference["root"]), str(tmp_path)))
+    (tmp_path / "ckpt").mkdir()
+    shutil.copytree(reference["ckpt"] / "step_0000003", tmp_path / "ckpt" / "step_0000003")  # inside stage 1
+    one_rank = ["--resume", "eval.per_language=0", "data.num_workers=2", "optim.grad_accum_steps=2",
+                f"ds_config={accumulate_two(tmp_path)}", "checkpoint.keep=10"]
+    proc = subprocess.run(deepspeed_cmd(config, *one_rank, nproc=1), cwd=REPO, env=env(), capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "the checkpoint was written by 2 rank(s), this run has 1" in proc.stdout
+    assert "2 rank(s) x 1 loader worker(s) now run as 1 x 2: the same 2 data workers" in proc.stdout
+    got = losses(tmp_path / "out")
+    assert sorted(got) == list(range(4, 14))
+    for step in got:
+        assert got[step] == pytest.approx(ref[step], rel=1e-6, abs=1e-7), (step, got[step], ref[step])
+    assert not list((tmp_path / "ckpt").glob("*universal*"))  # the conversion is removed once loaded
+    single = tmp_path / "ckpt" / "step_0000006"  # inside stage 2, written by the one rank
+    assert read_trainer_state(single)["world_size"] == 1
+    assert worker_positions(single, 1) == worker_positions(reference["ckpt"] / "step_0000006", 2)
+
+    # 1 -> 2: from the one rank's step 6, on 2 ranks with 1 worker each
+    again = tmp_path / "again"
+    again_config = again / "c.yaml"
+    again.mkdir()
+    again_config.write_text(reference["config"].read_text().replace(str(reference["root"]), str(again)))
+    (again / "ckpt").mkdir()
+    shutil.copytree(single, again / "ckpt" / "step_0000006")
+    proc = run_ds(again_config, "--resume", "eval.per_language=0", "checkpoint.keep=10")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "the checkpoint was written by 1 rank(s), this run has 2" in proc.stdout
+    got = losses(again / "out")
+    assert sorted(got) == list(range(7, 14))
+    for step in got:
+        assert got[step] == pytest.approx(ref[step], rel=1e-6, abs=1e-7), (step, got[step], ref[step])
+    for step in (8, 13):  # a boundary (the next stage's stream) and the end
+        assert worker_positions(again / "ckpt" / step_dir_name(step), 2) == worker_positions(
+            reference["ckpt"] / step_dir_name(step), 2)
+    end, ref_end = weights(again / "ckpt", 13), weights(reference["ckpt"], 13)
+    assert max(float((end[n] - ref_end[n]).abs().max()) for n in ref_end) < 1e-6
+
+
+LOGGED_EXACTLY = ("step", "stage", "loss", "lr", "tokens", "samples", "audio_seconds", "flops", "skipped_samples")
+
+
+@pytest.mark.extended  # four launcher runs (about 5 minutes)
+def test_a_run_interrupted_again_and_again_ends_as_the_uninterrupted_one(reference, tmp_path):
+    """Rank 0 dies inside the checkpoint write of step 6, rank 1 is killed -9 during a step, the `deepspeed`
+    launcher gets SIGTERM: each time --resume goes on, and the run ends with the uninterrupted run's final weights
+    and train_log, bit for bit (timings aside)."""
+    config = tmp_path / "c.yaml"
+    config.write_text(reference["config"].read_text().replace(str(reference["root"]), str(tmp_path)))
+    ckpt = tmp_path / "ckpt"
+    latest = lambda: (ckpt / "latest").read_text().strip()  # noqa: E731
+
+    # 1. a crash while the step-6 checkpoint is being written: step 5's (the stage boundary) stays latest
+    proc = run_ds(config, "--die-steps", "6", "eval.per_language=0", script="tests/integration/save_fault_train.py")
+    assert proc.returncode != 0 and "[rank 0] dying while writing the checkpoint of step 6" in proc.stdout
+    assert latest() == "step_0000005" and (ckpt / "step_0000006.partial").is_dir()
+
+    # 2. kill -9 of rank 1 during a step
+    run = start_run(config, "--resume", "eval.per_language=0")
+    out = RunOutput(run)
+    out.wait_for("[part] step 8/")
+    os.kill(rank_process(run, 1).pid, signal.SIGKILL)
+    run.wait(timeout=120)
+    assert "resuming from " + str(ckpt / "step_0000005") in out.text()
+    assert latest() in ("step_0000006", "step_0000007", "step_0000008")
+    assert not (ckpt / "step_0000006.partial").exists()  # the dead save's leftovers are pruned
+    assert_nothing_left(run)
+
+    # 3. SIGTERM to the deepspeed launcher: the ranks stop at a step boundary with a checkpoint
+    resumed = step_of(ckpt / latest())
+    run = start_run(config, "--resume", "eval.per_language=0")
+    out = RunOutput(run)
+    out.wait_for(f"[part] step {resumed + 1}/")
+    os.kill(run.pid, signal.SIGTERM)
+    run.wait(timeout=120)
+    stopped = int(re.search(r"stopped by the launcher's end at step (\d+)", out.text()).group(1))
+    assert latest() == step_dir_name(stopped) and stopped < 13
+    assert_nothing_left(run)
+
+    # 4. to the end
+    proc = run_ds(config, "--resume", "eval.per_language=0")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    end, ref_end = weights(ckpt, 13), weights(reference["ckpt"], 13)
+    assert sorted(end) == sorted(ref_end) and all(torch.equal(end[n], ref_end[n]) for n in ref_end)
+    log = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").open()]
+    ref_log = [json.loads(line) for line in (reference["out"] / "train_log.jsonl").open()]
+    assert [{k: r.get(k) for k in LOGGED_EXACTLY} for r in log] == [
+        {k: r.get(k) for k in LOGGED_EXACTLY} for r in ref_log]

@@ -17,7 +17,7 @@ from part.data.eval_sets import eval_batches, first_per_language
 from part.data.samples import Sample
 from part.data.shards import DataError, ShardWriter, expand_shards, iter_tar_samples
 from part.data.sources import stage_mixture
-from part.data.stream import MixtureStream, StreamTracker, make_loader
+from part.data.stream import MixtureStream, StreamTracker, make_loader, regroup_positions
 from part.model.tokenizer import load_tokenizer
 
 
@@ -227,6 +227,42 @@ def test_resume_continues_the_same_stream(corpus, tokenizer, workers):
         assert [m.key for m in a.meta] == [m.key for m in b.meta]
         assert [m.task for m in a.meta] == [m.task for m in b.meta]
         assert np.array_equal(a.input_features.numpy(), b.input_features.numpy())
+
+
+def test_positions_regrouped_onto_another_number_of_ranks_continue_every_worker(corpus, tokenizer):
+    """2 ranks x 1 loader worker, checkpointed, resumed as 1 rank x 2 loader workers (the same 2 data workers):
+    the new rank's batches alternate between the two old ranks' streams, each continuing exactly after its last
+    consumed batch. Under another number of data workers in all, positions do not carry over."""
+    cfg = data_cfg(corpus, window=8)
+    stage = StageConfig(name="g", steps=1, tasks={"asr": 0.7, "text": 0.3})
+    saved, expected = [], []
+    for rank, consumed in ((0, 5), (1, 3)):
+        full = take(MixtureStream(cfg, stage, tokenizer, 80, rank, 2), consumed + 3)
+        tracker = StreamTracker()
+        for b in full[:consumed]:
+            tracker.update(b.position)
+        saved.append(json.loads(json.dumps(dict(tracker.state(), stage="g", world_size=2, num_workers=0))))
+        expected.append(full[consumed:])
+    resume = regroup_positions(saved, rank=0, world_size=1, num_workers=2)
+    assert sorted(resume["workers"]) == ["0", "1"]
+    resumed = take(MixtureStream(data_cfg(corpus, window=8, num_workers=2), stage, tokenizer, 80, 0, 1,
+                                 resume=resume), 6)
+    for i, batch in enumerate(resumed):  # loader workers 0, 1, 0, 1, ...: old rank 0's stream, then rank 1's
+        want = expected[i % 2][i // 2]
+        assert batch.position.worker == i % 2
+        assert [m.key for m in batch.meta] == [m.key for m in want.meta]
+        assert np.array_equal(batch.input_features.numpy(), want.input_features.numpy())
+    # and back: 1 rank x 2 workers onto 2 ranks x 1 worker, each rank taking its worker's position
+    tracker = StreamTracker(resume)
+    for b in resumed:
+        tracker.update(b.position)
+    one = dict(tracker.state(), stage="g", world_size=1, num_workers=2)
+    for rank in (0, 1):
+        again = regroup_positions([one], rank=rank, world_size=2, num_workers=1)
+        assert list(again["workers"]) == [str(rank)]
+        assert again["workers"][str(rank)] == one["workers"][str(rank)]
+    assert regroup_positions(saved, rank=0, world_size=1, num_workers=1) is None  # 1 data worker, not 2
+    assert regroup_positions(saved, rank=0, world_size=4, num_workers=1) is None
 
 
 def test_ranks_read_disjoint_shards(corpus, tokenizer):
