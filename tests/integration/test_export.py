@@ -220,7 +220,7 @@ def test_export_writes_a_self_contained_directory(trained, exported):
     assert not torch.allclose(merged, source[f"{base}.base_layer.weight"], atol=1e-3)
     assert not any("lora" in k or "base_layer" in k for k in weights)
     assert "llm.lm_head.weight" not in weights  # the tiny LLM's head is tied: transformers ties it on loading
-    assert torch.equal(weights["frame_token_ids"], model.frame_token_ids)
+    assert torch.equal(weights["frame_token_ids"], model.objectives[0].token_ids)
     assert torch.equal(weights["encoder.layers.0.fc1.weight"], source["encoder.layers.0.fc1.weight"])
 
 
