@@ -29,7 +29,10 @@ if TYPE_CHECKING:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=command_prog(__file__), description=__doc__,
+    # the name it was started by: `train.py` under the DeepSpeed launcher, else `python -m part train`
+    started_as_script = os.path.basename(sys.argv[0]) == "train.py"
+    parser = argparse.ArgumentParser(prog="train.py" if started_as_script else command_prog(__file__),
+                                     description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML config (see configs/)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. stages.0.lr=5e-4")

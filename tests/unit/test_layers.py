@@ -180,17 +180,17 @@ def test_leaves_import_only_leaves():
 
 
 def is_command(tree: ast.Module) -> bool:
-    """A `__main__` guard or an argparse import anywhere in the module."""
+    """A `__main__` guard or a command-line parser built (`argparse.ArgumentParser(...)`) anywhere in the module."""
     for node in ast.walk(tree):
         if isinstance(node, ast.If) and isinstance(node.test, ast.Compare):
             names = {n.id for n in ast.walk(node.test) if isinstance(n, ast.Name)}
             values = {n.value for n in ast.walk(node.test) if isinstance(n, ast.Constant)}
             if "__name__" in names and "__main__" in values:
                 return True
-        if isinstance(node, ast.Import) and any(a.name == "argparse" for a in node.names):
-            return True
-        if isinstance(node, ast.ImportFrom) and node.module == "argparse":
-            return True
+        if isinstance(node, ast.Call):
+            func = node.func
+            if (func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)) == "ArgumentParser":
+                return True
     return False
 
 
