@@ -14,14 +14,19 @@ from part.prompts import AUDIO_TOKEN, TURN_END, instruction
 from part.train.checkpoint import gather_state_dict
 
 
-@pytest.fixture(scope="module")
-def model_and_tokenizer(tiny_models):
+def tiny_speech_llm(tiny_models):
+    """The tiny Speech LLM (a small adapter, LoRA) and its tokenizer, in evaluation mode."""
     cfg = ModelConfig(encoder=EncoderConfig(pretrained=str(tiny_models / "whisper")),
                       adapter=AdapterConfig(hidden=64, layers=1, heads=4),
                       llm=LLMConfig(pretrained=str(tiny_models / "llm"), lora=LoraConfig(rank=4, alpha=8)))
     tok = load_tokenizer(str(tiny_models / "llm"))
     torch.manual_seed(0)
     return SpeechLLM(cfg, tok).eval(), tok
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(tiny_models):
+    return tiny_speech_llm(tiny_models)
 
 
 def make_batch(tok, frames=(300, 180), text_only=False):

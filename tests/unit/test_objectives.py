@@ -8,22 +8,16 @@ import sys
 
 import pytest
 import torch
-from test_model import make_batch
+from test_model import make_batch, tiny_speech_llm
 
 from part.batch import SampleMeta
 from part.config import (
-    AdapterConfig,
     AlignmentConfig,
     CtcConfig,
-    EncoderConfig,
     FrameTargetsConfig,
-    LLMConfig,
-    LoraConfig,
-    ModelConfig,
     ReadoutConfig,
 )
 from part.model.speech_llm import EncodedAudio, SpeechLLM
-from part.model.tokenizer import load_tokenizer
 from part.objectives.frames import LOGITS, FrameAlignment, span_frame_loss
 from part.objectives.whisper_align import TokenTiming
 
@@ -45,12 +39,7 @@ def aligned(model_and_tokenizer):
 
 @pytest.fixture(scope="module")
 def model_and_tokenizer(tiny_models):
-    cfg = ModelConfig(encoder=EncoderConfig(pretrained=str(tiny_models / "whisper")),
-                      adapter=AdapterConfig(hidden=64, layers=1, heads=4),
-                      llm=LLMConfig(pretrained=str(tiny_models / "llm"), lora=LoraConfig(rank=4, alpha=8)))
-    tok = load_tokenizer(str(tiny_models / "llm"))
-    torch.manual_seed(0)
-    return SpeechLLM(cfg, tok).eval(), tok
+    return tiny_speech_llm(tiny_models)
 
 
 def _transcribed(tok, batch):

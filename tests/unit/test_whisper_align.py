@@ -145,23 +145,29 @@ def test_cli_prints_timings_and_names_bad_inputs(converted, gap_clip, tmp_path, 
     assert "no alignment_heads" in capsys.readouterr().err
 
 
-def test_frame_teacher_places_the_tokens_from_the_encoders_own_outputs(converted, gap_clip):
-    """The in-step teacher of the frame loss: Whisper-base's decoder over the encoder outputs our Whisper family
-    computes (variable length, no 30 s padding) puts ' Thank' at the silence's end, as `align` does, and makes
-    one target per 80 ms adapter frame, the blank where no token is centred."""
+def whisper_encoded(whisper_dir, path):
+    """The clip at `path` through the Whisper family's encoder, as the training step encodes it (its own length)."""
     import torch
-    from transformers import WhisperTokenizer
 
     from part.config import EncoderConfig
     from part.model.encoders import family_for
 
-    whisper_dir, _ = converted
-    path, silence_start, silence_end, length = gap_clip
     family = family_for(EncoderConfig(pretrained=str(whisper_dir)))
     encoder = family.build(weights=True).eval()
     features, frames = family.features([load_audio(path)])
     with torch.no_grad():
-        states, state_lengths = family.encode(encoder, features, frames)
+        return family.encode(encoder, features, frames)
+
+
+def test_frame_teacher_places_the_tokens_from_the_encoders_own_outputs(converted, gap_clip):
+    """The in-step teacher of the frame loss: Whisper-base's decoder over the encoder outputs our Whisper family
+    computes (variable length, no 30 s padding) puts ' Thank' at the silence's end, as `align` does, and makes
+    one target per 80 ms adapter frame, the blank where no token is centred."""
+    from transformers import WhisperTokenizer
+
+    whisper_dir, _ = converted
+    path, silence_start, silence_end, length = gap_clip
+    states, state_lengths = whisper_encoded(whisper_dir, path)
     tokenizer = WhisperTokenizer.from_pretrained(whisper_dir)  # the stand-in LLM's text vocabulary is this one
     text = "Good morning everybody. Thank you very much."
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -211,20 +217,13 @@ def test_other_tokenizers_take_the_time_of_the_characters_they_cover(converted, 
     of its tokens, the span of the Whisper tokens whose characters it covers; Whisper's own tokenizer, forced
     through the same mapping, gets exactly the timings of the shared-vocabulary path (the targets of an LLM that
     shares Whisper's vocabulary do not change)."""
-    import torch
     from transformers import WhisperTokenizer
 
-    from part.config import EncoderConfig
-    from part.model.encoders import family_for
     from part.model.tokenizer import load_tokenizer
 
     whisper_dir, _ = converted
     path, _, _, _ = gap_clip
-    family = family_for(EncoderConfig(pretrained=str(whisper_dir)))
-    encoder = family.build(weights=True).eval()
-    features, frames = family.features([load_audio(path)])
-    with torch.no_grad():
-        states, state_lengths = family.encode(encoder, features, frames)
+    states, state_lengths = whisper_encoded(whisper_dir, path)
     text = "Good morning everybody. Thank you very much."
     whisper = WhisperTokenizer.from_pretrained(whisper_dir)
     teacher = FrameTargetTeacher(whisper_dir, whisper)
