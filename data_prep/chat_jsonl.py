@@ -42,7 +42,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from dataclasses import dataclass, field
@@ -53,6 +52,7 @@ from data_prep.manifest import (
     BadRows,
     add_selection_args,
     id_from_audio,
+    jsonl_objects,
     language_code,
     make_record,
     sanitize_id,
@@ -244,20 +244,11 @@ class ChatReader:
 
     def read(self, path: Path) -> None:
         root = self.audio_root or path.resolve().parent
-        with open(path, encoding="utf-8") as fh:
-            for line_no, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{line_no}"
-                try:
-                    obj = json.loads(line)
-                    if not isinstance(obj, dict):
-                        raise ValueError("expected a JSON object")
-                    self._read_object(obj, where, root)
-                except json.JSONDecodeError as exc:
-                    self.bad.skip(f"{where}: invalid JSON: {exc}")
-                except ValueError as exc:
-                    self.bad.skip(f"{where}: {exc}")
+        for where, obj in jsonl_objects(path, self.bad):
+            try:
+                self._read_object(obj, where, root)
+            except ValueError as exc:
+                self.bad.skip(f"{where}: {exc}")
 
     def _read_object(self, obj: dict, where: str, root: Path) -> None:
         task = _object_task(obj, self.defaults.task)

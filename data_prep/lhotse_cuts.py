@@ -33,13 +33,19 @@ Example:
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
 import sys
 from pathlib import Path
 
 from data_prep.common import Item, add_common_args
-from data_prep.manifest import BadRows, add_selection_args, language_code, make_record, sanitize_id, write_selected
+from data_prep.manifest import (
+    BadRows,
+    add_selection_args,
+    jsonl_objects,
+    language_code,
+    make_record,
+    sanitize_id,
+    write_selected,
+)
 
 SOURCE = "lhotse"
 CUT_TYPES = ("MonoCut", "MultiCut")
@@ -164,30 +170,19 @@ def cut_items(cut: dict, root: Path, default_language: str | None, per_supervisi
 
 def _read_manifest(path: Path, root: Path, bad: BadRows, items: list[Item], first_seen: dict[str, str],
                    default_language: str | None, per_supervision: bool, source: str) -> None:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, 1):
-            if not line.strip():
+    for where, cut in jsonl_objects(path, bad, expected="a JSON object (one cut)"):
+        try:
+            found = cut_items(cut, root, default_language, per_supervision, source)
+        except ValueError as exc:
+            bad.skip(f"{where}: {exc}")
+            continue
+        for item in found:
+            key = item.record["id"]
+            if key in first_seen:
+                bad.skip(f"{where}: field 'id': duplicate id '{key}' (first at {first_seen[key]})")
                 continue
-            where = f"{path}:{line_no}"
-            try:
-                cut = json.loads(line)
-                if not isinstance(cut, dict):
-                    raise ValueError("expected a JSON object (one cut)")
-                found = cut_items(cut, root, default_language, per_supervision, source)
-            except json.JSONDecodeError as exc:
-                bad.skip(f"{where}: invalid JSON: {exc}")
-                continue
-            except ValueError as exc:
-                bad.skip(f"{where}: {exc}")
-                continue
-            for item in found:
-                key = item.record["id"]
-                if key in first_seen:
-                    bad.skip(f"{where}: field 'id': duplicate id '{key}' (first at {first_seen[key]})")
-                    continue
-                first_seen[key] = where
-                items.append(item)
+            first_seen[key] = where
+            items.append(item)
 
 
 def read_cuts(paths: list[Path], bad: BadRows, *, audio_root: Path | None = None, default_language: str | None = None,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gzip
 import hashlib
 import json
 import os
@@ -277,6 +278,26 @@ def manifest_item(row: dict, where: str, base_dir: Path, default_source: str) ->
     source = str(row.get("source") or default_source)
     rec = make_record(sanitize_id(str(raw_id)), language, row["text"], source, translations)
     return Item(record=rec, audio_path=str(audio_path), start=start, end=end)
+
+
+def jsonl_objects(path: Path, bad: BadRows, expected: str = "a JSON object") -> Iterator[tuple[str, dict]]:
+    """(`file:line`, object) for each JSON object line of `path` (gzip when it ends in .gz); blank lines are passed
+    over, and a line that is not JSON or not an object is skipped through `bad`, naming its line."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as fh:
+        for line_no, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                bad.skip(f"{where}: invalid JSON: {exc}")
+                continue
+            if not isinstance(obj, dict):
+                bad.skip(f"{where}: expected {expected}")
+                continue
+            yield where, obj
 
 
 def manifest_rows(path: Path) -> Iterator[tuple[str, dict]]:
