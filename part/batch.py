@@ -34,6 +34,42 @@ class SampleMeta:
 
 
 @dataclass(frozen=True)
+class SequenceLayout:
+    """Where every position of the LLM's input comes from (part/packing.py builds it on the host). Flat positions
+    count row by row: row x length + column."""
+
+    token_ids: torch.Tensor  # [rows, length] the token at each position (a pad id at audio slots and padding)
+    position_ids: torch.Tensor  # [rows, length] the position within its sample, from 0
+    segments: torch.Tensor  # [rows, length] the sample's index within its row; -1 for padding
+    audio_slots: torch.Tensor  # [A] flat positions the clips' frames go to
+    audio_clips: torch.Tensor  # [A] the clip (row of the encoder's input) of each
+    audio_frames: torch.Tensor  # [A] the frame within that clip
+    scored: torch.Tensor  # [T] flat positions whose next token is a target token
+    targets: torch.Tensor  # [T] those target tokens
+    cu_seqlens: torch.Tensor  # [S + 1] int32 cumulative lengths of the samples and padding runs, over all rows
+    max_seqlen: int  # the longest of those
+    real_tokens: int  # positions that hold a sample (not padding)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.token_ids.shape)
+
+    @property
+    def target_tokens(self) -> int:
+        return len(self.targets)
+
+    def to(self, device: torch.device | str) -> SequenceLayout:
+        return self._map(lambda t: t.to(device, non_blocking=True))
+
+    def pin_memory(self) -> SequenceLayout:
+        return self._map(lambda t: t.pin_memory())
+
+    def _map(self, fn) -> SequenceLayout:
+        return dataclasses.replace(self, **{f.name: fn(getattr(self, f.name)) for f in dataclasses.fields(self)
+                                            if isinstance(getattr(self, f.name), torch.Tensor)})
+
+
+@dataclass(frozen=True)
 class Batch:
     """The model's input. Speech samples have a row of `input_features`; text-only ones have audio_index -1."""
 
@@ -48,6 +84,8 @@ class Batch:
     meta: list[SampleMeta] = field(default_factory=list)
     position: StreamPosition | None = None  # training stream: where its worker was, for resume
     is_padding: bool = False  # evaluation filler that keeps ranks in lockstep; its outputs are dropped
+    layout: SequenceLayout | None = None  # prompts + targets as the LLM reads them in training (part/packing.py)
+    prompt_layout: SequenceLayout | None = None  # the prompts alone, one per row, left-aligned (generation)
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
@@ -62,6 +100,8 @@ class Batch:
             prompt_ids=[t.to(device, non_blocking=True) for t in self.prompt_ids],
             target_ids=[t.to(device, non_blocking=True) for t in self.target_ids],
             transcript_ids=[t.to(device, non_blocking=True) for t in self.transcript_ids],
+            layout=None if self.layout is None else self.layout.to(device),
+            prompt_layout=None if self.prompt_layout is None else self.prompt_layout.to(device),
         )
 
     def pin_memory(self) -> Batch:
@@ -74,6 +114,8 @@ class Batch:
             prompt_ids=[t.pin_memory() for t in self.prompt_ids],
             target_ids=[t.pin_memory() for t in self.target_ids],
             transcript_ids=[t.pin_memory() for t in self.transcript_ids],
+            layout=None if self.layout is None else self.layout.pin_memory(),
+            prompt_layout=None if self.prompt_layout is None else self.prompt_layout.pin_memory(),
         )
 
     @property

@@ -171,6 +171,10 @@ class DataConfig:
     max_batch_size: int = 16
     max_duration: float = 30.0  # longer clips are skipped and counted
     temperature: float = 1.0  # language sampling p ~ n^(1/T); T=1 follows data sizes, large T flattens
+    # The LLM's input: several samples per row, each attending only to itself (false: one sample per row), rows
+    # padded to a multiple of `length_multiple` positions so that a run sees few distinct shapes.
+    packing: bool = True
+    length_multiple: int = 64
 
 
 @dataclass
@@ -429,6 +433,7 @@ def validate(cfg: TrainConfig, source: str | Path = "config") -> None:
     check(d.num_workers >= 0, "data.num_workers: must be >= 0")
     check(d.temperature > 0, "data.temperature: must be > 0")
     check(d.max_batch_size >= 1, "data.max_batch_size: must be >= 1")
+    check(d.length_multiple >= 1, f"data.length_multiple: {d.length_multiple} must be >= 1")
     check(d.window >= max(d.max_batch_size, 1), "data.window: must be >= data.max_batch_size (and >= 1)")
     check(d.max_batch_seconds > 0, "data.max_batch_seconds: must be > 0")
     check(d.max_batch_tokens > 0, "data.max_batch_tokens: must be > 0")

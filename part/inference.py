@@ -216,7 +216,7 @@ def transcribe(model, tokenizer, paths: list[str], task: str, language: str, tar
                     continue
                 counters: Counter = Counter()
                 with contextlib.redirect_stdout(sys.stderr):  # collate's warnings must not mix with the results
-                    batch = collate(samples, feature_extractor, counters)
+                    batch = collate(samples, feature_extractor, counters, layout=model.layout_spec())
                 if batch is None or len(batch.meta) != len(samples):  # cannot happen: every clip decoded above
                     raise RuntimeError(f"collate dropped clips of a batch ({dict(counters)})")
                 batch = batch.to(device, dtype)

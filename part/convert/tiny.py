@@ -17,6 +17,8 @@ import torch
 from part.model.tokenizer import load_tokenizer
 from part.prompts import AUDIO_TOKEN, CHATML, TURN_END, TURN_START, PromptFormat
 
+IGNORE = -100  # the label of positions without loss (transformers' ignore index)
+
 
 def train_tokenizer(text_file: Path, out_dir: Path, vocab_size: int = 4000):
     """A BPE sentencepiece model with byte fallback (any script round-trips), wrapped as a HF tokenizer."""
@@ -110,7 +112,7 @@ def ctc_like(ids: list[int], blank: int, rng) -> list[int]:
 
 def encode_example(tokenizer, example: TextExample, max_length: int, rng=None,
                    slot_noise: float = 0.0) -> tuple[list[int], list[int]]:
-    """Token ids and labels (-100 where no loss) of one example, truncated to `max_length`. The prompt is
+    """Token ids and labels (IGNORE where no loss) of one example, truncated to `max_length`. The prompt is
     tokenized whole with the audio placeholder, as training tokenizes it, and the slot's ids replace the
     placeholder. With probability `slot_noise` the slot is written CTC-style (`ctc_like`, pad as the blank)."""
     def ids(text: str) -> list[int]:
@@ -128,7 +130,7 @@ def encode_example(tokenizer, example: TextExample, max_length: int, rng=None,
     at = prompt.index(tokenizer.convert_tokens_to_ids(AUDIO_TOKEN))
     prompt = prompt[:at] + slot + prompt[at + 1 :]
     tokens = prompt + target
-    labels = [-100] * len(prompt) + target
+    labels = [IGNORE] * len(prompt) + target
     return tokens[:max_length], labels[:max_length]
 
 
@@ -145,7 +147,7 @@ def pretrain_llm(llm, tokenizer, examples: list[TextExample], steps: int, batch_
     rng = random.Random(0)
     encoded = [encode_example(tokenizer, ex, max_length, rng, slot_noise) for ex in examples]
     # An example cut before its target has nothing to learn from (and a batch of them no loss at all).
-    encoded = [(t, lab) for t, lab in encoded if any(x != -100 for x in lab[1:])]
+    encoded = [(t, lab) for t, lab in encoded if any(x != IGNORE for x in lab[1:])]
     # Length-sorted chunks, shuffled: little padding, and every batch still mixes tasks and languages.
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
     batches, current, longest = [], [], 0
@@ -174,11 +176,11 @@ def pretrain_llm(llm, tokenizer, examples: list[TextExample], steps: int, batch_
         rows = [encoded[i] for i in batches[step % len(batches)]]
         width = max(len(t) for t, _ in rows)
         input_ids = torch.tensor([t + [pad] * (width - len(t)) for t, _ in rows])
-        labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in rows])
+        labels = torch.tensor([lab + [IGNORE] * (width - len(lab)) for _, lab in rows])
         mask = torch.tensor([[1] * len(t) + [0] * (width - len(t)) for t, _ in rows])
         hidden = llm.get_decoder()(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
         targets = labels[:, 1:]
-        scored = targets != -100
+        scored = targets != IGNORE
         logits = llm.get_output_embeddings()(hidden[:, :-1][scored])
         loss = torch.nn.functional.cross_entropy(logits.float(), targets[scored])
         loss.backward()

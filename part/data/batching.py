@@ -16,6 +16,7 @@ from part.config import SPEECH_TASKS, DataConfig
 from part.data.audio import AudioDecodeError, load_audio
 from part.data.samples import Sample
 from part.features import SAMPLE_RATE, audio_features
+from part.packing import LayoutSpec, with_layouts
 
 
 def bucket(samples: list[Sample], cfg: DataConfig) -> list[list[Sample]]:
@@ -45,11 +46,13 @@ def bucket(samples: list[Sample], cfg: DataConfig) -> list[list[Sample]]:
 MIN_SECONDS = 0.1  # shorter clips do not fill the encoders' front ends (a few 25 ms windows)
 
 
-def collate(samples: list[Sample], feature_extractor, counters: Counter, max_duration: float = 30.0) -> Batch | None:
+def collate(samples: list[Sample], feature_extractor, counters: Counter, max_duration: float = 30.0,
+            layout: LayoutSpec | None = None) -> Batch | None:
     """Decodes audio and builds the tensors the model reads. Unreadable clips, and clips whose decoded length is
     over `max_duration` or under MIN_SECONDS (whatever their record says), are dropped, counted and named.
     `feature_extractor`: the model's `audio_features` (part.model.encoders.AudioFeatures; a bare transformers
-    extractor works too), which alone computes the features and their valid lengths."""
+    extractor works too), which alone computes the features and their valid lengths. `layout`: the model's
+    `layout_spec`, with which the batch's sequence layouts are computed here, on the host (part/packing.py)."""
     features_of = audio_features(feature_extractor)
     waves, kept, seconds = [], [], []
     for s in samples:
@@ -81,7 +84,7 @@ def collate(samples: list[Sample], feature_extractor, counters: Counter, max_dur
         audio_index.append(j if s.audio is not None else -1)
         durations.append(seconds[j] if s.audio is not None else 0.0)  # measured, not the record's
         j += s.audio is not None
-    return Batch(
+    batch = Batch(
         input_features=features,
         feature_frames=frames,
         audio_index=torch.tensor(audio_index),
@@ -90,6 +93,7 @@ def collate(samples: list[Sample], feature_extractor, counters: Counter, max_dur
         transcript_ids=[torch.tensor(s.transcript_ids, dtype=torch.long) for s in kept],
         meta=[SampleMeta(s.key, s.task, s.language, s.target_language, s.target, d) for s, d in zip(kept, durations)],
     )
+    return batch if layout is None else with_layouts(batch, layout)
 
 
 class HasTaskAndDuration(Protocol):

@@ -13,6 +13,7 @@ from part.data.batching import Batch, collate
 from part.data.samples import Sample, encode_text, make_sample
 from part.data.shards import expand_shards, iter_tar_samples
 from part.features import MAX_CLIP_SECONDS, AudioFeatures, audio_features
+from part.packing import LayoutSpec
 from part.prompts import PromptFormat
 
 WINDOW_SECONDS = MAX_CLIP_SECONDS  # the longest clip an encoder is given (Whisper's window)
@@ -43,12 +44,12 @@ def first_per_language(shards: str, languages: list[str], per_language: int,
 
 def eval_batches(cfg: DataConfig, languages: list[str], tasks: list[str], targets: list[str], per_language: int,
                  batch_size: int, tokenizer, features: AudioFeatures | int, rank: int, world_size: int,
-                 prompts: PromptFormat | None = None) -> list[Batch]:
+                 prompts: PromptFormat | None = None, layout: LayoutSpec | None = None) -> list[Batch]:
     """Deterministic held-out batches for this rank: `first_per_language` of the eval shards, each clip as every
     task's prompt. Every rank gets the same number of batches (the last ones may be repeats marked `is_padding`)
     so that generation can run in lockstep (the ZeRO-3 engine's own module). Prompts are written
     in `prompts` (by default the tokenizer's format, `PromptFormat.from_tokenizer`). `features`: the model's
-    `audio_features` (an int: Whisper log-mel with that many bins)."""
+    `audio_features` (an int: Whisper log-mel with that many bins); `layout`: the model's `layout_spec`."""
     if not cfg.eval_shards:
         return []
     fe = audio_features(features)
@@ -78,7 +79,9 @@ def eval_batches(cfg: DataConfig, languages: list[str], tasks: list[str], target
     chunks = [samples[i : i + batch_size] for i in range(0, len(samples), batch_size)]
     mine = chunks[rank::world_size]
     n_batches = -(-len(chunks) // world_size) if chunks else 0
-    out = [batch for batch in (collate(b, fe, counters) for b in mine) if batch is not None]  # all clips bad
+    out = [batch for batch in (collate(b, fe, counters, layout=layout) for b in mine)
+           if batch is not None]  # None: all its clips were bad
     while len(out) < n_batches:
-        out.append(dataclasses.replace(out[0] if out else collate(chunks[0], fe, counters), is_padding=True))
+        out.append(dataclasses.replace(out[0] if out else collate(chunks[0], fe, counters, layout=layout),
+                                       is_padding=True))
     return out

@@ -27,6 +27,7 @@ from part.data.batching import bucket, collate
 from part.data.samples import Sample, encode_text, make_sample
 from part.data.sources import Cursor, SourceReader, stage_mixture, stage_shards
 from part.features import AudioFeatures, audio_features
+from part.packing import LayoutSpec
 from part.prompts import PromptFormat
 
 
@@ -44,17 +45,20 @@ class MixtureStream(IterableDataset):
 
     `features` computes the audio features: the model's `audio_features` (an int: Whisper log-mel with that many
     bins). `on_window`, when given, sees every window right after it is bucketed (in the process that iterates).
-    `prompts` is the LLM's prompt format (by default the tokenizer's: `PromptFormat.from_tokenizer`).
+    `prompts` is the LLM's prompt format (by default the tokenizer's: `PromptFormat.from_tokenizer`). `layout`: the
+    model's `layout_spec`, with which every batch is laid out for the LLM in the worker (part/packing.py).
     """
 
     def __init__(self, cfg: DataConfig, stage: StageConfig, tokenizer, features: AudioFeatures | int, rank: int,
                  world_size: int, resume: dict | None = None,
-                 on_window: Callable[[BucketedWindow], None] | None = None, prompts: PromptFormat | None = None):
+                 on_window: Callable[[BucketedWindow], None] | None = None, prompts: PromptFormat | None = None,
+                 layout: LayoutSpec | None = None):
         self.cfg, self.stage, self.tokenizer = cfg, stage, tokenizer
         self.rank, self.world_size = rank, world_size
         self.num_workers = max(1, cfg.num_workers)
         self.mixture = stage_mixture(cfg, stage)
         self.feature_extractor = audio_features(features)
+        self.layout = layout
         self.prompts = prompts or PromptFormat.from_tokenizer(tokenizer)
         self.end_token_id = tokenizer.convert_tokens_to_ids(self.prompts.end_token)
         self.resume = resume or {}
@@ -119,7 +123,7 @@ class MixtureStream(IterableDataset):
                              for s in batch_samples)
                 if b < skip_batches:
                     continue
-                batch = collate(batch_samples, self.feature_extractor, counters, self.cfg.max_duration)
+                batch = collate(batch_samples, self.feature_extractor, counters, self.cfg.max_duration, self.layout)
                 if batch is None:
                     continue
                 position = StreamPosition(worker=g, window_state=start_state, next_batch=b + 1,

@@ -157,7 +157,8 @@ class Evaluator:
         model.eval()
         batches = eval_batches(cfg.data, cfg.data.languages, cfg.eval.tasks, cfg.stages[-1].translation_targets,
                                cfg.eval.per_language, cfg.eval.batch_size, self.tokenizer,
-                               model.audio_features, dist.rank, dist.world_size)
+                               model.audio_features, dist.rank, dist.world_size,
+                               layout=model.layout_spec(cfg.data.packing, cfg.data.length_multiple))
         records = generate_records(model, batches, self.tokenizer, dist.device, self.dtype, cfg.eval.max_new_tokens,
                                    cfg.eval.num_beams, synced=synced,
                                    progress=EvalProgress(self.logger, step))

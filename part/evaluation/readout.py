@@ -33,7 +33,7 @@ def readout_rows(model, tokenizer, cfg, hypotheses: dict[tuple[str, str], str], 
     for lang in cfg.data.languages:
         refs, frames, llm = [], [], []
         for batch in eval_batches(cfg.data, [lang], ["asr"], [], cfg.eval.per_language, batch_size, tokenizer,
-                                  model.audio_features, 0, 1):
+                                  model.audio_features, 0, 1, layout=model.layout_spec()):
             for meta, ids in zip(batch.meta, reader.greedy_reading(model, batch, blank_penalty)):
                 if (lang, meta.key) in hypotheses:
                     refs.append(meta.reference)

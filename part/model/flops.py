@@ -24,6 +24,7 @@ model, forward and backward, for each kind of stage.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from part.model.encoders import WHISPER_FRAME_CONVS, conv_lengths
+from part.packing import ClipPositions, LayoutSpec, layout_batch
 
 if TYPE_CHECKING:
     from part.batch import Batch
@@ -140,7 +142,7 @@ class Shapes:
 
 @dataclass(frozen=True)
 class BatchShapes:
-    """The padded shapes one micro-batch runs at."""
+    """The padded shapes one micro-batch runs at, and how much of them is real."""
 
     audio_clips: int  # rows of the encoder's input
     mel_frames: int  # its padded length (in feature steps: mel frames for Whisper)
@@ -149,20 +151,31 @@ class BatchShapes:
     sequence_length: int  # its padded length
     sequence_tokens: int  # its positions without padding
     target_tokens: int  # positions the output head scores (the loss covers only these)
+    audio_steps: int = 0  # the clips' valid feature steps, summed (the real part of clips x mel_frames)
 
     @classmethod
     def from_batch(cls, batch: Batch, shapes: Shapes, audio_token_id: int) -> BatchShapes:
+        """From the batch's host tensors and its sequence layout (one sample per row when it has none)."""
         clips = batch.input_features.shape[0]
+        steps = batch.feature_frames.tolist()
         # the padded length: Whisper's mel frames; the other families' features are padded to the longest clip
-        mel = batch.input_features.shape[-1] if shapes.n_mels else int(batch.feature_frames.max())
-        frames = [conv_lengths(int(f), shapes.enc_convs) for f in batch.feature_frames.tolist()]
-        adapter_frames = [math.ceil(f / shapes.downsample) for f in frames]
-        lengths = []
-        for prompt, target, j in zip(batch.prompt_ids, batch.target_ids, batch.audio_index.tolist()):
-            n = len(prompt) + len(target)
-            lengths.append(n - 1 + adapter_frames[j] if j >= 0 and (prompt == audio_token_id).any() else n)
-        return cls(clips, mel, conv_lengths(mel, shapes.enc_convs), len(lengths), max(lengths), sum(lengths),
-                   sum(len(t) for t in batch.target_ids))
+        mel = batch.input_features.shape[-1] if shapes.n_mels else max(steps)
+        layout = batch.layout
+        if layout is None:
+            spec = LayoutSpec(audio_token_id, 0, ClipPositions(tuple(shapes.enc_convs), shapes.downsample),
+                              packed=False, length_multiple=1)
+            layout = layout_batch(batch.prompt_ids, batch.target_ids, batch.audio_index, batch.feature_frames, spec)
+        rows, length = layout.shape
+        return cls(clips, mel, conv_lengths(mel, shapes.enc_convs), rows, length, layout.real_tokens,
+                   layout.target_tokens, sum(steps) if batch.audio_index.tolist().count(-1) < len(batch) else 0)
+
+    @property
+    def sequence_positions(self) -> int:
+        return self.sequences * self.sequence_length
+
+    @property
+    def padded_audio_steps(self) -> int:
+        return self.audio_clips * self.mel_frames
 
 
 @dataclass
@@ -289,6 +302,41 @@ def step_flops(s: Shapes, b: BatchShapes, t: Trainable) -> StepFlops:
                                 grad, trains, trains, lora=lora, dim=s.llm_dim, out_proj=s.llm_out_proj)
     out.head.add(2 * b.target_tokens * s.llm_dim * s.vocab, grad, t.llm_head)  # target positions only
     return out
+
+
+def useful_flops(count: StepFlops, b: BatchShapes) -> float:
+    """The part of `count` spent on real positions: the audio side scaled by the share of valid feature steps, the
+    LLM by the share of positions that hold a sample (the head scores real targets only)."""
+    audio = b.audio_steps / b.padded_audio_steps if b.padded_audio_steps else 0.0
+    text = b.sequence_tokens / b.sequence_positions if b.sequence_positions else 0.0
+    return (count.encoder.total + count.adapter.total) * audio + count.llm.total * text + count.head.total
+
+
+@dataclass
+class FlopTally:
+    """A training step's work over its micro-batches: operations that ran and the useful ones, positions."""
+
+    flops: float = 0.0  # useful: padding excluded
+    padded_flops: float = 0.0  # what ran
+    sequence_tokens: int = 0
+    sequence_positions: int = 0
+    audio_steps: int = 0
+    padded_audio_steps: int = 0
+
+    def add(self, batch: Batch, shapes: Shapes, trainable: Trainable, audio_token_id: int, llm_runs: bool) -> None:
+        b = BatchShapes.from_batch(batch, shapes, audio_token_id)
+        if not llm_runs:
+            b = dataclasses.replace(b, sequences=0, sequence_length=0, sequence_tokens=0, target_tokens=0)
+        count = step_flops(shapes, b, trainable)
+        self.flops += useful_flops(count, b)
+        self.padded_flops += count.total
+        self.sequence_tokens += b.sequence_tokens
+        self.sequence_positions += b.sequence_positions
+        self.audio_steps += b.audio_steps
+        self.padded_audio_steps += b.padded_audio_steps
+
+    def record_fields(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 def batch_flops(model: SpeechLLM, batch: Batch) -> StepFlops:

@@ -26,12 +26,12 @@ from part.model.adapter import Adapter
 from part.model.encoders import AudioFeatures, EncoderFamily, encoder_family, family_for
 from part.model.groups import EncoderLayout
 from part.model.tokenizer import load_tokenizer, suppressed_token_ids
+from part.packing import ClipPositions, LayoutSpec, with_layouts
 from part.prompts import AUDIO_TOKEN, PromptFormat
 
 if TYPE_CHECKING:
-    from part.batch import Batch  # the collator's output is the model's input
+    from part.batch import Batch, SequenceLayout  # the collator's output is the model's input
 
-IGNORE = -100
 WEIGHTS_NAME = "model.safetensors"
 OBJECTIVES_DIR = "objectives"  # a saved model's files of its objectives (Objective.save)
 # Where decoder-only LLMs in transformers keep the norm before their output head: Llama/Qwen/Mistral/Gemma,
@@ -156,80 +156,90 @@ class SpeechLLM(nn.Module):
 
     # ---------------------------------------------------------------- sequence assembly
 
-    def assemble(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Builds inputs_embeds, attention_mask and labels: [prompt with audio spliced in] + [target]."""
-        inputs, mask, labels, _ = self._assemble(batch)
-        return inputs, mask, labels
+    def layout_spec(self, packed: bool = True, length_multiple: int = 64) -> LayoutSpec:
+        """How this model's input is laid out (part/packing.py): what the collator needs to know of it. Varlen
+        flash attention takes a whole packed batch as one row; the masked kernels get rows as long as its longest
+        sample, so a row's attention costs no more than that sample's would."""
+        one_row = self.cfg.attn_implementation == "flash_attention_2"
+        positions = ClipPositions(tuple(self.encoder_family.frame_convs), self.cfg.adapter.downsample)
+        return LayoutSpec(self.audio_token_id, self.pad_token_id if self.pad_token_id is not None else 0, positions,
+                          packed=packed, length_multiple=length_multiple, row_tokens=(1 << 40) if one_row else 0)
 
-    def _assemble(self, batch: Batch) -> tuple[torch.Tensor, ...]:
-        """`assemble`, plus the encoded audio (for the objectives' losses)."""
-        embed = self.llm.get_input_embeddings()
-        device = batch.prompt_ids[0].device if batch.prompt_ids else None
-        has_audio = batch.audio_index
-        encoded = self.encode(batch.input_features, batch.feature_frames)
-        audio, audio_lengths = encoded.audio, encoded.lengths
-        # One embedding call for the whole batch: under ZeRO-3 every rank must run the same sequence of module
-        # calls (parameter prefetching follows it), whatever its batch size.
-        sequences = [torch.cat([p, t]) for p, t in zip(batch.prompt_ids, batch.target_ids)]
-        all_embeds = embed(torch.cat(sequences)).split([len(s) for s in sequences])
-        pieces, label_pieces = [], []
-        for i, (prompt, target) in enumerate(zip(batch.prompt_ids, batch.target_ids)):
-            emb = all_embeds[i]
-            labels = torch.cat([torch.full_like(prompt, IGNORE), target])
-            j = int(has_audio[i])
-            if j >= 0:
-                pos = (prompt == self.audio_token_id).nonzero()
-                if len(pos) != 1:
-                    raise ValueError(f"sample {i}: speech prompt must contain exactly one {AUDIO_TOKEN}")
-                p = int(pos[0, 0])
-                a = audio[j, : int(audio_lengths[j])]
-                emb = torch.cat([emb[:p], a, emb[p + 1 :]])
-                labels = torch.cat([labels[:p], torch.full((len(a),), IGNORE, device=labels.device), labels[p + 1 :]])
-            pieces.append(emb)
-            label_pieces.append(labels)
-        width = max(len(p) for p in pieces)
-        hidden = pieces[0].shape[-1]
-        inputs = pieces[0].new_zeros(len(pieces), width, hidden)
-        mask = torch.zeros(len(pieces), width, dtype=torch.long, device=device)
-        labels = torch.full((len(pieces), width), IGNORE, dtype=torch.long, device=device)
-        for i, (emb, lab) in enumerate(zip(pieces, label_pieces)):
-            inputs[i, : len(emb)] = emb
-            mask[i, : len(emb)] = 1
-            labels[i, : len(lab)] = lab
+    def layout_of(self, batch: Batch, prompts: bool = False) -> SequenceLayout:
+        """The batch's training layout (or its prompts' generation layout), as the collator computed it; a batch
+        still on the host without one (built by hand) gets it here."""
+        layout = batch.prompt_layout if prompts else batch.layout
+        if layout is not None:
+            return layout
+        if batch.audio_index.device.type != "cpu":  # reading the ids back from the device would stall it
+            raise ValueError(f"a batch on {batch.audio_index.device} has no sequence layout: collate it with the "
+                             "model's layout_spec (part/packing.py), which lays it out on the host")
+        built = with_layouts(batch, self.layout_spec())
+        return built.prompt_layout if prompts else built.layout
+
+    def embed(self, layout: SequenceLayout, encoded: EncodedAudio) -> torch.Tensor:
+        """[rows, length, width] input embeddings: the layout's tokens, with the clips' frames scattered into their
+        slots. One embedding call for the whole batch: under ZeRO-3 every rank must run the same sequence of
+        module calls (parameter prefetching follows it), whatever its batch."""
+        embeds = self.llm.get_input_embeddings()(layout.token_ids)
+        rows, length, width = embeds.shape
+        audio = encoded.audio
+        frames = audio.reshape(-1, width).index_select(0, layout.audio_clips * audio.shape[1] + layout.audio_frames)
+        embeds = embeds.reshape(rows * length, width).index_copy(0, layout.audio_slots, frames.to(embeds.dtype))
         # Keeps every encoder/adapter parameter in the graph even when no sample in the batch has audio, so
         # all ranks reduce the same gradients under ZeRO (a rank skipping a module would hang the others).
-        inputs = inputs + 0.0 * audio.sum()
-        return inputs, mask, labels, encoded
+        return embeds.view(rows, length, width) + 0.0 * audio.sum()
+
+    def attention_inputs(self, layout: SequenceLayout) -> dict:
+        """What the LLM's decoder needs besides the embeddings so that each sample attends only to itself, from
+        position 0: varlen lengths for flash attention, else a block-causal mask built on the device."""
+        if self.cfg.attn_implementation == "flash_attention_2":
+            return dict(position_ids=layout.position_ids, cu_seq_lens_q=layout.cu_seqlens,
+                        cu_seq_lens_k=layout.cu_seqlens, max_length_q=layout.max_seqlen,
+                        max_length_k=layout.max_seqlen)
+        segments = layout.segments
+        length = segments.shape[1]
+        causal = torch.ones(length, length, dtype=torch.bool, device=segments.device).tril()
+        mask = ((segments[:, :, None] == segments[:, None, :]) & causal)[:, None]  # padding attends to padding
+        if self.cfg.attn_implementation == "eager":  # an additive mask
+            dtype = self.llm.get_input_embeddings().weight.dtype
+            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+        return dict(attention_mask=mask, position_ids=layout.position_ids)
+
+    def assemble(self, batch: Batch) -> tuple[torch.Tensor, SequenceLayout]:
+        """The input embeddings of the batch's training layout, and the layout."""
+        layout = self.layout_of(batch)
+        return self.embed(layout, self.encode(batch.input_features, batch.feature_frames)), layout
 
     def forward(self, batch: Batch, lm_loss: bool = True) -> dict[str, torch.Tensor]:
         """The LM loss over the target tokens (mean per token), plus the objectives' weighted losses (each also
-        under its own name). `lm_loss=False`: the objectives' losses alone; the LLM does not run (`loss_sum` and
-        `tokens` are then 0)."""
+        under its own name); `tokens` (an int) counts the target tokens. `lm_loss=False`: the objectives' losses
+        alone; the LLM does not run (`loss_sum` and `tokens` are then 0)."""
+        encoded = self.encode(batch.input_features, batch.feature_frames)
         if lm_loss:
-            inputs, mask, labels, encoded = self._assemble(batch)
-            out = self.lm_loss(inputs, mask, labels)
+            layout = self.layout_of(batch)
+            out = self.lm_loss(self.embed(layout, encoded), layout)
         else:
-            encoded = self.encode(batch.input_features, batch.feature_frames)
             zero = encoded.frames.new_zeros((), dtype=torch.float32)
-            out = {"loss": zero, "loss_sum": zero, "tokens": torch.zeros((), dtype=torch.long)}
+            out = {"loss": zero, "loss_sum": zero, "tokens": 0}
         for objective in self.objectives:
             for name, (weight, value) in objective.losses(self, encoded, batch).items():
                 out[name] = value.detach()
                 out["loss"] = out["loss"] + weight * value
         return out
 
-    def lm_loss(self, inputs: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The LLM over the assembled sequences; cross-entropy summed over the target tokens, and its mean."""
+    def lm_loss(self, inputs: torch.Tensor, layout: SequenceLayout) -> dict[str, torch.Tensor]:
+        """The LLM over the laid-out sequences; cross-entropy summed over the target tokens, and its mean."""
         base = self.base_llm
-        hidden = base.get_decoder()(inputs_embeds=inputs, attention_mask=mask, use_cache=False).last_hidden_state
+        hidden = base.get_decoder()(inputs_embeds=inputs, use_cache=False,
+                                    **self.attention_inputs(layout)).last_hidden_state
         # The output head only where a target token is predicted: prompts and audio frames (most positions) need
         # no logits, which over a 152k vocabulary would be most of the step's memory.
-        shift_labels = labels[:, 1:]
-        scored = shift_labels != IGNORE
-        logits = base.get_output_embeddings()(hidden[:, :-1][scored]).float()
-        loss_sum = F.cross_entropy(logits, shift_labels[scored], reduction="sum")
-        tokens = scored.sum()
-        return {"loss": loss_sum / tokens.clamp(min=1), "loss_sum": loss_sum, "tokens": tokens}
+        scored = hidden.reshape(-1, hidden.shape[-1]).index_select(0, layout.scored)
+        logits = base.get_output_embeddings()(scored).float()
+        loss_sum = F.cross_entropy(logits, layout.targets, reduction="sum")
+        tokens = layout.target_tokens
+        return {"loss": loss_sum / max(tokens, 1), "loss_sum": loss_sum, "tokens": tokens}
 
     @property
     def loss_names(self) -> tuple[str, ...]:
@@ -257,23 +267,17 @@ class SpeechLLM(nn.Module):
 
         `synced_gpus` keeps ranks stepping together (needed under ZeRO-3, where each step gathers parameters).
         """
-        prompt_only = dataclasses.replace(batch, target_ids=[t[:0] for t in batch.target_ids])
-        inputs, mask, _ = self.assemble(prompt_only)
-        # Left-pad: generation appends after the last position of every row.
-        lengths = mask.sum(1)
-        left = torch.zeros_like(inputs)
-        left_mask = torch.zeros_like(mask)
-        for i, n in enumerate(lengths.tolist()):
-            left[i, inputs.shape[1] - n :] = inputs[i, :n]
-            left_mask[i, inputs.shape[1] - n :] = 1
+        layout = self.layout_of(batch, prompts=True)  # left-aligned: generation appends after every row's end
+        inputs = self.embed(layout, self.encode(batch.input_features, batch.feature_frames))
+        mask = (layout.segments >= 0).long()
         with warnings.catch_warnings():
             # transformers warns on every call that these two penalties see only the new tokens when the prompt
             # comes as embeddings; that is what we want (counting the slot's tokens would forbid copying them).
             warnings.filterwarnings("ignore", message=r"Passing `(repetition_penalty|no_repeat_ngram_size)` with "
                                     r"`inputs_embeds`")
             out = self.llm.generate(
-                inputs_embeds=left,
-                attention_mask=left_mask,
+                inputs_embeds=inputs,
+                attention_mask=mask,
                 max_new_tokens=max_new_tokens,
                 num_beams=num_beams,
                 synced_gpus=synced_gpus,

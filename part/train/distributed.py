@@ -111,6 +111,13 @@ class DistributedContext:
         dist.all_reduce(value, op=dist.ReduceOp.MIN)
         return value.item() >= 1
 
+    def all_finite(self, value: torch.Tensor) -> bool:
+        """Whether `value` (a device tensor) is finite on every rank: one collective and one read, where
+        `all_true(bool(...))` would need two reads."""
+        flag = torch.isfinite(value.detach()).all().to(torch.float32).reshape(1)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return flag.item() >= 1
+
     def rank0_decides(self, question: Callable[[], bool]) -> bool:
         """Rank 0's answer to `question` on every rank (nodes may not share a filesystem view at one instant)."""
         value = torch.tensor([1 if self.rank == 0 and question() else 0], device=self.device)

@@ -117,7 +117,10 @@ class RunLogger:
         step, step_time = record.step, record.step_time
         data_wait = record.data_wait / self.world_size  # mean over ranks
         # model FLOP utilisation: the step's operations over what all devices could do in its time
-        mfu = record.flops / (step_time * self.world_size * self.peak_flops) if self.peak_flops else None
+        # model FLOP utilisation over real positions (the useful work), and over everything that ran
+        capacity = step_time * self.world_size * self.peak_flops if self.peak_flops else None
+        mfu = record.flops / capacity if capacity else None
+        mfu_padded = record.padded_flops / capacity if capacity else None
         # Every step, full precision: what the plots and the resume tests read. `process_steps` counts the steps
         # this process logged (1, 2, ... again after a resume), so reports can leave out each process's warm-up.
         self.steps_timed += 1
@@ -128,8 +131,10 @@ class RunLogger:
                                  "lr": record.lr, "samples": float(record.samples),
                                  "audio_seconds": float(record.audio_seconds), "step_time": step_time,
                                  "data_wait": data_wait, "tokens": record.sequence_tokens, "flops": record.flops,
+                                 "padded_flops": record.padded_flops, "llm_padding": record.llm_padding,
+                                 "audio_padding": record.audio_padding,
                                  "skipped_samples": record.skipped_samples, "process_steps": self.steps_timed,
-                                 **({"mfu": mfu} if mfu is not None else {}),
+                                 **({"mfu": mfu, "mfu_padded": mfu_padded} if mfu is not None else {}),
                                  **({"peak_memory_gib": record.peak_memory / 1024**3}
                                     if record.peak_memory is not None else {}),
                                  **record.objective_losses})
@@ -147,7 +152,9 @@ class RunLogger:
               f"{lm}{objectives} lr {record.lr:.2e} gnorm {gn:.3f} "
               f"{record.samples / step_time:.1f} samples/s "
               f"{record.audio_seconds / step_time:.1f} audio-s/s {record.sequence_tokens / step_time:.0f} tok/s "
-              f"{'' if mfu is None else f'mfu {100 * mfu:.1f}% '}data-wait {100 * wait_frac:.1f}% "
+              f"{'' if mfu is None else f'mfu {100 * mfu:.1f}% (padded {100 * mfu_padded:.1f}%) '}"
+              f"padding llm {100 * record.llm_padding:.1f}% audio {100 * record.audio_padding:.1f}% "
+              f"data-wait {100 * wait_frac:.1f}% "
               f"{f'skipped {record.skipped_samples} samples ' if record.skipped_samples else ''}"
               f"eta {remaining / 60:.1f} min", flush=True)
         if run := self.wandb:
@@ -157,7 +164,8 @@ class RunLogger:
                      "train/samples_per_s": record.samples / step_time,
                      "train/audio_s_per_s": record.audio_seconds / step_time, "train/data_wait": wait_frac,
                      "train/tokens_per_s": record.sequence_tokens / step_time,
-                     **({"train/mfu": mfu} if mfu is not None else {}),
+                     **({"train/mfu": mfu, "train/mfu_padded": mfu_padded} if mfu is not None else {}),
+                     "train/llm_padding": record.llm_padding, "train/audio_padding": record.audio_padding,
                      "train/skipped_samples": record.skipped_samples, "stage/index": span.index,
                      **(self._data_record(counters, span, step) if counters is not None else {})}, step=step)
 

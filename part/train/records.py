@@ -21,9 +21,15 @@ class StepRecord:
     step_time: float  # seconds, data wait included
     data_wait: float = field(metadata=SUMMED)  # seconds spent waiting for batches
     skipped: bool = False  # a non-finite loss on some rank: no update was made
-    # positions through the LLM (prompt, audio frames, target; padding not counted)
+    # positions through the LLM (prompt, audio frames, target; padding not counted), and with padding
     sequence_tokens: int = field(default=0, metadata=SUMMED)
-    flops: float = field(default=0.0, metadata=SUMMED)  # model operations of the step, forward and backward
+    sequence_positions: int = field(default=0, metadata=SUMMED)
+    # the clips' valid feature steps, and the steps the encoder ran (padding included)
+    audio_steps: int = field(default=0, metadata=SUMMED)
+    padded_audio_steps: int = field(default=0, metadata=SUMMED)
+    # model operations of the step, forward and backward: on real positions (padding excluded), and all that ran
+    flops: float = field(default=0.0, metadata=SUMMED)
+    padded_flops: float = field(default=0.0, metadata=SUMMED)
     # bad or unusable samples the stage's stream has skipped so far (counted by reason)
     skipped_samples: int = field(default=0, metadata=SUMMED)
     peak_memory: int | None = None  # bytes allocated at most on the device during the stage so far (GPU only)
@@ -35,6 +41,16 @@ class StepRecord:
     @property
     def loss(self) -> float:
         return self.loss_sum / max(self.tokens, 1)
+
+    @property
+    def llm_padding(self) -> float:
+        """The share of the LLM's positions that held no sample."""
+        return 1 - self.sequence_tokens / self.sequence_positions if self.sequence_positions else 0.0
+
+    @property
+    def audio_padding(self) -> float:
+        """The share of the encoder's input steps that held no audio."""
+        return 1 - self.audio_steps / self.padded_audio_steps if self.padded_audio_steps else 0.0
 
     @property
     def objective_losses(self) -> dict[str, float]:
@@ -49,7 +65,10 @@ class StepRecord:
         flat: list[float] = []
         for name in names:
             value = getattr(self, name)
-            flat.extend(value[k] for k in sorted(value)) if isinstance(value, dict) else flat.append(value)
+            if isinstance(value, dict):
+                flat.extend(value[k] for k in sorted(value))
+            else:
+                flat.append(value)
         totals = iter(sum_values(flat))
         summed = {}
         for name in names:

@@ -8,7 +8,6 @@ The benchmark builds and steps stages through this module too, so what it times 
 
 from __future__ import annotations
 
-import dataclasses
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -22,7 +21,7 @@ from part.batch import Batch
 from part.config import OptimConfig, TrainConfig, deepspeed_config, to_dict
 from part.curriculum import StageSpan
 from part.data.stream import MixtureStream, StreamTracker, make_loader
-from part.model.flops import BatchShapes, Shapes, Trainable, step_flops
+from part.model.flops import FlopTally, Shapes, Trainable
 from part.model.groups import set_trainable
 from part.model.speech_llm import WEIGHTS_NAME, SpeechLLM
 from part.train.callbacks import TrainerCallback
@@ -153,7 +152,8 @@ class StageRun:
     def open_stream(self, resume: dict | None = None) -> None:
         """This stage's data stream on this rank, continuing from `resume` (a tracker state) when given."""
         stream = MixtureStream(self.cfg.data, self.span.stage, self.tokenizer, self.model.audio_features,
-                               self.dist.rank, self.dist.world_size, resume=resume)
+                               self.dist.rank, self.dist.world_size, resume=resume,
+                               layout=self.model.layout_spec(self.cfg.data.packing, self.cfg.data.length_multiple))
         self.tracker = StreamTracker(resume)
         self._batches = iter(make_loader(stream))
 
@@ -176,10 +176,12 @@ class StageRun:
         t0 = time.perf_counter()
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
-        loss_sum, tokens, samples, audio_seconds, wait = 0.0, 0, 0, 0.0, 0.0
-        objective_sums = dict.fromkeys(self.model.loss_names, 0.0)
-        objective_batches = dict.fromkeys(self.model.loss_names, 0)
-        sequence_tokens, flops = 0, 0.0
+        names = self.model.loss_names
+        # The micro-batches' losses stay on the device until one read at the end of the step.
+        losses: list[torch.Tensor] = []  # [LM loss sum, the objectives' losses by name] per micro-batch trained
+        objective_batches = dict.fromkeys(names, 0)
+        tokens, samples, audio_seconds, wait = 0, 0, 0.0, 0.0
+        work = FlopTally()
         lm_loss = self.span.stage.lm_loss
         skipped = False
         for _ in range(self.cfg.optim.grad_accum_steps):
@@ -191,36 +193,37 @@ class StageRun:
             for callback in callbacks:
                 loss = callback.transform_loss(step, loss)
             # Every rank must agree to skip, or ZeRO's collectives would hang on the ranks that go on.
-            if not self.dist.all_true(bool(torch.isfinite(loss).item())):
+            if not self.dist.all_finite(loss):
                 skipped = True
                 if self.cfg.optim.grad_accum_steps > 1:  # keep DeepSpeed's accumulation boundary; adds nothing
                     self.engine.step()
                 continue
             self.engine.backward(loss)
             self.engine.step()
-            loss_sum += float(out["loss_sum"].detach())
-            tokens += int(out["tokens"])
+            zero = out["loss_sum"].new_zeros(())
+            losses.append(torch.stack([out["loss_sum"].detach().float()]
+                                      + [out[name].float() if name in out else zero for name in names]))
+            for name in names:
+                objective_batches[name] += name in out
+            tokens += out["tokens"]
             samples += len(batch)
             audio_seconds += batch.audio_seconds
-            shapes = BatchShapes.from_batch(batch, self.flop_shapes, self.model.audio_token_id)
-            if not lm_loss:  # the LLM did not run
-                shapes = dataclasses.replace(shapes, sequences=0, sequence_length=0, sequence_tokens=0,
-                                             target_tokens=0)
-            sequence_tokens += shapes.sequence_tokens
-            flops += step_flops(self.flop_shapes, shapes, self.trainable_parts).total
-            for name in objective_sums:
-                if name in out:
-                    objective_sums[name] += float(out[name])
-                    objective_batches[name] += 1
+            work.add(batch, self.flop_shapes, self.trainable_parts, self.model.audio_token_id, lm_loss)
         grad_norm = None if skipped else self.engine.get_global_grad_norm()
+        values = [torch.stack(losses).sum(0)] if losses else []
+        if isinstance(grad_norm, torch.Tensor):
+            values.append(grad_norm.detach().float().reshape(1).to(self.dist.device))
+        values = torch.cat(values).tolist() if values else []  # the step's one read of device values
+        loss_sum, objective_values = (values[0], values[1:1 + len(names)]) if losses else (0.0, [0.0] * len(names))
+        if isinstance(grad_norm, torch.Tensor):
+            grad_norm = values[-1]
         self.dist.synchronize()  # queued device work belongs to this step's time
         return StepRecord(step=step + 1, lr=lr, loss_sum=loss_sum, tokens=tokens, samples=samples,
                           audio_seconds=audio_seconds, grad_norm=None if grad_norm is None else float(grad_norm),
                           step_time=time.perf_counter() - t0, data_wait=wait, skipped=skipped,
-                          objective_sums=objective_sums, objective_batches=objective_batches,
-                          sequence_tokens=sequence_tokens, flops=flops,
+                          objective_sums=dict(zip(names, objective_values)), objective_batches=objective_batches,
                           skipped_samples=sum(self.tracker.totals()[1].values()),
-                          peak_memory=self.dist.peak_memory())
+                          peak_memory=self.dist.peak_memory(), **work.record_fields())
 
     # ---------------------------------------------------------------- checkpoint and teardown
 

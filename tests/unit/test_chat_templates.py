@@ -18,7 +18,7 @@ from part.config import AdapterConfig, EncoderConfig, LLMConfig, ModelConfig
 from part.data.audio import encode_flac
 from part.data.batching import collate
 from part.data.samples import encode_text, make_sample
-from part.model.speech_llm import IGNORE, SpeechLLM
+from part.model.speech_llm import SpeechLLM
 from part.model.tokenizer import load_tokenizer
 from part.prompts import AUDIO_TOKEN, CHATML, TURN_END, TURN_START, PromptFormat, instruction
 
@@ -207,11 +207,12 @@ def test_loss_covers_the_target_and_the_templates_end_token(family_model):
                              prompts)
         encode_text(tok, sample, end_id)
         samples.append(sample)
-    batch = collate(samples, WhisperFeatureExtractor(feature_size=80), counters)
+    batch = collate(samples, WhisperFeatureExtractor(feature_size=80), counters,
+                    layout=model.layout_spec(packed=False))  # rows in batch order
     assert batch is not None and len(batch) == 3 and not counters
-    _, _, labels = model.assemble(batch)
+    targets, ends = batch.layout.targets.tolist(), torch.tensor([len(t) for t in batch.target_ids]).cumsum(0)
     for i, sample in enumerate(samples):
-        scored = labels[i][labels[i] != IGNORE].tolist()
+        scored = targets[int(ends[i]) - len(batch.target_ids[i]):int(ends[i])]
         assert scored == tok(sample.target, add_special_tokens=False)["input_ids"] + [end_id]
         assert tok.decode(scored) == sample.target + family.end
         assert tok.decode(batch.prompt_ids[i].tolist()) == sample.prompt

@@ -94,7 +94,7 @@ def test_losses_and_readouts_speak_token_ids(models):
     guten_tag = tok("Guten Tag", add_special_tokens=False)["input_ids"]
     batch = _batch(tok, guten_tag)
     s = subset.objectives[0]
-    encoded = subset._assemble(batch)[3]
+    encoded = subset.encode(batch.input_features, batch.feature_frames)
     # CTC over the vocabulary's classes, the transcript mapped to them, the pad token's class the blank
     logits = s.logits(subset, encoded.frames)
     targets = s.classes_of(torch.tensor(guten_tag + guten_tag))

@@ -5,6 +5,7 @@ From the bottom up (a module imports its own component and lower layers only; co
 other):
 
   leaves        part, part.exit_codes, part.features, part.batch, part.prompts: import only other leaves
+  packing       part.packing: how a batch's sequences are laid out for the LLM (the collator and the model use it)
   config        part.config, then part.curriculum (the pure stage schedule)
   objectives    the auxiliary objectives the model calls (part.objectives), which see it through Protocols
   data | model  the data pipeline and the model, which share only leaves and the config
@@ -25,6 +26,7 @@ PART = Path(__file__).resolve().parents[2] / "part"
 LEAVES = ("part", "part.exit_codes", "part.features", "part.batch", "part.prompts")
 LAYERS: tuple[tuple[str, ...], ...] = (
     LEAVES,
+    ("part.packing",),
     ("part.config",),
     ("part.curriculum",),
     ("part.objectives",),  # the plug-ins the model calls: they see it through Protocols (part/objectives/base.py)

@@ -8,8 +8,9 @@ import torch
 from part.batch import Batch
 from part.config import AdapterConfig, EncoderConfig, LLMConfig, LoraConfig, ModelConfig
 from part.model.groups import group_parameters, set_trainable
-from part.model.speech_llm import IGNORE, SpeechLLM
+from part.model.speech_llm import SpeechLLM
 from part.model.tokenizer import load_tokenizer
+from part.packing import layout_batch, with_layouts
 from part.prompts import AUDIO_TOKEN, TURN_END, instruction
 from part.train.checkpoint import gather_state_dict
 
@@ -61,20 +62,54 @@ def test_loaded_from_pretrained_dirs(model_and_tokenizer, tiny_models):
 def test_audio_is_spliced_and_only_targets_are_scored(model_and_tokenizer):
     model, tok = model_and_tokenizer
     batch = make_batch(tok, text_only=True)
-    inputs, mask, labels = model.assemble(batch)
+    layout = layout_batch(batch.prompt_ids, batch.target_ids, batch.audio_index, batch.feature_frames,
+                          model.layout_spec(packed=False, length_multiple=1))
     # sample 0: 300 mel frames -> 150 encoder frames -> ceil(150 / 4) = 38 adapter frames replace 1 placeholder
-    prompt_len = len(batch.prompt_ids[0])
-    target_len = len(batch.target_ids[0])
-    assert int(mask[0].sum()) == prompt_len - 1 + 38 + target_len
-    assert int(mask[1].sum()) == prompt_len - 1 + 23 + target_len  # 180 -> 90 -> ceil(90 / 4)
-    assert int(mask[2].sum()) == len(batch.prompt_ids[2]) + len(batch.target_ids[2])
-    for i in range(3):
-        assert int((labels[i] != IGNORE).sum()) == len(batch.target_ids[i])
-        scored = labels[i][labels[i] != IGNORE]
-        assert torch.equal(scored, batch.target_ids[i])
+    lengths = (layout.segments >= 0).sum(1).tolist()
+    prompt_len, target_len = len(batch.prompt_ids[0]), len(batch.target_ids[0])
+    assert lengths == [prompt_len - 1 + 38 + target_len, prompt_len - 1 + 23 + target_len,  # 180 -> 90 -> 23
+                       len(batch.prompt_ids[2]) + len(batch.target_ids[2])]
+    assert layout.shape == (3, max(lengths)) and layout.real_tokens == sum(lengths)
+    assert layout.audio_clips.tolist() == [0] * 38 + [1] * 23 and layout.audio_frames.tolist()[36:40] == [36, 37, 0, 1]
+    # the scored positions are those before each target token, and their targets are the targets in order
+    assert layout.targets.tolist() == [t for ts in batch.target_ids for t in ts.tolist()]
+    flat_tokens = layout.token_ids.flatten()
+    for i, target in enumerate(batch.target_ids):
+        row_end = i * layout.shape[1] + lengths[i]
+        assert flat_tokens[row_end - len(target): row_end].tolist() == target.tolist()
+    assert torch.equal(flat_tokens[layout.scored + 1], layout.targets)
     out = model(batch)
-    assert int(out["tokens"]) == sum(len(t) for t in batch.target_ids)
+    assert out["tokens"] == sum(len(t) for t in batch.target_ids)
     assert torch.isfinite(out["loss"])
+
+
+def test_packed_and_unpacked_give_the_same_loss_and_gradients(tiny_models):
+    """Packing several samples into a row (each attending only to itself, positions from 0) changes nothing the
+    model computes: the same loss and the same gradients as one sample per right-padded row (fp32)."""
+    model, tok = tiny_speech_llm(tiny_models)
+    model.train()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    batch = make_batch(tok, frames=(300, 180, 120, 60), text_only=True)
+    results = []
+    for spec in (model.layout_spec(packed=False, length_multiple=1), model.layout_spec(packed=True),
+                 dataclasses.replace(model.layout_spec(packed=True), row_tokens=4096)):  # all in one row
+        laid = with_layouts(batch, spec)
+        model.zero_grad()
+        torch.manual_seed(0)
+        out = model(laid)
+        out["loss"].backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((laid.layout.shape, out["loss"].detach(), out["tokens"], grads))
+    (unpacked_shape, loss, tokens, grads), *packed = results
+    assert unpacked_shape[0] == 5 and [r[0][0] for r in packed] == [3, 1]  # 5 rows, packed into 3, then into 1
+    assert len(grads) > 50
+    for _, packed_loss, packed_tokens, packed_grads in packed:
+        assert packed_tokens == tokens
+        torch.testing.assert_close(packed_loss, loss, rtol=1e-5, atol=1e-6)
+        assert packed_grads.keys() == grads.keys()
+        for name, grad in grads.items():
+            torch.testing.assert_close(packed_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_valid_length_does_not_depend_on_the_batch(model_and_tokenizer):

@@ -6,8 +6,7 @@ import random
 
 import torch
 
-from part.convert.tiny import ctc_like, encode_example, pretrain_llm, text_examples
-from part.model.speech_llm import IGNORE
+from part.convert.tiny import IGNORE, ctc_like, encode_example, pretrain_llm, text_examples
 from part.model.tokenizer import load_tokenizer
 from part.prompts import AUDIO_TOKEN, TURN_END, instruction
 

@@ -1,0 +1,39 @@
+"""Host synchronisations per training step, counted through the real `deepspeed` launcher (2 ranks, ZeRO-3, the
+tiny models, adapter and LoRA training) by tests/sync_guard.py: part's code asks for at most 2 per step, everything
+together (DeepSpeed, transformers, peft) for at most 8, and neither grows with the batch. The first two steps of
+an engine are left out: ZeRO-3 records and then checks its parameter-fetch trace over them (hundreds of reads,
+once per stage)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from conftest import train_under_guard, write_config
+
+STEPS = 5
+WARMUP = 2
+STAGE = f"""\
+  - {{name: lora, steps: {STEPS}, tasks: {{asr: 0.5, s2tt: 0.5}}, translation_targets: [en],
+     trainable: [adapter, llm.lora], lr: 1.0e-3, warmup_steps: 0}}
+"""
+SYNC_LINE = re.compile(r"sync guard: (\d+) steps \(([^)]*)\).*")
+STEP = re.compile(r"part (\d+) all (\d+)")
+
+
+def steady_syncs(corpus, tiny_models, root, batch_size: int) -> list[tuple[int, int]]:
+    """(part's, all) host synchronisations of each steady step on each rank."""
+    config = write_config(root / "c.yaml", corpus, tiny_models, STAGE)
+    proc = train_under_guard(config, [f"data.max_batch_size={batch_size}", "data.max_batch_seconds=200",
+                                      "eval.per_language=0", "checkpoint.every=100"])
+    lines = [m for m in SYNC_LINE.finditer(proc.stdout)]
+    assert len(lines) == 2 and all(int(m[1]) == STEPS for m in lines), proc.stdout[-3000:]
+    return [(int(p), int(a)) for m in lines for p, a in STEP.findall(m[0])[WARMUP:]]
+
+
+@pytest.mark.parametrize("batch_size", [4, 12])
+def test_a_training_step_makes_at_most_two_host_syncs_in_part_and_eight_in_all(corpus, tiny_models, tmp_path,
+                                                                              batch_size):
+    steps = steady_syncs(corpus, tiny_models, tmp_path, batch_size)
+    assert len(steps) == 2 * (STEPS - WARMUP)
+    assert max(p for p, _ in steps) <= 2 and max(a for _, a in steps) <= 8, steps
