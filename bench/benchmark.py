@@ -1,12 +1,11 @@
 """PART benchmark: data loader, padding, ZeRO-3 training, stage switch and checkpoint figures, in one run.
 
-    python bench/benchmark.py [--config configs/tiny_part.yaml] [--steps N] [--out bench/results.md] [key=value ...]
-
 Every figure, and every ratio, comes from numbers measured in this run. The data figures (a, b) run in this
 process; the training figures (c-h) come from bench/train_bench_worker.py started through the real `deepspeed`
 launcher on 1 and on 2 ranks (OMP_NUM_THREADS=1 per rank). See bench/README.md for what each figure means.
 When the config's corpus or tiny models are missing (no cache/ from launch/demo.sh), a small corpus and tiny
-models are built in a temporary directory, as tests/conftest.py does.
+models are built in a temporary directory, as tests/conftest.py does. The markdown report (the machine, the
+versions, the load average, then figures a-h) is printed and written to --out (default bench/results.md).
 """
 
 from __future__ import annotations
@@ -34,10 +33,18 @@ PAD_TARGET = 0.10
 WAIT_TARGET = 0.05
 # Dense bf16 tensor-core peak per GPU (FLOP/s), matched on the device name; the first matching key wins.
 
+EXAMPLES = """\
+examples:
+  python bench/benchmark.py                                    # configs/tiny_part.yaml, writes bench/results.md
+  python bench/benchmark.py --config configs/tiny_part.yaml --steps 30 --out /tmp/results.md data.window=128
+  python bench/benchmark.py --parts data                       # the loader figures (a, b) alone
+"""
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/tiny_part.yaml")
+    parser = argparse.ArgumentParser(description=__doc__, epilog=EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/tiny_part.yaml", help="the training config (default: %(default)s)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value config overrides, as train.py takes them")
     parser.add_argument("--steps", type=int, default=20, help="timed training steps per launcher run (c)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed training steps first")
@@ -51,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="stage index for the mixed-stage loader figures (default: the one with most tasks)")
     parser.add_argument("--ranks", default="1,2", help="rank counts for the launcher runs")
     parser.add_argument("--parts", default="data,train", help="data, train, or both (debugging)")
-    parser.add_argument("--out", default="bench/results.md")
+    parser.add_argument("--out", default="bench/results.md", help="the markdown report (default: %(default)s)")
     return parser.parse_intermixed_args(argv)
 
 

@@ -1,8 +1,5 @@
 """The GPU check: real model shapes, random weights, noise audio; the whole training path on one GPU.
 
-    python bench/gpu_check.py --out docs/gpu_check     # on a GPU machine (bench/gpu_check.sh sets it up)
-    python bench/gpu_check.py --small --out /tmp/gc   # the same path at toy shapes on CPU: the script's own test
-
 Builds a Whisper-large-v3-shaped encoder (32 layers, d 1280, 128 mel bins) and a Qwen2.5-1.5B-shaped LLM
 (28 layers, d 1536, its 151,936-token vocabulary) with random weights, and noise-audio shards through
 `data_prep.manifest`; prints `train.py --check`'s per-stage memory estimate; trains three PART stages (adapter;
@@ -31,6 +28,14 @@ sys.path.insert(0, str(REPO))
 LANGUAGES = ("en", "de")
 SAMPLE_RATE = 16000
 WARMUP_STEPS = 2  # per stage (and after the resume): allocator growth, first-call compilation
+
+EXAMPLES = """\
+examples:
+  bash bench/gpu_check.sh                              # on a GPU machine: sets up, then runs this script
+  python bench/gpu_check.py --out docs/gpu_check       # the same, the environment already set up
+  python bench/gpu_check.py --zero 2 --no-kill --eval-per-language 0 --steps 5 --out /tmp/gc   # throughput only
+  python bench/gpu_check.py --small --out /tmp/gc      # the same path at toy shapes on CPU: the script's own test
+"""
 
 
 def log(message: str) -> None:
@@ -259,7 +264,8 @@ def report_markdown(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, epilog=EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("/tmp/part_gpu_check"), help="scratch directory")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "gpu_check", help="report and logs")
     parser.add_argument("--small", action="store_true", help="toy shapes, fp32, CPU: the script's own test")

@@ -1,7 +1,5 @@
 """Per-stage memory of the large recipes, from `train.py --check`'s estimate, without downloading anything.
 
-    python bench/large_recipe_memory.py [--world-size 8] [--device-memory-gb 80] [configs/part_large.yaml ...]
-
 The recipes point at local copies of openai/whisper-large-v3 and Qwen/Qwen2.5-7B-Instruct. The estimate needs only
 their architectures, so this writes config-only directories of those published shapes (and a small tokenizer:
 the vocabulary size the estimate uses is the LLM config's), points the recipes at them and prints the table
@@ -24,6 +22,12 @@ WHISPER_LARGE_V3 = dict(d_model=1280, encoder_layers=32, encoder_attention_heads
                         vocab_size=51866, max_source_positions=1500, max_target_positions=448)
 QWEN25_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                  num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768, tie_word_embeddings=False)
+
+EXAMPLES = """\
+examples:
+  python bench/large_recipe_memory.py                       # configs/part_large.yaml and baseline_large.yaml, 8 x 80 GB
+  python bench/large_recipe_memory.py --world-size 16 --device-memory-gb 141 configs/part_large.yaml
+"""
 
 
 def write_shapes(root: Path) -> tuple[Path, Path]:
@@ -54,10 +58,12 @@ def recipe_report(config: str | Path, shapes: tuple[Path, Path], world_size: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("configs", nargs="*", default=["configs/part_large.yaml", "configs/baseline_large.yaml"])
-    parser.add_argument("--world-size", type=int, default=8)
-    parser.add_argument("--device-memory-gb", type=float, default=80)
+    parser = argparse.ArgumentParser(description=__doc__, epilog=EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("configs", nargs="*", default=["configs/part_large.yaml", "configs/baseline_large.yaml"],
+                        help="the recipes (default: configs/part_large.yaml configs/baseline_large.yaml)")
+    parser.add_argument("--world-size", type=int, default=8, help="ranks (default 8)")
+    parser.add_argument("--device-memory-gb", type=float, default=80, help="one GPU's memory (default 80)")
     args = parser.parse_args(argv)
     from part.config import ConfigError
 

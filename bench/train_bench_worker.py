@@ -1,7 +1,4 @@
-"""Training-side benchmark worker, run by bench/benchmark.py under the real launcher:
-
-    deepspeed --num_gpus N --master_port P bench/train_bench_worker.py --config configs/tiny_part.yaml \
-        --workdir /tmp/x [--phases train,replay,plain,ckpt,switch] [--steps 20] [key.sub=value ...]
+"""Training-side benchmark worker, run by bench/benchmark.py under the real launcher.
 
 Drives the trainer's own objects (part.train.stage.StageRun: the stage's model, engine, stream and training step;
 part.train.checkpoint.Checkpointer), so what it times is what train.py runs. Rank 0 prints one
@@ -37,9 +34,16 @@ if str(REPO) not in sys.path:
 
 from part.batch import Batch  # noqa: E402  (after the path set-up above)
 
+EXAMPLES = """\
+example (bench/benchmark.py starts it so; run by hand to debug one phase):
+  deepspeed --num_gpus 1 --master_port 29511 bench/train_bench_worker.py --config configs/tiny_part.yaml \\
+      --workdir /tmp/bench_worker --phases train --steps 5
+"""
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, epilog=EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
     parser.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
     parser.add_argument("--workdir", required=True, help="scratch directory shared by the ranks (checkpoints)")

@@ -34,9 +34,6 @@ Audio paths: absolute, or relative to --audio-root (default: the JSONL file's di
 
 Bad lines and turns are skipped, each named by file:line and field, and counted in the summary at the end (and in
 index.json); the command exits 2 when no sample survives.
-
-Example:
-  python -m data_prep.chat_jsonl --jsonl train.jsonl --out shards/chat --language de --workers 8
 """
 
 from __future__ import annotations
@@ -47,7 +44,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data_prep.common import Item, add_common_args
+from data_prep.common import OUTPUT_HELP, Item, add_common_args
 from data_prep.manifest import (
     BadRows,
     add_selection_args,
@@ -84,6 +81,11 @@ SPEECH_LANGUAGE = [re.compile(rf"\b{_EN_NAME}\s+(audio|speech|recording)\b", re.
                    re.compile(rf"{_ZH_NAME}(语音|音频)"), re.compile(rf"(转写|转录)成{_ZH_NAME}")]
 TARGET_LANGUAGE = [re.compile(rf"\binto\s+{_EN_NAME}\b", re.I), re.compile(rf"\bto\s+{_EN_NAME}\b", re.I),
                    re.compile(rf"(翻译成|翻译为|译成|译为){_ZH_NAME}")]
+
+EXAMPLES = """\
+examples:
+  python -m data_prep.chat_jsonl --jsonl train.jsonl --out shards/chat --language de --workers 8
+"""
 
 
 def _named(match: re.Match) -> str:
@@ -335,7 +337,8 @@ class ChatReader:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, epilog=OUTPUT_HELP + EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
     parser.add_argument("--jsonl", nargs="+", required=True, type=Path, help="one or more chat JSONL files")
     parser.add_argument("--task", choices=sorted(TASKS), help="task of audio turns whose object has no `task`")

@@ -190,6 +190,16 @@ def build_shards(
     return summary
 
 
+# What every shard builder writes, for its --help (the builders' epilogs start with it).
+OUTPUT_HELP = """\
+output: --out gets per-language WebDataset shards, <language>-NNNNNN.tar (each sample an <id>.flac, 16 kHz mono,
+and an <id>.json record: id, language, duration, transcript, translations, source), and index.json (samples and
+hours per language and shard, and the skipped rows counted by reason). Exit status 0 when shards were written, 2
+when the input cannot be read or no sample survives (nothing is written then). docs/data.md describes the format.
+
+"""
+
+
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output directory for shards and index.json")
     parser.add_argument("--workers", type=int, default=2, help="parallel conversion processes")

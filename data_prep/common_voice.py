@@ -15,7 +15,7 @@ import csv
 import sys
 from pathlib import Path, PurePosixPath
 
-from data_prep.common import Item, add_common_args
+from data_prep.common import OUTPUT_HELP, Item, add_common_args
 from data_prep.manifest import (
     add_selection_args,
     drop_duplicate_ids,
@@ -30,6 +30,13 @@ from data_prep.manifest import (
 SPLITS = ("train", "dev", "test", "validated")
 SENTENCE_COLUMNS = ("sentence", "text")  # `text` in a few derived releases
 SOURCE = "common_voice"
+
+EXAMPLES = """\
+examples:
+  python -m data_prep.common_voice --root cv-corpus-17.0-2024-03-15 --locales de,zh-CN --split train \
+      --out shards/cv_train --workers 8
+  python -m data_prep.common_voice --root cv-corpus-17.0-2024-03-15 --locales de --split test --out shards/cv_test
+"""
 
 
 def clip_path(root: Path, locale: str, path: str) -> Path:
@@ -60,7 +67,8 @@ def locale_items(root: Path, locale: str, split: str) -> list[Item]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, epilog=OUTPUT_HELP + EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
     parser.add_argument("--root", type=Path, required=True, help="release directory holding one folder per locale")
     parser.add_argument("--locales", default="", help="comma-separated locales, e.g. de,zh-CN,sv-SE (default: all)")

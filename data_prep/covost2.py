@@ -16,7 +16,7 @@ import re
 import sys
 from pathlib import Path, PurePosixPath
 
-from data_prep.common import Item, add_common_args
+from data_prep.common import OUTPUT_HELP, Item, add_common_args
 from data_prep.common_voice import clip_path
 from data_prep.manifest import (
     add_selection_args,
@@ -30,6 +30,12 @@ from data_prep.manifest import (
 SPLITS = ("train", "dev", "test")
 SOURCE = "covost2"
 _TSV_NAME = re.compile(r"^covost_v2\.(?P<src>[^._]+)_(?P<tgt>[^._]+)\.(?P<split>[^.]+)\.tsv$")
+
+EXAMPLES = """\
+examples:
+  python -m data_prep.covost2 --tsv-dir covost_tsv --cv-root cv-corpus-4 --pairs de_en,zh-CN_en --split train \
+      --out shards/covost_train --workers 8
+"""
 
 
 def tsv_path(tsv_dir: Path, pair: str, split: str) -> Path:
@@ -74,7 +80,8 @@ def covost_items(tsv_dir: Path, cv_root: Path, pairs: list[str], split: str) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, epilog=OUTPUT_HELP + EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
     parser.add_argument("--tsv-dir", type=Path, required=True, help="directory of covost_v2.<src>_<tgt>.<split>.tsv")
     parser.add_argument("--cv-root", type=Path, required=True, help="Common Voice release (<locale>/clips/...)")

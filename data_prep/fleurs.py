@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path, PurePosixPath
 
-from data_prep.common import Item, add_common_args
+from data_prep.common import OUTPUT_HELP, Item, add_common_args
 from data_prep.manifest import (
     add_selection_args,
     drop_duplicate_ids,
@@ -29,6 +29,12 @@ from data_prep.manifest import (
 SPLITS = ("train", "dev", "test")
 SOURCE = "fleurs"
 MIN_COLUMNS = 4  # id, file_name, raw_transcription, transcription (the release has 7)
+
+EXAMPLES = """\
+examples:
+  python -m data_prep.fleurs --root fleurs --lang-codes en_us,de_de,cmn_hans_cn --split train --out shards/fleurs_train
+  python -m data_prep.fleurs --root fleurs --split test --text normalized --out shards/fleurs_test --workers 8
+"""
 
 
 def lang_code_items(root: Path, lang_code: str, split: str, text: str = "raw") -> list[Item]:
@@ -59,7 +65,8 @@ def lang_code_items(root: Path, lang_code: str, split: str, text: str = "raw") -
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, epilog=OUTPUT_HELP + EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
     parser.add_argument("--root", type=Path, required=True, help="directory holding one folder per language code")
     parser.add_argument("--lang-codes", default="", help="comma-separated codes, e.g. en_us,de_de (default: all)")

@@ -19,10 +19,6 @@ Columns (the defaults are the names hub datasets use):
 A row is named `<input>:row <index>` (0-based, as dataset[index] reads it). Bad rows (no text, no audio, an unknown
 language, a missing file, a repeated id) are skipped, each named with its field, and counted in the summary at the
 end (and in index.json); the command exits 2 when no sample survives.
-
-Example:
-  python -m data_prep.hf_datasets --input fleurs_de/train --out shards/fleurs_hf --language-column '' --language de
-  python -m data_prep.hf_datasets --input cv_de/data --text-column sentence --out shards/cv_de
 """
 
 from __future__ import annotations
@@ -40,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from data_prep.common import Item, add_common_args
+from data_prep.common import OUTPUT_HELP, Item, add_common_args
 from data_prep.manifest import (
     BadRows,
     add_selection_args,
@@ -63,6 +59,12 @@ class Input:
     label: str  # how rows are named: <label>:row <index>
     dataset: object  # datasets.Dataset
     base: Path  # where relative audio paths start
+
+EXAMPLES = """\
+examples:
+  python -m data_prep.hf_datasets --input fleurs_de/train --out shards/fleurs_hf --language-column '' --language de
+  python -m data_prep.hf_datasets --input cv_de/data --text-column sentence --out shards/cv_de
+"""
 
 
 def _datasets():
@@ -276,7 +278,8 @@ class DatasetReader:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, epilog=OUTPUT_HELP + EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
     parser.add_argument("--input", nargs="+", required=True, type=Path,
                         help="save_to_disk folders, .parquet files or folders of them")

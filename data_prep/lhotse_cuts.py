@@ -25,9 +25,6 @@ a sample instead: its own span (clipped to the cut), text and id.
 MixedCut and PaddingCut lines, cuts whose audio is not a local file, and cuts past the end of their recording are
 skipped, each named by file:line and field, and counted in the summary at the end (and in index.json); the command
 exits 2 when no sample survives.
-
-Example:
-  python -m data_prep.lhotse_cuts --cuts data/manifests/cuts_train.jsonl.gz --out shards/lhotse --workers 8
 """
 
 from __future__ import annotations
@@ -36,7 +33,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from data_prep.common import Item, add_common_args
+from data_prep.common import OUTPUT_HELP, Item, add_common_args
 from data_prep.manifest import (
     BadRows,
     add_selection_args,
@@ -50,6 +47,11 @@ from data_prep.manifest import (
 SOURCE = "lhotse"
 CUT_TYPES = ("MonoCut", "MultiCut")
 END_TOLERANCE = 0.01  # s a cut may reach past its recording's end (rounding in the manifest)
+
+EXAMPLES = """\
+examples:
+  python -m data_prep.lhotse_cuts --cuts data/manifests/cuts_train.jsonl.gz --out shards/lhotse --workers 8
+"""
 
 
 def _number(obj: dict, name: str, prefix: str = "") -> float:
@@ -200,7 +202,8 @@ def read_cuts(paths: list[Path], bad: BadRows, *, audio_root: Path | None = None
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, epilog=OUTPUT_HELP + EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
     parser.add_argument("--cuts", nargs="+", required=True, type=Path, help="cuts.jsonl.gz / cuts.jsonl manifests")
     parser.add_argument("--language", help="language of supervisions without one (e.g. en, zh-CN, English)")

@@ -26,7 +26,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from data_prep.common import Item, add_common_args, build_shards
+from data_prep.common import OUTPUT_HELP, Item, add_common_args, build_shards
 from part.prompts import LANGUAGE_NAMES
 
 MAX_ID_BYTES = 80  # tar (USTAR) member names are at most 100 bytes: `<id>.flac` must fit
@@ -42,6 +42,12 @@ LANGUAGE_ALIASES = {
 }
 
 Log = Callable[[str], None]
+
+EXAMPLES = """\
+examples:
+  python -m data_prep.manifest --manifest train.tsv --out shards/mine --workers 8
+  python -m data_prep.manifest --manifest de.jsonl en.jsonl --out shards/mine --max-duration 30 --limit 1000
+"""
 
 
 def log_stderr(message: str) -> None:
@@ -336,7 +342,8 @@ def read_manifests(paths: Iterable[str | Path], default_source: str = "manifest"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, epilog=OUTPUT_HELP + EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
     parser.add_argument("--manifest", nargs="+", required=True, help="one or more .tsv / .jsonl manifests")
     parser.add_argument("--source", default="manifest", help="record `source` where a row has none")

@@ -30,6 +30,18 @@ from data_prep.text_sources import (
 DEFAULT_LANGUAGES = "en,de,fr,es,it,pt,ru,zh"
 VOICE_VARIANTS = ["", "+m1", "+m3", "+f1", "+f2", "+f4"]
 
+EXAMPLES = """\
+input: the shared data folder (--shared, default $PART_SHARED_DATA or ../shared/data beside the repository) with
+flores200/flores200_all_204langs.tar.xz, ntrex128/<code>.txt and tatoeba/eng-<code>.*; espeak-ng on PATH.
+Each split gets its own per-language WebDataset shards and index.json (docs/data.md describes the format).
+Exit status 2 when espeak-ng is missing; a missing text file stops it with an error naming the file.
+
+examples:
+  python -m data_prep.synthetic --out cache/corpus --languages en,de,es,zh --ntrex-per-language 500 \\
+      --tatoeba-speech-per-language 2000 --eval-per-language 130 --text-per-language 3000 --max-duration 20
+  python -m data_prep.synthetic --out /tmp/small --languages en,de --train-per-language 50 --eval-per-language 10
+"""
+
 
 def tts_args(lang: str, rng: random.Random) -> list[str]:
     """A voice per sample: language voice, a speaker variant and a speaking rate, for acoustic variety."""
@@ -106,7 +118,8 @@ def text_items(shared: Path, languages: list[str], limit: int, seed: int) -> lis
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, epilog=EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
     parser.add_argument("--shared", type=Path, default=default_shared_dir(), help="the shared data directory")
     parser.add_argument("--languages", default=DEFAULT_LANGUAGES, help="comma-separated ISO 639-1 codes")
@@ -116,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="short Tatoeba sentences spoken per language (0: none); taken after the text split's")
     parser.add_argument("--eval-per-language", type=int, default=100, help="FLORES devtest lines per language")
     parser.add_argument("--text-per-language", type=int, default=2000, help="Tatoeba pairs per language")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sentence draws and the voices")
     args = parser.parse_args(argv)
     if shutil.which("espeak-ng") is None:
         print("error: espeak-ng is not installed (Debian: apt-get install espeak-ng)", file=sys.stderr)

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from data_prep.common import Item, add_common_args, build_shards, read_span
+from data_prep.common import OUTPUT_HELP, Item, add_common_args, build_shards, read_span
 from data_prep.manifest import Log, build_options, log_stderr, make_record, sanitize_id
 from part.features import SAMPLE_RATE
 
@@ -37,6 +37,12 @@ SUBSETS = ("S", "M", "L", "W", "DEV", "TEST_NET", "TEST_MEETING")
 SEGMENTS_PER_JOB = 64
 
 Span = tuple[float, float]
+
+EXAMPLES = """\
+examples:
+  python -m data_prep.wenetspeech --root WenetSpeech --subset M --out shards/wenet_m --workers 8
+  python -m data_prep.wenetspeech --root WenetSpeech --subset DEV --min-confidence 0.95 --out shards/wenet_dev
+"""
 
 
 def _wav_bytes(wave: np.ndarray) -> bytes:
@@ -122,7 +128,8 @@ def segment_items(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, epilog=OUTPUT_HELP + EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
     parser.add_argument("--root", type=Path, required=True, help="directory holding WenetSpeech.json and audio/")
     parser.add_argument("--json", type=Path, default=None, help="metadata file (default: <root>/WenetSpeech.json)")

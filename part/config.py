@@ -43,7 +43,7 @@ def match_group(name: str) -> tuple[str, re.Match[str]] | None:
     return None
 
 
-# Text normalisers of WER/CER (part.evaluation.metrics.normalize): the project's own, or Whisper's (docs/scoring.md)
+# Text normalisers of WER/CER (part.evaluation.metrics.normalize): the project's own, or Whisper's (docs/evaluation.md)
 NORMALIZERS = ("part", "whisper")
 
 

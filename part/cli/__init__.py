@@ -7,6 +7,7 @@ messages and exit codes (part/exit_codes.py). The work itself is done in the lib
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
 from pathlib import Path
@@ -24,6 +25,15 @@ def command_prog(module_file: str) -> str:
     return f"{LAUNCHER} {Path(module_file).stem}"
 
 
+def help_text(doc: str) -> dict:
+    """argparse's `description`, `epilog` and formatter from a command's docstring, printed as written: the
+    paragraphs before the line `examples:` describe the command (what it does, what it reads and writes), that line
+    and what follows it are the epilog."""
+    head, found, tail = doc.partition("\nexamples:\n")
+    return {"description": head.strip(), "epilog": "examples:\n" + tail.rstrip() if found else None,
+            "formatter_class": argparse.RawDescriptionHelpFormatter}
+
+
 def summary(name: str) -> str:
     """The first line of the command's docstring: what it does."""
     doc = importlib.import_module(f"part.cli.{name}").__doc__ or ""
@@ -35,7 +45,7 @@ def usage() -> str:
     lines = [f"usage: {LAUNCHER} COMMAND [args]   ({LAUNCHER} COMMAND --help: the command's own help)", "",
              "commands:"]
     lines += [f"  {name:<{width}}  {summary(name)}" for name in COMMANDS]
-    lines += ["", f"Example: {LAUNCHER} infer --model runs/tiny_part/final --language de clip.flac",
+    lines += ["", f"example: {LAUNCHER} infer --model runs/tiny_part/final --language de clip.flac",
               "Training across processes goes through the DeepSpeed launcher: deepspeed train.py --config CONFIG"]
     return "\n".join(lines)
 

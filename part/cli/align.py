@@ -1,11 +1,15 @@
 """Token timings of a known transcript in a clip, from a Whisper model's alignment heads.
 
+Reads a transformers Whisper directory with alignment heads and one clip (up to Whisper's 30 s window) with its
+transcript. The decoder is teacher-forced on the transcript, its alignment heads' cross-attention is aligned to
+the audio by DTW, and one line per token of Whisper's tokenizer is printed to stdout: start and end in seconds,
+then the token's text (JSON lines with --json). Exit status 2, naming the file, on an unreadable clip, a
+directory without alignment heads, an unknown language or a clip over 30 s. The work is done by
+part.objectives.whisper_align.
+
+examples:
     python -m part align cache/whisper-base clip.wav --language en --text "In an interview, he said ..."
     python -m part align cache/whisper-base clip.flac --language de --text "..." --json
-
-One line per token of Whisper's tokenizer: start and end in seconds, then the token's text (JSON lines with
---json). Clips up to Whisper's 30 s window. Exit status 2, naming the file, on an unreadable clip, a directory
-without alignment heads, an unknown language or a clip over 30 s. The work is done by part.objectives.whisper_align.
 """
 
 from __future__ import annotations
@@ -14,14 +18,12 @@ import argparse
 import json
 import sys
 
-from part.cli import command_prog
+from part.cli import command_prog, help_text
 from part.exit_codes import ExitCode
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=command_prog(__file__), description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    parser = argparse.ArgumentParser(prog=command_prog(__file__), **help_text(__doc__))
     parser.add_argument("whisper", help="a transformers Whisper directory (e.g. cache/whisper-base, which the demo "
                                         "converts from the pinned wheels)")
     parser.add_argument("audio", help="the clip (wav/flac/ogg/opus/mp3/aiff, any sample rate)")

@@ -1,9 +1,5 @@
 r"""Train the PART recipe and its one-stage baseline, then compare them side by side.
 
-    python -m part compare --part configs/tiny_part.yaml --baseline configs/tiny_baseline.yaml --out runs/compare \
-        [--nproc 2] [--eval-every N] [--skip-training] [--use-config-dirs] [--bootstrap 1000] [--seed 0] \
-        [--normalizer part|whisper] [key.sub=value ...]
-
 Each recipe is trained in turn through the DeepSpeed launcher (`deepspeed --num_gpus NPROC --master_port <free>
 train.py --config X --resume <overrides> eval.every=N output_dir=... checkpoint.dir=...`), its output streamed with
 a `[part]` / `[baseline]` prefix. Overrides apply to both runs. By default each run writes under `--out`
@@ -24,6 +20,14 @@ Then (or only, with `--skip-training`) it reads both output dirs and writes into
   compare.json  the same numbers, machine-readable
   curves.png    (a) smoothed training loss vs step, (b) average ASR error rate and average S2TT BLEU vs step,
                 with the PART stage boundaries drawn and labelled
+
+examples:
+    # train both tiny recipes on 2 ranks each, evaluate, write runs/compare/compare.md
+    python -m part compare --part configs/tiny_part.yaml --baseline configs/tiny_baseline.yaml --out runs/compare \
+        --nproc 2
+    # only read two finished runs in the configs' own output_dir and compare them under Whisper's normalisers
+    python -m part compare --part configs/tiny_part.yaml --baseline configs/tiny_baseline.yaml --out runs/compare \
+        --use-config-dirs --skip-training --normalizer whisper
 """
 
 from __future__ import annotations
@@ -33,14 +37,13 @@ import shlex
 import sys
 from pathlib import Path
 
-from part.cli import command_prog
+from part.cli import command_prog, help_text
 from part.config import NORMALIZERS
 from part.exit_codes import ExitCode
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=command_prog(__file__), description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=command_prog(__file__), **help_text(__doc__))
     parser.add_argument("--part", required=True, help="the PART recipe (e.g. configs/tiny_part.yaml)")
     parser.add_argument("--baseline", required=True, help="the baseline recipe (e.g. configs/tiny_baseline.yaml)")
     parser.add_argument("--out", required=True, help="directory for compare.md / compare.json / curves.png")

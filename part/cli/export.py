@@ -1,8 +1,5 @@
 """Export a trained Speech LLM to a self-contained Hugging Face directory (transformers with trust_remote_code).
 
-    python -m part export runs/x/out runs/x/hf
-    python -m part export runs/x/ckpt/step_0000300 hf_step300 --dtype bfloat16
-
 RUN_OR_CHECKPOINT is a run's output directory (its final/ is exported), a model directory training wrote
 (<output_dir>/final, <checkpoint dir>/step_N), or a checkpoint directory (the step its `latest` names). OUT gets
 config.json and generation_config.json, model.safetensors (LoRA merged into the LLM's weights), the processor
@@ -16,8 +13,11 @@ modeling_part.py, processing_part.py), which imports only torch and transformers
 
 Greedy decoding gives the token ids `python -m part infer` gives on the same clips (docs/export.md).
 Exit status 2, with a message naming the path, when the source is not a trained model or OUT is not empty.
+The work is done by part.hf_export.exporter.
 
-This is the command line; the work is done by part.hf_export.exporter.
+examples:
+    python -m part export runs/tiny_part runs/tiny_part_hf                  # a run's output directory: its final/
+    python -m part export runs/x/ckpt/step_0000300 hf_step300 --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from part.cli import command_prog
+from part.cli import command_prog, help_text
 from part.exit_codes import ExitCode
 
 
@@ -33,9 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     from part.cli.infer import positive_int
     from part.hf_export.exporter import DTYPES
 
-    parser = argparse.ArgumentParser(prog=command_prog(__file__), description=__doc__.split("\n\n")[0],
-                                     epilog="examples:\n" + __doc__.split("\n\n", 1)[1].rsplit("\n\n", 1)[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=command_prog(__file__), **help_text(__doc__))
     parser.add_argument("source", metavar="RUN_OR_CHECKPOINT",
                         help="a run's output directory, its final/, a checkpoint directory or one of its step_N")
     parser.add_argument("out", metavar="OUT", help="the directory to write (must not exist, or be empty)")

@@ -1,16 +1,16 @@
 """Where a trained model's held-out ASR errors come from: the speech side, or the LLM.
 
-    python -m part frame_readout runs/tiny_part          # prints and writes runs/tiny_part/frame_readout.md
-    python -m part frame_readout runs/tiny_part --blank-penalty 1 --out /tmp/readout_b1.md
-
 Reads a finished run: `<run>/final` (the model, and its resolved config `train_config.yaml`) and the final
 evaluation's ASR hypotheses (`<run>/final_hypotheses.jsonl`). On the same held-out clips it scores the adapter
 frames' own reading (`SpeechLLM.frame_readout`: each frame's likeliest token through the LLM's head, repeats
 merged, blanks dropped, as greedy CTC) beside the LLM's hypotheses, per language, with the final table's metric
 (WER; CER for zh, ja, ko, yue, th). Frames that read about as well as the hypotheses: the speech side (encoder,
-adapter) limits. Frames that read much better: the LLM loses what the speech side found.
+adapter) limits. Frames that read much better: the LLM loses what the speech side found. The table is printed
+and written to --out (default <run>/frame_readout.md). The work is done by part.evaluation.readout.
 
-This is the command line; the work is done by part.evaluation.readout.
+examples:
+    python -m part frame_readout runs/tiny_part          # prints and writes runs/tiny_part/frame_readout.md
+    python -m part frame_readout runs/tiny_part --blank-penalty 1 --out /tmp/readout_b1.md
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from part.cli import command_prog
+from part.cli import command_prog, help_text
 from part.exit_codes import ExitCode
 
 
@@ -26,10 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     from part.config import ConfigError
     from part.evaluation.readout import OUT_NAME, write_frame_readout
 
-    parser = argparse.ArgumentParser(prog=command_prog(__file__), description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(prog=command_prog(__file__), **help_text(__doc__))
     parser.add_argument("run", help="a finished run's output_dir (holds final/ and final_hypotheses.jsonl)")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8, help="clips per batch (default 8)")
     parser.add_argument("--blank-penalty", type=float, default=0.0,
                         help="subtracted from the blank's logit before the greedy reading (default 0)")
     parser.add_argument("--out", help=f"the markdown table (default: <run>/{OUT_NAME})")

@@ -3,11 +3,14 @@
 The adapter's frames are classified over that set (`model.alignment.vocabulary`; see
 part/objectives/frame_vocabulary.py).
 
-    python -m part frame_vocabulary --config configs/tiny_part.yaml      # writes model.alignment.vocabulary's file
-
 Reads `data.train_shards` for `data.languages` (every transcript, tokenised by the LLM's tokenizer as the training
-stream tokenises it) and writes the sorted token ids with where they came from. Build it again when the corpus,
-its languages or the tokenizer change: a transcript token outside it stops training with an error naming it.
+stream tokenises it) and writes the sorted token ids with where they came from, as JSON, to --out (default: the
+file `model.alignment.vocabulary` names). Build it again when the corpus, its languages or the tokenizer change: a
+transcript token outside it stops training with an error naming it.
+
+examples:
+    python -m part frame_vocabulary --config configs/tiny_part.yaml      # writes model.alignment.vocabulary's file
+    python -m part frame_vocabulary --config configs/tiny_part.yaml --out /tmp/vocabulary.json data.languages=[en,de]
 """
 
 from __future__ import annotations
@@ -16,13 +19,12 @@ import argparse
 import sys
 from collections import Counter
 
-from part.cli import command_prog
+from part.cli import command_prog, help_text
 from part.exit_codes import ExitCode
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=command_prog(__file__), description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(prog=command_prog(__file__), **help_text(__doc__))
     parser.add_argument("--config", required=True, help="the training config (YAML)")
     parser.add_argument("--out", help="where to write it (default: the config's model.alignment.vocabulary)")
     parser.add_argument("overrides", nargs="*", help="config overrides, key=value (as train.py takes them)")

@@ -1,8 +1,5 @@
 """Transcribe (asr) or translate (s2tt) audio files with a trained Speech LLM.
 
-    python -m part infer --model runs/x/final --language de a.flac b.ogg
-    python -m part infer --model runs/x/final --task s2tt --language de --target en @clips.txt --jsonl
-
 `--model` is a directory that training writes (`<output_dir>/final` or `<checkpoint dir>/step_N`): model.safetensors,
 part_model.json and tokenizer/. Inputs are audio files (wav/flac/ogg/opus/mp3/aiff, any sample rate; decoded to
 16 kHz mono) or `@list.txt` files with one path per line (blank lines and `#` comments ignored; relative paths
@@ -14,8 +11,12 @@ than the Whisper encoder's 30 s window; with --skip-bad such files are reported 
 
 Batching: `SpeechLLM.encode_audio` masks the padding (features, convolutions, attention), so a clip gets the same
 audio embeddings and the same text alone or batched with longer clips (tests/unit/test_infer.py checks it).
+The work is done by part.inference.
 
-This is the command line; the work is done by part.inference.
+examples:
+    python -m part infer --model runs/tiny_part/final --language de a.flac b.ogg
+    python -m part infer --model runs/tiny_part/final --task s2tt --language de --target en @clips.txt --jsonl
+    python -m part infer --model runs/tiny_part/final --language en --frames clip.wav   # also the frames' reading
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import argparse
 import json
 import sys
 
-from part.cli import command_prog
+from part.cli import command_prog, help_text
 from part.exit_codes import ExitCode
 
 JSONL_FIELDS = ("audio", "task", "language", "target", "text", "duration")
@@ -38,16 +39,14 @@ def positive_int(value: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=command_prog(__file__), description=__doc__.split("\n\n")[0],
-        epilog="Example: python -m part infer --model runs/x/final --task s2tt --language de --target en a.ogg @b.txt",
-    )
+    parser = argparse.ArgumentParser(prog=command_prog(__file__), **help_text(__doc__))
     parser.add_argument("--model", required=True, help="trained model directory (<output_dir>/final or step_N)")
     parser.add_argument("--task", choices=("asr", "s2tt"), default="asr", help="transcribe (asr) or translate (s2tt)")
     parser.add_argument("--language", required=True, help="the spoken language's code (en, de, zh, ...)")
     parser.add_argument("--target", help="language to translate into (required for s2tt)")
     parser.add_argument("--beams", type=positive_int, default=1, help="beam size (1: greedy)")
-    parser.add_argument("--max-new-tokens", type=positive_int, default=128)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=128,
+                        help="longest output in tokens (default 128)")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="clips per batch (length-sorted)")
     parser.add_argument("--jsonl", action="store_true", help="one JSON object per line instead of path<TAB>text")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")

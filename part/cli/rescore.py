@@ -1,8 +1,5 @@
 r"""Score a finished evaluation's hypotheses again, under either text normaliser or both, without the model.
 
-    python -m part rescore runs/tiny_part                          # its final_hypotheses.jsonl, both normalisers
-    python -m part rescore runs/tiny_part/eval_step_200_hypotheses.jsonl --normalizer whisper
-
 Reads RUN_DIR/final_hypotheses.jsonl, or the *_hypotheses.jsonl file given (one JSON record per utterance, as the
 evaluation writes them: key, task, language, target_language, reference, hypothesis), scores it as the
 evaluation does (WER; CER for zh, ja, ko, yue, th; BLEU with its sacrebleu signature) and prints the table in
@@ -10,10 +7,14 @@ final.md's form: the rows under the first normaliser, the BLEU signatures, and w
 normaliser side by side. `both` leads with the normaliser the run was scored with (the "normalizer" of the
 results file beside the hypotheses: final.json, eval_step_N.json), so the output is then the run's final.md
 again. Normalisers: `part` (the project's) and `whisper` (Whisper's EnglishTextNormalizer for English,
-BasicTextNormalizer otherwise, as papers score); docs/scoring.md says what each does.
+BasicTextNormalizer otherwise, as papers score); docs/evaluation.md says what each does.
 
 A file that is missing, a line that is not JSON, a record without those fields or a translation without its
 target_language exits with 2, naming the file and the line or the record.
+
+examples:
+    python -m part rescore runs/tiny_part                          # its final_hypotheses.jsonl, both normalisers
+    python -m part rescore runs/tiny_part/eval_step_200_hypotheses.jsonl --normalizer whisper
 """
 
 from __future__ import annotations
@@ -22,16 +23,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from part.cli import command_prog
+from part.cli import command_prog, help_text
 from part.exit_codes import ExitCode
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from part.config import NORMALIZERS
 
-    parser = argparse.ArgumentParser(prog=command_prog(__file__), description=__doc__.split("\n\n")[0],
-                                     epilog="\n\n".join(__doc__.split("\n\n")[1:]),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=command_prog(__file__), **help_text(__doc__))
     parser.add_argument("source", metavar="RUN_DIR_OR_HYPOTHESES_JSONL",
                         help="a run's output_dir (its final_hypotheses.jsonl is read) or a *_hypotheses.jsonl file")
     parser.add_argument("--normalizer", choices=[*NORMALIZERS, "both"], default="both",

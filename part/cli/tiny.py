@@ -1,8 +1,15 @@
-"""Build the tiny default encoder, LLM and tokenizer.
+r"""Build the tiny test models: a random Whisper-shaped encoder, a small LLM and its tokenizer.
 
-    python -m part tiny --text corpus.txt --out cache/tiny [--corpus DIR --pretrain-steps N] [size flags]
+Trains a sentencepiece BPE tokenizer (with byte fallback) on --text, builds a tiny Whisper-shaped encoder with
+random weights and a small Qwen2-style LLM, and optionally pretrains the LLM on the text tasks of a shard corpus
+(--corpus, --pretrain-steps). Writes `<out>/whisper` (the encoder) and `<out>/llm` (the LLM with its tokenizer),
+which a config names as model.encoder.pretrained and model.llm.pretrained. The tests build theirs this way; the
+work is done by part.convert.tiny.
 
-Writes `<out>/whisper` and `<out>/llm` (with its tokenizer); the work is done by part.convert.tiny.
+examples:
+    python -m part tiny --text cache/corpus/tokenizer_text.txt --out cache/tiny
+    python -m part tiny --text cache/corpus/tokenizer_text.txt --out cache/tiny \
+        --corpus cache/corpus --pretrain-steps 1500
 """
 
 from __future__ import annotations
@@ -11,15 +18,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from part.cli import command_prog
+from part.cli import command_prog, help_text
 from part.exit_codes import ExitCode
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=command_prog(__file__), description=__doc__)
+    parser = argparse.ArgumentParser(prog=command_prog(__file__), **help_text(__doc__))
     parser.add_argument("--text", type=Path, required=True, help="text file to train the tokenizer on")
     parser.add_argument("--out", type=Path, required=True, help="output directory (gets whisper/ and llm/)")
-    parser.add_argument("--vocab-size", type=int, default=4000)
+    parser.add_argument("--vocab-size", type=int, default=4000, help="the tokenizer's vocabulary size (default 4000)")
     parser.add_argument("--corpus", type=Path, help="corpus directory (train/, text/) for the LLM's pretraining")
     parser.add_argument("--pretrain-steps", type=int, default=0, help="LLM pretraining steps on text tasks")
     parser.add_argument("--pretrain-lr", type=float, default=3e-3, help="peak learning rate of the pretraining")

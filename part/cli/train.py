@@ -1,13 +1,21 @@
 """Train a Speech LLM with the PART curriculum under DeepSpeed.
 
-    deepspeed --num_gpus 8 train.py --config configs/part_large.yaml [--resume [--reevaluate]] [key.sub=value ...]
-    python -m part train --config configs/part_large.yaml --check --world-size 8   # validate; start nothing
-
 The DeepSpeed launcher starts the repository's train.py on every rank, which runs this command; run directly
 (`python -m part train` or `python train.py`) it trains in one process.
 
-Reads the config, checks it with every stage's data and the model's parameter groups, then hands the run to
-part.train.trainer.Trainer (stages, resume, checkpoints, evaluation, the final export).
+Reads the config (YAML, with key.sub=value overrides), checks it with every stage's data and the model's parameter
+groups, then hands the run to part.train.trainer.Trainer: every stage in turn, checkpoints in checkpoint.dir
+(resumable at any step with --resume), evaluation every eval.every steps and at the end. Writes into output_dir:
+train_log.jsonl (one record per step), eval_step_N.md|json and final.md|json (the held-out tables),
+final_hypotheses.jsonl, and final/ (the trained model with its model card). Exit status: 0 done, 2 bad config or
+data (before anything starts), 3 too many non-finite losses, 4 a stage-boundary checkpoint failed, 5 non-finite
+weights, 6 stopped by SIGTERM/SIGINT after a checkpoint (part/exit_codes.py).
+
+examples:
+    python train.py --config configs/tiny_part.yaml --check --world-size 2        # validate; start nothing
+    deepspeed --num_gpus 2 train.py --config configs/tiny_part.yaml --resume stages.0.steps=50
+    deepspeed --num_gpus 8 train.py --config configs/part_large.yaml --resume
+    python -m part train --config configs/tiny_part.yaml --resume --reevaluate     # evaluate a finished run again
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from part.cli import command_prog
+from part.cli import command_prog, help_text
 from part.exit_codes import ExitCode, exit_process
 
 if TYPE_CHECKING:
@@ -32,8 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # the name it was started by: `train.py` under the DeepSpeed launcher, else `python -m part train`
     started_as_script = os.path.basename(sys.argv[0]) == "train.py"
     parser = argparse.ArgumentParser(prog="train.py" if started_as_script else command_prog(__file__),
-                                     description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     **help_text(__doc__))
     parser.add_argument("--config", required=True, help="YAML config (see configs/)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. stages.0.lr=5e-4")
     parser.add_argument("--resume", action="store_true",

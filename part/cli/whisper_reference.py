@@ -1,16 +1,18 @@
 r"""How well the Whisper checkpoint a recipe builds on reads that recipe's held-out speech by itself.
 
-    python -m part whisper_reference --config configs/tiny_part.yaml [--whisper DIR] [--per-language N] \
-        [--tasks asr,s2tt] [--out runs/whisper_reference] [key.sub=value ...]
-
 Whisper's own decoder (greedy, the language given) transcribes the first `eval.per_language` clips of each
 language in `data.eval_shards` (the clips the trained model is evaluated on) and translates the non-English ones
 into English; the rows are scored as the training run's final table is (WER, zh CER, BLEU), in final.md's form
 (under each normaliser). The Whisper directory defaults to the config's `model.encoder.pretrained`. On the
 embedded default this is the model the encoder and the frame targets come from: what its features carry of this
 speech for a decoder trained on them (a reference for the table, not a bound: the recipe's stage 2 trains the
-encoder on the speech). Writes `reference.md` (the
-table) and `reference_hypotheses.jsonl` into `--out` and prints the table.
+encoder on the speech). Writes `reference.md` (the table) and `reference_hypotheses.jsonl` into `--out` (default
+runs/whisper_reference) and prints the table.
+
+examples:
+    python -m part whisper_reference --config configs/tiny_part.yaml      # writes runs/whisper_reference/reference.md
+    python -m part whisper_reference --config configs/tiny_part.yaml --whisper cache/whisper-base --per-language 20 \
+        --tasks asr --out /tmp/whisper_asr
 """
 
 from __future__ import annotations
@@ -18,21 +20,19 @@ from __future__ import annotations
 import argparse
 import sys
 
-from part.cli import command_prog
+from part.cli import command_prog, help_text
 from part.exit_codes import ExitCode
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=command_prog(__file__), description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    parser = argparse.ArgumentParser(prog=command_prog(__file__), **help_text(__doc__))
     parser.add_argument("--config", required=True, help="the recipe whose eval shards and languages are read")
     parser.add_argument("--whisper", default=None, help="a transformers Whisper directory (default: the config's "
                                                         "model.encoder.pretrained)")
     parser.add_argument("--per-language", type=int, default=None, help="clips per language (default: "
                                                                          "eval.per_language)")
     parser.add_argument("--tasks", default=None, help="comma-separated, of asr and s2tt (default: eval.tasks)")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8, help="clips per batch (default 8)")
     parser.add_argument("--out", default="runs/whisper_reference", help="output directory")
     parser.add_argument("overrides", nargs="*", help="key.sub=value config overrides, as train.py takes them")
     return parser.parse_args(argv)

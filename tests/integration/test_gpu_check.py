@@ -27,7 +27,7 @@ def test_gpu_check(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.extended  # before a GPU session: bash launch/test.sh --extended tests/integration/test_gpu_check.py
+@pytest.mark.extended  # before a run on a GPU: bash launch/test.sh --extended tests/integration/test_gpu_check.py
 def test_gpu_check_script_at_toy_shapes_on_cpu(tmp_path):
     """The script itself (a GPU lease is 15 minutes: a broken script wastes it): toy shapes, fp32, CPU, the same
     stages, checkpoints, kill -9 and resume, evaluation, profile window and report. Extended: the paths it drives
