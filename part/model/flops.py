@@ -134,7 +134,8 @@ class Shapes:
             llm_dim=c.hidden_size, llm_layers=c.num_hidden_layers, llm_q_dim=c.num_attention_heads * head_dim,
             llm_kv_dim=kv_heads * head_dim, llm_ffn=ffn, llm_gated=gated, llm_out_proj=out_proj,
             vocab=c.vocab_size,  # the config, not the weight: ZeRO-3 partitions leave it empty
-            lora_rank=lora.rank if lora else 0, lora_targets=tuple(lora.target_modules) if lora else (),
+            lora_rank=lora.rank if lora and model.lora_runs else 0,  # LoRA that does not run costs nothing
+            lora_targets=tuple(lora.target_modules) if lora else (),
             frame_head=any(o.head_rows(c.vocab_size) for o in model.objectives),
             frame_classes=sum(o.head_rows(c.vocab_size) for o in model.objectives),
         )

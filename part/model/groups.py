@@ -116,6 +116,8 @@ class GroupedModel(Protocol):
 
     def named_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]: ...
 
+    def run_lora(self, active: bool) -> None: ...
+
 
 def group_parameters(model: GroupedModel, group: str) -> list[str]:
     """Parameter names of `model` in `group`."""
@@ -124,7 +126,10 @@ def group_parameters(model: GroupedModel, group: str) -> list[str]:
 
 
 def set_trainable(model: GroupedModel, groups: Sequence[str]) -> dict[str, int]:
-    """Freezes everything, then unfreezes `groups`; returns trainable parameter counts per group."""
+    """Freezes everything, then unfreezes `groups`; returns trainable parameter counts per group. LoRA that
+    trains runs from now on (while it has never trained it is zero and left out: SpeechLLM.run_lora)."""
+    if any(group.startswith("llm.lora") for group in groups):
+        model.run_lora(True)
     params = dict(model.named_parameters())
     for p in params.values():
         p.requires_grad_(False)

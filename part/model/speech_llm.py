@@ -89,6 +89,8 @@ class SpeechLLM(nn.Module):
         if cfg.llm.lora is not None:
             llm = add_lora(llm, cfg.llm.lora)
         self.llm = llm
+        self.lora_runs = False
+        self.run_lora(False)  # B starts at zero: LoRA adds nothing until a stage trains it
         self.adapter = Adapter(cfg.adapter, self.encoder_family.width, llm.config.hidden_size)
         if cfg.adapter.init_from_embeddings and weights and saved_configs is None:
             self.adapter.init_from_embeddings(llm.get_input_embeddings().weight[: len(tokenizer)])
@@ -112,6 +114,23 @@ class SpeechLLM(nn.Module):
         real model's, so `train.py --check` resolves the stages' trainable groups against it."""
         with torch.device("meta"):
             return cls(cfg, tokenizer, weights=False)
+
+    def run_lora(self, active: bool) -> None:
+        """Whether the LLM's LoRA adapters run. While they are zero (never trained) they add exactly nothing, so
+        leaving them out changes no number and saves two products per adapted projection. Enabling them marks
+        their weights trainable (peft's rule): set the stage's trainable groups afterwards."""
+        if self.cfg.llm.lora is None:
+            return
+        if active:
+            self.llm.base_model.enable_adapter_layers()
+        else:
+            self.llm.base_model.disable_adapter_layers()
+        self.lora_runs = active
+
+    def lora_is_zero(self) -> bool:
+        """Whether every LoRA up-projection (B) is zero, so the adapters add nothing. Reads the weights: call it on
+        host weights, not on a ZeRO-3 partitioned model."""
+        return all(not p.any() for n, p in self.llm.named_parameters() if "lora_B" in n)
 
     @property
     def base_llm(self) -> nn.Module:
@@ -344,6 +363,7 @@ class SpeechLLM(nn.Module):
             raise ValueError(
                 f"{file}: weights do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})"
             )
+        self.run_lora(not self.lora_is_zero())
 
 
 def add_lora(llm: nn.Module, cfg: LoraConfig) -> nn.Module:

@@ -140,6 +140,7 @@ class StageRun:
         state = gather_state_dict(self.model, self.dist.rank, every_rank=True, dtype=None)
         replica = SpeechLLM(self.cfg.model, self.tokenizer, weights=False)
         replica.load_state_dict(state, strict=True)
+        replica.run_lora(self.model.lora_runs)
         del state
         return replica.to(self.dist.device, self.features_dtype), False
 

@@ -31,8 +31,8 @@ from part.exit_codes import exit_process  # noqa: E402
 from part.train.callbacks import TrainerCallback  # noqa: E402
 
 GUARD_LINE = "collective guard: {calls} collectives checked on {device}"
-SYNC_LINE = ("sync guard: {steps} steps ({per_step}), most per step: part {part}, all {all} ({owners}); part's: {where}; "
-             "most asked (last step): {top}")
+SYNC_LINE = ("sync guard: {steps} steps ({per_step}), most per step: part {part}, all {all} ({owners}); "
+             "part's: {where}; most asked (last step): {top}")
 
 
 def rank_device() -> torch.device:

@@ -137,6 +137,39 @@ def test_lora_starts_as_identity(tiny_models, model_and_tokenizer):
         assert torch.allclose(model(batch)["loss"], plain(batch)["loss"], atol=1e-6)
 
 
+def _products(model, batch) -> tuple[torch.Tensor, int]:
+    """The loss, and how many matrix products the forward ran."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        loss = model(batch)["loss"]
+    return loss, sum(n for op, n in counter.get_flop_counts()["Global"].items() if "mm" in str(op))
+
+
+def test_lora_runs_only_once_it_trains_or_holds_weights(tiny_models, tmp_path):
+    """A fresh model leaves its zero LoRA out (fewer products, the same loss to the bit); training LoRA turns it
+    on; loaded weights with a non-zero LoRA keep it on, zero ones leave it off."""
+    model, tok = tiny_speech_llm(tiny_models)
+    batch = make_batch(tok)
+    assert not model.lora_runs
+    without, few = _products(model, batch)
+    set_trainable(model, ["adapter", "llm.lora"])
+    assert model.lora_runs and all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
+    with_lora, many = _products(model, batch)
+    assert torch.equal(without, with_lora) and many > few
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    fresh, _ = tiny_speech_llm(tiny_models)
+    from safetensors.torch import save_file
+
+    for value, runs in ((0.0, False), (0.01, True)):
+        for k in state:
+            if "lora_B" in k:
+                state[k].fill_(value)
+        save_file(state, str(tmp_path / "weights.safetensors"))
+        fresh.load_weights(tmp_path / "weights.safetensors")
+        assert fresh.lora_runs is runs
+
+
 def test_parameter_groups(model_and_tokenizer):
     model, _ = model_and_tokenizer
     n_layers = len(model.encoder.layers)
