@@ -49,6 +49,7 @@ class SequenceLayout:
     cu_seqlens: torch.Tensor  # [S + 1] int32 cumulative lengths of the samples and padding runs, over all rows
     max_seqlen: int  # the longest of those
     real_tokens: int  # positions that hold a sample (not padding)
+    shared_rows: bool = True  # some row holds several samples (else each row is one sample from column 0)
 
     @property
     def shape(self) -> tuple[int, int]:

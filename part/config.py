@@ -171,10 +171,12 @@ class DataConfig:
     max_batch_size: int = 16
     max_duration: float = 30.0  # longer clips are skipped and counted
     temperature: float = 1.0  # language sampling p ~ n^(1/T); T=1 follows data sizes, large T flattens
-    # The LLM's input: several samples per row, each attending only to itself (false: one sample per row), rows
-    # padded to a multiple of `length_multiple` positions so that a run sees few distinct shapes.
+    # The LLM's input: several samples per row, each attending only to itself (false: one sample per row). Rows
+    # are padded to few lengths (multiples of `length_multiple` positions, at most 32 per doubling), the audio
+    # features to multiples of `audio_multiple` seconds (at most 32 per doubling), so a run sees few shapes.
     packing: bool = True
-    length_multiple: int = 64
+    length_multiple: int = 16
+    audio_multiple: float = 0.25
 
 
 @dataclass
@@ -194,6 +196,9 @@ class StageConfig:
     # false: the stage trains on the auxiliary losses alone (model.alignment) and the LLM never runs (a within-language
     # adapter stage at a fraction of the step's cost).
     lm_loss: bool = True
+    # The stage's recomputation (default: model.activation_checkpointing); `train.py --check` shows each stage's
+    # memory with and without it.
+    activation_checkpointing: ActivationCheckpointingConfig | None = None
 
 
 @dataclass
@@ -268,6 +273,10 @@ class TrainConfig:
     @property
     def total_steps(self) -> int:
         return sum(s.steps for s in self.stages)
+
+    def recompute(self, stage: StageConfig) -> ActivationCheckpointingConfig:
+        """What `stage` recomputes: its own setting, else the model's."""
+        return stage.activation_checkpointing or self.model.activation_checkpointing
 
 
 # ---------------------------------------------------------------- building from plain data
@@ -434,6 +443,7 @@ def validate(cfg: TrainConfig, source: str | Path = "config") -> None:
     check(d.temperature > 0, "data.temperature: must be > 0")
     check(d.max_batch_size >= 1, "data.max_batch_size: must be >= 1")
     check(d.length_multiple >= 1, f"data.length_multiple: {d.length_multiple} must be >= 1")
+    check(d.audio_multiple >= 0, f"data.audio_multiple: {d.audio_multiple} must be >= 0 (0: no rounding)")
     check(d.window >= max(d.max_batch_size, 1), "data.window: must be >= data.max_batch_size (and >= 1)")
     check(d.max_batch_seconds > 0, "data.max_batch_seconds: must be > 0")
     check(d.max_batch_tokens > 0, "data.max_batch_tokens: must be > 0")

@@ -25,12 +25,24 @@ class AudioFeatures(ABC):
     encoder reads and each clip's valid length, counted in that tensor's time steps. A clip's features do not
     depend on the other clips of the batch. The data pipeline holds one of these without knowing its family."""
 
+    time_axis = -1  # the features' time axis
+    steps_per_second = 100  # time steps per second of audio
+
     def __init__(self, extractor):
         self.extractor = extractor  # the transformers feature extractor
 
     @abstractmethod
     def __call__(self, waves: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         """(features, valid lengths) of a batch of clips."""
+
+    def pad_to(self, features: torch.Tensor, steps: int) -> torch.Tensor:
+        """`features` with zeros appended along the time axis up to `steps` (the encoders mask them)."""
+        missing = steps - features.shape[self.time_axis]
+        if missing <= 0:
+            return features
+        shape = list(features.shape)
+        shape[self.time_axis] = missing
+        return torch.cat([features, features.new_zeros(shape)], dim=self.time_axis)
 
     def save(self, directory: str | Path) -> None:
         """Writes the extractor's settings (preprocessor_config.json), from which the family rebuilds it."""
@@ -42,6 +54,7 @@ class LogMelFeatures(AudioFeatures):
     on the padded batch (part/model/encoders.py's docstring says what that does to a clip's last frame)."""
 
     HOP = 160
+    steps_per_second = SAMPLE_RATE // HOP
 
     def __call__(self, waves):
         feats = self.extractor(list(waves), sampling_rate=SAMPLE_RATE, padding="longest", truncation=False,
@@ -61,6 +74,8 @@ class WaveformFeatures(AudioFeatures):
     """wav2vec2 / HuBERT / WavLM: the waveform [clips, samples], zero-mean unit-variance per clip when the
     extractor normalises (computed clip by clip: over a padded batch it would include the padding)."""
 
+    steps_per_second = SAMPLE_RATE
+
     def __call__(self, waves):
         rows = [self.extractor(w, sampling_rate=SAMPLE_RATE, return_tensors="np")["input_values"][0] for w in waves]
         return _pad_rows(rows, self.extractor.padding_value), torch.tensor([len(r) for r in rows])
@@ -69,6 +84,9 @@ class WaveformFeatures(AudioFeatures):
 class FbankFeatures(AudioFeatures):
     """w2v-BERT 2.0: SeamlessM4T's 80-bin Kaldi fbank (10 ms hop), normalised per bin over the clip, every 2 frames
     stacked: [clips, frames, 160] at 50 frames/s. An odd last fbank frame is dropped, as its own mask does."""
+
+    time_axis = 1
+    steps_per_second = 50
 
     def __call__(self, waves):
         rows = []

@@ -4,7 +4,8 @@ A batch's samples are token sequences with one audio slot (speech) or none (text
 [target]. `layout_sequences` lays them out in rows -- packed (several samples per row, each attending only to
 itself) or one per row -- and lists, as index tensors, what the model needs to build the input embeddings and
 score the targets with a few gathers and scatters: no per-sample Python, no reads of device tensors, no shapes
-that depend on device values. Row lengths are rounded up to a multiple, so the shapes a run sees stay few.
+that depend on device values. Row lengths are rounded up to few lengths (`bucket_length`), so the shapes a run
+sees stay few.
 
 This module imports only part.batch: the data pipeline (the collator) and the model both use it.
 """
@@ -41,12 +42,27 @@ class LayoutSpec:
     pad_token_id: int  # the token at padding and audio positions (its embedding is overwritten or masked)
     frames_per_clip: ClipPositions
     packed: bool = True  # several samples per row (else one sample per row)
-    length_multiple: int = 64  # rows are padded to a multiple of this
+    length_multiple: int = 16  # rows are padded to a bucket_length with this multiple
     row_tokens: int = 0  # packed rows hold at least this many positions (0: the longest sample, rounded)
+
+
+LENGTHS_PER_DOUBLING = 32  # bucket_length's resolution: rounding adds at most 1/32 of a length
 
 
 def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple if multiple > 1 else n
+
+
+def bucket_length(n: int, multiple: int) -> int:
+    """`n` rounded up to one of few lengths: a multiple of `multiple`, and of 1/32 of the power of two below `n`.
+    Padding from the rounding stays under ~3% (beyond the first multiple), and a run sees at most 32 lengths per
+    doubling. A multiple of 1 rounds nothing."""
+    if multiple <= 1:
+        return n
+    if n <= multiple:
+        return round_up(n, multiple)
+    step = max(multiple, (1 << (n.bit_length() - 1)) // LENGTHS_PER_DOUBLING)
+    return round_up(n, round_up(step, multiple))
 
 
 def _rows(lengths: list[int], capacity: int, packed: bool) -> list[list[int]]:
@@ -86,9 +102,9 @@ def layout_sequences(prompts: list[list[int]], targets: list[list[int]], audio_i
         sources.append(slot)
     lengths = [len(p) + len(t) + (s[2] - 1 if s else 0) for (p, t), s in zip(sequences, sources)]
     packed = spec.packed and not left_aligned
-    capacity = round_up(max(max(lengths), spec.row_tokens if packed else 0), spec.length_multiple)
+    capacity = bucket_length(max(max(lengths), spec.row_tokens if packed else 0), spec.length_multiple)
     rows = _rows(lengths, capacity, packed)
-    width = round_up(max(sum(lengths[i] for i in row) for row in rows), spec.length_multiple)
+    width = bucket_length(max(sum(lengths[i] for i in row) for row in rows), spec.length_multiple)
 
     n_rows = len(rows)
     token_ids = torch.full((n_rows, width), spec.pad_token_id, dtype=torch.long)
@@ -130,7 +146,7 @@ def layout_sequences(prompts: list[list[int]], targets: list[list[int]], audio_i
         audio_slots=torch.tensor(slots, dtype=torch.long), audio_clips=torch.tensor(clips, dtype=torch.long),
         audio_frames=torch.tensor(frames, dtype=torch.long), scored=torch.tensor(scored, dtype=torch.long),
         targets=torch.tensor(scored_targets, dtype=torch.long), cu_seqlens=cumulative,
-        max_seqlen=max(seq_lens), real_tokens=sum(lengths),
+        max_seqlen=max(seq_lens), real_tokens=sum(lengths), shared_rows=any(len(row) > 1 for row in rows),
     )
 
 

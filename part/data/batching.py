@@ -16,7 +16,7 @@ from part.config import SPEECH_TASKS, DataConfig
 from part.data.audio import AudioDecodeError, load_audio
 from part.data.samples import Sample
 from part.features import SAMPLE_RATE, audio_features
-from part.packing import LayoutSpec, with_layouts
+from part.packing import LayoutSpec, bucket_length, with_layouts
 
 
 def bucket(samples: list[Sample], cfg: DataConfig) -> list[list[Sample]]:
@@ -47,12 +47,13 @@ MIN_SECONDS = 0.1  # shorter clips do not fill the encoders' front ends (a few 2
 
 
 def collate(samples: list[Sample], feature_extractor, counters: Counter, max_duration: float = 30.0,
-            layout: LayoutSpec | None = None) -> Batch | None:
+            layout: LayoutSpec | None = None, audio_multiple: float = 0.0) -> Batch | None:
     """Decodes audio and builds the tensors the model reads. Unreadable clips, and clips whose decoded length is
     over `max_duration` or under MIN_SECONDS (whatever their record says), are dropped, counted and named.
     `feature_extractor`: the model's `audio_features` (part.model.encoders.AudioFeatures; a bare transformers
     extractor works too), which alone computes the features and their valid lengths. `layout`: the model's
-    `layout_spec`, with which the batch's sequence layouts are computed here, on the host (part/packing.py)."""
+    `layout_spec`, with which the batch's sequence layouts are computed here, on the host (part/packing.py).
+    `audio_multiple` (seconds, 0: none): the features are padded to a `bucket_length` of that multiple."""
     features_of = audio_features(feature_extractor)
     waves, kept, seconds = [], [], []
     for s in samples:
@@ -79,6 +80,11 @@ def collate(samples: list[Sample], feature_extractor, counters: Counter, max_dur
         features, frames = features_of(waves)
     else:  # text-only batch: a short silent input keeps the audio path (and ZeRO-3 gathers) identical on all ranks
         features, frames = features_of([np.zeros(SAMPLE_RATE // 4, dtype=np.float32)])
+    if audio_multiple > 0:
+        multiple = max(1, round(audio_multiple * features_of.steps_per_second))
+        steps = features.shape[features_of.time_axis]
+        longest = max(steps, round(max_duration * features_of.steps_per_second))  # what the encoder takes
+        features = features_of.pad_to(features, min(bucket_length(steps, multiple), longest))
     audio_index, durations, j = [], [], 0
     for s in kept:
         audio_index.append(j if s.audio is not None else -1)

@@ -123,7 +123,8 @@ class MixtureStream(IterableDataset):
                              for s in batch_samples)
                 if b < skip_batches:
                     continue
-                batch = collate(batch_samples, self.feature_extractor, counters, self.cfg.max_duration, self.layout)
+                batch = collate(batch_samples, self.feature_extractor, counters, self.cfg.max_duration, self.layout,
+                                self.cfg.audio_multiple)
                 if batch is None:
                     continue
                 position = StreamPosition(worker=g, window_state=start_state, next_batch=b + 1,

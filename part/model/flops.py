@@ -159,8 +159,9 @@ class BatchShapes:
         """From the batch's host tensors and its sequence layout (one sample per row when it has none)."""
         clips = batch.input_features.shape[0]
         steps = batch.feature_frames.tolist()
-        # the padded length: Whisper's mel frames; the other families' features are padded to the longest clip
-        mel = batch.input_features.shape[-1] if shapes.n_mels else max(steps)
+        # the padded length: the features' time axis (the last, but w2v-BERT's stacked fbank [clips, frames, 160])
+        features = batch.input_features
+        mel = features.shape[-1] if shapes.n_mels or features.ndim == 2 else features.shape[1]
         layout = batch.layout
         if layout is None:
             spec = LayoutSpec(audio_token_id, 0, ClipPositions(tuple(shapes.enc_convs), shapes.downsample),

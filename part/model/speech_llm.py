@@ -211,7 +211,11 @@ class SpeechLLM(nn.Module):
 
     def attention_inputs(self, layout: SequenceLayout) -> dict:
         """What the LLM's decoder needs besides the embeddings so that each sample attends only to itself, from
-        position 0: varlen lengths for flash attention, else a block-causal mask built on the device."""
+        position 0: nothing where each row is one sample from its first column (causal attention alone is exact
+        for right padding, and takes the kernels' fast path), varlen lengths for flash attention, else a
+        block-causal mask built on the device."""
+        if not layout.shared_rows:
+            return {}
         if self.cfg.attn_implementation == "flash_attention_2":
             return dict(position_ids=layout.position_ids, cu_seq_lens_q=layout.cu_seqlens,
                         cu_seq_lens_k=layout.cu_seqlens, max_length_q=layout.max_seqlen,

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from part.config import TrainConfig
+from part.config import ActivationCheckpointingConfig, TrainConfig
 from part.model.flops import Shapes, Trainable
 
 GIB = 1024**3
@@ -36,6 +36,7 @@ class StageMemory:
     grads: float
     optimizer: float  # fp32 master weights and Adam's moments
     activations: float
+    activations_kept: float | None = None  # activations without any recomputation (None: the same)
 
     @property
     def total(self) -> float:
@@ -68,10 +69,12 @@ def _layer_elements(dim: int, kv_dim: int, ffn: int, gated: bool) -> int:
     return 6 * dim + 2 * kv_dim + (3 if gated else 2) * ffn
 
 
-def activation_bytes(s: Shapes, t: Trainable, cfg: TrainConfig) -> float:
-    """Activations of the largest micro-batch the data settings allow, for trainable set `t`."""
+def activation_bytes(s: Shapes, t: Trainable, cfg: TrainConfig,
+                     ckpt: ActivationCheckpointingConfig | None = None) -> float:
+    """Activations of the largest micro-batch the data settings allow, for trainable set `t`, recomputing what
+    `ckpt` says (default: model.activation_checkpointing)."""
     width = 2 if cfg.precision == "bf16" else 4
-    ckpt = cfg.model.activation_checkpointing
+    ckpt = ckpt or cfg.model.activation_checkpointing
     clips_frames = cfg.data.max_batch_seconds * s.enc_frames_per_second // 1  # encoder frames in the batch
     adapter_frames = clips_frames / s.downsample
     llm_tokens = cfg.data.max_batch_tokens + adapter_frames
@@ -126,8 +129,9 @@ def estimate_stages(cfg: TrainConfig, world_size: int, model) -> list[StageMemor
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         params, grads, optimizer = model_state_bytes(total_params, trainable, largest, cfg.zero_stage, world_size,
                                                      cfg.precision, offload)
-        acts = activation_bytes(shapes, Trainable.from_model(model), cfg)
-        out.append(StageMemory(stage.name, params, grads, optimizer, acts))
+        acts = activation_bytes(shapes, Trainable.from_model(model), cfg, cfg.recompute(stage))
+        kept = activation_bytes(shapes, Trainable.from_model(model), cfg, ActivationCheckpointingConfig())
+        out.append(StageMemory(stage.name, params, grads, optimizer, acts, kept))
     return out
 
 
@@ -145,12 +149,16 @@ def evaluation_estimate(estimates: list[StageMemory], cfg: TrainConfig, total_pa
 
 def memory_table(estimates: list[StageMemory], device_bytes: float | None) -> tuple[str, list[str]]:
     """A markdown table in GiB, and a warning for every stage over 90% of `device_bytes`."""
-    lines = ["| stage | params | grads | optimizer | activations | total (GiB per rank) |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| stage | params | grads | optimizer | activations | total (GiB per rank) | total without recompute |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     warnings = []
     for e in estimates:
+        kept = e.total - e.activations + (e.activations if e.activations_kept is None else e.activations_kept)
         lines.append(f"| {e.stage} | {e.params / GIB:.1f} | {e.grads / GIB:.1f} | {e.optimizer / GIB:.1f} | "
-                     f"{e.activations / GIB:.1f} | {e.total / GIB:.1f} |")
+                     f"{e.activations / GIB:.1f} | {e.total / GIB:.1f} | {kept / GIB:.1f} |")
+        if device_bytes and kept < e.total and kept <= 0.9 * device_bytes:
+            warnings.append(f"note: stage '{e.stage}' fits without recomputation ({kept / GIB:.0f} GiB per rank): "
+                            f"set its activation_checkpointing to {{encoder: false, llm: false}} for a faster step")
         if device_bytes and e.total > 0.9 * device_bytes:
             warnings.append(f"warning: stage '{e.stage}' needs about {e.total / GIB:.0f} GiB per rank, more than "
                             f"90% of the device's {device_bytes / GIB:.0f} GiB: lower data.max_batch_seconds / "

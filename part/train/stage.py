@@ -8,6 +8,7 @@ The benchmark builds and steps stages through this module too, so what it times 
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -43,10 +44,11 @@ def features_dtype(cfg: TrainConfig) -> torch.dtype:
 
 
 def build_optimizer(model: torch.nn.Module, optim: OptimConfig, lr: float,
-                    lr_scales: dict[str, float] | None = None) -> torch.optim.AdamW:
+                    lr_scales: dict[str, float] | None = None, fused: bool = False) -> torch.optim.AdamW:
     """AdamW over the trainable parameters; matrices decay, biases and norms do not. `lr_scales`: factors on `lr`
     for some parameter groups (a parameter in two takes the first); each param group carries its `lr_scale`,
-    which `train_step` applies to the scheduled lr at every step."""
+    which `train_step` applies to the scheduled lr at every step. `fused`: one kernel for the whole update (on
+    GPUs)."""
     from part.model.groups import group_parameters
 
     scales: dict[str, float] = {}
@@ -63,7 +65,7 @@ def build_optimizer(model: torch.nn.Module, optim: OptimConfig, lr: float,
             if params or scale == 1.0:  # the stage-lr pair always, the others when not empty
                 param_groups.append({"params": params, "weight_decay": weight_decay, "lr": lr * scale,
                                      "lr_scale": scale})
-    return torch.optim.AdamW(param_groups, lr=lr, betas=optim.betas, eps=optim.eps)
+    return torch.optim.AdamW(param_groups, lr=lr, betas=optim.betas, eps=optim.eps, fused=fused or None)
 
 
 @dataclass(frozen=True)
@@ -99,17 +101,18 @@ class StageRun:
 
         seed_everything(cfg.seed + span.index)
         t0 = time.perf_counter()
+        model_cfg = dataclasses.replace(cfg.model, activation_checkpointing=cfg.recompute(span.stage))
         if checkpoint is None:
-            model = SpeechLLM(cfg.model, tokenizer)  # the pretrained encoder and LLM
+            model = SpeechLLM(model_cfg, tokenizer)  # the pretrained encoder and LLM
         else:  # the architecture saved with the checkpoint, then its weights: pretrained ones are not read again
-            model = SpeechLLM(cfg.model, tokenizer, saved_configs=checkpoint)
+            model = SpeechLLM(model_cfg, tokenizer, saved_configs=checkpoint)
         t1 = time.perf_counter()
         if checkpoint is not None:
             model.load_weights(checkpoint / WEIGHTS_NAME)
         t2 = time.perf_counter()
         counts = set_trainable(model, span.stage.trainable)
         scales = {group: rate / span.stage.lr for group, rate in span.stage.group_lr.items()}  # of the schedule
-        optimizer = build_optimizer(model, cfg.optim, lr, scales)
+        optimizer = build_optimizer(model, cfg.optim, lr, scales, fused=dist.device.type == "cuda")
         engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg))
         t3 = time.perf_counter()
         if restore_optimizer:
