@@ -244,6 +244,11 @@ def stage_report(train_log: Path, warmup: int = WARMUP_STEPS) -> list[dict]:
             "audio_s_per_s": sum(r["audio_seconds"] for r in steady) / total,
             "tflops_per_s": sum(r.get("flops", 0.0) for r in steady) / total / 1e12,
             "mfu": sum(r.get("flops", 0.0) for r in steady) / total / peak if peak else None,
+            # everything that ran, padding included, and the padding's shares
+            "mfu_padded": sum(r.get("padded_flops", r.get("flops", 0.0)) for r in steady) / total / peak
+            if peak else None,
+            "llm_padding": statistics.mean(r.get("llm_padding", 0.0) for r in steady),
+            "audio_padding": statistics.mean(r.get("audio_padding", 0.0) for r in steady),
             "peak_memory_gib": max((r.get("peak_memory_gib", 0.0) for r in recs), default=0.0),
             "first_steps_s": [round(r["step_time"], 2) for r in recs[:warmup]],
         })
@@ -252,13 +257,15 @@ def stage_report(train_log: Path, warmup: int = WARMUP_STEPS) -> list[dict]:
 
 def report_markdown(rows: list[dict]) -> str:
     lines = ["| stage | steps (timed) | tokens/s | audio-s/s | step s median | p90 | max | max/median | TFLOP/s | MFU "
-             "| peak GiB | warm-up steps s |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+             "| MFU with padding | LLM padding | audio padding | peak GiB | warm-up steps s |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
         mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+        padded = "n/a" if r["mfu_padded"] is None else f"{100 * r['mfu_padded']:.1f}%"
         lines.append(f"| {r['stage']} | {r['steps']} ({r['timed']}) | {r['tokens_per_s']:.0f} | "
                      f"{r['audio_s_per_s']:.0f} | {r['median_s']:.2f} | {r['p90_s']:.2f} | {r['max_s']:.2f} | "
-                     f"{r['max_over_median']:.2f} | {r['tflops_per_s']:.1f} | {mfu} | {r['peak_memory_gib']:.1f} | "
+                     f"{r['max_over_median']:.2f} | {r['tflops_per_s']:.1f} | {mfu} | {padded} | "
+                     f"{100 * r['llm_padding']:.1f}% | {100 * r['audio_padding']:.1f}% | {r['peak_memory_gib']:.1f} | "
                      f"{r['first_steps_s']} |")
     return "\n".join(lines)
 

@@ -1,15 +1,15 @@
 """The packed training step against the padded one: shapes, padding and speed, in one run on this machine.
 
-a. Shapes and padding at the large recipe's data settings (configs/part_large.yaml: window, batch bounds, 128 mel
-   bins, the adapter's stride) over --batches batches of a corpus: distinct encoder input shapes and LLM input
-   shapes, LLM padding and audio padding, for the layouts part can run: one packed row (varlen flash
-   attention), packed rows as long as the longest sample (sdpa and eager), and the padded layout (one sample per
-   row, padded to the longest, audio to the longest clip).
+a. Shapes and padding at the large recipe's data settings (configs/part_large.yaml: window, batch bounds, row
+   length, 128 mel bins, the adapter's stride) over --batches batches of a corpus: distinct encoder input shapes
+   and LLM input shapes, LLM padding and audio padding, for the layouts part can run: one packed row (varlen
+   flash attention), packed rows of the recipe's data.row_tokens and rows as long as the longest sample (sdpa and
+   eager), and the padded layout (one sample per row, padded to the longest, audio to the longest clip).
 b. Step speed on a real-depth, narrow model built here (a 28-layer Qwen2-style LLM and a 32-layer Whisper-style
-   encoder, width 128, LoRA on every projection): samples/s of the packed step (the defaults) against the padded
-   step (one sample per row, lengths unrounded, LoRA executed while frozen) over the same batches, in one process
-   on CPU (fp32), for an adapter-only stage and an adapter + LoRA stage; and the largest difference between the
-   packed and the padded step's loss and gradients.
+   encoder, width 128, LoRA on every projection): samples/s of the packed step (configs/tiny_part.yaml's data
+   settings, the CPU recipe's) against the padded step (one sample per row, lengths unrounded, LoRA executed
+   while frozen) over the same batches, in one process on CPU (fp32), for an adapter-only stage and an adapter +
+   LoRA stage; and the largest difference between the packed and the padded step's loss and gradients.
 
 Every figure comes from this run; ratios only (absolute speed on a CPU says nothing of a GPU). The corpus is the
 one configs/tiny_part.yaml names (cache/corpus, from `bash launch/demo.sh`), else --corpus, else a small one built
@@ -113,7 +113,7 @@ def large_recipe_settings() -> tuple[dict, int]:
     import yaml
 
     raw = yaml.safe_load((REPO / "configs" / "part_large.yaml").read_text())
-    keys = ("window", "max_batch_seconds", "max_batch_tokens", "max_batch_size", "max_duration")
+    keys = ("window", "max_batch_seconds", "max_batch_tokens", "max_batch_size", "max_duration", "row_tokens")
     return {k: raw["data"][k] for k in keys if k in raw["data"]}, int(raw["model"]["adapter"]["downsample"])
 
 
@@ -135,7 +135,10 @@ def shapes_and_padding(corpus: Path, languages: list[str], tokenizer, n_batches:
     layouts = {
         "packed, one row (flash_attention_2)": LayoutSpec(audio_id, pad_id, positions, True, data.length_multiple,
                                                           1 << 40),
-        "packed rows (sdpa, eager)": LayoutSpec(audio_id, pad_id, positions, True, data.length_multiple),
+        f"packed rows of >= {data.row_tokens} (sdpa, eager)": LayoutSpec(audio_id, pad_id, positions, True,
+                                                                        data.length_multiple, data.row_tokens),
+        "packed rows as long as the longest sample": LayoutSpec(audio_id, pad_id, positions, True,
+                                                                data.length_multiple),
         "padded (one sample per row)": LayoutSpec(audio_id, pad_id, positions, False, 1),
     }
     stage = StageConfig(name="asr", steps=1, tasks={"asr": 1.0})
@@ -180,11 +183,12 @@ def batches_for_steps(corpus: Path, languages: list[str], tokenizer, model, n: i
     from part.data.stream import MixtureStream
 
     raw = yaml.safe_load((REPO / "configs" / "tiny_part.yaml").read_text())["data"]
-    keys = ("window", "max_batch_seconds", "max_batch_tokens", "max_batch_size", "max_duration")
+    keys = ("window", "max_batch_seconds", "max_batch_tokens", "max_batch_size", "max_duration", "packing",
+            "length_multiple", "row_tokens", "audio_multiple")
     data = data_config(corpus, languages, **{k: raw[k] for k in keys if k in raw})
     if not packed:
-        data = dataclasses.replace(data, audio_multiple=0.0)
-    spec = model.layout_spec(packed=packed, length_multiple=data.length_multiple if packed else 1)
+        data = dataclasses.replace(data, packing=False, length_multiple=1, audio_multiple=0.0)
+    spec = model.layout_spec(data.packing, data.length_multiple, data.row_tokens)
     stage = StageConfig(name="asr", steps=1, tasks={"asr": 1.0})
     stream = iter(MixtureStream(data, stage, tokenizer, model.audio_features, rank=0, world_size=1, layout=spec))
     return [next(stream) for _ in range(n)]
@@ -210,7 +214,7 @@ def time_steps(model, batches, groups: list[str], lora_runs: bool, warmup: int) 
         if i >= warmup:
             seconds += time.perf_counter() - t0
             samples += len(batch)
-        losses.append(float(out["loss"]))
+        losses.append(float(out["loss"].detach()))
     return samples / seconds, losses
 
 

@@ -174,8 +174,11 @@ class DataConfig:
     # The LLM's input: several samples per row, each attending only to itself (false: one sample per row). Rows
     # are padded to few lengths (multiples of `length_multiple` positions, at most 32 per doubling), the audio
     # features to multiples of `audio_multiple` seconds (at most 32 per doubling), so a run sees few shapes.
+    # With sdpa/eager attention, packed rows hold at least `row_tokens` positions (0: as long as the longest sample
+    # of the batch); longer rows leave less padding and cost more attention. flash_attention_2 takes one row.
     packing: bool = True
     length_multiple: int = 16
+    row_tokens: int = 0
     audio_multiple: float = 0.25
 
 
@@ -443,6 +446,7 @@ def validate(cfg: TrainConfig, source: str | Path = "config") -> None:
     check(d.temperature > 0, "data.temperature: must be > 0")
     check(d.max_batch_size >= 1, "data.max_batch_size: must be >= 1")
     check(d.length_multiple >= 1, f"data.length_multiple: {d.length_multiple} must be >= 1")
+    check(d.row_tokens >= 0, f"data.row_tokens: {d.row_tokens} must be >= 0")
     check(d.audio_multiple >= 0, f"data.audio_multiple: {d.audio_multiple} must be >= 0 (0: no rounding)")
     check(d.window >= max(d.max_batch_size, 1), "data.window: must be >= data.max_batch_size (and >= 1)")
     check(d.max_batch_seconds > 0, "data.max_batch_seconds: must be > 0")

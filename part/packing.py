@@ -66,21 +66,34 @@ def bucket_length(n: int, multiple: int) -> int:
 
 
 def _rows(lengths: list[int], capacity: int, packed: bool) -> list[list[int]]:
-    """Sample indices per row: first-fit over the samples longest first (packed), or one sample per row."""
+    """Sample indices per row: one sample per row, or (packed) the fewest rows of at most `capacity` positions
+    over which the samples, longest first each into the emptiest row, spread evenly (every row is padded to the
+    fullest, so a nearly empty last row would be mostly padding); first-fit's rows where no even spread fits in
+    fewer."""
     if not packed:
         return [[i] for i in range(len(lengths))]
-    rows: list[list[int]] = []
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    first_fit: list[list[int]] = []
     fill: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        for r, used in enumerate(fill):
-            if used + lengths[i] <= capacity:
-                rows[r].append(i)
-                fill[r] += lengths[i]
-                break
-        else:
-            rows.append([i])
-            fill.append(lengths[i])
-    return [sorted(r) for r in rows]  # batch order inside a row
+    for i in order:  # longest first, each into the first row it fits
+        r = next((r for r, used in enumerate(fill) if used + lengths[i] <= capacity), len(fill))
+        if r == len(fill):
+            first_fit.append([])
+            fill.append(0)
+        first_fit[r].append(i)
+        fill[r] += lengths[i]
+    rows = first_fit
+    for n_rows in range(max(1, -(-sum(lengths) // capacity)), len(first_fit) + 1):
+        even: list[list[int]] = [[] for _ in range(n_rows)]
+        fill = [0] * n_rows
+        for i in order:  # longest first, each into the emptiest row
+            r = min(range(n_rows), key=lambda r: (fill[r], r))
+            even[r].append(i)
+            fill[r] += lengths[i]
+        if max(fill) <= capacity:
+            rows = even
+            break
+    return sorted(sorted(r) for r in rows)  # batch order inside a row, rows by their first sample
 
 
 def layout_sequences(prompts: list[list[int]], targets: list[list[int]], audio_index: list[int],

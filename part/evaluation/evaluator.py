@@ -158,7 +158,8 @@ class Evaluator:
         batches = eval_batches(cfg.data, cfg.data.languages, cfg.eval.tasks, cfg.stages[-1].translation_targets,
                                cfg.eval.per_language, cfg.eval.batch_size, self.tokenizer,
                                model.audio_features, dist.rank, dist.world_size,
-                               layout=model.layout_spec(cfg.data.packing, cfg.data.length_multiple))
+                               layout=model.layout_spec(cfg.data.packing, cfg.data.length_multiple,
+                                                        cfg.data.row_tokens))
         records = generate_records(model, batches, self.tokenizer, dist.device, self.dtype, cfg.eval.max_new_tokens,
                                    cfg.eval.num_beams, synced=synced,
                                    progress=EvalProgress(self.logger, step))

@@ -175,14 +175,16 @@ class SpeechLLM(nn.Module):
 
     # ---------------------------------------------------------------- sequence assembly
 
-    def layout_spec(self, packed: bool = True, length_multiple: int = 64) -> LayoutSpec:
+    def layout_spec(self, packed: bool = True, length_multiple: int = 16, row_tokens: int = 0) -> LayoutSpec:
         """How this model's input is laid out (part/packing.py): what the collator needs to know of it. Varlen
-        flash attention takes a whole packed batch as one row; the masked kernels get rows as long as its longest
-        sample, so a row's attention costs no more than that sample's would."""
+        flash attention takes a whole packed batch as one row; the masked kernels get rows of at least
+        `row_tokens` positions (0: as long as the batch's longest sample), whose attention grows with their
+        length."""
         one_row = self.cfg.attn_implementation == "flash_attention_2"
         positions = ClipPositions(tuple(self.encoder_family.frame_convs), self.cfg.adapter.downsample)
         return LayoutSpec(self.audio_token_id, self.pad_token_id if self.pad_token_id is not None else 0, positions,
-                          packed=packed, length_multiple=length_multiple, row_tokens=(1 << 40) if one_row else 0)
+                          packed=packed, length_multiple=length_multiple,
+                          row_tokens=(1 << 40) if one_row else row_tokens)
 
     def layout_of(self, batch: Batch, prompts: bool = False) -> SequenceLayout:
         """The batch's training layout (or its prompts' generation layout), as the collator computed it; a batch

@@ -157,7 +157,8 @@ class StageRun:
         """This stage's data stream on this rank, continuing from `resume` (a tracker state) when given."""
         stream = MixtureStream(self.cfg.data, self.span.stage, self.tokenizer, self.model.audio_features,
                                self.dist.rank, self.dist.world_size, resume=resume,
-                               layout=self.model.layout_spec(self.cfg.data.packing, self.cfg.data.length_multiple))
+                               layout=self.model.layout_spec(self.cfg.data.packing, self.cfg.data.length_multiple,
+                                                             self.cfg.data.row_tokens))
         self.tracker = StreamTracker(resume)
         self._batches = iter(make_loader(stream))
 

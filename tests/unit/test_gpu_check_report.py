@@ -17,7 +17,8 @@ PEAK = 1e15
 
 def record(step: int, stage: str, seconds: float, flops: float = 2e14, process_steps: int | None = None) -> dict:
     return {"step": step, "stage": stage, "step_time": seconds, "tokens": 1000, "audio_seconds": 100.0,
-            "flops": flops, "mfu": flops / seconds / PEAK, "peak_memory_gib": step / 10,
+            "flops": flops, "padded_flops": 1.25 * flops, "llm_padding": 0.1, "audio_padding": 0.05,
+            "mfu": flops / seconds / PEAK, "peak_memory_gib": step / 10,
             "process_steps": step if process_steps is None else process_steps}
 
 
@@ -35,9 +36,10 @@ def test_report_per_stage(tmp_path):
     assert a["median_s"] == 1.0 and a["max_s"] == 2.0 and a["max_over_median"] == 2.0
     assert a["tokens_per_s"] == pytest.approx(3000 / 4.0) and a["mfu"] == pytest.approx(3 * 2e14 / 4.0 / PEAK)
     assert a["first_steps_s"] == [9.0, 5.0] and a["peak_memory_gib"] == 0.5
+    assert a["mfu_padded"] == pytest.approx(1.25 * a["mfu"]) and (a["llm_padding"], a["audio_padding"]) == (0.1, 0.05)
     # stage b: steps 6-10, 6-7 its warm-up, 8-9 the resumed process's warm-up
     assert (b["steps"], b["timed"], b["median_s"]) == (5, 1, 2.0)
-    assert "| a | 5 (3) |" in report_markdown([a, b])
+    assert "| a | 5 (3) |" in report_markdown([a, b]) and "| 10.0% | 5.0% |" in report_markdown([a, b])
 
 
 def test_no_mfu_without_a_peak(tmp_path):

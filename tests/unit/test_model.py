@@ -92,8 +92,9 @@ def test_packed_and_unpacked_give_the_same_loss_and_gradients(tiny_models):
         p.requires_grad_(True)
     batch = make_batch(tok, frames=(300, 180, 120, 60), text_only=True)
     results = []
-    for spec in (model.layout_spec(packed=False, length_multiple=1), model.layout_spec(packed=True),
-                 dataclasses.replace(model.layout_spec(packed=True), row_tokens=4096)):  # all in one row
+    longest = max(len(p) + len(t) for p, t in zip(batch.prompt_ids, batch.target_ids)) + 38
+    for spec in (model.layout_spec(packed=False, length_multiple=1), model.layout_spec(row_tokens=2 * longest),
+                 model.layout_spec(row_tokens=4096)):  # all in one row
         laid = with_layouts(batch, spec)
         model.zero_grad()
         torch.manual_seed(0)
@@ -102,7 +103,7 @@ def test_packed_and_unpacked_give_the_same_loss_and_gradients(tiny_models):
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results.append((laid.layout.shape, out["loss"].detach(), out["tokens"], grads))
     (unpacked_shape, loss, tokens, grads), *packed = results
-    assert unpacked_shape[0] == 5 and [r[0][0] for r in packed] == [3, 1]  # 5 rows, packed into 3, then into 1
+    assert unpacked_shape[0] == 5 and 1 < packed[0][0][0] < 5 and packed[1][0][0] == 1  # 5 rows, fewer, then 1
     assert len(grads) > 50
     for _, packed_loss, packed_tokens, packed_grads in packed:
         assert packed_tokens == tokens
