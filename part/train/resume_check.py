@@ -21,7 +21,8 @@ from __future__ import annotations
 from part.config import TrainConfig, to_dict
 
 MODEL_FIELDS_FREE = ("attn_implementation", "activation_checkpointing")
-DATA_FIELDS_FREE = ("num_workers", "packing", "length_multiple", "row_tokens", "audio_multiple")  # the layout, not the samples
+# the loader's processes, and how batches are laid out (not which samples they hold)
+DATA_FIELDS_FREE = ("num_workers", "packing", "length_multiple", "row_tokens", "audio_multiple")
 STAGE_FIELDS_FIXED = ("name", "trainable", "tasks", "languages", "translation_targets")
 
 

@@ -215,12 +215,14 @@ class StageRun:
             audio_seconds += batch.audio_seconds
             work.add(batch, self.flop_shapes, self.trainable_parts, self.model.audio_token_id, lm_loss)
         grad_norm = None if skipped else self.engine.get_global_grad_norm()
-        values = [torch.stack(losses).sum(0)] if losses else []
-        if isinstance(grad_norm, torch.Tensor):
-            values.append(grad_norm.detach().float().reshape(1).to(self.dist.device))
-        values = torch.cat(values).tolist() if values else []  # the step's one read of device values
-        loss_sum, objective_values = (values[0], values[1:1 + len(names)]) if losses else (0.0, [0.0] * len(names))
-        if isinstance(grad_norm, torch.Tensor):
+        # The step's one read of device values: the losses' sums, and the gradient norm where it is a tensor.
+        reads = [torch.stack(losses).sum(0) if losses else torch.zeros(1 + len(names), device=self.dist.device)]
+        norm_on_device = isinstance(grad_norm, torch.Tensor)
+        if norm_on_device:
+            reads.append(grad_norm.detach().float().reshape(1).to(self.dist.device))
+        values = torch.cat(reads).tolist()
+        loss_sum, objective_values = values[0], values[1:1 + len(names)]
+        if norm_on_device:
             grad_norm = values[-1]
         self.dist.synchronize()  # queued device work belongs to this step's time
         return StepRecord(step=step + 1, lr=lr, loss_sum=loss_sum, tokens=tokens, samples=samples,
