@@ -11,6 +11,8 @@ import re
 import pytest
 from conftest import train_under_guard, write_config
 
+pytestmark = pytest.mark.slow
+
 STEPS = 5
 WARMUP = 2
 STAGE = f"""\
