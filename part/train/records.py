@@ -33,6 +33,7 @@ class StepRecord:
     # bad or unusable samples the stage's stream has skipped so far (counted by reason)
     skipped_samples: int = field(default=0, metadata=SUMMED)
     peak_memory: int | None = None  # bytes allocated at most on the device during the stage so far (GPU only)
+    stop_requests: int = field(default=0, metadata=SUMMED)  # ranks a stop signal has reached (the trainer sets it)
     # The objectives' losses by name (part/objectives), summed over the micro-batches that computed them, and
     # how many did: every rank holds the same names (the model's `loss_names`), so they sum over ranks by name.
     objective_sums: dict[str, float] = field(default_factory=dict, metadata=SUMMED)

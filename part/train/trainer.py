@@ -8,6 +8,7 @@ resumed at or inside any stage continues exactly as an uninterrupted one.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 from collections import Counter
@@ -292,11 +293,14 @@ class Trainer:
             else:
                 self.bad_steps_in_a_row = 0
             self.step = record.step
+            # One collective a step: the global batch's figures for the log, and the ranks a stop signal reached
+            # (it may reach only some, or reach them a step apart): every rank stops when one was.
+            stop_requests = int(self.stop_signal is not None)
+            summed = self._summed_over_ranks(dataclasses.replace(record, stop_requests=stop_requests))
             if not record.skipped:
                 counters = self._data_counters(stage) if self.logger.wandb_due(self.step, stage.span) else None
-                self.logger.step(self._summed_over_ranks(record), stage.span, counters)
-            # one collective a step: a signal may have reached only some ranks (or reach them a step apart)
-            stopping = not self.dist.all_true(self.stop_signal is None)
+                self.logger.step(summed, stage.span, counters)
+            stopping = summed.stop_requests > 0
             if self.step % self.cfg.checkpoint.every == 0 or self.step == stage.span.end or stopping:
                 if (code := self._save_checkpoint(stage)) is not ExitCode.OK:
                     return code

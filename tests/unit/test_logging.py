@@ -228,7 +228,7 @@ def test_objective_losses_are_logged_and_summed_by_name(tmp_path, capsys):
         return [2 * v for v in values]
 
     total = record.summed_over_ranks(doubled)
-    assert len(calls) == 1 and len(calls[0]) == 16  # one collective: 12 scalar fields and 2 + 2 named losses
+    assert len(calls) == 1 and len(calls[0]) == 17  # one collective: 13 scalar fields and 2 + 2 named losses
     assert (total.loss_sum, total.tokens, total.samples, total.data_wait) == (12.0, 6, 4, 0.5)
     assert isinstance(total.tokens, int) and total.objective_batches == {"ctc_loss": 4, "frame_loss": 0}
     assert (total.step, total.lr, total.grad_norm, total.step_time) == (1, 1e-3, 0.5, 1.0)  # rank 0's own
