@@ -147,6 +147,16 @@ def reference(corpus, tiny_models, tmp_path_factory):
             "port": port}
 
 
+def test_every_stage_makes_at_most_two_host_syncs_a_step_in_part_and_eight_in_all(reference):
+    """The sync guard's count of the reference run (batches of up to 4 clips; adapter, encoder, LoRA and text
+    stages): the bounds of tests/integration/test_sync_e2e.py, which counts batches of up to 12."""
+    from test_sync_e2e import steady_syncs
+
+    steps = steady_syncs(reference["stdout"], [start for start, _ in BOUNDARIES.values()], 13)
+    assert len(steps) == 2 * (13 - 2 * len(BOUNDARIES))
+    assert max(p for p, _ in steps) <= 2 and max(a for _, a in steps) <= 8, steps
+
+
 def test_cpu_allreduce_segments_do_not_outlive_the_run(reference):
     # DeepSpeed's CPU backend makes a 66 MB /dev/shm segment per rank and never unlinks it; the trainer
     # unlinks its own once every peer has mapped it, so runs (even killed ones) leave nothing behind
