@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import sys
+import weakref
 from collections import Counter
 from pathlib import Path
 
@@ -47,7 +48,7 @@ def _owner(frame) -> str:
         file = Path(frame.f_code.co_filename)
         if file.resolve() != here:
             parts = file.parts
-            if "torch" not in parts and "torch" not in (file.parent.name,):
+            if "torch" not in parts:
                 for name, roots in OWNERS:
                     if any(file.resolve().is_relative_to(root) for root in roots):
                         return name
@@ -101,7 +102,7 @@ class SyncGuard:
         self.counting = False
         self.propagating = True
         self.events: list[tuple[str, str, str]] = []  # (owner, op, where) of the last step, for messages
-        self._host: set[int] = set()
+        self._host: dict[int, weakref.ref] = {}  # by id, checked by identity (a freed tensor's id is reused)
         self._mode = _Mode(self)
         self._patched: dict[str, object] = {}
 
@@ -110,11 +111,15 @@ class SyncGuard:
     def note_host(self, *values) -> None:
         """Tensors (also inside lists and dataclasses such as Batch) that live on the host."""
         for value in values:
-            self._host.update(id(t) for t in _tensors(value))
+            self._host.update((id(t), weakref.ref(t)) for t in _tensors(value))
+
+    def host(self, tensor: torch.Tensor) -> bool:
+        ref = self._host.get(id(tensor))
+        return ref is not None and ref() is tensor
 
     def is_host(self, args) -> bool:
         tensors = list(_tensors(list(args)))
-        return bool(tensors) and all(id(t) in self._host for t in tensors)
+        return bool(tensors) and all(self.host(t) for t in tensors)
 
     # ---- counting
 
@@ -160,7 +165,7 @@ class SyncGuard:
             original = getattr(torch.Tensor, name)
 
             def read(tensor, *args, **kwargs):
-                if guard.counting and id(tensor) not in guard._host:
+                if guard.counting and not guard.host(tensor):
                     guard.count(f"Tensor.{name}")
                 return original(tensor, *args, **kwargs)
 
