@@ -138,6 +138,24 @@ def test_lora_starts_as_identity(tiny_models, model_and_tokenizer):
         assert torch.allclose(model(batch)["loss"], plain(batch)["loss"], atol=1e-6)
 
 
+def test_flash_attention_gets_the_whole_batch_as_one_row_with_its_varlen_lengths(tiny_models):
+    """With flash_attention_2 (not run here: it needs a GPU) the batch is one packed row, and the decoder gets the
+    samples' positions and their cumulative lengths, computed on the host, instead of a mask."""
+    model, tok = tiny_speech_llm(tiny_models)
+    model.cfg = dataclasses.replace(model.cfg, attn_implementation="flash_attention_2")
+    batch = with_layouts(make_batch(tok, frames=(300, 180, 120), text_only=True), model.layout_spec())
+    layout = batch.layout
+    assert layout.shape[0] == 1 and layout.shared_rows
+    inputs = model.attention_inputs(layout)
+    assert set(inputs) == {"position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"}
+    lengths = inputs["cu_seq_lens_q"].diff().tolist()
+    assert inputs["cu_seq_lens_q"].dtype == torch.int32 and sum(lengths) == layout.shape[1]
+    assert sorted(lengths[:4]) == sorted(int((layout.segments == k).sum()) for k in range(4))  # samples, then padding
+    assert inputs["max_length_q"] == max(lengths) and isinstance(inputs["max_length_q"], int)
+    starts = inputs["cu_seq_lens_q"][:-1].long()
+    assert (inputs["position_ids"][0, starts] == 0).all()  # every sample (and the padding run) starts at position 0
+
+
 def _products(model, batch) -> tuple[torch.Tensor, int]:
     """The loss, and how many matrix products the forward ran."""
     from torch.utils.flop_counter import FlopCounterMode
