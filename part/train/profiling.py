@@ -2,12 +2,15 @@
 
 Each rank writes into `<output_dir>/profile/`: `rank{R}_steps{A}-{B}.trace.json` (a Chrome / Perfetto trace, with
 CUDA kernels when the device is a GPU) and `rank{R}_steps{A}-{B}.top.txt` (the operators sorted by their own time,
-the table people read first). The window is counted in global optimizer steps, so a resumed run profiles the same
-steps; a window the run has already passed is not profiled.
+the table people read first, under a line saying how much of the window's wall time the operators' own time
+fills: on a GPU the device's kernels, so the rest is time the device waited on the host). The window is counted in
+global optimizer steps, so a resumed run profiles the same steps; a window the run has already passed is not
+profiled.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -28,6 +31,7 @@ class StepProfiler:
         self.enabled = start >= 0 and steps > 0
         self.device = device
         self._profile: torch.profiler.profile | None = None
+        self._started = 0.0
         self.written: list[Path] = []
 
     def before_step(self, done: int) -> None:
@@ -37,6 +41,7 @@ class StepProfiler:
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
             self._profile = torch.profiler.profile(activities=activities, record_shapes=True)
             self._profile.__enter__()
+            self._started = time.perf_counter()
 
     def after_step(self, done: int, stage_end: int) -> None:
         """Stops after the window's last step, or at the stage's last one (`stage_end`, steps done): a window
@@ -53,6 +58,7 @@ class StepProfiler:
         profile, self._profile = self._profile, None
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+        wall = time.perf_counter() - self._started
         profile.__exit__(None, None, None)
         self.enabled = False  # one window a run
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -60,7 +66,12 @@ class StepProfiler:
         trace = stem.with_suffix(".trace.json")
         profile.export_chrome_trace(str(trace))
         sort_by = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
-        table = profile.key_averages().table(sort_by=sort_by, row_limit=TOP_ROWS, max_name_column_width=60)
+        averages = profile.key_averages()
+        busy = sum(getattr(e, sort_by) for e in averages) / 1e6  # the operators' own time, seconds
+        where = "device kernels" if self.device.type == "cuda" else "operators on the host"
+        share = (f"{1e3 * wall:.3f} ms wall, {1e3 * busy:.3f} ms in {where} ({100 * busy / wall:.1f}%), "
+                 f"{1e3 * max(wall - busy, 0.0):.3f} ms else")
+        table = averages.table(sort_by=sort_by, row_limit=TOP_ROWS, max_name_column_width=60)
         top = stem.with_suffix(".top.txt")
-        top.write_text(f"steps {self.first}-{done}, rank {self.rank}, sorted by {sort_by}\n{table}\n")
+        top.write_text(f"steps {self.first}-{done}, rank {self.rank}, sorted by {sort_by}\n{share}\n{table}\n")
         self.written += [trace, top]

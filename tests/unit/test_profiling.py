@@ -1,4 +1,5 @@
 import json
+import re
 
 import torch
 
@@ -36,6 +37,11 @@ def test_profiles_exactly_the_window_and_writes_trace_and_table(tmp_path):
     table = top.read_text()
     assert table.startswith("steps 3-4, rank 1, sorted by self_cpu_time_total")
     assert "aten::mm" in table
+    # how much of the window's wall time the operators' own time fills, and the rest
+    wall, busy, share, rest = map(float, re.search(
+        r"^([\d.]+) ms wall, ([\d.]+) ms in operators on the host \(([\d.]+)%\), ([\d.]+) ms else$", table,
+        re.M).groups())
+    assert 0 < busy <= wall and abs(share - 100 * busy / wall) < 0.1 and abs(rest - (wall - busy)) < 2e-3
 
 
 def test_window_stops_at_the_stage_end_before_its_checkpoint(tmp_path):
