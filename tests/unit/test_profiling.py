@@ -41,7 +41,8 @@ def test_profiles_exactly_the_window_and_writes_trace_and_table(tmp_path):
     wall, busy, share, rest = map(float, re.search(
         r"^([\d.]+) ms wall, ([\d.]+) ms in operators on the host \(([\d.]+)%\), ([\d.]+) ms else$", table,
         re.M).groups())
-    assert 0 < busy <= wall and abs(share - 100 * busy / wall) < 0.1 and abs(rest - (wall - busy)) < 2e-3
+    # (the figures are printed rounded: a window of a fraction of a millisecond moves the share by some tenths)
+    assert 0 < busy <= wall and abs(share - 100 * busy / wall) < 1 and abs(rest - (wall - busy)) < 2e-3
 
 
 def test_window_stops_at_the_stage_end_before_its_checkpoint(tmp_path):
