@@ -136,8 +136,11 @@ class AlignmentConfig:
     """The frames read through the LLM's final norm and output head, as the LLM reads its last hidden state."""
 
     # A JSON file of the token ids the frames are classified over (the training transcripts' tokens, written by
-    # `python -m part frame_vocabulary`); None: the LLM's whole vocabulary.
+    # `python -m part frame_vocabulary`); None: the LLM's whole vocabulary. Tokens outside it are spelled with its
+    # tokens (part/objectives/frame_vocabulary.py).
     vocabulary: str | None = None
+    # What `python -m part frame_vocabulary` keeps: the tokens seen at least this often (1: every transcript token).
+    vocabulary_min_count: int = 1
     ctc: CtcConfig | None = None
     frame_targets: FrameTargetsConfig | None = None
     readout: ReadoutConfig | None = None
@@ -430,6 +433,7 @@ def validate(cfg: TrainConfig, source: str | Path = "config") -> None:
             check(bool(al.frame_targets.teacher or m.encoder.pretrained), "model.alignment.frame_targets.teacher: "
                   "needed when the encoder is not a pretrained Whisper directory (model.encoder.pretrained)")
         check(al.readout is None or al.readout.temperature > 0, "model.alignment.readout.temperature: must be > 0")
+        check(al.vocabulary_min_count >= 1, "model.alignment.vocabulary_min_count: must be >= 1")
     check(m.attn_implementation in ATTENTION_IMPLEMENTATIONS,
           f"model.attn_implementation: '{m.attn_implementation}' is not one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
     if m.attn_implementation == "flash_attention_2":

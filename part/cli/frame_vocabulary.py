@@ -5,8 +5,10 @@ part/objectives/frame_vocabulary.py).
 
 Reads `data.train_shards` for `data.languages` (every transcript, tokenised by the LLM's tokenizer as the training
 stream tokenises it) and writes the sorted token ids with where they came from, as JSON, to --out (default: the
-file `model.alignment.vocabulary` names). Build it again when the corpus, its languages or the tokenizer change: a
-transcript token outside it stops training with an error naming it.
+file `model.alignment.vocabulary` names). With `model.alignment.vocabulary_min_count` N, only the tokens seen at
+least N times and the characters that spell the rarer ones are kept. Build it again when the corpus, its
+languages or the tokenizer change: a transcript token its tokens cannot spell stops training with an error
+naming it.
 
 examples:
     python -m part frame_vocabulary --config configs/tiny_part.yaml      # writes model.alignment.vocabulary's file
@@ -32,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     from part.config import ConfigError, load_config
     from part.data.vocabulary import transcript_token_counts
     from part.model.tokenizer import load_tokenizer
-    from part.objectives.frame_vocabulary import write_frame_vocabulary
+    from part.objectives.frame_vocabulary import choose_frame_vocabulary, write_frame_vocabulary
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -53,12 +55,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {cfg.data.train_shards}: no transcripts for {cfg.data.languages} "
               f"({dict(counters) or 'no shards'})", file=sys.stderr)
         return ExitCode.BAD_INPUT
-    write_frame_vocabulary(out, list(counts), about={
+    min_count = cfg.model.alignment.vocabulary_min_count if cfg.model.alignment else 1
+    ids, spelling = choose_frame_vocabulary(counts, tokenizer, min_count)
+    write_frame_vocabulary(out, ids, about={
         "train_shards": cfg.data.train_shards, "languages": cfg.data.languages, "tokenizer": tokenizer_dir,
-        "transcripts": counters["clips"], "tokens": sum(counts.values())})
+        "transcripts": counters["clips"], "tokens": sum(counts.values()), "distinct_tokens": len(counts),
+        **spelling})
     skipped = {k: v for k, v in counters.items() if k != "clips"}
-    print(f"wrote {out}: {len(counts)} distinct tokens of {len(tokenizer)} from {counters['clips']} transcripts"
-          + (f" (skipped: {skipped})" if skipped else ""))
+    spelled = (f"; {spelling['spelled_tokens']} tokens seen fewer than {spelling['min_count']} times spelled with "
+               f"the others ({spelling['pieces_per_token']} pieces per transcript token)"
+               if spelling["spelled_tokens"] else "")
+    print(f"wrote {out}: {len(ids)} tokens of {len(tokenizer)} for {len(counts)} distinct transcript tokens from "
+          f"{counters['clips']} transcripts{spelled}" + (f" (skipped: {skipped})" if skipped else ""))
     return ExitCode.OK
 
 

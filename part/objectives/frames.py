@@ -10,6 +10,7 @@ is the blank). On that reading three optional parts (`model.alignment`):
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,11 +20,12 @@ from torch import nn
 
 from part.objectives.base import EncodedAudio, Objective, SpeechLLM
 from part.objectives.frame_vocabulary import FILE_NAME as VOCABULARY_FILE
-from part.objectives.frame_vocabulary import read_frame_vocabulary, write_frame_vocabulary
+from part.objectives.frame_vocabulary import TokenPieces, read_frame_vocabulary, write_frame_vocabulary
 
 if TYPE_CHECKING:
     from part.batch import Batch
     from part.config import AlignmentConfig, ModelConfig
+    from part.objectives.whisper_align import TokenTiming
 
 # The readout mixes each frame's most likely tokens only: at its low temperature they hold nearly all the
 # posterior's mass, and their embeddings come through the embedding module (ZeRO-3 gathers it), not as the whole
@@ -91,8 +93,11 @@ class FrameAlignment(Objective):
             self.register_buffer("class_of_token", None, persistent=False)
             self.blank = self.blank_token
             self.rows_from_embeddings = False
+            self.pieces = None
             return
         ids = read_frame_vocabulary(file, embeddings.num_embeddings, blank=self.blank_token)
+        # transcript tokens outside the vocabulary are spelled with its tokens (needs the tokenizer's texts)
+        self.pieces = TokenPieces(tokenizer, ids) if tokenizer is not None else None
         token_ids = torch.tensor(ids, dtype=torch.long)
         class_of_token = torch.full((embeddings.num_embeddings,), -1, dtype=torch.long)
         class_of_token[token_ids] = torch.arange(len(ids))
@@ -122,6 +127,34 @@ class FrameAlignment(Objective):
                              "are not in it (built from other transcripts or another tokenizer?): write it again "
                              "with `python -m part frame_vocabulary --config CONFIG`")
         return classes
+
+    def spelled(self, token_ids: list[int]) -> list[int]:
+        """`token_ids` with each token outside the frame vocabulary replaced by its pieces in it (kept as it is
+        where it has none: `classes_of` then names it)."""
+        if self.pieces is None:
+            return token_ids
+        return [p for t in token_ids for p in (self.pieces(t) or [t])]
+
+    def spelled_timings(self, timings: list[TokenTiming]) -> list[TokenTiming]:
+        """`timings` with each token outside the frame vocabulary replaced by its pieces, the token's time span
+        shared among them in proportion to their length in characters."""
+        if self.pieces is None:
+            return timings
+        out = []
+        for timing in timings:
+            pieces = self.pieces(timing.token_id)
+            if pieces is None or len(pieces) == 1:
+                out.append(timing)
+                continue
+            lengths = [len(self.pieces.text[p]) for p in pieces]
+            total, done = sum(lengths), 0
+            for piece, length in zip(pieces, lengths):
+                start = timing.start + (timing.end - timing.start) * done / total
+                done += length
+                end = timing.start + (timing.end - timing.start) * done / total
+                out.append(dataclasses.replace(timing, token_id=piece, text=self.pieces.text[piece], start=start,
+                                               end=end))
+        return out
 
     def tokens_of(self, classes: torch.Tensor) -> torch.Tensor:
         """The token id of each class."""
@@ -194,7 +227,7 @@ class FrameAlignment(Objective):
         log_probs = encoded.cache[LOGITS].log_softmax(-1)
         clips = self._transcribed_clips(batch)
         rows = [j for _, j in clips]
-        targets = [batch.transcript_ids[i] for i, _ in clips]
+        targets = [torch.tensor(self.spelled(batch.transcript_ids[i].tolist()), dtype=torch.long) for i, _ in clips]
         if not rows:
             return log_probs.sum() * 0.0
         index = torch.tensor(rows, device=log_probs.device)
@@ -232,6 +265,7 @@ class FrameAlignment(Objective):
         timings = self.teacher.timings(
             encoded.states[rows], encoded.state_lengths[rows].tolist(),
             [batch.transcript_ids[i].tolist() for i, _ in clips], [batch.meta[i].language for i, _ in clips])
+        timings = [self.spelled_timings(clip) for clip in timings]
         seconds_per_frame = WHISPER_SECONDS_PER_FRAME * self.downsample
         device = logits_all.device
         logits = torch.cat([logits_all[j, :n] for j, n in zip(rows, lengths)])

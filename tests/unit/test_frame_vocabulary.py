@@ -114,8 +114,8 @@ def test_losses_and_readouts_speak_token_ids(models):
     # the frames' own reading: every id a token of the vocabulary, never the blank
     for row in s.greedy_reading(subset, batch):
         assert set(row) <= set(ids)
-    # a transcript token outside the vocabulary: an error naming it and the file
-    outside = next(t for t in range(len(tok)) if t not in set(ids) | {tok.pad_token_id})
+    # a transcript token outside the vocabulary that its tokens cannot spell: an error naming it and the file
+    outside = next(t for t in range(len(tok)) if t not in set(ids) | {tok.pad_token_id} and s.pieces(t) is None)
     with pytest.raises(ValueError, match=rf"model.alignment.vocabulary \({file}\): transcript tokens \[{outside}\]"):
         s.ctc_loss(encoded, _batch(tok, [outside, guten_tag[0]]))
 
@@ -193,7 +193,7 @@ def test_the_command_writes_the_training_transcripts_tokens(tiny_models, corpus,
     assert main(["--config", str(config), *overrides]) == 0
     written = json.loads(out.read_text())
     assert written["token_ids"] == sorted(expected) and written["transcripts"] == 2
-    assert f"wrote {out}: {len(expected)} distinct tokens" in capsys.readouterr().out
+    assert f"wrote {out}: {len(expected)} tokens of {len(tok)} for {len(expected)} distinct" in capsys.readouterr().out
 
     cfg = load_config(config, [f"model.alignment.vocabulary={out}"])  # the fixture corpus' other transcripts
     preflight(cfg, world_size=1, source=config)  # a readable file passes
@@ -228,3 +228,59 @@ def test_the_flop_count_scores_frames_over_the_vocabulary(models):
     saved = counted[0] - counted[1]
     assert saved > 0.03 * counted[0]
     assert saved == pytest.approx(measured[0] - measured[1], rel=0.02)
+
+
+def test_rare_tokens_are_spelled_with_frequent_ones(models, tiny_models, corpus, tmp_path, capsys):
+    """`model.alignment.vocabulary_min_count`: the command keeps the tokens seen that often and the characters that
+    spell the rarer ones; the frame losses read a token outside the vocabulary as its pieces (same text, its time
+    span shared by their lengths); the frames' reading decodes to the same text."""
+    from part.cli.frame_vocabulary import main
+    from part.objectives.frame_vocabulary import TokenPieces, choose_frame_vocabulary
+    from part.objectives.whisper_align import TokenTiming
+
+    _, _, tok, _, _ = models
+    texts = ["Guten Tag"] * 3 + ["Guten Morgen", "Tagesschau"]
+    counts = Counter(t for text in texts for t in tok(text, add_special_tokens=False)["input_ids"])
+    ids, about = choose_frame_vocabulary(counts, tok, min_count=3)
+    frequent = {t for t, n in counts.items() if n >= 3}
+    assert frequent < set(ids) and about["spelled_tokens"] == len(set(counts) - set(ids))
+    spell = TokenPieces(tok, ids)
+    for token in counts:
+        pieces = spell(token)
+        assert pieces is not None and set(pieces) <= set(ids)
+        assert tok.decode(pieces) == tok.decode([token])
+        if token not in frequent:  # the rest: frequent tokens and single characters
+            assert all(p in frequent or len(spell.text[p]) == 1 for p in pieces)
+    rare = next(t for t in counts if len(spell(t)) > 1)
+
+    # the command writes the same set from shards
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    _shard(shards / "de-0.tar", [(f"k{i}", json.dumps({"language": "de", "transcript": text}).encode())
+                                 for i, text in enumerate(texts)])
+    out = tmp_path / "frame_vocabulary.json"
+    config = write_config(tmp_path / "c.yaml", corpus, tiny_models,
+                          "  - {name: s1, steps: 2, tasks: {asr: 1.0}, trainable: [adapter], warmup_steps: 0}")
+    assert main(["--config", str(config), f"data.train_shards={shards}/{{lang}}-*.tar", "data.languages=[de,en]",
+                 f"model.alignment.vocabulary={out}", "model.alignment.vocabulary_min_count=3"]) == 0
+    written = json.loads(out.read_text())
+    assert written["token_ids"] == ids and written["min_count"] == 3
+    assert f"{about['spelled_tokens']} tokens seen fewer than 3 times spelled" in capsys.readouterr().out
+
+    # the objective over that vocabulary: spelled timings and CTC targets
+    torch.manual_seed(0)
+    model = SpeechLLM(_config(tiny_models, out), tok).eval()
+    objective = model.objectives[0]
+    pieces = spell(rare)
+    timing = TokenTiming(token_id=rare, text=tok.decode([rare]), start=1.0, end=2.0)
+    frequent_one = next(iter(frequent))
+    spelled = objective.spelled_timings([TokenTiming(frequent_one, "x", 0.0, 1.0), timing])
+    assert [t.token_id for t in spelled] == [frequent_one, *pieces]
+    lengths = [len(spell.text[p]) for p in pieces]
+    assert spelled[1].start == 1.0 and spelled[-1].end == pytest.approx(2.0)
+    for piece, length in zip(spelled[1:], lengths):
+        assert piece.end - piece.start == pytest.approx(length / sum(lengths))
+    batch = _batch(tok, [frequent_one, rare])
+    encoded = model.encode(batch.input_features, batch.feature_frames)
+    explicit = objective.ctc_loss(encoded, _batch(tok, [frequent_one, *pieces]))
+    assert torch.allclose(objective.ctc_loss(encoded, batch), explicit)
