@@ -19,6 +19,9 @@ import yaml
 TASKS = ("asr", "s2tt", "mt", "text")
 FRAME_TARGETS = ("centre", "span")
 SPEECH_TASKS = ("asr", "s2tt")
+# What the evaluation reads of each held-out clip: its speech (asr, s2tt), and its transcript as text to translate
+# (mt: the LLM's own translation of the same sentences, the figure S2TT can approach).
+EVAL_TASKS = ("asr", "s2tt", "mt")
 PRECISIONS = ("bf16", "fp32")
 ZERO_STAGES = (2, 3)
 # The parameter groups `stages[i].trainable` names: the name as users write it, and the regex a name must match
@@ -247,7 +250,7 @@ class LoggingConfig:
 class EvalConfig:
     every: int = 0  # 0: only at the end
     per_language: int = 20
-    tasks: list[str] = field(default_factory=lambda: ["asr", "s2tt"])
+    tasks: list[str] = field(default_factory=lambda: ["asr", "s2tt"])  # of EVAL_TASKS
     max_new_tokens: int = 96
     num_beams: int = 1
     batch_size: int = 8
@@ -534,7 +537,7 @@ def validate(cfg: TrainConfig, source: str | Path = "config") -> None:
     check(cfg.eval.normalizer in NORMALIZERS,
           f"eval.normalizer: '{cfg.eval.normalizer}' is not one of {', '.join(NORMALIZERS)}")
     for task in cfg.eval.tasks:
-        check(task in SPEECH_TASKS, f"eval.tasks: '{task}' is not one of {SPEECH_TASKS}")
+        check(task in EVAL_TASKS, f"eval.tasks: '{task}' is not one of {EVAL_TASKS}")
     if errors:
         raise ConfigError(f"{source}: invalid configuration:\n  " + "\n  ".join(errors))
 

@@ -31,7 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                         "model.encoder.pretrained)")
     parser.add_argument("--per-language", type=int, default=None, help="clips per language (default: "
                                                                          "eval.per_language)")
-    parser.add_argument("--tasks", default=None, help="comma-separated, of asr and s2tt (default: eval.tasks)")
+    parser.add_argument("--tasks", default=None, help="comma-separated, of asr and s2tt (default: those of eval.tasks)")
     parser.add_argument("--batch-size", type=int, default=8, help="clips per batch (default 8)")
     parser.add_argument("--out", default="runs/whisper_reference", help="output directory")
     parser.add_argument("overrides", nargs="*", help="key.sub=value config overrides, as train.py takes them")

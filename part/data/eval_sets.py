@@ -46,10 +46,11 @@ def eval_batches(cfg: DataConfig, languages: list[str], tasks: list[str], target
                  batch_size: int, tokenizer, features: AudioFeatures | int, rank: int, world_size: int,
                  prompts: PromptFormat | None = None, layout: LayoutSpec | None = None) -> list[Batch]:
     """Deterministic held-out batches for this rank: `first_per_language` of the eval shards, each clip as every
-    task's prompt. Every rank gets the same number of batches (the last ones may be repeats marked `is_padding`)
-    so that generation can run in lockstep (the ZeRO-3 engine's own module). Prompts are written
-    in `prompts` (by default the tokenizer's format, `PromptFormat.from_tokenizer`). `features`: the model's
-    `audio_features` (an int: Whisper log-mel with that many bins); `layout`: the model's `layout_spec`."""
+    task's prompt (`mt`: its transcript as text to translate). Every rank gets the same number of batches (the
+    last ones may be repeats marked `is_padding`) so that generation can run in lockstep (the ZeRO-3 engine's own
+    module). Prompts are written in `prompts` (by default the tokenizer's format, `PromptFormat.from_tokenizer`).
+    `features`: the model's `audio_features` (an int: Whisper log-mel with that many bins); `layout`: the model's
+    `layout_spec`."""
     if not cfg.eval_shards:
         return []
     fe = audio_features(features)
@@ -60,7 +61,7 @@ def eval_batches(cfg: DataConfig, languages: list[str], tasks: list[str], target
     def speech_samples(lang: str, url: str, key: str, members: dict[str, bytes]) -> list[Sample] | None:
         made = []
         for task in tasks:
-            for tgt in targets if task == "s2tt" else [None]:
+            for tgt in targets if task in ("s2tt", "mt") else [None]:
                 if tgt == lang:
                     continue
                 s = make_sample(task, lang, key, members, url, random.Random(0), [tgt] if tgt else [],

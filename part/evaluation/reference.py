@@ -23,6 +23,8 @@ from part.evaluation.evaluator import score_each
 from part.evaluation.metrics import evaluation_report, normalizers_from
 from part.features import MAX_CLIP_SECONDS, SAMPLE_RATE
 
+PROGRESS_SECONDS = 30.0  # the least time between two progress lines
+
 
 class ReferenceInputError(ValueError):
     """The Whisper directory, the tasks or the eval shards cannot give a reference; the message names it."""
@@ -116,7 +118,7 @@ def write_whisper_reference(cfg: TrainConfig, source: str, whisper_dir: str | Pa
     if not (whisper / "config.json").is_file() or not (whisper / "generation_config.json").is_file():
         raise ReferenceInputError(f"{whisper}: not a transformers Whisper directory with its decoder (config.json, "
                                   "generation_config.json)")
-    tasks = list(tasks or cfg.eval.tasks)
+    tasks = list(tasks or [t for t in cfg.eval.tasks if t in ("asr", "s2tt")])  # speech in, not text (mt)
     unknown = sorted(set(tasks) - {"asr", "s2tt"})
     if unknown:
         raise ReferenceInputError(f"tasks: {', '.join(unknown)} (Whisper reads asr and s2tt into English)")
@@ -127,10 +129,14 @@ def write_whisper_reference(cfg: TrainConfig, source: str, whisper_dir: str | Pa
     if not utterances:
         raise ReferenceInputError(f"no readable clips of {cfg.data.languages} in {cfg.data.eval_shards}")
     log(f"{len(utterances)} clips ({', '.join(cfg.data.languages)}), {whisper}, tasks {','.join(tasks)}")
-    start = time.monotonic()
+    start = last = time.monotonic()
 
-    def progress(done: int, total: int) -> None:
-        elapsed = time.monotonic() - start
+    def progress(done: int, total: int) -> None:  # at most a line every 30 s, and the last batch
+        nonlocal last
+        now = time.monotonic()
+        if now - last < PROGRESS_SECONDS and done < total:
+            return
+        last, elapsed = now, now - start
         log(f"batch {done}/{total}, {elapsed / 60:.1f} min, eta {elapsed / done * (total - done) / 60:.1f} min")
 
     records = whisper_records(whisper, utterances, tasks, batch_size=batch_size, progress=progress)

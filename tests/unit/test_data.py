@@ -299,7 +299,7 @@ def test_real_clip_round_trip_through_shard_and_loader(tmp_path, tokenizer):
 
 def test_eval_batches_equal_count_per_rank(corpus, tokenizer):
     cfg = data_cfg(corpus)
-    per_rank = [eval_batches(cfg, ["en", "de", "zh"], ["asr", "s2tt"], ["en"], 3, 4, tokenizer, 80, r, 2)
+    per_rank = [eval_batches(cfg, ["en", "de", "zh"], ["asr", "s2tt", "mt"], ["en"], 3, 4, tokenizer, 80, r, 2)
                 for r in (0, 1)]
     assert len(per_rank[0]) == len(per_rank[1]) > 0
     real = [m.key + m.task for batches in per_rank for b in batches if not b.is_padding for m in b.meta]
@@ -307,7 +307,11 @@ def test_eval_batches_equal_count_per_rank(corpus, tokenizer):
     available = {e["name"][:2]: e["samples"] for e in index["shards"]}
     asr = sum(min(3, n) for n in available.values())
     s2tt = asr - min(3, available["en"])  # into en: every language but en
-    assert len(real) == len(set(real)) == asr + s2tt
+    assert len(real) == len(set(real)) == asr + 2 * s2tt  # mt: the same clips' transcripts, as text
+    speech = {(m.key, m.reference) for batches in per_rank for b in batches for m in b.meta if m.task == "s2tt"}
+    text = [(b, i) for batches in per_rank for b in batches for i, m in enumerate(b.meta) if m.task == "mt"]
+    assert {(b.meta[i].key, b.meta[i].reference) for b, i in text} == speech  # the same references
+    assert all(b.audio_index[i] < 0 for b, i in text)  # no audio
 
 
 def test_first_per_language_takes_accepted_samples_in_shard_order_and_stops_reading(tmp_path):
