@@ -58,16 +58,23 @@ def write_frame_vocabulary(path: str | Path, token_ids: list[int], about: dict |
     tmp.replace(path)
 
 
+def whole_characters(tokenizer, token: int) -> bool:
+    """Whether `token` decodes to whole characters (not a byte of a longer UTF-8 character): only such tokens
+    are pieces, since a byte is no sound of its own."""
+    return "\ufffd" not in tokenizer.decode([token])
+
+
 class TokenPieces:
     """Each token of the LLM written with the tokens of `vocabulary`: itself when it is one, else its text (the
     tokenizer's own form: byte-level or SentencePiece pieces) cut from the left into the longest pieces that are
-    tokens of `vocabulary`; None when no such spelling exists. The pieces decode to the token's text."""
+    tokens of `vocabulary` and whole characters; None when no such spelling exists (a rare Chinese character stays
+    a token of its own). The pieces decode to the token's text."""
 
     def __init__(self, tokenizer, vocabulary: Iterable[int]):
         self.vocabulary = set(vocabulary)
         texts = tokenizer.get_vocab()  # text -> id
         self.text = {i: t for t, i in texts.items()}
-        self.piece = {t: i for t, i in texts.items() if i in self.vocabulary}
+        self.piece = {t: i for t, i in texts.items() if i in self.vocabulary and whole_characters(tokenizer, i)}
         self.longest = max((len(t) for t in self.piece), default=0)
         self._spelled: dict[int, list[int] | None] = {}
 
@@ -93,12 +100,14 @@ class TokenPieces:
 
 def choose_frame_vocabulary(counts: Counter, tokenizer, min_count: int = 1) -> tuple[list[int], dict]:
     """The frame vocabulary of transcripts whose tokens occur `counts` times: the tokens seen at least `min_count`
-    times, the single-character tokens that spell the others (`TokenPieces`), and the few rare tokens that cannot
-    be spelled so. Also what it holds: classes, tokens spelled, pieces per transcript token."""
+    times, the single-character tokens that spell the others (`TokenPieces`), and the rare tokens that cannot be
+    spelled so (characters of their own, parts of one). Also what it holds: classes, tokens spelled, pieces per
+    transcript token."""
     kept = {t for t, n in counts.items() if n >= min_count}
     if len(kept) == len(counts):
         return sorted(kept), {"min_count": min_count, "spelled_tokens": 0, "pieces_per_token": 1.0}
-    characters = {i for t, i in tokenizer.get_vocab().items() if len(t) == 1}
+    characters = {i for i in tokenizer.get_vocab().values() if len(tokenizer.decode([i])) == 1
+                  and whole_characters(tokenizer, i)}
     spell = TokenPieces(tokenizer, kept | characters)
     used, whole, pieces = set(), set(), 0
     for token, n in counts.items():
