@@ -20,11 +20,12 @@ import torch
 
 from part.batch import Batch
 from part.config import OptimConfig, TrainConfig, deepspeed_config, to_dict
-from part.curriculum import StageSpan
+from part.curriculum import Curriculum, StageSpan
 from part.data.stream import MixtureStream, StreamTracker, make_loader
 from part.model.flops import FlopTally, Shapes, Trainable
 from part.model.groups import set_trainable
 from part.model.speech_llm import WEIGHTS_NAME, SpeechLLM
+from part.model.weight_sources import PretrainedPart, SourceError, left_out, sources_problem
 from part.train.callbacks import TrainerCallback
 from part.train.checkpoint import DS_TAG, Checkpointer, gather_state_dict, read_trainer_state
 from part.train.distributed import DistributedContext
@@ -104,7 +105,15 @@ class StageRun:
         model_cfg = dataclasses.replace(cfg.model, activation_checkpointing=cfg.recompute(span.stage))
         if checkpoint is None:
             model = SpeechLLM(model_cfg, tokenizer)  # the pretrained encoder and LLM
-        else:  # the architecture saved with the checkpoint, then its weights: pretrained ones are not read again
+        else:
+            # The sources of the weights the checkpoint leaves out: every rank checks its own view of them, and
+            # all refuse together when one finds a change (a rank alone would leave the others waiting).
+            problem = sources_problem(checkpoint)
+            if not dist.all_true(problem is None):
+                raise SourceError(problem or f"{checkpoint}: another rank found a pretrained directory it references "
+                                  "changed or missing (its log names it)")
+            # The architecture saved with the checkpoint, the weights it references read from their pretrained
+            # directories, then its own weights.
             model = SpeechLLM(model_cfg, tokenizer, saved_configs=checkpoint)
         t1 = time.perf_counter()
         if checkpoint is not None:
@@ -234,11 +243,19 @@ class StageRun:
 
     # ---------------------------------------------------------------- checkpoint and teardown
 
+    def checkpoint_leaves_out(self) -> list[PretrainedPart]:
+        """The pretrained weights no stage so far has trained: a checkpoint of this stage references them
+        (`checkpoint.lean`), or holds them too."""
+        if not self.cfg.checkpoint.lean:
+            return []
+        return left_out(self.model, Curriculum(self.cfg.stages).trained_through(self.span.index))
+
     def save_checkpoint(self, checkpointer: Checkpointer, step: int) -> Path | None:
         """Collective. Weights, this engine's optimizer partitions and every rank's data position at `step`."""
         trainer_state = {"engine_stage": self.span.index, "stage": self.span.name, "config": to_dict(self.cfg)}
         data_state = dict(self.tracker.state(), **self.stream_layout())
-        return checkpointer.save(self.engine, self.model, self.tokenizer, step, trainer_state, data_state)
+        return checkpointer.save(self.engine, self.model, self.tokenizer, step, trainer_state, data_state,
+                                 left=self.checkpoint_leaves_out())
 
     def destroy(self) -> None:
         self.close_stream()
