@@ -20,14 +20,15 @@ import torch
 
 from part.batch import Batch
 from part.config import OptimConfig, TrainConfig, deepspeed_config, to_dict
-from part.curriculum import Curriculum, StageSpan
+from part.curriculum import StageSpan
 from part.data.stream import MixtureStream, StreamTracker, make_loader
 from part.model.flops import FlopTally, Shapes, Trainable
 from part.model.groups import set_trainable
 from part.model.speech_llm import WEIGHTS_NAME, SpeechLLM
-from part.model.weight_sources import PretrainedPart, SourceError, left_out, sources_problem
+from part.model.weight_sources import SourceError, sources_problem
 from part.train.callbacks import TrainerCallback
 from part.train.checkpoint import DS_TAG, Checkpointer, gather_state_dict, read_trainer_state
+from part.train.checkpoint_contents import leaves_out
 from part.train.distributed import DistributedContext
 from part.train.elastic import load_resharded_optimizer
 from part.train.records import StepRecord
@@ -243,19 +244,12 @@ class StageRun:
 
     # ---------------------------------------------------------------- checkpoint and teardown
 
-    def checkpoint_leaves_out(self) -> list[PretrainedPart]:
-        """The pretrained weights no stage so far has trained: a checkpoint of this stage references them
-        (`checkpoint.lean`), or holds them too."""
-        if not self.cfg.checkpoint.lean:
-            return []
-        return left_out(self.model, Curriculum(self.cfg.stages).trained_through(self.span.index))
-
     def save_checkpoint(self, checkpointer: Checkpointer, step: int) -> Path | None:
         """Collective. Weights, this engine's optimizer partitions and every rank's data position at `step`."""
         trainer_state = {"engine_stage": self.span.index, "stage": self.span.name, "config": to_dict(self.cfg)}
         data_state = dict(self.tracker.state(), **self.stream_layout())
         return checkpointer.save(self.engine, self.model, self.tokenizer, step, trainer_state, data_state,
-                                 left=self.checkpoint_leaves_out())
+                                 left=leaves_out(self.cfg, self.model, self.span.index))
 
     def destroy(self) -> None:
         self.close_stream()

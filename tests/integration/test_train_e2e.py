@@ -199,7 +199,39 @@ def test_profile_window_on_every_rank(reference):
 
 
 def weights(ckpt: Path, step: int) -> dict[str, torch.Tensor]:
+    """What the checkpoint's weight file holds."""
     return load_file(str(ckpt / f"step_{step:07d}" / "model.safetensors"))
+
+
+def every_weight(ckpt: Path, step: int) -> dict[str, torch.Tensor]:
+    """The checkpoint's model, the weights it references read from their pretrained directories."""
+    model, _ = SpeechLLM.from_pretrained(ckpt / f"step_{step:07d}")
+    return {name: tensor.clone() for name, tensor in model.state_dict().items()}
+
+
+def test_each_checkpoint_holds_what_its_stages_trained(reference, tiny_models):
+    """The tiny encoder and LLM come from pretrained directories: a checkpoint holds the adapter and LoRA (no
+    directory has them) and, from stage 2 on, the encoder's top layer; the rest is referenced by digest."""
+    cfg = load_config(reference["config"])
+    model = SpeechLLM(cfg.model, load_tokenizer(cfg.model.llm.pretrained))
+    every = set(model.state_dict())
+    own = {n for n in every if n.startswith("adapter.") or "lora_" in n}
+    top = set(group_parameters(model, "encoder.top.1"))
+    assert own and top
+    for step in (3, 5, 6, 8, 9, 11, 12, 13):
+        held = weights(reference["ckpt"], step)
+        assert set(held) == (own if step <= 5 else own | top), step
+        assert {t.dtype for t in held.values()} == {torch.float32}  # precision fp32: the training dtype
+        sources = json.loads((reference["ckpt"] / step_dir_name(step) / "weight_sources.json").read_text())["sources"]
+        assert {s["module"]: s["directory"] for s in sources} == {"encoder": str((tiny_models / "whisper").resolve()),
+                                                                  "llm": str((tiny_models / "llm").resolve())}
+        assert set().union(*(s["keys"] for s in sources)) == every - set(held)
+        assert all("model.safetensors" in s["files"] and "config.json" in s["files"] for s in sources)
+    # final/ holds every weight, the trained ones as the last checkpoint has them, and references nothing
+    final = load_file(str(reference["out"] / "final" / "model.safetensors"))
+    assert set(final) == every and not (reference["out"] / "final" / "weight_sources.json").exists()
+    last = every_weight(reference["ckpt"], 13)
+    assert all(torch.equal(final[n], last[n]) for n in every)
 
 
 def test_each_stage_changes_exactly_its_groups(reference, tiny_models):
@@ -208,7 +240,7 @@ def test_each_stage_changes_exactly_its_groups(reference, tiny_models):
     ckpt = reference["ckpt"]
     pairs = {"s1_adapter": (3, 5), "s2_encoder_top": (5, 8), "s3_lora": (8, 11), "s4_text_joins": (11, 13)}
     for stage in cfg.stages:
-        before, after = (weights(ckpt, s) for s in pairs[stage.name])
+        before, after = (every_weight(ckpt, s) for s in pairs[stage.name])
         trainable = {n for g in stage.trainable for n in group_parameters(model, g)}
         changed = {n for n in before if not torch.equal(before[n], after[n])}
         frozen_changed = changed - trainable
