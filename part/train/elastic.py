@@ -1,6 +1,7 @@
 """Resuming inside a stage on another number of ranks: the optimizer state, resharded.
 
-A checkpoint's weights (model.safetensors) are whole; its optimizer state (ds/) is ZeRO partitions, one file per
+A checkpoint's weights (model.safetensors, and those it references in their pretrained directories) are whole; its
+optimizer state (ds/) is ZeRO partitions, one file per
 rank of the run that wrote it, which only an engine of the same world size loads. On another world size, rank 0
 converts ds/ into DeepSpeed's universal layout (deepspeed.checkpoint.ds_to_universal: every trainable parameter's
 fp32 master weight and Adam moments as whole tensors), and every rank copies its own partition of each into the

@@ -1,7 +1,8 @@
 """One stage of a run: its model and DeepSpeed engine, its data stream, and the training step.
 
 A stage switch and a resume take the same path: the model is built (from the pretrained directories, or from a
-checkpoint's saved architecture and weights), everything but the stage's trainable groups is frozen, and a new
+checkpoint's saved architecture and weights, the frozen ones it references read from their pretrained
+directories), everything but the stage's trainable groups is frozen, and a new
 engine gets an optimizer that holds state only for those. A resume inside a stage also restores that state.
 The benchmark builds and steps stages through this module too, so what it times is what training runs.
 """

@@ -31,7 +31,14 @@ from part.config import load_config
 from part.model.groups import group_parameters
 from part.model.speech_llm import SpeechLLM
 from part.model.tokenizer import load_tokenizer
-from part.train.checkpoint import read_data_state, read_trainer_state, step_dir_name, step_of, verify_sums
+from part.train.checkpoint import (
+    read_data_state,
+    read_trainer_state,
+    step_dir_name,
+    step_of,
+    verify_sums,
+    write_sums,
+)
 from part.train.launcher import deepspeed_command, free_port
 
 pytestmark = pytest.mark.slow
@@ -314,7 +321,7 @@ def test_kill_9_then_resume_matches_uninterrupted(reference, tmp_path):
         assert got[step] == pytest.approx(ref[step], rel=1e-5, abs=1e-6), (step, got[step], ref[step])
 
 
-def test_resume_exactly_at_a_stage_boundary(reference, tmp_path):
+def test_resume_exactly_at_a_stage_boundary(reference, tiny_models, tmp_path):
     """From the checkpoint written at the end of stage 1 (step 5): the stage-2 engine is built from it with a
     fresh optimizer, exactly as the uninterrupted run switched stages."""
     config = tmp_path / "c.yaml"
@@ -327,6 +334,26 @@ def test_resume_exactly_at_a_stage_boundary(reference, tmp_path):
     assert not (tmp_path / "out" / "train_log.jsonl").exists()
     # (a --resume whose config changed where a resume cannot follow is refused the same way, exit 2 with the
     # field named: tests/unit/test_resume_check.py holds those cases)
+    # A pretrained directory the checkpoint reads its frozen weights from, changed since: every rank refuses
+    # before any step, naming the file (here the LLM's directory is a copy, which the checkpoint names instead)
+    llm = tmp_path / "llm"
+    shutil.copytree(tiny_models / "llm", llm)
+    ckpt = tmp_path / "ckpt" / "step_0000005"
+    sources = (ckpt / "weight_sources.json").read_text()
+    assert str((tiny_models / "llm").resolve()) in sources
+    (ckpt / "weight_sources.json").write_text(sources.replace(str((tiny_models / "llm").resolve()),
+                                                              str(llm.resolve())))
+    write_sums(ckpt)
+    changed = llm.resolve() / "model.safetensors"
+    data = bytearray(changed.read_bytes())
+    data[-1] ^= 0xFF
+    changed.write_bytes(bytes(data))
+    proc = run_ds(config, "--resume", "eval.per_language=0", timeout=300)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"{changed} in pretrained directory {llm.resolve()} has changed since the model was saved" in proc.stderr
+    assert "[part] step " not in proc.stdout
+    (ckpt / "weight_sources.json").write_text(sources)
+    write_sums(ckpt)
     # no `latest` pointer (it was not copied): --resume takes the newest complete checkpoint, after its hashes
     proc = run_ds(config, "--resume", "eval.per_language=0")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
