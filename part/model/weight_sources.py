@@ -17,12 +17,14 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
-from part.model.groups import group_parameters
+from part.model.groups import EncoderLayout, group_parameters
 
 if TYPE_CHECKING:
-    from part.model.speech_llm import SpeechLLM
+    from collections.abc import Iterator
+
+    import torch
 
 SOURCES_NAME = "weight_sources.json"
 # What `from_pretrained` reads of a model directory: its config and its weights (shards and their index)
@@ -135,14 +137,27 @@ def sources_problem(directory: str | Path) -> str | None:
 # ---------------------------------------------------------------- what a checkpoint leaves out
 
 
-def trained_keys(model: SpeechLLM, groups: Iterable[str]) -> set[str]:
+class SourcedModel(Protocol):
+    """What `left_out` reads of a model (part.model.speech_llm.SpeechLLM): its parameters, its encoder's layout
+    (for the groups) and what it reads from pretrained directories."""
+
+    @property
+    def encoder_layout(self) -> EncoderLayout: ...
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True,
+                         remove_duplicate: bool = True) -> Iterator[tuple[str, torch.nn.Parameter]]: ...
+
+    def pretrained_parts(self) -> list[PretrainedPart]: ...
+
+
+def trained_keys(model: SourcedModel, groups: Iterable[str]) -> set[str]:
     """Every name (tied duplicates included) of the parameters `groups` select."""
     selected = {name for group in set(groups) for name in group_parameters(model, group)}
     params = {id(p) for name, p in model.named_parameters() if name in selected}
     return {name for name, p in model.named_parameters(remove_duplicate=False) if id(p) in params}
 
 
-def left_out(model: SpeechLLM, trained_groups: Iterable[str]) -> list[PretrainedPart]:
+def left_out(model: SourcedModel, trained_groups: Iterable[str]) -> list[PretrainedPart]:
     """The weights a checkpoint need not hold: per pretrained directory, the keys read from it that none of
     `trained_groups` (every group trained so far) selects."""
     trained = trained_keys(model, trained_groups)
