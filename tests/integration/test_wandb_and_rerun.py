@@ -100,7 +100,7 @@ def test_check_prints_the_bytes_each_stage_s_checkpoint_holds(finished, capsys):
     config, overrides = finished["config"], finished["overrides"]
     code, out, _ = call_main(main, ["--config", str(config), *overrides, "--check", "--world-size", "2"], capsys)
     assert code == 0
-    printed = {m[1]: [float(x) for x in m[2:5]] for m in re.finditer(
+    printed = {m[1]: [float(x) for x in m.group(2, 3, 4)] for m in re.finditer(
         r"^\| (\w+) \| ([\d.]+) MiB \| ([\d.]+) MiB \| ([\d.]+) MiB \| \d+ \| [\d.]+ MiB \|$", out, re.M)}
     assert "bytes per checkpoint (2 ranks, ZeRO-3, fp32; lean" in out and set(printed) == {"s1_adapter", "s2_lora"}
     cfg = load_config(config, overrides)
