@@ -34,6 +34,7 @@ from part.train.checkpoint import (
     SUMS,
     Checkpointer,
     NonFiniteWeightsError,
+    export_final,
     read_data_state,
     read_trainer_state,
     verify_sums,
@@ -314,3 +315,25 @@ def test_the_bytes_estimate_is_the_weight_file_s_size(tmp_path, sourced):
     bf16 = checkpoint_sizes(dataclasses.replace(cfg, precision="bf16"), model, world_size=1)
     assert bf16[1].weights == (save_stage(tmp_path / "bf16", cfg, copy.deepcopy(model).to(torch.bfloat16), tok, 1)
                                / WEIGHTS_NAME).stat().st_size
+
+
+def test_the_final_export_holds_every_weight(tmp_path, sourced):
+    cfg, model, tok = sourced
+    ckpt = save_stage(tmp_path / "ck", cfg, model, tok, 0)
+    with pytest.raises(ValueError, match="leaves weights out"):
+        export_final(ckpt, tmp_path / "final")
+    export_final(ckpt, tmp_path / "final", weights={k: v.clone() for k, v in model.state_dict().items()})
+    assert not (tmp_path / "final" / SOURCES_NAME).exists()
+    shutil.rmtree(tmp_path / "pretrained")  # final/ reads no other directory
+    loaded, _ = SpeechLLM.from_pretrained(tmp_path / "final")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+def test_a_randomly_initialised_encoder_is_always_written(sourced):
+    cfg, _, tok = sourced
+    fresh = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, encoder=EncoderConfig()))
+    model = SpeechLLM(fresh.model, tok)
+    left = leaves_out(fresh, model, 0)
+    assert [part.module for part in left] == ["llm"]
+    assert not any(key.startswith("encoder.") for key in left[0].keys)
