@@ -3,8 +3,9 @@
 The recipes point at local copies of openai/whisper-large-v3 and Qwen/Qwen2.5-7B-Instruct. The estimate needs only
 their architectures, so this writes config-only directories of those published shapes (and a small tokenizer:
 the vocabulary size the estimate uses is the LLM config's), points the recipes at them and prints the table
-`train.py --check` prints (the same code: part.train.memory.memory_report; the data check is left out, so no
-corpus is needed). The recipes' comments quote its output; tests/unit/test_memory.py checks that they still do.
+`train.py --check` prints (the same code: part.train.memory.memory_report, then the bytes per checkpoint of
+part.train.checkpoint_contents; the data check is left out, so no corpus is needed). The recipes' comments quote
+its memory table; tests/unit/test_memory.py checks that they still do.
 """
 
 from __future__ import annotations
@@ -48,13 +49,16 @@ def recipe_report(config: str | Path, shapes: tuple[Path, Path], world_size: int
     """(the table as `train.py --check` prints it, its rows) for one recipe over the config-only model directories
     `shapes` (write_shapes)."""
     from part.config import load_config
+    from part.train.checkpoint_contents import checkpoint_sizes, checkpoint_table
     from part.train.memory import GIB, memory_report
     from part.train.preflight import skeleton
 
     whisper, llm = shapes
     cfg = load_config(config, [f"model.encoder.pretrained={whisper}", f"model.llm.pretrained={llm}"])
-    report, rows, warnings = memory_report(cfg, skeleton(cfg), world_size, device_memory_gb * GIB)
-    return "\n".join([report, *warnings]), rows
+    model = skeleton(cfg)
+    report, rows, warnings = memory_report(cfg, model, world_size, device_memory_gb * GIB)
+    sizes = checkpoint_table(checkpoint_sizes(cfg, model, world_size), cfg, world_size)
+    return "\n".join([report, *warnings, sizes]), rows
 
 
 def main(argv: list[str] | None = None) -> int:

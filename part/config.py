@@ -225,6 +225,10 @@ class CheckpointConfig:
     dir: str = "runs/default/checkpoints"
     every: int = 100
     keep: int = 2
+    # Only the weights the run may have changed, in the training dtype: those read from a pretrained directory
+    # that no stage so far has trained are referenced there (with their files' SHA-256) instead of written.
+    # false: every weight. Free to change on resume (each checkpoint says what it holds).
+    lean: bool = True
 
 
 WANDB_MODES = ("offline", "online", "disabled")

@@ -32,6 +32,10 @@ class Curriculum:
             start += stage.steps
         self.total_steps = start
 
+    def trained_through(self, index: int) -> list[str]:
+        """Every trainable group of stage `index` and the stages before it, each once, in order."""
+        return list(dict.fromkeys(group for span in self.spans[: index + 1] for group in span.stage.trainable))
+
     def at(self, step: int) -> StageSpan:
         """The stage that trains global step `step` (0-based). Steps past the end map to the last stage."""
         if step < 0:

@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "export final/ with the new table) instead of only printing the saved results")
     parser.add_argument("--check", action="store_true",
                         help="validate the config, every stage's data and trainable groups, print each stage's memory "
-                             "estimate per rank, then exit (start nothing)")
+                             "estimate per rank and the bytes of its checkpoints, then exit (start nothing)")
     parser.add_argument("--world-size", type=int, default=1, help="with --check: the number of ranks to check for")
     parser.add_argument("--device-memory-gb", type=float, default=None,
                         help="with --check: one device's memory for the per-stage estimate (default: this "
@@ -80,10 +80,12 @@ def main(argv: list[str] | None = None, callbacks: Sequence[TrainerCallback] = (
         return ExitCode.BAD_INPUT
     if args.check:
         print(f"{args.config}: OK ({len(cfg.stages)} stages, {cfg.total_steps} steps)")
+        from part.train.checkpoint_contents import checkpoint_sizes, checkpoint_table
         from part.train.memory import device_memory_bytes, memory_report
 
         report, _, notes = memory_report(cfg, model, world_size, device_memory_bytes(args.device_memory_gb))
         print("\n".join([report, *notes]))
+        print(checkpoint_table(checkpoint_sizes(cfg, model, world_size), cfg, world_size))
         return ExitCode.OK
     from part.train.trainer import RunRefused, Trainer  # imports DeepSpeed: not for --check
 

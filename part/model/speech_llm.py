@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,6 +27,14 @@ from part.model.adapter import Adapter
 from part.model.encoders import AudioFeatures, EncoderFamily, encoder_family, family_for
 from part.model.groups import EncoderLayout
 from part.model.tokenizer import load_tokenizer, suppressed_token_ids
+from part.model.weight_sources import (
+    SOURCES_NAME,
+    PretrainedPart,
+    WeightSource,
+    read_sources,
+    verify,
+    write_sources,
+)
 from part.packing import ClipPositions, LayoutSpec, with_layouts
 from part.prompts import AUDIO_TOKEN, PromptFormat
 
@@ -61,17 +70,33 @@ class SpeechLLM(nn.Module):
     def __init__(self, cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, saved_configs: Path | None = None,
                  *, weights: bool = True):
         """Loads the pretrained encoder and LLM named in `cfg`. With `saved_configs` (a directory written by
-        `save_pretrained`) they are built from their saved configs instead, for weights loaded afterwards; with
-        `weights=False`, from the pretrained directories' configs, without reading any weights."""
+        `save_pretrained`) they are built from their saved configs instead, for weights loaded afterwards
+        (`load_weights`), except a module whose weights the directory references (part/model/weight_sources.py):
+        that one is read from its pretrained directory, once its files' digests are checked (SourceError
+        otherwise). With `weights=False`, from the pretrained directories' configs, without reading any weights."""
         super().__init__()
         self.cfg = cfg
+        self.tokenizer_size = len(tokenizer)
         attn = cfg.attn_implementation
+        # The weights the saved model references instead of holding: load_weights expects exactly these missing.
+        self.weight_sources: list[WeightSource] = []
         # The encoder's family (from its config.json's model_type) builds it, computes its features and encodes.
         if saved_configs is not None:
+            self.weight_sources = read_sources(saved_configs)
+            for source in self.weight_sources:
+                verify(source)
+            sources = {source.module: source.directory for source in self.weight_sources}
             self.encoder_family: EncoderFamily = encoder_family(saved_configs / "encoder_config")
-            self.encoder = self.encoder_family.build(weights=False, attn_implementation=attn)
-            llm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(saved_configs / "llm_config"),
-                                                   attn_implementation=attn)
+            if "encoder" in sources:
+                self.encoder = encoder_family(sources["encoder"]).build(weights=True, attn_implementation=attn)
+            else:
+                self.encoder = self.encoder_family.build(weights=False, attn_implementation=attn)
+            if "llm" in sources:
+                llm = AutoModelForCausalLM.from_pretrained(sources["llm"], dtype=torch.float32,
+                                                           attn_implementation=attn)
+            else:
+                llm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(saved_configs / "llm_config"),
+                                                       attn_implementation=attn)
         elif weights:
             self.encoder_family = family_for(cfg.encoder)
             self.encoder = self.encoder_family.build(weights=bool(cfg.encoder.pretrained), attn_implementation=attn)
@@ -334,16 +359,41 @@ class SpeechLLM(nn.Module):
 
     # ---------------------------------------------------------------- save / load
 
+    def pretrained_parts(self) -> list[PretrainedPart]:
+        """The state-dict keys a fresh build reads from the pretrained directories named in the config: the whole
+        encoder (when it has one), the LLM but its LoRA adapters and, when the tokenizer made them grow, its
+        embeddings and output head (their new rows are not the directory's). A directory that is not there now
+        counts as no source: its weights are then saved."""
+        keys = list(self.state_dict().keys())
+        parts = []
+        encoder_dir = self.cfg.encoder.pretrained
+        if encoder_dir and (Path(encoder_dir) / "config.json").is_file():
+            parts.append(PretrainedPart("encoder", encoder_dir, frozenset(k for k in keys if k.startswith("encoder."))))
+        llm_dir = self.cfg.llm.pretrained
+        if llm_dir and (Path(llm_dir) / "config.json").is_file():
+            grown = set()
+            if self.tokenizer_size > AutoConfig.from_pretrained(llm_dir).vocab_size:
+                heads = {id(m.weight) for m in (self.llm.get_input_embeddings(), self.llm.get_output_embeddings())
+                         if m is not None}
+                grown = {n for n, p in self.named_parameters(remove_duplicate=False) if id(p) in heads}
+            parts.append(PretrainedPart("llm", llm_dir, frozenset(
+                k for k in keys if k.startswith("llm.") and "lora_" not in k and k not in grown)))
+        return parts
+
     def save_pretrained(
-        self, out_dir: str | Path, tokenizer: PreTrainedTokenizerBase, state: dict | None = None
+        self, out_dir: str | Path, tokenizer: PreTrainedTokenizerBase, state: dict | None = None,
+        sources: Sequence[WeightSource] = (),
     ) -> None:
         """Writes model.safetensors (all weights, or `state` when given, e.g. gathered from ZeRO-3 partitions),
-        part_model.json and the tokenizer: a directory `from_pretrained` loads."""
+        part_model.json and the tokenizer: a directory `from_pretrained` loads. `sources`: the weights `state`
+        leaves out, referenced in their pretrained directories (weight_sources.json)."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         if state is None:  # clones: tied weights (embeddings / lm_head) must not share memory in safetensors
             state = {k: v.detach().cpu().clone().contiguous() for k, v in self.state_dict().items()}
         save_file(state, str(out_dir / WEIGHTS_NAME))
+        if sources:
+            write_sources(out_dir, sources)
         (out_dir / "part_model.json").write_text(json.dumps(asdict(self.cfg), indent=1))
         tokenizer.save_pretrained(out_dir / "tokenizer")
         # The architectures (and the encoder's feature extractor), so the directory loads without the pretrained
@@ -355,6 +405,8 @@ class SpeechLLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> tuple[SpeechLLM, PreTrainedTokenizerBase]:
+        """A directory `save_pretrained` wrote; the weights it references are read from their pretrained
+        directories, whose digests are checked first (SourceError)."""
         path = Path(path)
         cfg = build_config(ModelConfig, json.loads((path / "part_model.json").read_text()), "model")
         tokenizer = load_tokenizer(str(path / "tokenizer"))
@@ -363,11 +415,17 @@ class SpeechLLM(nn.Module):
         return model, tokenizer
 
     def load_weights(self, file: str | Path) -> None:
+        """The saved weights over the model; the keys the file lacks must be exactly those its directory
+        references (already read from their sources when the model was built)."""
         state = load_file(str(file))
         missing, unexpected = self.load_state_dict(state, strict=False)
-        if missing or unexpected:
+        referenced = {key for source in self.weight_sources for key in source.keys}
+        absent = sorted(set(missing) - referenced)  # neither in the file nor in a source
+        doubled = sorted(referenced - set(missing))  # in the file and referenced: the directory contradicts itself
+        if absent or unexpected or doubled:
             raise ValueError(
-                f"{file}: weights do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})"
+                f"{file}: weights do not match the model (missing {absent[:5]}, unexpected {unexpected[:5]}, "
+                f"in the file although {SOURCES_NAME} references them {doubled[:5]})"
             )
         self.run_lora(not self.lora_is_zero())
 

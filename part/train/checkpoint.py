@@ -1,13 +1,24 @@
 """Checkpoints that survive crashes: written to `<name>.partial/`, published by one rename, then `latest` is
 swapped atomically. A crash or a full disk mid-save leaves the previous checkpoint as `latest`. The run's end
-exports the last one's inference-ready part to `<output_dir>/final/`, also atomically.
+exports the last one's inference-ready part to `<output_dir>/final/`, also atomically, with every weight.
 
 Layout of `step_0000100/`:
-  model.safetensors     every weight (frozen ones too), gathered from ZeRO-3 partitions; no pickle
-  part_model.json, tokenizer/   so the directory loads with `SpeechLLM.from_pretrained`
+  model.safetensors     the weights the run may have changed, in the training dtype, gathered from ZeRO-3
+                        partitions (only those); no pickle. With `checkpoint.lean: false`, every weight.
+  weight_sources.json   the weights left out: per pretrained directory, its path, the SHA-256 of its weight and
+                        config files and the keys read from it (part/model/weight_sources.py)
+  part_model.json, tokenizer/, encoder_config/, llm_config/   so the directory loads with
+                        `SpeechLLM.from_pretrained`, which reads the left-out weights from their directories
   trainer_state.json    step, the stage the optimizer belongs to, data positions per rank, counters
-  ds/                   DeepSpeed's optimizer partitions (torch.save format, the only pickled part)
+  ds/                   DeepSpeed's optimizer partitions of the stage's trainable parameters (torch.save format,
+                        the only pickled part)
   SHA256SUMS            every other file's SHA-256 (`sha256sum -c` format), written last, checked at resume
+
+A weight is left out when it was read from a pretrained directory (`model.encoder.pretrained`,
+`model.llm.pretrained`) and no stage up to the checkpoint's own trained it: stage 1 training the adapter writes
+the adapter, the LoRA adapters and whatever else no directory holds; once a stage trains the encoder, every later
+checkpoint holds it too. A checkpoint refers to no other, so pruning may delete any. Building a stage from a
+checkpoint (a resume, a stage switch) checks the sources' digests first and refuses a changed or missing one.
 
 Non-finite weights are never written: the ranks agree before anything is, and the trainer stops. A checkpoint
 whose files do not match SHA256SUMS is skipped at resume, loudly, for the newest one that matches.
@@ -19,14 +30,16 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import deepspeed
 import torch
+from safetensors.torch import save_file
 
-from part.model.speech_llm import OBJECTIVES_DIR, SpeechLLM
+from part.model.speech_llm import OBJECTIVES_DIR, WEIGHTS_NAME, SpeechLLM
+from part.model.weight_sources import SOURCES_NAME, PretrainedPart, read_sources, reference
 
 if TYPE_CHECKING:
     from part.train.distributed import DistributedContext
@@ -82,21 +95,31 @@ def _finite(state: dict[str, torch.Tensor]) -> bool:
 
 
 def gather_state_dict(model: SpeechLLM, rank: int, *, every_rank: bool = False, device: str | torch.device = "cpu",
-                      dtype: torch.dtype | None = torch.float32) -> dict[str, torch.Tensor]:
-    """Full copies of every weight (under ZeRO-3, one parameter gathered at a time) on rank 0, or on every rank
-    with `every_rank`; empty elsewhere. Collective. On `device`, cast to `dtype` (None: the weights' own)."""
+                      dtype: torch.dtype | None = torch.float32,
+                      keys: Collection[str] | None = None) -> dict[str, torch.Tensor]:
+    """Full copies of every weight, or of `keys` only (under ZeRO-3, one parameter gathered at a time, and only
+    those), on rank 0, or on every rank with `every_rank`; empty elsewhere. Collective. On `device`, cast to
+    `dtype` (None: the weights' own)."""
     state: dict[str, torch.Tensor] = {}
-    keys = set(model.state_dict().keys())
+    wanted = set(model.state_dict().keys()) if keys is None else set(keys)
     keep = every_rank or rank == 0
     for name, param in model.named_parameters(remove_duplicate=False):
+        if name not in wanted:
+            continue
         with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-            if keep and name in keys:
+            if keep:
                 state[name] = param.detach().to(device, dtype or param.dtype).clone().contiguous()
     if keep:
         for name, buf in model.named_buffers():
-            if name in keys:
+            if name in wanted:
                 state[name] = buf.detach().to(device).clone().contiguous()
     return state
+
+
+def written_keys(model: SpeechLLM, left: Sequence[PretrainedPart]) -> list[str]:
+    """The state-dict keys a checkpoint holds: all but those `left` (part.model.weight_sources.left_out) names."""
+    omitted = {key for part in left for key in part.keys}
+    return [key for key in model.state_dict() if key not in omitted]
 
 
 class Checkpointer:
@@ -157,8 +180,10 @@ class Checkpointer:
         return None
 
     def save(self, engine, model: SpeechLLM, tokenizer, step: int, trainer_state: dict,
-             data_state: dict, save_optimizer: bool = True) -> Path:
-        """Collective: every rank calls it. Returns the published checkpoint directory."""
+             data_state: dict, save_optimizer: bool = True, left: Sequence[PretrainedPart] = ()) -> Path:
+        """Collective: every rank calls it. Returns the published checkpoint directory. `left`: the weights it
+        leaves out (part.model.weight_sources.left_out), referenced in their pretrained directories; the others
+        are written in their own dtype."""
         final = self.root / step_dir_name(step)
         partial = self.root / (step_dir_name(step) + ".partial")
         if self.rank == 0:
@@ -166,7 +191,7 @@ class Checkpointer:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir()
         self._barrier()
-        state = gather_state_dict(model, self.rank)
+        state = gather_state_dict(model, self.rank, dtype=None, keys=written_keys(model, left))
         # Never written, published or exported: every rank agrees before anything is, then all raise.
         if not self._all_ranks_ok(_finite(state)):
             self._abandon(partial)
@@ -174,11 +199,11 @@ class Checkpointer:
         ok = True
         try:
             if save_optimizer:
-                # frozen weights are in model.safetensors already; DeepSpeed need not store them again
+                # frozen weights are in model.safetensors or their sources; DeepSpeed need not store them again
                 engine.save_checkpoint(str(partial), tag=DS_TAG, save_latest=False, exclude_frozen_parameters=True)
             (partial / f"data_rank{self.rank}.json").write_text(json.dumps(data_state))
             if self.rank == 0:
-                model.save_pretrained(partial, tokenizer, state)
+                model.save_pretrained(partial, tokenizer, state, sources=[reference(part) for part in left])
                 full = dict(trainer_state, step=step, world_size=self.world_size)
                 (partial / "trainer_state.json").write_text(json.dumps(full, indent=1))
         except Exception as exc:  # noqa: BLE001  disk full (not always an OSError), ...: keep the previous one
@@ -246,16 +271,23 @@ def final_is_from(final: Path, ckpt_dir: Path | None) -> bool:
     return ckpt_dir is not None and marker.exists() and json.loads(marker.read_text())["checkpoint"] == str(ckpt_dir)
 
 
-def export_final(ckpt_dir: Path, final: Path, extra_files: dict[str, str] | None = None) -> None:
+def export_final(ckpt_dir: Path, final: Path, extra_files: dict[str, str] | None = None,
+                 weights: dict[str, torch.Tensor] | None = None) -> None:
     """The inference-ready part of the last checkpoint (weights, model config, tokenizer), without optimizer;
-    `extra_files` (name -> text, e.g. the model card) are written with it."""
+    `extra_files` (name -> text, e.g. the model card) are written with it. A checkpoint that leaves weights out
+    needs `weights`, every one of them (gather_state_dict): `final/` holds them all and reads no other directory."""
     tmp = final.with_name(final.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for name, text in (extra_files or {}).items():
         (tmp / name).write_text(text)
-    for name in ("model.safetensors", "part_model.json"):
-        shutil.copy2(ckpt_dir / name, tmp / name)
+    if weights is not None:
+        save_file(weights, str(tmp / WEIGHTS_NAME))
+    elif read_sources(ckpt_dir):
+        raise ValueError(f"{ckpt_dir} leaves weights out ({SOURCES_NAME}): exporting it needs every weight")
+    else:
+        shutil.copy2(ckpt_dir / WEIGHTS_NAME, tmp / WEIGHTS_NAME)
+    shutil.copy2(ckpt_dir / "part_model.json", tmp / "part_model.json")
     for name in ("tokenizer", "encoder_config", "llm_config", OBJECTIVES_DIR):
         if name == OBJECTIVES_DIR and not (ckpt_dir / name).exists():
             continue  # a model whose objectives keep no files

@@ -1,11 +1,12 @@
 """Resuming inside a stage on another number of ranks: the optimizer state, resharded.
 
-A checkpoint's weights (model.safetensors) are whole; its optimizer state (ds/) is ZeRO partitions, one file per
-rank of the run that wrote it, which only an engine of the same world size loads. On another world size, rank 0
-converts ds/ into DeepSpeed's universal layout (deepspeed.checkpoint.ds_to_universal: every trainable parameter's
-fp32 master weight and Adam moments as whole tensors), and every rank copies its own partition of each into the
-new engine; the step count of Adam and the engine's counters follow. DeepSpeed's own universal loader is not
-used: it gives every param group the first group's hyperparameters (weight decay, lr_scale).
+A checkpoint's weights (model.safetensors, and those it references in their pretrained directories) are whole; its
+optimizer state (ds/) is ZeRO partitions, one file per rank of the run that wrote it, which only an engine of the
+same world size loads. On another world size, rank 0 converts ds/ into DeepSpeed's universal layout
+(deepspeed.checkpoint.ds_to_universal: every trainable parameter's fp32 master weight and Adam moments as whole
+tensors), and every rank copies its own partition of each into the new engine; the step count of Adam and the
+engine's counters follow. DeepSpeed's own universal loader is not used: it gives every param group the first group's
+hyperparameters (weight decay, lr_scale).
 The data positions are the stream's business (part/data/stream.py, regroup_positions).
 """
 

@@ -13,7 +13,8 @@ the data position in the wrong place:
 
 Allowed, and tested: everything of later stages, the length of the stage the checkpoint belongs to (also when it
 was the run's last: more steps continue it with its optimizer state), learning rates and warm-up (the schedule
-follows the new values from the resumed step on), evaluation, logging, checkpoint cadence and `output_dir`.
+follows the new values from the resumed step on), evaluation, logging, checkpoint cadence, `checkpoint.lean` (each
+checkpoint says what it holds) and `output_dir`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """One stage of a run: its model and DeepSpeed engine, its data stream, and the training step.
 
 A stage switch and a resume take the same path: the model is built (from the pretrained directories, or from a
-checkpoint's saved architecture and weights), everything but the stage's trainable groups is frozen, and a new
+checkpoint's saved architecture and weights, the frozen ones it references read from their pretrained
+directories), everything but the stage's trainable groups is frozen, and a new
 engine gets an optimizer that holds state only for those. A resume inside a stage also restores that state.
 The benchmark builds and steps stages through this module too, so what it times is what training runs.
 """
@@ -25,8 +26,10 @@ from part.data.stream import MixtureStream, StreamTracker, make_loader
 from part.model.flops import FlopTally, Shapes, Trainable
 from part.model.groups import set_trainable
 from part.model.speech_llm import WEIGHTS_NAME, SpeechLLM
+from part.model.weight_sources import SourceError, sources_problem
 from part.train.callbacks import TrainerCallback
 from part.train.checkpoint import DS_TAG, Checkpointer, gather_state_dict, read_trainer_state
+from part.train.checkpoint_contents import leaves_out
 from part.train.distributed import DistributedContext
 from part.train.elastic import load_resharded_optimizer
 from part.train.records import StepRecord
@@ -104,7 +107,15 @@ class StageRun:
         model_cfg = dataclasses.replace(cfg.model, activation_checkpointing=cfg.recompute(span.stage))
         if checkpoint is None:
             model = SpeechLLM(model_cfg, tokenizer)  # the pretrained encoder and LLM
-        else:  # the architecture saved with the checkpoint, then its weights: pretrained ones are not read again
+        else:
+            # The sources of the weights the checkpoint leaves out: every rank checks its own view of them, and
+            # all refuse together when one finds a change (a rank alone would leave the others waiting).
+            problem = sources_problem(checkpoint)
+            if not dist.all_true(problem is None):
+                raise SourceError(problem or f"{checkpoint}: another rank found a pretrained directory it references "
+                                  "changed or missing (its log names it)")
+            # The architecture saved with the checkpoint, the weights it references read from their pretrained
+            # directories, then its own weights.
             model = SpeechLLM(model_cfg, tokenizer, saved_configs=checkpoint)
         t1 = time.perf_counter()
         if checkpoint is not None:
@@ -238,7 +249,8 @@ class StageRun:
         """Collective. Weights, this engine's optimizer partitions and every rank's data position at `step`."""
         trainer_state = {"engine_stage": self.span.index, "stage": self.span.name, "config": to_dict(self.cfg)}
         data_state = dict(self.tracker.state(), **self.stream_layout())
-        return checkpointer.save(self.engine, self.model, self.tokenizer, step, trainer_state, data_state)
+        return checkpointer.save(self.engine, self.model, self.tokenizer, step, trainer_state, data_state,
+                                 left=leaves_out(self.cfg, self.model, self.span.index))
 
     def destroy(self) -> None:
         self.close_stream()

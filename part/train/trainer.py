@@ -24,12 +24,14 @@ from part.evaluation.evaluator import Evaluator
 from part.exit_codes import ExitCode, exit_process
 from part.model.flops import peak_flops
 from part.model.tokenizer import load_tokenizer
+from part.model.weight_sources import SourceError, read_sources
 from part.train.callbacks import TrainerCallback
 from part.train.checkpoint import (
     Checkpointer,
     NonFiniteWeightsError,
     export_final,
     final_is_from,
+    gather_state_dict,
     read_data_state,
     read_trainer_state,
     step_dir_name,
@@ -233,8 +235,13 @@ class Trainer:
     def _run_stage(self, span: StageSpan) -> ExitCode:
         # Inside a stage the checkpoint's optimizer state carries on; at a boundary the new stage starts fresh.
         same_stage = self.checkpoint_state is not None and self.checkpoint_state["engine_stage"] == span.index
-        stage = StageRun.build(self.cfg, self.dist, self.tokenizer, span, self.curriculum.lr(self.step),
-                               checkpoint=self.checkpoint, restore_optimizer=same_stage)
+        try:
+            stage = StageRun.build(self.cfg, self.dist, self.tokenizer, span, self.curriculum.lr(self.step),
+                                   checkpoint=self.checkpoint, restore_optimizer=same_stage)
+        except SourceError as exc:  # every rank refuses together (StageRun.build)
+            raise RunRefused(f"stage '{span.name}' cannot be built from {self.checkpoint}: {exc}. Restore the "
+                             "directory as it was, or resume from a checkpoint that holds these weights "
+                             "(checkpoint.lean: false writes them all)") from None
         self.logger.stage(span, stage.trainable_counts, self.step)
         if self.step < span.end:  # else only the run's end is left: no data needed
             stage.open_stream(self._data_resume(stage) if same_stage else None)
@@ -357,6 +364,9 @@ class Trainer:
         self.exit_now_code = ExitCode.STOPPED  # the last step's checkpoint is written: --resume does only this
         if self.cfg.eval.per_language:
             self.evaluator.run(*stage.decoding_model(), self.step, final=True)
+        # final/ holds every weight: those the checkpoint leaves out are gathered from the model (collective)
+        lean = self.dist.rank0_decides(lambda: bool(read_sources(self.checkpoint)))
+        weights = gather_state_dict(stage.model, self.dist.rank) if lean else None
         if self.dist.is_main:
             self.logger.info(f"final model: {self.final_dir} (a copy of checkpoint {self.checkpoint.name}, with a "
                              "model card and the resolved config)")
@@ -366,5 +376,5 @@ class Trainer:
                        f"{self.final_dir / TRAIN_CONFIG} output_dir={again} checkpoint.dir={again}/checkpoints")
             card = model_card(self.cfg, self.checkpoint, metrics.read_text() if metrics.exists() else None, command)
             config_yaml = yaml.safe_dump(to_dict(self.cfg), sort_keys=False, allow_unicode=True)
-            export_final(self.checkpoint, self.final_dir, {"README.md": card, TRAIN_CONFIG: config_yaml})
+            export_final(self.checkpoint, self.final_dir, {"README.md": card, TRAIN_CONFIG: config_yaml}, weights)
         self.dist.barrier()

@@ -27,7 +27,7 @@ from part.train import checkpoint  # noqa: E402
 def failing_at(steps: set[int], dying: set[int]):
     original = speech_llm.SpeechLLM.save_pretrained
 
-    def save_pretrained(self, out_dir, tokenizer, state=None):
+    def save_pretrained(self, out_dir, tokenizer, state=None, **kwargs):
         step = int(Path(out_dir).name.split("_")[1].split(".")[0])
         if step in steps:
             raise RuntimeError(f"injected: no space left writing the weights of step {step}")
@@ -35,7 +35,7 @@ def failing_at(steps: set[int], dying: set[int]):
             (Path(out_dir) / speech_llm.WEIGHTS_NAME).write_bytes(b"\0" * 1000)
             print(f"[rank 0] dying while writing the checkpoint of step {step}", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
-        return original(self, out_dir, tokenizer, state)
+        return original(self, out_dir, tokenizer, state, **kwargs)
 
     return save_pretrained
 
@@ -46,8 +46,8 @@ class NanAt:
     def __init__(self, saves: set[int]):
         self.saves, self.calls, self.original = saves, 0, checkpoint.gather_state_dict
 
-    def __call__(self, model, rank):
-        state = self.original(model, rank)
+    def __call__(self, model, rank, **kwargs):
+        state = self.original(model, rank, **kwargs)
         self.calls += 1
         if self.calls in self.saves and state:
             name = next(k for k, v in state.items() if v.is_floating_point())

@@ -31,7 +31,14 @@ from part.config import load_config
 from part.model.groups import group_parameters
 from part.model.speech_llm import SpeechLLM
 from part.model.tokenizer import load_tokenizer
-from part.train.checkpoint import read_data_state, read_trainer_state, step_dir_name, step_of, verify_sums
+from part.train.checkpoint import (
+    read_data_state,
+    read_trainer_state,
+    step_dir_name,
+    step_of,
+    verify_sums,
+    write_sums,
+)
 from part.train.launcher import deepspeed_command, free_port
 
 pytestmark = pytest.mark.slow
@@ -199,7 +206,39 @@ def test_profile_window_on_every_rank(reference):
 
 
 def weights(ckpt: Path, step: int) -> dict[str, torch.Tensor]:
+    """What the checkpoint's weight file holds."""
     return load_file(str(ckpt / f"step_{step:07d}" / "model.safetensors"))
+
+
+def every_weight(ckpt: Path, step: int) -> dict[str, torch.Tensor]:
+    """The checkpoint's model, the weights it references read from their pretrained directories."""
+    model, _ = SpeechLLM.from_pretrained(ckpt / f"step_{step:07d}")
+    return {name: tensor.clone() for name, tensor in model.state_dict().items()}
+
+
+def test_each_checkpoint_holds_what_its_stages_trained(reference, tiny_models):
+    """The tiny encoder and LLM come from pretrained directories: a checkpoint holds the adapter and LoRA (no
+    directory has them) and, from stage 2 on, the encoder's top layer; the rest is referenced by digest."""
+    cfg = load_config(reference["config"])
+    model = SpeechLLM(cfg.model, load_tokenizer(cfg.model.llm.pretrained))
+    every = set(model.state_dict())
+    own = {n for n in every if n.startswith("adapter.") or "lora_" in n}
+    top = set(group_parameters(model, "encoder.top.1"))
+    assert own and top
+    for step in (3, 5, 6, 8, 9, 11, 12, 13):
+        held = weights(reference["ckpt"], step)
+        assert set(held) == (own if step <= 5 else own | top), step
+        assert {t.dtype for t in held.values()} == {torch.float32}  # precision fp32: the training dtype
+        sources = json.loads((reference["ckpt"] / step_dir_name(step) / "weight_sources.json").read_text())["sources"]
+        assert {s["module"]: s["directory"] for s in sources} == {"encoder": str((tiny_models / "whisper").resolve()),
+                                                                  "llm": str((tiny_models / "llm").resolve())}
+        assert set().union(*(s["keys"] for s in sources)) == every - set(held)
+        assert all("model.safetensors" in s["files"] and "config.json" in s["files"] for s in sources)
+    # final/ holds every weight, the trained ones as the last checkpoint has them, and references nothing
+    final = load_file(str(reference["out"] / "final" / "model.safetensors"))
+    assert set(final) == every and not (reference["out"] / "final" / "weight_sources.json").exists()
+    last = every_weight(reference["ckpt"], 13)
+    assert all(torch.equal(final[n], last[n]) for n in every)
 
 
 def test_each_stage_changes_exactly_its_groups(reference, tiny_models):
@@ -208,7 +247,7 @@ def test_each_stage_changes_exactly_its_groups(reference, tiny_models):
     ckpt = reference["ckpt"]
     pairs = {"s1_adapter": (3, 5), "s2_encoder_top": (5, 8), "s3_lora": (8, 11), "s4_text_joins": (11, 13)}
     for stage in cfg.stages:
-        before, after = (weights(ckpt, s) for s in pairs[stage.name])
+        before, after = (every_weight(ckpt, s) for s in pairs[stage.name])
         trainable = {n for g in stage.trainable for n in group_parameters(model, g)}
         changed = {n for n in before if not torch.equal(before[n], after[n])}
         frozen_changed = changed - trainable
@@ -282,7 +321,7 @@ def test_kill_9_then_resume_matches_uninterrupted(reference, tmp_path):
         assert got[step] == pytest.approx(ref[step], rel=1e-5, abs=1e-6), (step, got[step], ref[step])
 
 
-def test_resume_exactly_at_a_stage_boundary(reference, tmp_path):
+def test_resume_exactly_at_a_stage_boundary(reference, tiny_models, tmp_path):
     """From the checkpoint written at the end of stage 1 (step 5): the stage-2 engine is built from it with a
     fresh optimizer, exactly as the uninterrupted run switched stages."""
     config = tmp_path / "c.yaml"
@@ -295,6 +334,26 @@ def test_resume_exactly_at_a_stage_boundary(reference, tmp_path):
     assert not (tmp_path / "out" / "train_log.jsonl").exists()
     # (a --resume whose config changed where a resume cannot follow is refused the same way, exit 2 with the
     # field named: tests/unit/test_resume_check.py holds those cases)
+    # A pretrained directory the checkpoint reads its frozen weights from, changed since: every rank refuses
+    # before any step, naming the file (here the LLM's directory is a copy, which the checkpoint names instead)
+    llm = tmp_path / "llm"
+    shutil.copytree(tiny_models / "llm", llm)
+    ckpt = tmp_path / "ckpt" / "step_0000005"
+    sources = (ckpt / "weight_sources.json").read_text()
+    assert str((tiny_models / "llm").resolve()) in sources
+    (ckpt / "weight_sources.json").write_text(sources.replace(str((tiny_models / "llm").resolve()),
+                                                              str(llm.resolve())))
+    write_sums(ckpt)
+    changed = llm.resolve() / "model.safetensors"
+    data = bytearray(changed.read_bytes())
+    data[-1] ^= 0xFF
+    changed.write_bytes(bytes(data))
+    proc = run_ds(config, "--resume", "eval.per_language=0", timeout=300)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"{changed} in pretrained directory {llm.resolve()} has changed since the model was saved" in proc.stderr
+    assert "[part] step " not in proc.stdout
+    (ckpt / "weight_sources.json").write_text(sources)
+    write_sums(ckpt)
     # no `latest` pointer (it was not copied): --resume takes the newest complete checkpoint, after its hashes
     proc = run_ds(config, "--resume", "eval.per_language=0")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, write_config
+from conftest import REPO, call_main, write_config
 from wandb_offline import Table, offline_runs, read_offline_run
 
 from part.train.launcher import deepspeed_command
@@ -86,6 +86,34 @@ def test_a_group_lr_holds_its_group_while_the_stage_lr_trains_the_rest(finished)
     assert adapter and lora
     assert all(torch.allclose(before[k], after[k], rtol=0, atol=1e-9) for k in adapter)  # stage 2: lr 1e-12
     assert max((before[k] - after[k]).abs().max().item() for k in lora) > 1e-4  # stage 2: lr 1e-3
+
+
+def test_check_prints_the_bytes_each_stage_s_checkpoint_holds(finished, capsys):
+    """`train.py --check`'s bytes per checkpoint against the files this run wrote (ZeRO-3, 2 ranks): the weight file
+    exactly, DeepSpeed's files within a few percent. Stage 1 writes the adapter and LoRA (the tiny encoder and LLM
+    are referenced in their pretrained directories); stage 2 no more weights, LoRA's optimizer state besides."""
+    from part.cli.train import main
+    from part.config import load_config
+    from part.train.checkpoint_contents import checkpoint_sizes
+    from part.train.preflight import skeleton
+
+    config, overrides = finished["config"], finished["overrides"]
+    code, out, _ = call_main(main, ["--config", str(config), *overrides, "--check", "--world-size", "2"], capsys)
+    assert code == 0
+    printed = {m[1]: [float(x) for x in m.group(2, 3, 4)] for m in re.finditer(
+        r"^\| (\w+) \| ([\d.]+) MiB \| ([\d.]+) MiB \| ([\d.]+) MiB \| \d+ \| [\d.]+ MiB \|$", out, re.M)}
+    assert "bytes per checkpoint (2 ranks, ZeRO-3, fp32; lean" in out and set(printed) == {"s1_adapter", "s2_lora"}
+    cfg = load_config(config, overrides)
+    estimates = {s.stage: s for s in checkpoint_sizes(cfg, skeleton(cfg), world_size=2)}
+    for stage, step in (("s1_adapter", 3), ("s2_lora", 5)):
+        ckpt = config.parent / "ckpt" / f"step_{step:07d}"
+        weights = (ckpt / "model.safetensors").stat().st_size
+        deepspeed = sum(f.stat().st_size for f in [*(ckpt / "ds").iterdir(), *ckpt.glob("zero_to_*.py")])
+        assert estimates[stage].weights == weights, stage
+        assert abs(estimates[stage].optimizer - deepspeed) < 0.03 * deepspeed, (stage, estimates[stage], deepspeed)
+        for shown, actual in zip(printed[stage], (weights, deepspeed, weights + deepspeed)):
+            assert abs(shown * 2**20 - actual) < 0.03 * actual, (stage, printed[stage], weights, deepspeed)
+        assert estimates[stage].every_weight > 3 * weights  # the frozen encoder and LLM are not written
 
 
 def test_the_offline_wandb_run_holds_stages_mixture_skips_metrics_and_hypotheses(finished):

@@ -1,24 +1,45 @@
 """Atomic checkpoints: publish by rename, keep the previous one on a crash or a full disk; content hashes checked
-at resume with a fallback; non-finite weights never written; pruning and `latest` by step number."""
+at resume with a fallback; non-finite weights never written; pruning and `latest` by step number. Lean
+checkpoints: which weights each stage's checkpoint holds, in which dtype, the sources of the others checked by
+digest, and the size `--check` expects."""
 
+import copy
+import dataclasses
 import errno
+import hashlib
 import json
+import os
+import re
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
-from part.config import AdapterConfig, EncoderConfig, LLMConfig, ModelConfig
-from part.model.speech_llm import SpeechLLM
+from part.config import (
+    AdapterConfig,
+    CheckpointConfig,
+    EncoderConfig,
+    LLMConfig,
+    LoraConfig,
+    ModelConfig,
+    StageConfig,
+    TrainConfig,
+)
+from part.model.speech_llm import WEIGHTS_NAME, SpeechLLM
 from part.model.tokenizer import load_tokenizer
+from part.model.weight_sources import SOURCES_NAME, SourceError, read_sources, sources_problem
 from part.train.checkpoint import (
     SUMS,
     Checkpointer,
     NonFiniteWeightsError,
+    export_final,
     read_data_state,
     read_trainer_state,
     verify_sums,
 )
+from part.train.checkpoint_contents import checkpoint_sizes, leaves_out
 
 
 class FakeEngine:
@@ -153,3 +174,166 @@ def test_latest_and_pruning_go_by_step_number(tmp_path, model_and_tokenizer):
     (tmp_path / "ck" / "latest").unlink()  # lost pointer: the newest complete checkpoint, by number
     assert ck.latest().name == "step_0000011" and ck.newest_good().name == "step_0000011"
     assert [p.name for p in ck.complete()] == ["step_0000010", "step_0000011"]
+
+
+# ---------------------------------------------------------------- lean checkpoints: weights referenced by source
+
+STAGES = [StageConfig(name="s1", steps=1, trainable=["adapter"]),
+          StageConfig(name="s2", steps=1, trainable=["adapter", "encoder"]),
+          StageConfig(name="s3", steps=1, trainable=["llm.lora"])]
+
+
+@pytest.fixture
+def sourced(tiny_models, tmp_path):
+    """A model read from copies of the tiny pretrained directories (which the tests may change), with LoRA; its
+    training config over the three stages above (fp32)."""
+    for name in ("whisper", "llm"):
+        shutil.copytree(tiny_models / name, tmp_path / "pretrained" / name)
+    cfg = TrainConfig(model=ModelConfig(encoder=EncoderConfig(pretrained=str(tmp_path / "pretrained" / "whisper")),
+                                        adapter=AdapterConfig(hidden=64, layers=1, heads=4),
+                                        llm=LLMConfig(pretrained=str(tmp_path / "pretrained" / "llm"),
+                                                      lora=LoraConfig(rank=4, alpha=8))),
+                      stages=STAGES, precision="fp32")
+    tok = load_tokenizer(str(tiny_models / "llm"))
+    torch.manual_seed(0)
+    model = SpeechLLM(cfg.model, tok)
+    with torch.no_grad():  # trained LoRA, so that it is not zero
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.05)
+    return cfg, model, tok
+
+
+def save_stage(root: Path, cfg: TrainConfig, model: SpeechLLM, tok, index: int, step: int = 1) -> Path:
+    return Checkpointer(root, None, keep=10).save(FakeEngine(), model, tok, step,
+                                                   {"engine_stage": index, "stage": STAGES[index].name}, {},
+                                                   left=leaves_out(cfg, model, index))
+
+
+def test_a_checkpoint_holds_the_weights_its_stages_may_have_changed(tmp_path, sourced):
+    cfg, model, tok = sourced
+    every = set(model.state_dict())
+    own = {n for n in every if n.startswith("adapter.") or "lora_" in n}  # no pretrained directory holds them
+    encoder = {n for n in every if n.startswith("encoder.")}
+    assert own and encoder and not own & encoder
+    for index, held in ((0, own), (1, own | encoder), (2, own | encoder)):
+        ckpt = save_stage(tmp_path / "ck", cfg, model, tok, index, step=index + 1)
+        assert set(load_file(str(ckpt / WEIGHTS_NAME))) == held, index
+        sources = {s.module: s for s in read_sources(ckpt)}
+        assert set(sources) == ({"encoder", "llm"} if index == 0 else {"llm"})
+        assert set().union(*(s.keys for s in sources.values())) == every - held
+        llm = sources["llm"]
+        assert llm.directory == str((tmp_path / "pretrained" / "llm").resolve())
+        assert set(llm.files) == {"config.json", "model.safetensors"}
+        assert llm.files["model.safetensors"] == hashlib.sha256(
+            (tmp_path / "pretrained" / "llm" / "model.safetensors").read_bytes()).hexdigest()
+        assert verify_sums(ckpt) is None  # weight_sources.json is in SHA256SUMS
+        loaded, _ = SpeechLLM.from_pretrained(ckpt)  # the referenced weights from their directories
+        for name, tensor in model.state_dict().items():
+            assert torch.equal(loaded.state_dict()[name], tensor), (index, name)
+        assert loaded.lora_runs  # trained LoRA runs
+    # checkpoint.lean: false writes every weight and references none
+    full = Checkpointer(tmp_path / "full", None).save(
+        FakeEngine(), model, tok, 1, {"engine_stage": 0, "stage": "s1"}, {},
+        left=leaves_out(dataclasses.replace(cfg, checkpoint=CheckpointConfig(lean=False)), model, 0))
+    assert set(load_file(str(full / WEIGHTS_NAME))) == every and not (full / SOURCES_NAME).exists()
+
+
+def test_weights_are_written_in_their_own_dtype(tmp_path, sourced):
+    cfg, model, tok = sourced
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)  # as the engine holds them under precision bf16
+    ckpt = save_stage(tmp_path / "ck", cfg, bf16, tok, 0)
+    held = load_file(str(ckpt / WEIGHTS_NAME))
+    assert {t.dtype for t in held.values()} == {torch.bfloat16}
+    loaded, _ = SpeechLLM.from_pretrained(ckpt)
+    assert torch.equal(loaded.adapter.proj.weight, bf16.adapter.proj.weight.float())
+    assert torch.equal(loaded.encoder.layers[0].fc1.weight, model.encoder.layers[0].fc1.weight)  # from its source
+
+
+def test_a_changed_source_is_refused_naming_the_file(tmp_path, sourced):
+    cfg, model, tok = sourced
+    ckpt = save_stage(tmp_path / "ck", cfg, model, tok, 0)
+    weights = tmp_path / "pretrained" / "llm" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # the same size, one byte else: it would load, silently other weights
+    weights.write_bytes(bytes(data))
+    later = weights.stat().st_mtime_ns + 10**9
+    os.utime(weights, ns=(later, later))
+    with pytest.raises(SourceError, match=re.escape(f"{weights} in pretrained directory {weights.parent} has "
+                                                    "changed since the model was saved")):
+        SpeechLLM.from_pretrained(ckpt)
+    assert str(weights) in sources_problem(ckpt)
+    config = tmp_path / "pretrained" / "whisper" / "config.json"
+    config.write_text(config.read_text().replace('"d_model": 128', '"d_model": 128 '))
+    assert str(config) in sources_problem(ckpt)  # the encoder's directory is checked first
+
+
+def test_a_missing_source_is_refused_naming_it(tmp_path, sourced):
+    cfg, model, tok = sourced
+    ckpt = save_stage(tmp_path / "ck", cfg, model, tok, 0)
+    (tmp_path / "pretrained" / "llm" / "config.json").unlink()
+    with pytest.raises(SourceError, match=re.escape(f"{tmp_path / 'pretrained' / 'llm' / 'config.json'} is missing "
+                                                    f"from pretrained directory {tmp_path / 'pretrained' / 'llm'}")):
+        SpeechLLM.from_pretrained(ckpt)
+    shutil.rmtree(tmp_path / "pretrained" / "whisper")
+    with pytest.raises(SourceError, match=re.escape(f"pretrained directory {tmp_path / 'pretrained' / 'whisper'} "
+                                                    "is missing: the encoder weights")):
+        SpeechLLM.from_pretrained(ckpt)
+    # what is not there now is no source: the next checkpoint holds those weights itself
+    assert leaves_out(cfg, model, 0) == []
+    later = save_stage(tmp_path / "ck", cfg, model, tok, 0, step=2)
+    assert set(load_file(str(later / WEIGHTS_NAME))) == set(model.state_dict()) and not read_sources(later)
+
+
+def test_the_keys_missing_from_the_file_must_be_the_referenced_ones(tmp_path, sourced):
+    cfg, model, tok = sourced
+    ckpt = save_stage(tmp_path / "ck", cfg, model, tok, 1)
+    state = load_file(str(ckpt / WEIGHTS_NAME))
+    lost = state.pop("adapter.proj.bias")
+    save_file(state, str(ckpt / WEIGHTS_NAME))
+    with pytest.raises(ValueError, match=r"missing \['adapter.proj.bias'\]"):
+        SpeechLLM.from_pretrained(ckpt)
+    # a referenced weight the file holds too: the directory contradicts itself
+    referenced = read_sources(ckpt)[0].keys[0]
+    state.update({"adapter.proj.bias": lost, referenced: model.state_dict()[referenced].clone()})
+    save_file(state, str(ckpt / WEIGHTS_NAME))
+    with pytest.raises(ValueError, match=re.escape(f"references them ['{referenced}']")):
+        SpeechLLM.from_pretrained(ckpt)
+
+
+def test_the_bytes_estimate_is_the_weight_file_s_size(tmp_path, sourced):
+    """`--check`'s figure for model.safetensors, per stage, against the files a save writes (the optimizer state's
+    against DeepSpeed's files: tests/integration/test_wandb_and_rerun.py)."""
+    cfg, model, tok = sourced
+    sizes = checkpoint_sizes(cfg, model, world_size=1)
+    for index in range(3):
+        ckpt = save_stage(tmp_path / "ck", cfg, model, tok, index, step=index + 1)
+        assert sizes[index].weights == (ckpt / WEIGHTS_NAME).stat().st_size, index
+    full = (save_stage(tmp_path / "full", dataclasses.replace(cfg, checkpoint=CheckpointConfig(lean=False)),
+                       model, tok, 0) / WEIGHTS_NAME).stat().st_size
+    assert sizes[0].every_weight == full and sizes[0].weights < full / 4
+    bf16 = checkpoint_sizes(dataclasses.replace(cfg, precision="bf16"), model, world_size=1)
+    assert bf16[1].weights == (save_stage(tmp_path / "bf16", cfg, copy.deepcopy(model).to(torch.bfloat16), tok, 1)
+                               / WEIGHTS_NAME).stat().st_size
+
+
+def test_the_final_export_holds_every_weight(tmp_path, sourced):
+    cfg, model, tok = sourced
+    ckpt = save_stage(tmp_path / "ck", cfg, model, tok, 0)
+    with pytest.raises(ValueError, match="leaves weights out"):
+        export_final(ckpt, tmp_path / "final")
+    export_final(ckpt, tmp_path / "final", weights={k: v.clone() for k, v in model.state_dict().items()})
+    assert not (tmp_path / "final" / SOURCES_NAME).exists()
+    shutil.rmtree(tmp_path / "pretrained")  # final/ reads no other directory
+    loaded, _ = SpeechLLM.from_pretrained(tmp_path / "final")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+def test_a_randomly_initialised_encoder_is_always_written(sourced):
+    cfg, _, tok = sourced
+    fresh = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, encoder=EncoderConfig()))
+    model = SpeechLLM(fresh.model, tok)
+    left = leaves_out(fresh, model, 0)
+    assert [part.module for part in left] == ["llm"]
+    assert not any(key.startswith("encoder.") for key in left[0].keys)

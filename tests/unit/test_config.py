@@ -44,6 +44,8 @@ def test_loads_with_overrides(tmp_path, corpus, tiny_models):
         ("logging.profile_steps=0", "logging.profile_steps: must be >= 1"),
         ("eval.batch_size=0", "eval.batch_size: must be >= 1"),
         ("eval.max_new_tokens=0", "eval.max_new_tokens: must be >= 1"),
+        ("checkpoint.lean=sometimes", "checkpoint.lean: expected true/false, got 'sometimes'"),
+        ("checkpoint.lean=false", None),
         ("stages.0.tasks={asr: 0.5, s2tt: 0.5}", None),
         ("stages.0.translation_targets=[]", None),  # asr only: no translation target needed
         ("model.llm.pretrained=/tmp", "model.llm.pretrained: '/tmp' is not a model directory"),

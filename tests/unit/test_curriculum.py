@@ -42,3 +42,12 @@ def test_learning_rate_schedule():
 def test_empty_curriculum_refused():
     with pytest.raises(ValueError):
         Curriculum([])
+
+
+def test_the_groups_trained_up_to_a_stage():
+    c = Curriculum([StageConfig(name="a", steps=1, trainable=["adapter"]),
+                    StageConfig(name="b", steps=1, trainable=["adapter", "encoder.top.2"]),
+                    StageConfig(name="c", steps=1, trainable=["llm.lora"])])
+    assert c.trained_through(0) == ["adapter"]
+    assert c.trained_through(1) == ["adapter", "encoder.top.2"]
+    assert c.trained_through(2) == ["adapter", "encoder.top.2", "llm.lora"]

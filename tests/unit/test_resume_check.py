@@ -53,6 +53,7 @@ def test_refused(edit, step, field):
     (lambda c: setattr(c.stages[1], "trainable", ["adapter", "encoder"]), 10),  # at the boundary: not begun
     (lambda c: setattr(c.eval, "per_language", 200), 15),
     (lambda c: setattr(c.checkpoint, "every", 7), 15),
+    (lambda c: setattr(c.checkpoint, "lean", False), 15),  # each checkpoint says what it holds
     (lambda c: setattr(c.data, "num_workers", 4), 15),  # restarts the stage's stream, checked separately
     (lambda c: setattr(c.model.activation_checkpointing, "llm", True), 15),
     (lambda c: c.stages.append(StageConfig(name="s4", steps=5)), 25),
