@@ -14,7 +14,8 @@ the data position in the wrong place:
 Allowed, and tested: everything of later stages, the length of the stage the checkpoint belongs to (also when it
 was the run's last: more steps continue it with its optimizer state), learning rates and warm-up (the schedule
 follows the new values from the resumed step on), evaluation, logging, checkpoint cadence, `checkpoint.lean` (each
-checkpoint says what it holds) and `output_dir`.
+checkpoint says what it holds) and `output_dir`. A field the checkpoint's config lacks (added to the config after
+the checkpoint was written) is not compared.
 """
 
 from __future__ import annotations
@@ -27,11 +28,13 @@ DATA_FIELDS_FREE = ("num_workers", "packing", "length_multiple", "row_tokens", "
 STAGE_FIELDS_FIXED = ("name", "trainable", "tasks", "languages", "translation_targets")
 
 
-def _differences(saved: object, current: object, path: str) -> list[str]:
+def _differences(saved: object, current: object, path: str, fields: bool = False) -> list[str]:
+    """The differences, by dotted path. `fields`: the dicts are config sections, and a field the checkpoint's
+    lacks came after it was written (that run had none): not compared."""
     if isinstance(saved, dict) and isinstance(current, dict):
         out = []
-        for key in sorted(set(saved) | set(current)):
-            out += _differences(saved.get(key), current.get(key), f"{path}.{key}" if path else key)
+        for key in sorted(set(saved) | (set() if fields else set(current))):
+            out += _differences(saved.get(key), current.get(key), f"{path}.{key}" if path else key, fields)
         return out
     return [] if saved == current else [f"{path}: {saved!r} in the checkpoint, {current!r} now"]
 
@@ -42,10 +45,10 @@ def resume_conflicts(saved: dict, cfg: TrainConfig, step: int) -> list[str]:
     problems = []
     model_saved = {k: v for k, v in saved.get("model", {}).items() if k not in MODEL_FIELDS_FREE}
     model_now = {k: v for k, v in now["model"].items() if k not in MODEL_FIELDS_FREE}
-    problems += _differences(model_saved, model_now, "model")
+    problems += _differences(model_saved, model_now, "model", fields=True)
     data_saved = {k: v for k, v in saved.get("data", {}).items() if k not in DATA_FIELDS_FREE}
     data_now = {k: v for k, v in now["data"].items() if k not in DATA_FIELDS_FREE}
-    problems += _differences(data_saved, data_now, "data")
+    problems += _differences(data_saved, data_now, "data", fields=True)
     for key in ("seed", "precision", "zero_stage"):
         problems += _differences(saved.get(key), now[key], key)
     start = 0

@@ -61,3 +61,16 @@ def test_refused(edit, step, field):
 ])
 def test_allowed(edit, step):
     assert resume_conflicts(SAVED, changed(edit), step) == []
+
+
+def test_a_field_added_after_the_checkpoint_is_not_compared():
+    """A checkpoint written before a config field existed resumes under its default or any value; the fields it
+    has are compared as ever, and data-valued dicts (tasks, group_lr) by every key."""
+    saved = copy.deepcopy(SAVED)
+    del saved["model"]["adapter"]["hidden"], saved["data"]["window"]
+    assert resume_conflicts(saved, changed(lambda c: setattr(c.data, "window", 64)), 5) == []
+    conflicts = resume_conflicts(saved, changed(lambda c: setattr(c.model.adapter, "layers", 7)), 5)
+    assert [c.split(":")[0] for c in conflicts] == ["model.adapter.layers"]
+    saved["stages"][1]["group_lr"] = {}
+    conflicts = resume_conflicts(saved, changed(lambda c: setattr(c.stages[1], "group_lr", {"adapter": 1e-3})), 15)
+    assert [c.split(":")[0] for c in conflicts] == ["stages[1].group_lr.adapter"]
