@@ -11,7 +11,8 @@ Most of those tokens are rare (in the embedded default, 10,019 of 17,871 occur f
 speech), and a class seen a handful of times is not learned. With `model.alignment.vocabulary_min_count` N the
 file keeps the tokens seen at least N times; every other token is spelled with them (`TokenPieces`: its text cut
 into the longest pieces that are tokens of the set, single characters where nothing longer is), so a rare word
-becomes a few frequent pieces that decode to the same text.
+becomes a few frequent pieces that decode to the same text (on the embedded default the frames then read worse
+within its budget: docs/results/frame_supervision.md).
 """
 
 from __future__ import annotations

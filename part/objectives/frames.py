@@ -93,11 +93,12 @@ class FrameAlignment(Objective):
             self.register_buffer("class_of_token", None, persistent=False)
             self.blank = self.blank_token
             self.rows_from_embeddings = False
-            self.pieces = None
+            self._pieces = None
+            self.vocabulary_ids = None
             return
         ids = read_frame_vocabulary(file, embeddings.num_embeddings, blank=self.blank_token)
-        # transcript tokens outside the vocabulary are spelled with its tokens (needs the tokenizer's texts)
-        self.pieces = TokenPieces(tokenizer, ids) if tokenizer is not None else None
+        self._pieces = (tokenizer, ids)  # made into TokenPieces when a token outside the vocabulary first comes
+        self.vocabulary_ids = frozenset(ids)  # on the host: the targets are checked against it without a device read
         token_ids = torch.tensor(ids, dtype=torch.long)
         class_of_token = torch.full((embeddings.num_embeddings,), -1, dtype=torch.long)
         class_of_token[token_ids] = torch.arange(len(ids))
@@ -128,17 +129,27 @@ class FrameAlignment(Objective):
                              "with `python -m part frame_vocabulary --config CONFIG`")
         return classes
 
+    @property
+    def pieces(self) -> TokenPieces | None:
+        """Transcript tokens outside the vocabulary spelled with its tokens (None: no vocabulary or no tokenizer,
+        whose token texts the spelling needs)."""
+        if isinstance(self._pieces, tuple):
+            tokenizer, ids = self._pieces
+            self._pieces = TokenPieces(tokenizer, ids) if tokenizer is not None else None
+        return self._pieces
+
     def spelled(self, token_ids: list[int]) -> list[int]:
         """`token_ids` with each token outside the frame vocabulary replaced by its pieces in it (kept as it is
         where it has none: `classes_of` then names it)."""
-        if self.pieces is None:
+        if self.vocabulary_ids is None or self.vocabulary_ids.issuperset(token_ids) or self.pieces is None:
             return token_ids
         return [p for t in token_ids for p in (self.pieces(t) or [t])]
 
     def spelled_timings(self, timings: list[TokenTiming]) -> list[TokenTiming]:
         """`timings` with each token outside the frame vocabulary replaced by its pieces, the token's time span
         shared among them in proportion to their length in characters."""
-        if self.pieces is None:
+        if self.vocabulary_ids is None or self.vocabulary_ids.issuperset(t.token_id for t in timings) \
+                or self.pieces is None:
             return timings
         out = []
         for timing in timings:
