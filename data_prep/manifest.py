@@ -306,21 +306,19 @@ def jsonl_objects(path: Path, bad: BadRows, expected: str = "a JSON object") -> 
             yield where, obj
 
 
+class RefusedRows(BadRows):
+    """Where a bad row stops the build (a manifest the user wrote: fixed at once rather than half-built): a
+    ValueError with the message."""
+
+    def skip(self, message: str, reason: str = "bad_row") -> None:
+        raise ValueError(message)
+
+
 def manifest_rows(path: Path) -> Iterator[tuple[str, dict]]:
-    """(`file:line`, row) for each row of a .tsv or .jsonl manifest."""
+    """(`file:line`, row) for each row of a .tsv or .jsonl manifest; a line that is not a JSON object is a
+    ValueError naming it."""
     if path.suffix.lower() in (".jsonl", ".json", ".ndjson"):
-        with open(path, encoding="utf-8") as fh:
-            for line_no, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{line_no}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{where}: invalid JSON: {exc}") from None
-                if not isinstance(row, dict):
-                    raise TypeError(f"{where}: expected a JSON object")
-                yield where, row
+        yield from jsonl_objects(path, RefusedRows())
     else:
         yield from read_tsv(path, required=("audio", "text", "language"))
 

@@ -502,6 +502,10 @@ def test_manifest_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     bad_json.write_text('{"audio": "a.wav", "text": "hi", "language": "en"}\n{"audio": \n')
     with pytest.raises(ValueError, match=r"bad\.jsonl:2: invalid JSON"):
         read_manifests([bad_json])
+    not_object = tmp_path / "list.jsonl"
+    not_object.write_text('{"audio": "a.wav", "text": "hi", "language": "en"}\n["a.wav", "hi"]\n')
+    with pytest.raises(ValueError, match=r"list\.jsonl:2: expected a JSON object"):
+        read_manifests([not_object])
     bad_end = tmp_path / "bad_end.jsonl"
     bad_end.write_text('{"audio": "a.wav", "text": "hi", "language": "en", "start": 3, "end": 2}\n')
     with pytest.raises(ValueError, match=r"bad_end\.jsonl:1: 'end'"):
