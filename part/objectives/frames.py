@@ -138,12 +138,21 @@ class FrameAlignment(Objective):
             self._pieces = TokenPieces(tokenizer, ids) if tokenizer is not None else None
         return self._pieces
 
-    def spelled(self, token_ids: list[int]) -> list[int]:
-        """`token_ids` with each token outside the frame vocabulary replaced by its pieces in it (kept as it is
-        where it has none: `classes_of` then names it)."""
-        if self.vocabulary_ids is None or self.vocabulary_ids.issuperset(token_ids) or self.pieces is None:
-            return token_ids
-        return [p for t in token_ids for p in (self.pieces(t) or [t])]
+    def transcript_classes(self, transcripts: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+        """The frame classes of these transcripts' token ids, concatenated, and each one's length in classes: a
+        token outside the frame vocabulary spelled with its tokens (`pieces`; one that has no spelling is named by
+        `classes_of`'s error). The ids are read on the host only when a token is outside: one device read finds
+        it, as `classes_of` makes one."""
+        ids, lengths = torch.cat(transcripts), [len(t) for t in transcripts]
+        if self.class_of_token is None:
+            return ids, lengths
+        classes = self.class_of_token[ids]
+        if not bool((classes < 0).any()):
+            return classes, lengths
+        if self.pieces is not None:
+            spelled = [[p for t in transcript.tolist() for p in (self.pieces(t) or [t])] for transcript in transcripts]
+            ids, lengths = torch.tensor([p for s in spelled for p in s], device=ids.device), [len(s) for s in spelled]
+        return self.classes_of(ids), lengths
 
     def spelled_timings(self, timings: list[TokenTiming]) -> list[TokenTiming]:
         """`timings` with each token outside the frame vocabulary replaced by its pieces, the token's time span
@@ -238,20 +247,20 @@ class FrameAlignment(Objective):
         log_probs = encoded.cache[LOGITS].log_softmax(-1)
         clips = self._transcribed_clips(batch)
         rows = [j for _, j in clips]
-        targets = [torch.tensor(self.spelled(batch.transcript_ids[i].tolist()), dtype=torch.long) for i, _ in clips]
         if not rows:
             return log_probs.sum() * 0.0
+        classes, lengths = self.transcript_classes([batch.transcript_ids[i].to(log_probs.device) for i, _ in clips])
         index = torch.tensor(rows, device=log_probs.device)
         loss = F.ctc_loss(
             log_probs[index].transpose(0, 1),
-            self.classes_of(torch.cat(targets).to(log_probs.device)),
+            classes,
             encoded.lengths[index],
-            torch.tensor([len(t) for t in targets], device=log_probs.device),
+            torch.tensor(lengths, device=log_probs.device),
             blank=self.blank,
             reduction="sum",
             zero_infinity=True,  # a transcript longer than its frames cannot be aligned: no gradient, not inf
         )
-        return loss / sum(len(t) for t in targets)
+        return loss / sum(lengths)
 
     @property
     def teacher(self):
