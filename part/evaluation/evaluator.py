@@ -125,11 +125,12 @@ def generate_records(model: SpeechLLM, batches: list[Batch], tokenizer, device: 
     return records
 
 
-class EvalProgress:
-    """Progress lines for a long evaluation (minutes on CPU): batches done, elapsed, ETA; at most one a minute."""
+class BatchProgress:
+    """Progress lines for a long loop over batches (minutes on CPU): `label`, batches done (of those `scope` names),
+    elapsed, ETA; at most one every `every_seconds`, and the last batch's."""
 
-    def __init__(self, logger: EvaluationLog, step: int, every_seconds: float = 60.0):
-        self.logger, self.step, self.every = logger, step, every_seconds
+    def __init__(self, log: Callable[[str], None], label: str = "", scope: str = "", every_seconds: float = 60.0):
+        self.log, self.label, self.scope, self.every = log, label, scope, every_seconds
         self.started = self.last = time.monotonic()
 
     def __call__(self, done: int, total: int) -> None:
@@ -139,8 +140,14 @@ class EvalProgress:
         self.last = now
         elapsed = now - self.started
         eta = elapsed / done * (total - done)
-        self.logger.info(f"eval at step {self.step}: batch {done}/{total} on this rank, "
-                         f"{elapsed / 60:.1f} min, eta {eta / 60:.1f} min")
+        self.log(f"{self.label}batch {done}/{total}{self.scope}, {elapsed / 60:.1f} min, eta {eta / 60:.1f} min")
+
+
+class EvalProgress(BatchProgress):
+    """The evaluation's progress, on each rank."""
+
+    def __init__(self, logger: EvaluationLog, step: int, every_seconds: float = 60.0):
+        super().__init__(logger.info, f"eval at step {step}: ", " on this rank", every_seconds)
 
 
 class Evaluator:

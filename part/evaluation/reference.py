@@ -6,7 +6,6 @@ its features carry for a decoder that was trained on them: a reference for the t
 from __future__ import annotations
 
 import json
-import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from part.config import DataConfig, TrainConfig
+from part.config import SPEECH_TASKS, DataConfig, TrainConfig
 from part.data.audio import AudioDecodeError, load_audio
 from part.data.eval_sets import first_per_language
 from part.data.shards import AUDIO_EXTENSIONS
-from part.evaluation.evaluator import score_each
+from part.evaluation.evaluator import BatchProgress, score_each
 from part.evaluation.metrics import evaluation_report, normalizers_from
 from part.features import MAX_CLIP_SECONDS, SAMPLE_RATE
 
@@ -118,8 +117,8 @@ def write_whisper_reference(cfg: TrainConfig, source: str, whisper_dir: str | Pa
     if not (whisper / "config.json").is_file() or not (whisper / "generation_config.json").is_file():
         raise ReferenceInputError(f"{whisper}: not a transformers Whisper directory with its decoder (config.json, "
                                   "generation_config.json)")
-    tasks = list(tasks or [t for t in cfg.eval.tasks if t in ("asr", "s2tt")])  # speech in, not text (mt)
-    unknown = sorted(set(tasks) - {"asr", "s2tt"})
+    tasks = list(tasks or [t for t in cfg.eval.tasks if t in SPEECH_TASKS])  # speech in, not text (mt)
+    unknown = sorted(set(tasks) - set(SPEECH_TASKS))
     if unknown:
         raise ReferenceInputError(f"tasks: {', '.join(unknown)} (Whisper reads asr and s2tt into English)")
     skipped: Counter = Counter()
@@ -129,17 +128,8 @@ def write_whisper_reference(cfg: TrainConfig, source: str, whisper_dir: str | Pa
     if not utterances:
         raise ReferenceInputError(f"no readable clips of {cfg.data.languages} in {cfg.data.eval_shards}")
     log(f"{len(utterances)} clips ({', '.join(cfg.data.languages)}), {whisper}, tasks {','.join(tasks)}")
-    start = last = time.monotonic()
-
-    def progress(done: int, total: int) -> None:  # at most a line every 30 s, and the last batch
-        nonlocal last
-        now = time.monotonic()
-        if now - last < PROGRESS_SECONDS and done < total:
-            return
-        last, elapsed = now, now - start
-        log(f"batch {done}/{total}, {elapsed / 60:.1f} min, eta {elapsed / done * (total - done) / 60:.1f} min")
-
-    records = whisper_records(whisper, utterances, tasks, batch_size=batch_size, progress=progress)
+    records = whisper_records(whisper, utterances, tasks, batch_size=batch_size,
+                              progress=BatchProgress(log, every_seconds=PROGRESS_SECONDS))
     table = evaluation_report(score_each(records, normalizers_from(cfg.eval.normalizer)), cfg.eval.normalizer)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
