@@ -273,9 +273,9 @@ def padding(cfg, stage, tokenizer, mels: int, windows: int) -> dict:
 
 def launch(ranks: int, args: argparse.Namespace, cfg_overrides: list[str], workdir: Path, phases: str,
            log_dir: Path) -> dict[str, dict]:
-    from part.train.launcher import deepspeed_command
+    from part.train.launcher import deepspeed_command, find_launcher
 
-    deepspeed_bin = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
+    deepspeed_bin = find_launcher() or "deepspeed"
     worker_args = ["--config", args.config, "--workdir", str(workdir), "--phases", phases, "--stage", str(args.stage),
                    "--warmup", str(args.warmup), "--steps", str(args.steps), "--replay-steps", str(args.replay_steps),
                    "--switch-steps", str(args.switch_steps), *cfg_overrides]

@@ -60,7 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--normalizer", choices=NORMALIZERS, default=None,
                         help="the WER/CER text normaliser of the comparison, for both runs (default: the PART "
                              "config's eval.normalizer; the runs' results files hold their rows under each)")
-    parser.add_argument("--deepspeed", default="deepspeed", help="the launcher (default: deepspeed from PATH)")
+    parser.add_argument("--deepspeed", default="deepspeed",
+                        help="the launcher (default: deepspeed from PATH, else the one beside this Python)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides applied to both runs")
     args = parser.parse_intermixed_args(argv)
     if args.nproc < 1:
@@ -72,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from part.config import ConfigError
     from part.evaluation.comparison import comparison_header, load_run, stages_from_config, write_comparison
+    from part.train.launcher import find_launcher
     from part.train.recipe_pair import recipe_runs, train_recipes
 
     out = Path(args.out)
@@ -87,7 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     if cfgs["part"].output_dir == cfgs["baseline"].output_dir:
         print(f"error: both runs would write to {cfgs['part'].output_dir}", file=sys.stderr)
         return ExitCode.BAD_INPUT
-    if not args.skip_training and (code := train_recipes(recipes, run_args, cfgs, args.nproc, args.deepspeed)):
+    launcher = args.deepspeed if args.skip_training else find_launcher(args.deepspeed)
+    if launcher is None:
+        print(f"error: --deepspeed: the launcher {args.deepspeed!r} is neither on PATH nor beside {sys.executable} "
+              "(install deepspeed, activate its environment or pass its path)", file=sys.stderr)
+        return ExitCode.BAD_INPUT
+    if not args.skip_training and (code := train_recipes(recipes, run_args, cfgs, args.nproc, launcher)):
         return code
 
     try:

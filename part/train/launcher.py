@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import socket
 import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,6 +23,16 @@ def available_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+def find_launcher(name: str = "deepspeed") -> str | None:
+    """The launcher's path: `name` itself when it is a path or on PATH, else the one beside this Python (a virtual
+    environment used without activating it); None when neither exists."""
+    found = shutil.which(name)
+    if found:
+        return found
+    beside = Path(sys.executable).parent / name
+    return str(beside) if os.sep not in name and beside.is_file() and os.access(beside, os.X_OK) else None
 
 
 def deepspeed_command(script: str | Path, script_args: Sequence[str], nproc: int, launcher: str = "deepspeed",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 import sys
 from pathlib import Path
@@ -360,6 +361,27 @@ def test_main_skip_training(runs, tmp_path, capsys):
     assert f"{total} steps in 5 stages" in md and f"{total} steps in 1 stage(s)" in md
     assert "- command: `python -m part compare --part " in md and "--skip-training`" in md and "- date: " in md
     assert (out / "curves.png").stat().st_size > 0 and (out / "compare.json").is_file()
+    # Training needs the launcher: a missing one is refused before anything runs, naming it.
+    capsys.readouterr()
+    assert compare.main(["--part", str(configs["part"]), "--baseline", str(configs["baseline"]), "--out", str(out),
+                         "--deepspeed", str(tmp_path / "no-launcher")]) == 2
+    assert f"the launcher '{tmp_path / 'no-launcher'}' is neither on PATH" in capsys.readouterr().err
+
+
+def test_find_launcher(tmp_path, monkeypatch):
+    assert launcher.find_launcher("sh") == shutil.which("sh")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert launcher.find_launcher("sh") is None
+    # a virtual environment's launcher, found beside its Python though the environment is not activated
+    bin_dir = tmp_path / "venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    tool = bin_dir / "deepspeed"
+    tool.write_text("#!/bin/sh\n")
+    monkeypatch.setattr(sys, "executable", str(bin_dir / "python"))
+    assert launcher.find_launcher("deepspeed") is None  # not executable
+    tool.chmod(0o755)
+    assert launcher.find_launcher("deepspeed") == str(tool)
+    assert launcher.find_launcher("other") is None
 
 
 # ---------------------------------------------------------------- the recipes
