@@ -5,7 +5,10 @@ Builds a Whisper-large-v3-shaped encoder (32 layers, d 1280, 128 mel bins) and a
 `data_prep.manifest`; prints `train.py --check`'s per-stage memory estimate; trains three PART stages (adapter;
 adapter + whole encoder; adapter + LoRA on ASR + S2TT) through the `deepspeed` launcher with a checkpoint inside
 each stage, kills the run (SIGKILL) after the first checkpoint of stage 2 and resumes it, evaluates; then reports
-per stage: tokens/s, audio-seconds/s, step time (median, p90, max after warm-up), MFU and peak memory. The report
+per stage: tokens/s, audio-seconds/s, step time (median, p90, max after warm-up), MFU and peak memory. Then the
+step's anatomy per stage (bench/train_bench_worker.py's `anatomy` phase, one launcher run per stage): batches
+never trained on, each stepped twice in a row (a new shape's first step vs the same batch replayed), with cuDNN
+attention on and off, and the share of the replayed step spent in device kernels (torch.profiler). The report
 (markdown) and the logs go to `--out`.
 """
 
@@ -270,6 +273,65 @@ def report_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def step_anatomy(config: Path, work: Path, out: Path, stages: list[int], batches: int, timeout: float) -> list[dict]:
+    """The worker's `anatomy` phase, one launcher run per stage (a few live steps first: the shapes they meet
+    count as seen); its records, in stage order."""
+    from part.train.launcher import deepspeed_command
+
+    records = []
+    for index in stages:
+        worker_args = ["--config", str(config), "--workdir", str(work / "anatomy"), "--phases", "train,anatomy",
+                       "--stage", str(index), "--warmup", "1", "--steps", "1", "--replay-steps", "1",
+                       "--anatomy-batches", str(batches)]
+        cmd = deepspeed_command("bench/train_bench_worker.py", worker_args, 1)
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", *cmd[1:]]
+        path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=path)
+        log_file = out / "anatomy.log"
+        with open(log_file, "a") as sink:  # the ranks in a session of their own: a timeout stops all of them
+            proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=sink, text=True,
+                                    start_new_session=True)
+            try:
+                stdout, _ = proc.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                stdout, _ = proc.communicate()
+                log(f"step anatomy of stage {index}: stopped after {timeout:.0f} s")
+            sink.write(stdout)
+        found = [json.loads(line.split("BENCH_JSON ", 1)[1]) for line in stdout.splitlines()
+                 if "BENCH_JSON " in line]
+        anatomy = [r for r in found if r.get("kind") == "anatomy"]
+        if proc.returncode != 0 or not anatomy:  # the worker's own traceback is in the log
+            log(f"step anatomy of stage {index}: exit {proc.returncode}, no result (see {log_file})")
+            continue
+        records.append(anatomy[0])
+        log(f"step anatomy of stage {index} ({anatomy[0]['stage']}) done")
+    return records
+
+
+def anatomy_markdown(records: list[dict]) -> str:
+    """Per stage and attention setting: medians of the first step on a new batch and of its replay, the per-shape
+    cost (first minus replay, over the batches whose shape was new), and the share of the profiled (replayed)
+    steps' wall time in kernels."""
+    lines = ["| stage | attention | batches (new shapes) | first step s | replayed s | first / replayed | "
+             "per new shape s | kernels s per step | in kernels |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in records:
+        for k, m in enumerate(r["modes"]):
+            first, replay = statistics.median(m["first"]), statistics.median(m["replay"])
+            extra = [f - p for f, p, new in zip(m["first"], m["replay"], m["new_shape"]) if new]
+            per_shape = f"{statistics.median(extra):.3f}" if extra else "n/a"
+            # the profiled steps ran under the first setting (the default)
+            share = r["kernel_seconds"] / r["profiled_seconds"]
+            kernels = f"{r['kernel_seconds']:.3f} | {100 * share:.0f}%" if k == 0 else " |"
+            lines.append(f"| {r['stage']} | {m['mode']} | {len(m['first'])} ({sum(m['new_shape'])}) | {first:.3f} | "
+                         f"{replay:.3f} | {first / replay:.2f} | {per_shape} | {kernels} |")
+    kinds = sorted({r["kernel_kind"] for r in records})
+    return "\n".join(lines) + (f"\n\nKernels: the {', '.join(kinds)}' own time per replayed step under "
+                               "torch.profiler, and its share of those steps' wall time; the rest of the step is the "
+                               "host: Python, launches, waits." if records else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -289,6 +351,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch.profiler from the step after this one (default: stage 3's 4th step, or its last "
                              "when it has fewer; -1: none)")
     parser.add_argument("--profile-steps", type=int, default=2, help="steps in the profiler window")
+    parser.add_argument("--anatomy-stages", default="0,1,2",
+                        help="stages (indices) whose step anatomy is measured after the run ('': none)")
+    parser.add_argument("--anatomy-batches", type=int, default=2,
+                        help="new batches per stage and attention setting, each stepped twice")
+    parser.add_argument("--anatomy-timeout", type=float, default=180, help="seconds per stage for the anatomy")
     args = parser.parse_args(argv)
     if args.profile_start is None:
         args.profile_start = 2 * args.steps + min(3, args.steps - 1)
@@ -338,6 +405,13 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copy(table, args.out / f"profile_zero{args.zero}_{table.name}")
         results += ["## Profile (torch.profiler, rank 0; top operators by their own time)", "",
                     f"traces: `{table.parent}/*.trace.json`", "", "```", table.read_text().strip(), "```", ""]
+    stages = [int(i) for i in args.anatomy_stages.split(",") if i.strip()]
+    anatomy = step_anatomy(config, args.work, args.out, stages, args.anatomy_batches,
+                           args.anatomy_timeout) if stages else []
+    if anatomy:
+        (args.out / f"anatomy_zero{args.zero}.json").write_text(json.dumps(anatomy, indent=1))
+        results += ["## Step anatomy (new shapes vs replayed batches, cuDNN attention, share in kernels)", "",
+                    anatomy_markdown(anatomy), ""]
     final = args.work / "run" / "final.md"
     if final.exists():
         results += ["## Evaluation (random weights: the numbers only show it ran)", "", final.read_text(), ""]
@@ -345,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / f"gpu_check_zero{args.zero}.md").write_text(text)
     print(text, flush=True)
     log(f"done in {time.time() - t0:.0f} s")
-    return 0 if code == 0 and (final.exists() or not args.eval_per_language) else 1
+    return 0 if code == 0 and (final.exists() or not args.eval_per_language) and len(anatomy) == len(stages) else 1
 
 
 if __name__ == "__main__":

@@ -13,6 +13,10 @@ Phases (in this order; each is optional):
           weights, engine, optimizer state)
   switch  the trainer's stage switch: destroy the stage, build the next one from the checkpoint weights with its
           trainable groups, new stream; then --switch-steps steps of the new stage
+  anatomy where a step's time goes, on --anatomy-batches batches the live loop has not trained on: each trained
+          twice in a row (the first step meets the batch's shape, new or already seen; the second replays it), on
+          CUDA with cuDNN attention as set (the default), then switched; then replayed steps under torch.profiler,
+          whose operators' own time (device kernels on CUDA, aten operators on CPU) is the step's share in kernels
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--replay-steps", type=int, default=8)
     parser.add_argument("--switch-steps", type=int, default=3)
+    parser.add_argument("--anatomy-batches", type=int, default=3)
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the launcher
     return parser.parse_intermixed_args(argv)
 
@@ -140,9 +145,11 @@ class Bench:
         rows, warmup_times = [], []
         step = span.start
         fetched: list[Batch] = []  # this step's batches: kept for the replay
+        self.seen_shapes: set[tuple] = set()
 
         def fetch() -> Batch:
             fetched.append(stage.next_batch())
+            self.seen_shapes.add(batch_shape(fetched[-1]))
             return fetched[-1]
 
         for i in range(a.warmup + a.steps):
@@ -273,19 +280,76 @@ class Bench:
                   load_weights=times.weights, init_engine=times.engine, engine_total=t2 - t0,
                   first_batch=t3 - t2, total=t3 - t0, new_stage_steps=steps, step_time=self.mean_step_time)
 
+    def phase_anatomy(self) -> None:
+        stage, n = self.stage, self.args.anatomy_batches
+        cuda = torch.cuda.is_available()
+
+        def twice(label: str) -> dict:
+            """Each of n new batches trained twice in a row: the first step's time, the replay's."""
+            first, replay, new = [], [], []
+            for _ in range(n):
+                batch = stage.next_batch()
+                shape = batch_shape(batch)
+                new.append(shape not in self.seen_shapes)
+                self.seen_shapes.add(shape)
+                first.append(self.step_on(batch, self.step_index))
+                replay.append(self.step_on(batch, self.step_index))
+            return {"mode": label, "first": first, "replay": replay, "new_shape": new}
+
+        if not cuda:
+            modes = [twice("cpu")]
+        else:
+            enabled = torch.backends.cuda.cudnn_sdp_enabled()
+            modes = [twice(f"cuDNN attention {'on' if enabled else 'off'} (default)")]
+            torch.backends.cuda.enable_cudnn_sdp(not enabled)
+            modes.append(twice(f"cuDNN attention {'off' if enabled else 'on'}"))
+            torch.backends.cuda.enable_cudnn_sdp(enabled)  # the profiled steps run under the default
+        kernels, wall = self.kernel_time(self.kept[0])
+        self.emit("anatomy", stage=self.cfg.stages[self.args.stage].name, modes=modes, kernel_seconds=kernels,
+                  profiled_seconds=wall, kernel_kind="device kernels" if cuda else "aten operators (CPU)",
+                  shapes_seen=len(self.seen_shapes))
+
+    def kernel_time(self, batch: Batch, steps: int = 2) -> tuple[float, float]:
+        """Per replayed step under torch.profiler (`steps` of them): the operators' own time (device kernels on
+        CUDA, aten operators on CPU) and the wall time, both in s."""
+        from torch.profiler import ProfilerActivity, profile
+
+        cuda = torch.cuda.is_available()
+        self.step_on(batch, self.step_index)  # the shape met outside the window
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=activities) as prof:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                self.step_on(batch, self.step_index)
+            wall = time.perf_counter() - t0
+        events = prof.key_averages()
+        if cuda:
+            total = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in events)
+        else:
+            total = sum(e.self_cpu_time_total for e in events if e.key.startswith("aten::"))
+        return total / 1e6 / steps, wall / steps
+
     def close(self) -> None:
         self.destroy_stage()
         self.dist.close()
 
 
+def batch_shape(batch: Batch) -> tuple:
+    """The shapes a batch gives the model: (clips, audio steps), (LLM rows, LLM length)."""
+    token_ids = batch.layout.token_ids if batch.layout is not None else None
+    return (tuple(batch.input_features.shape), None if token_ids is None else tuple(token_ids.shape))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     phases = [p for p in args.phases.split(",") if p]
-    unknown = set(phases) - {"train", "replay", "plain", "ckpt", "switch"}
+    unknown = set(phases) - {"train", "replay", "plain", "ckpt", "switch", "anatomy"}
     if unknown:
         raise SystemExit(f"error: unknown phases {sorted(unknown)}")
     bench = Bench(args)
     bench.phase_train()
+    if "anatomy" in phases:
+        bench.phase_anatomy()
     if "replay" in phases or "plain" in phases:
         bench.phase_replay(plain="plain" in phases)
     if "ckpt" in phases or "switch" in phases:

@@ -24,6 +24,9 @@ def test_gpu_check(tmp_path):
         assert f"| {stage} |" in report
     assert "% |" in report  # an MFU figure, not n/a
     assert "## Profile" in report and "aten::" in report
+    # the step's anatomy: both cuDNN attention settings in every stage
+    for stage in ("s1_adapter_asr", "s2_adapter_encoder", "s3_adapter_lora_s2tt"):
+        assert report.count(f"| {stage} | cuDNN attention o") == 2
 
 
 @pytest.mark.slow
@@ -45,3 +48,7 @@ def test_gpu_check_script_at_toy_shapes_on_cpu(tmp_path):
     # the default window: stage 3's 4th step, or its last one: step 9 of 9, the window cut at the run's end
     assert "## Profile" in report and "steps 9-9, rank 0, sorted by self_cpu_time_total" in report
     assert "## Evaluation" in report
+    # the step's anatomy, per stage: new shapes vs replayed batches, the share in (aten) operators
+    for stage in ("s1_adapter_asr", "s2_adapter_encoder", "s3_adapter_lora_s2tt"):
+        assert f"| {stage} | cpu | 2 (" in report
+    assert "aten operators (CPU)' own time" in report

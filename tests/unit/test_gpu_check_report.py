@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-from gpu_check import report_markdown, stage_report  # noqa: E402
+from gpu_check import anatomy_markdown, report_markdown, stage_report  # noqa: E402
 
 PEAK = 1e15
 
@@ -50,3 +50,18 @@ def test_no_mfu_without_a_peak(tmp_path):
     log.write_text("".join(json.dumps(r) + "\n" for r in rows))
     (row,) = stage_report(log)
     assert row["mfu"] is None and "n/a" in report_markdown([row])
+
+
+def test_anatomy_per_stage_and_attention_setting():
+    record = {"stage": "s1", "kernel_seconds": 0.3, "profiled_seconds": 0.6, "kernel_kind": "device kernels", "modes": [
+        {"mode": "cuDNN attention on (default)", "first": [2.0, 1.0, 1.5], "replay": [0.5, 0.5, 0.6],
+         "new_shape": [True, False, True]},
+        {"mode": "cuDNN attention off", "first": [0.7, 0.6, 0.8], "replay": [0.6, 0.6, 0.6],
+         "new_shape": [True, True, False]}]}
+    rows = anatomy_markdown([record]).splitlines()
+    # medians 1.5 / 0.5; the new shapes cost 1.5 and 0.9 over their replay (median 1.2); 0.3 s of the profiled 0.6
+    assert rows[2] == "| s1 | cuDNN attention on (default) | 3 (2) | 1.500 | 0.500 | 3.00 | 1.200 | 0.300 | 50% |"
+    assert rows[3] == "| s1 | cuDNN attention off | 3 (2) | 0.700 | 0.600 | 1.17 | 0.050 |  | |"
+    assert "device kernels' own time per replayed step" in rows[-1]
+    no_new = dict(record, modes=[dict(record["modes"][0], new_shape=[False] * 3)])
+    assert "| 3 (0) |" in anatomy_markdown([no_new]) and "| n/a |" in anatomy_markdown([no_new])
