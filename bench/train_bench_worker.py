@@ -281,6 +281,7 @@ class Bench:
                   first_batch=t3 - t2, total=t3 - t0, new_stage_steps=steps, step_time=self.mean_step_time)
 
     def phase_anatomy(self) -> None:
+        """New batches stepped twice (first vs replay), per attention setting; the replayed step's kernel time."""
         stage, n = self.stage, self.args.anatomy_batches
         cuda = torch.cuda.is_available()
 
