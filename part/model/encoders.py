@@ -333,6 +333,46 @@ class WhisperFamily(EncoderFamily):
         return enc.layer_norm(x) * valid[..., None], enc_lengths
 
 
+    def encode_rows(self, enc, features, segments, recompute=False):
+        """Whisper encoding of clips packed into rows (`clip_rows` places them), each clip's frames as it encodes
+        alone. features: [R, n_mels, T] log-mel; segments: [R, T] the clip index of each feature step (-1: none).
+        Returns the frames [R, T/2, width] and each frame's clip index [R, T/2] (-1: none)."""
+        # A clip starts at an even step with an empty step after it, so the convolutions read zeros at its edges
+        # and the stride-2 conv's frames fall on the clip's own grid; positions restart at every clip, and
+        # attention stays within it.
+        valid_mel = (segments >= 0)[:, None]
+        x = F.gelu(enc.conv1(features * valid_mel)) * valid_mel
+        x = F.gelu(enc.conv2(x)).transpose(1, 2)
+        clip_of = segments[:, ::2][:, : x.shape[1]]  # frame j reads steps 2j-1..2j+1; it belongs to step 2j's clip
+        index = torch.arange(clip_of.shape[1], device=clip_of.device).expand_as(clip_of)
+        starts = torch.ones_like(clip_of, dtype=torch.bool)
+        starts[:, 1:] = clip_of[:, 1:] != clip_of[:, :-1]
+        positions = index - torch.where(starts, index, 0).cummax(1).values
+        x = x + enc.embed_positions.weight[positions.clamp(max=enc.config.max_source_positions - 1)]
+        same = clip_of[:, :, None] == clip_of[:, None, :]
+        mask = torch.zeros(same.shape, dtype=x.dtype, device=x.device).masked_fill(~same, torch.finfo(x.dtype).min)
+        mask = mask[:, None]
+        for layer in enc.layers:
+            x = _run_layer(layer, recompute, x, mask)
+        return enc.layer_norm(x) * (clip_of >= 0)[..., None], clip_of
+
+
+def clip_rows(steps: list[int], row_steps: int) -> list[tuple[int, int]]:
+    """(row, offset) of each clip of `steps` feature steps packed into rows of `row_steps`: first-fit decreasing,
+    each clip at an even offset with at least one empty step after it (what `WhisperFamily.encode_rows` needs)."""
+    fill: list[int] = []
+    placed: list[tuple[int, int]] = [(0, 0)] * len(steps)
+    for i in sorted(range(len(steps)), key=lambda i: (-steps[i], i)):
+        if steps[i] > row_steps:
+            raise ValueError(f"a clip of {steps[i]} steps does not fit a row of {row_steps}")
+        row = next((r for r, used in enumerate(fill) if used + steps[i] <= row_steps), len(fill))
+        if row == len(fill):
+            fill.append(0)
+        placed[i] = (row, fill[row])
+        fill[row] += steps[i] + 1 + (steps[i] + 1) % 2  # the clip and an empty step, to the next even offset
+    return placed
+
+
 class HiddenStatesFamily(EncoderFamily):
     """What the wav2vec2-style transformers encoders (wav2vec2, HuBERT, WavLM, w2v-BERT 2.0) share: their width and
     depth config names, their layers under `encoder.layers`, and SpecAugment's mask embedding, unused here."""
