@@ -87,6 +87,10 @@ class Batch:
     is_padding: bool = False  # evaluation filler that keeps ranks in lockstep; its outputs are dropped
     layout: SequenceLayout | None = None  # prompts + targets as the LLM reads them in training (part/packing.py)
     prompt_layout: SequenceLayout | None = None  # the prompts alone, one per row, left-aligned (generation)
+    # Clips packed into fixed rows of input_features ([rows, mel bins, steps]; None: a row per clip): the clip of
+    # each feature step ([rows, steps], -1: none) and each clip's (row, first step) ([clips, 2])
+    audio_segments: torch.Tensor | None = None
+    clip_places: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
@@ -103,6 +107,7 @@ class Batch:
             transcript_ids=[t.to(device, non_blocking=True) for t in self.transcript_ids],
             layout=None if self.layout is None else self.layout.to(device),
             prompt_layout=None if self.prompt_layout is None else self.prompt_layout.to(device),
+            audio_segments=None if self.audio_segments is None else self.audio_segments.to(device, non_blocking=True),
         )
 
     def pin_memory(self) -> Batch:
@@ -117,6 +122,7 @@ class Batch:
             transcript_ids=[t.pin_memory() for t in self.transcript_ids],
             layout=None if self.layout is None else self.layout.pin_memory(),
             prompt_layout=None if self.prompt_layout is None else self.prompt_layout.pin_memory(),
+            audio_segments=None if self.audio_segments is None else self.audio_segments.pin_memory(),
         )
 
     @property

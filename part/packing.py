@@ -33,6 +33,14 @@ class ClipPositions:
             steps = (steps + 2 * padding - kernel) // stride + 1
         return max(1, -(-steps // self.downsample))
 
+    @property
+    def stride(self) -> int:
+        """Feature steps per LLM position."""
+        total = self.downsample
+        for _, stride, _ in self.convs:
+            total *= stride
+        return total
+
 
 @dataclass(frozen=True)
 class LayoutSpec:
@@ -96,11 +104,31 @@ def _rows(lengths: list[int], capacity: int, packed: bool) -> list[list[int]]:
     return sorted(sorted(r) for r in rows)  # batch order inside a row, rows by their first sample
 
 
+def clip_rows(steps: list[int], row_steps: int, multiple: int = 2) -> list[tuple[int, int]]:
+    """(row, offset) of each clip of `steps` feature steps packed into rows of `row_steps`: first-fit decreasing,
+    each clip at an offset that is a multiple of `multiple` (`ClipPositions.stride`: the encoder's convolutions and
+    the adapter's windows then read each clip as alone), with at least one empty step after it."""
+    fill: list[int] = []
+    placed: list[tuple[int, int]] = [(0, 0)] * len(steps)
+    for i in sorted(range(len(steps)), key=lambda i: (-steps[i], i)):
+        if steps[i] > row_steps:
+            raise ValueError(f"a clip of {steps[i]} steps does not fit a row of {row_steps}")
+        row = next((r for r, used in enumerate(fill) if used + steps[i] <= row_steps), len(fill))
+        if row == len(fill):
+            fill.append(0)
+        placed[i] = (row, fill[row])
+        fill[row] += -(-(steps[i] + 1) // multiple) * multiple  # the clip and an empty step, to the next offset
+    return placed
+
+
 def layout_sequences(prompts: list[list[int]], targets: list[list[int]], audio_index: list[int],
-                     feature_frames: list[int], spec: LayoutSpec, left_aligned: bool = False) -> SequenceLayout:
+                     feature_frames: list[int], spec: LayoutSpec, left_aligned: bool = False,
+                     clip_places: list[tuple[int, int]] | None = None) -> SequenceLayout:
     """The layout of samples [prompt] + [target] (lists of token ids), sample i's audio slot filled with the frames
     of clip `audio_index[i]` (-1: a text sample; its prompt keeps any placeholder as a token). `feature_frames`:
-    valid feature steps per clip. `left_aligned` (generation, one sample per row): padding before each sample."""
+    valid feature steps per clip. `left_aligned` (generation, one sample per row): padding before each sample.
+    `clip_places`: each clip's (row, first feature step) where the clips are packed into rows (None: a row per
+    clip); the slot then reads the clip's frames from its row."""
     clip_positions = [spec.frames_per_clip(int(f)) for f in feature_frames]
     sequences, sources = [], []  # per sample: token ids (slot kept as one entry) and (clip, frames) of the slot
     for i, (prompt, target, j) in enumerate(zip(prompts, targets, audio_index)):
@@ -135,8 +163,13 @@ def layout_sequences(prompts: list[list[int]], targets: list[list[int]], audio_i
                 ids = prompt[:p] + [spec.pad_token_id] * m + prompt[p + 1:] + target
                 base = r * width + start + p
                 slots.extend(range(base, base + m))
-                clips.extend([j] * m)
-                frames.extend(range(m))
+                if clip_places is None:
+                    clips.extend([j] * m)
+                    frames.extend(range(m))
+                else:  # the clip's frames in its row: its first step is a multiple of the stride
+                    row, first = clip_places[j]
+                    clips.extend([row] * m)
+                    frames.extend(range(first // spec.frames_per_clip.stride, first // spec.frames_per_clip.stride + m))
             token_ids[r, start:start + n] = torch.tensor(ids, dtype=torch.long)
             position_ids[r, start:start + n] = torch.arange(n)
             segments[r, start:start + n] = k
@@ -164,15 +197,17 @@ def layout_sequences(prompts: list[list[int]], targets: list[list[int]], audio_i
 
 
 def layout_batch(prompt_ids, target_ids, audio_index: torch.Tensor, feature_frames: torch.Tensor, spec: LayoutSpec,
-                 left_aligned: bool = False) -> SequenceLayout:
+                 left_aligned: bool = False, clip_places: torch.Tensor | None = None) -> SequenceLayout:
     """`layout_sequences` of a batch's host tensors."""
     return layout_sequences([p.tolist() for p in prompt_ids], [t.tolist() for t in target_ids],
-                            audio_index.tolist(), feature_frames.tolist(), spec, left_aligned)
+                            audio_index.tolist(), feature_frames.tolist(), spec, left_aligned,
+                            None if clip_places is None else [tuple(p) for p in clip_places.tolist()])
 
 
 def with_layouts(batch: Batch, spec: LayoutSpec) -> Batch:
     """`batch` (on the host) with its training layout and its prompts' generation layout."""
-    layout = layout_batch(batch.prompt_ids, batch.target_ids, batch.audio_index, batch.feature_frames, spec)
+    layout = layout_batch(batch.prompt_ids, batch.target_ids, batch.audio_index, batch.feature_frames, spec,
+                          clip_places=batch.clip_places)
     prompts = layout_batch(batch.prompt_ids, [t[:0] for t in batch.target_ids], batch.audio_index,
-                           batch.feature_frames, spec, left_aligned=True)
+                           batch.feature_frames, spec, left_aligned=True, clip_places=batch.clip_places)
     return dataclasses.replace(batch, layout=layout, prompt_layout=prompts)

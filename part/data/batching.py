@@ -16,7 +16,7 @@ from part.config import SPEECH_TASKS, DataConfig
 from part.data.audio import AudioDecodeError, load_audio
 from part.data.samples import Sample
 from part.features import SAMPLE_RATE, audio_features
-from part.packing import LayoutSpec, bucket_length, with_layouts
+from part.packing import LayoutSpec, bucket_length, clip_rows, with_layouts
 
 
 def bucket(samples: list[Sample], cfg: DataConfig) -> list[list[Sample]]:
@@ -47,13 +47,16 @@ MIN_SECONDS = 0.1  # shorter clips do not fill the encoders' front ends (a few 2
 
 
 def collate(samples: list[Sample], feature_extractor, counters: Counter, max_duration: float = 30.0,
-            layout: LayoutSpec | None = None, audio_multiple: float = 0.0) -> Batch | None:
+            layout: LayoutSpec | None = None, audio_multiple: float = 0.0,
+            audio_row_seconds: float = 0.0) -> Batch | None:
     """Decodes audio and builds the tensors the model reads. Unreadable clips, and clips whose decoded length is
     over `max_duration` or under MIN_SECONDS (whatever their record says), are dropped, counted and named.
     `feature_extractor`: the model's `audio_features` (part.model.encoders.AudioFeatures; a bare transformers
     extractor works too), which alone computes the features and their valid lengths. `layout`: the model's
     `layout_spec`, with which the batch's sequence layouts are computed here, on the host (part/packing.py).
-    `audio_multiple` (seconds, 0: none): the features are padded to a `bucket_length` of that multiple."""
+    `audio_multiple` (seconds, 0: none): the features are padded to a `bucket_length` of that multiple.
+    `audio_row_seconds` (0: a row per clip): the clips are packed into rows of that length (`clip_rows`; needs
+    `layout` and features with time last)."""
     features_of = audio_features(feature_extractor)
     waves, kept, seconds = [], [], []
     for s in samples:
@@ -80,7 +83,11 @@ def collate(samples: list[Sample], feature_extractor, counters: Counter, max_dur
         features, frames = features_of(waves)
     else:  # text-only batch: a short silent input keeps the audio path (and ZeRO-3 gathers) identical on all ranks
         features, frames = features_of([np.zeros(SAMPLE_RATE // 4, dtype=np.float32)])
-    if audio_multiple > 0:
+    segments = places = None
+    if audio_row_seconds > 0:
+        row_steps = round(audio_row_seconds * features_of.steps_per_second)
+        features, segments, places = packed_rows(features, frames, row_steps, layout.frames_per_clip.stride)
+    elif audio_multiple > 0:
         multiple = max(1, round(audio_multiple * features_of.steps_per_second))
         steps = features.shape[features_of.time_axis]
         longest = max(steps, round(max_duration * features_of.steps_per_second))  # what the encoder takes
@@ -98,8 +105,25 @@ def collate(samples: list[Sample], feature_extractor, counters: Counter, max_dur
         target_ids=[torch.tensor(s.target_ids) for s in kept],
         transcript_ids=[torch.tensor(s.transcript_ids, dtype=torch.long) for s in kept],
         meta=[SampleMeta(s.key, s.task, s.language, s.target_language, s.target, d) for s, d in zip(kept, durations)],
+        audio_segments=segments,
+        clip_places=places,
     )
     return batch if layout is None else with_layouts(batch, layout)
+
+
+def packed_rows(features: torch.Tensor, frames: torch.Tensor, row_steps: int,
+                multiple: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[clips, bins, steps] features packed into [rows, bins, row_steps] by `clip_rows`; each step's clip
+    ([rows, row_steps], -1: none) and each clip's (row, first step) ([clips, 2])."""
+    steps = frames.tolist()
+    places = clip_rows(steps, row_steps, multiple)
+    rows = 1 + max(row for row, _ in places)
+    packed = features.new_zeros(rows, features.shape[1], row_steps)
+    segments = torch.full((rows, row_steps), -1, dtype=torch.long)
+    for clip, ((row, first), n) in enumerate(zip(places, steps)):
+        packed[row, :, first:first + n] = features[clip, :, :n]
+        segments[row, first:first + n] = clip
+    return packed, segments, torch.tensor(places, dtype=torch.long)
 
 
 class HasTaskAndDuration(Protocol):

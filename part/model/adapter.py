@@ -24,9 +24,11 @@ class AdapterBlock(nn.Module):
         self.ff = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """valid: [B, T] the keys every query may read, or a [B, 1, T, T] mask of the keys each query may read."""
         b, t, d = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :])
+        mask = valid[:, None, None, :] if valid.dim() == 2 else valid
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         x = x + self.out(attn.transpose(1, 2).reshape(b, t, d))
         return x + self.ff(self.norm2(x))
 
@@ -76,3 +78,20 @@ class Adapter(nn.Module):
         else:
             x = self.body(x)
         return self.proj(self.norm(x)), out_lengths
+
+    def forward_rows(self, x: torch.Tensor, clip_of: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The adapter over clips packed into rows: x [R, T, width] encoder frames, clip_of [R, T] each frame's
+        clip (-1: none). Each clip starts at a multiple of the stride and the frames after it up to the next
+        multiple are empty, so its windows, and its frames' attention (within the clip), are what they are
+        alone. Returns [R, ceil(T / stride), out] and each output frame's clip."""
+        pad = (-x.shape[1]) % self.downsample
+        x = F.pad(x, (0, 0, 0, pad))
+        clip_of = F.pad(clip_of, (0, pad), value=-1)[:, :: self.downsample]
+        x = F.gelu(self.conv(x.transpose(1, 2))).transpose(1, 2)
+        if isinstance(self.body, nn.ModuleList):
+            same = (clip_of[:, :, None] == clip_of[:, None, :])[:, None]
+            for block in self.body:
+                x = block(x, same)
+        else:
+            x = self.body(x)
+        return self.proj(self.norm(x)), clip_of

@@ -244,6 +244,12 @@ class EncoderFamily(ABC):
 
     # ---- encoding
 
+    def encode_rows(self, encoder: nn.Module, features: torch.Tensor, segments: torch.Tensor,
+                    recompute: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clips packed into rows (Batch.audio_segments): the frames per row and each frame's clip. Whisper only."""
+        raise ValueError(f"the {self.name} encoder cannot read clips packed into rows (data.audio_row_seconds): "
+                         "only Whisper encoders can")
+
     @abstractmethod
     def encode(self, encoder: nn.Module, features: torch.Tensor, lengths: torch.Tensor,
                recompute: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -355,22 +361,6 @@ class WhisperFamily(EncoderFamily):
         for layer in enc.layers:
             x = _run_layer(layer, recompute, x, mask)
         return enc.layer_norm(x) * (clip_of >= 0)[..., None], clip_of
-
-
-def clip_rows(steps: list[int], row_steps: int) -> list[tuple[int, int]]:
-    """(row, offset) of each clip of `steps` feature steps packed into rows of `row_steps`: first-fit decreasing,
-    each clip at an even offset with at least one empty step after it (what `WhisperFamily.encode_rows` needs)."""
-    fill: list[int] = []
-    placed: list[tuple[int, int]] = [(0, 0)] * len(steps)
-    for i in sorted(range(len(steps)), key=lambda i: (-steps[i], i)):
-        if steps[i] > row_steps:
-            raise ValueError(f"a clip of {steps[i]} steps does not fit a row of {row_steps}")
-        row = next((r for r, used in enumerate(fill) if used + steps[i] <= row_steps), len(fill))
-        if row == len(fill):
-            fill.append(0)
-        placed[i] = (row, fill[row])
-        fill[row] += steps[i] + 1 + (steps[i] + 1) % 2  # the clip and an empty step, to the next even offset
-    return placed
 
 
 class HiddenStatesFamily(EncoderFamily):

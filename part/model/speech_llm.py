@@ -188,9 +188,20 @@ class SpeechLLM(nn.Module):
         encoded = self.encode(features, frames)
         return encoded.audio, encoded.lengths
 
-    def encode(self, features: torch.Tensor, frames: torch.Tensor) -> EncodedAudio:
-        """`encode_audio` with the encoder's outputs and the adapter's frames beside what the LLM reads."""
+    def encode(self, features: torch.Tensor, frames: torch.Tensor,
+               segments: torch.Tensor | None = None) -> EncodedAudio:
+        """`encode_audio` with the encoder's outputs and the adapter's frames beside what the LLM reads. With
+        `segments` (Batch.audio_segments), the features hold clips packed into rows, and so do the outputs."""
         recompute = self.cfg.activation_checkpointing.encoder and self.training and torch.is_grad_enabled()
+        if segments is not None:
+            if self.objectives:
+                raise ValueError("clips packed into rows (data.audio_row_seconds) reach the LLM only: the frame "
+                                 "objectives (model.alignment) read a row per clip")
+            states, clip_of = self.encoder_family.encode_rows(self.encoder, features, segments, recompute)
+            adapted, _ = self.adapter.forward_rows(states, clip_of)
+            state_lengths = self.encoder_family.output_lengths(frames)
+            return EncodedAudio(states, state_lengths, adapted, self.adapter.output_lengths(state_lengths),
+                                audio=adapted)
         states, state_lengths = self.encoder_family.encode(self.encoder, features, frames, recompute)
         adapted, lengths = self.adapter(states, state_lengths)
         encoded = EncodedAudio(states, state_lengths, adapted, lengths, audio=adapted)
@@ -259,13 +270,13 @@ class SpeechLLM(nn.Module):
     def assemble(self, batch: Batch) -> tuple[torch.Tensor, SequenceLayout]:
         """The input embeddings of the batch's training layout, and the layout."""
         layout = self.layout_of(batch)
-        return self.embed(layout, self.encode(batch.input_features, batch.feature_frames)), layout
+        return self.embed(layout, self.encode(batch.input_features, batch.feature_frames, batch.audio_segments)), layout
 
     def forward(self, batch: Batch, lm_loss: bool = True) -> dict[str, torch.Tensor]:
         """The LM loss over the target tokens (mean per token), plus the objectives' weighted losses (each also
         under its own name); `tokens` (an int) counts the target tokens. `lm_loss=False`: the objectives' losses
         alone; the LLM does not run (`loss_sum` and `tokens` are then 0)."""
-        encoded = self.encode(batch.input_features, batch.feature_frames)
+        encoded = self.encode(batch.input_features, batch.feature_frames, batch.audio_segments)
         if lm_loss:
             layout = self.layout_of(batch)
             out = self.lm_loss(self.embed(layout, encoded), layout)
@@ -318,7 +329,7 @@ class SpeechLLM(nn.Module):
         `synced_gpus` keeps ranks stepping together (needed under ZeRO-3, where each step gathers parameters).
         """
         layout = self.layout_of(batch, prompts=True)  # left-aligned: generation appends after every row's end
-        inputs = self.embed(layout, self.encode(batch.input_features, batch.feature_frames))
+        inputs = self.embed(layout, self.encode(batch.input_features, batch.feature_frames, batch.audio_segments))
         mask = (layout.segments >= 0).long()
         with warnings.catch_warnings():
             # transformers warns on every call that these two penalties see only the new tokens when the prompt

@@ -7,7 +7,8 @@ import pytest
 import torch
 from tiny_encoders import build_tiny_encoder
 
-from part.model.encoders import clip_rows, encoder_family
+from part.model.encoders import encoder_family
+from part.packing import clip_rows
 
 
 def test_clip_rows_places_clips_at_even_offsets_with_a_gap():
@@ -50,3 +51,66 @@ def test_packed_rows_encode_each_clip_as_alone(tmp_path):
             assert packed.shape[0] == int(lengths[0]) == family.output_lengths(steps[i])
             torch.testing.assert_close(packed, alone[0, : int(lengths[0])], rtol=1e-5, atol=1e-5)
         assert (frames[clip_of < 0] == 0).all()
+
+
+def test_the_adapter_over_packed_rows_reads_each_clip_as_alone(tmp_path):
+    from part.config import AdapterConfig
+    from part.model.adapter import Adapter
+
+    torch.manual_seed(0)
+    adapter = Adapter(AdapterConfig(hidden=32, layers=2, heads=4, downsample=4), 16, 24).eval()
+    frames = [37, 120, 8, 64, 3, 149, 1]  # encoder frames per clip
+    row_frames = 150
+    placed = clip_rows([2 * f for f in frames], 2 * row_frames, multiple=2 * adapter.downsample)
+    rows = 1 + max(r for r, _ in placed)
+    x = torch.randn(rows, row_frames, 16)
+    clip_of = torch.full((rows, row_frames), -1)
+    clips = [torch.randn(f, 16) for f in frames]
+    for i, ((row, offset), clip) in enumerate(zip(placed, clips)):
+        start = offset // 2
+        assert start % adapter.downsample == 0
+        x[row, start:start + len(clip)] = clip
+        clip_of[row, start:start + len(clip)] = i
+    x = x * (clip_of >= 0)[..., None]  # the encoder's outputs are zero between clips
+    with torch.no_grad():
+        out, out_clip = adapter.forward_rows(x, clip_of)
+        assert out.shape[:2] == out_clip.shape == (rows, -(-row_frames // 4))
+        for i, clip in enumerate(clips):
+            alone, lengths = adapter(clip[None], torch.tensor([len(clip)]))
+            packed = out[out_clip == i]
+            assert packed.shape[0] == int(lengths[0])
+            torch.testing.assert_close(packed, alone[0], rtol=1e-5, atol=1e-5)
+
+
+def test_the_model_reads_packed_rows_as_a_row_per_clip(tiny_models):
+    """The whole training forward and backward: clips packed into rows of 6 s give the loss and the gradients of a
+    row per clip (fp32)."""
+    import dataclasses
+
+    from test_model import make_batch, tiny_speech_llm
+
+    from part.data.batching import packed_rows
+    from part.packing import with_layouts
+
+    model, tok = tiny_speech_llm(tiny_models)
+    model.train()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    batch = make_batch(tok, frames=(300, 181, 120, 57, 299), text_only=True)
+    spec = model.layout_spec()
+    features, segments, places = packed_rows(batch.input_features, batch.feature_frames, 600,
+                                             spec.frames_per_clip.stride)
+    assert features.shape == (2, 80, 600) and places[:, 1].remainder(8).eq(0).all()
+    packed = dataclasses.replace(batch, input_features=features, audio_segments=segments, clip_places=places)
+    results = []
+    for laid in (with_layouts(batch, spec), with_layouts(packed, spec)):
+        model.zero_grad()
+        out = model(laid)
+        out["loss"].backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out["loss"].detach(), out["tokens"], grads))
+    (loss, tokens, grads), (packed_loss, packed_tokens, packed_grads) = results
+    assert packed_tokens == tokens and len(grads) > 50 and packed_grads.keys() == grads.keys()
+    torch.testing.assert_close(packed_loss, loss, rtol=1e-5, atol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
