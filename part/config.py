@@ -18,6 +18,7 @@ import yaml
 
 TASKS = ("asr", "s2tt", "mt", "text")
 FRAME_TARGETS = ("centre", "span")
+BATCHINGS = ("sorted", "fill")  # data.batching
 SPEECH_TASKS = ("asr", "s2tt")
 # What the evaluation reads of each held-out clip: its speech (asr, s2tt), and its transcript as text to translate
 # (mt: the LLM's own translation of the same sentences, the figure S2TT can approach).
@@ -186,6 +187,15 @@ class DataConfig:
     length_multiple: int = 16
     row_tokens: int = 0
     audio_multiple: float = 0.25
+    # The encoder's input: the clips packed into rows of this many seconds, each clip read as alone (Whisper
+    # encoders; 30, their window, gives every batch the encoder shape [rows, mel bins, 3000]); 0: a row per clip,
+    # padded to the batch's longest.
+    audio_row_seconds: float = 0.0
+    # How a window's samples become batches: `sorted` (by length, cut where a bound would be passed) or `fill`
+    # (first-fit decreasing into batches filled up to the bounds, so that most batches have the same shapes;
+    # max_batch_tokens then counts the LLM's positions, the clips' frames included, and with audio rows
+    # max_batch_seconds counts the rows' seconds).
+    batching: str = "sorted"
 
 
 @dataclass
@@ -459,6 +469,14 @@ def validate(cfg: TrainConfig, source: str | Path = "config") -> None:
     check(d.length_multiple >= 1, f"data.length_multiple: {d.length_multiple} must be >= 1")
     check(d.row_tokens >= 0, f"data.row_tokens: {d.row_tokens} must be >= 0")
     check(d.audio_multiple >= 0, f"data.audio_multiple: {d.audio_multiple} must be >= 0 (0: no rounding)")
+    check(d.audio_row_seconds == 0 or d.audio_row_seconds >= d.max_duration,
+          f"data.audio_row_seconds: {d.audio_row_seconds} must be 0 (a row per clip) or hold the longest clip "
+          f"(data.max_duration: {d.max_duration})")
+    check(d.audio_row_seconds == 0 or m.alignment is None,
+          "data.audio_row_seconds: the frame objectives (model.alignment) read a row per clip; set it to 0")
+    check(d.batching in BATCHINGS, f"data.batching: '{d.batching}' is not one of {', '.join(BATCHINGS)}")
+    check(d.batching != "fill" or d.max_batch_seconds >= d.audio_row_seconds,
+          "data.max_batch_seconds: must hold one row of data.audio_row_seconds")
     check(d.window >= max(d.max_batch_size, 1), "data.window: must be >= data.max_batch_size (and >= 1)")
     check(d.max_batch_seconds > 0, "data.max_batch_seconds: must be > 0")
     check(d.max_batch_tokens > 0, "data.max_batch_tokens: must be > 0")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -19,8 +20,13 @@ from part.features import SAMPLE_RATE, audio_features
 from part.packing import LayoutSpec, bucket_length, clip_rows, with_layouts
 
 
-def bucket(samples: list[Sample], cfg: DataConfig) -> list[list[Sample]]:
-    """Sorts by (audio length, text length) and packs batches under the seconds/tokens/size bounds."""
+def bucket(samples: list[Sample], cfg: DataConfig, layout: LayoutSpec | None = None,
+           steps_per_second: float = 100.0) -> list[list[Sample]]:
+    """A window's samples cut into batches by `cfg.batching`: `sorted` (by audio, then text length, cut where a
+    bound would be passed) or `fill` (`fill_batches`; `layout` gives each clip's LLM positions, from its feature
+    steps at `steps_per_second`)."""
+    if cfg.batching == "fill":
+        return fill_batches(samples, cfg, layout, steps_per_second)
     order = sorted(samples, key=lambda s: (s.duration, len(s.prompt_ids) + len(s.target_ids)))
     batches: list[list[Sample]] = []
     current: list[Sample] = []
@@ -41,6 +47,67 @@ def bucket(samples: list[Sample], cfg: DataConfig) -> list[list[Sample]]:
     if current:
         batches.append(current)
     return batches
+
+
+@dataclass
+class _Filling:
+    """A batch being filled: its samples, LLM positions, speech clips, longest clip and its rows' used steps."""
+
+    cfg: DataConfig
+    row_steps: int  # 0: a row per clip
+    samples: list[Sample] = field(default_factory=list)
+    positions: int = 0
+    clips: int = 0
+    longest: float = 0.0
+    rows: list[int] = field(default_factory=list)
+
+    def row_for(self, steps: int) -> int | None:
+        """The row a clip of `steps` would take (first fit; None: no room and no row left)."""
+        row = next((r for r, used in enumerate(self.rows) if used + steps <= self.row_steps), len(self.rows))
+        return row if row * self.cfg.audio_row_seconds < self.cfg.max_batch_seconds else None
+
+    def takes(self, sample: Sample, steps: int, positions: int) -> bool:
+        if len(self.samples) >= self.cfg.max_batch_size or self.positions + positions > self.cfg.max_batch_tokens:
+            return False
+        if sample.audio is None:
+            return True
+        if self.row_steps:
+            return self.row_for(steps) is not None
+        return max(self.longest, sample.duration) * (self.clips + 1) <= self.cfg.max_batch_seconds
+
+    def add(self, sample: Sample, steps: int, positions: int, multiple: int) -> None:
+        if sample.audio is not None:
+            if self.row_steps:
+                row = self.row_for(steps)
+                if row == len(self.rows):
+                    self.rows.append(0)
+                self.rows[row] += -(-(steps + 1) // multiple) * multiple  # as `clip_rows` places it
+            self.clips += 1
+            self.longest = max(self.longest, sample.duration)
+        self.samples.append(sample)
+        self.positions += positions
+
+
+def fill_batches(samples: list[Sample], cfg: DataConfig, layout: LayoutSpec | None,
+                 steps_per_second: float) -> list[list[Sample]]:
+    """First-fit decreasing (longest clip first, each into the first batch it fits) into batches bounded by
+    max_batch_size samples, max_batch_tokens LLM positions (prompt, target and the clip's positions) and
+    max_batch_seconds of audio: the rows' seconds when clips are packed into rows of data.audio_row_seconds,
+    else the longest clip times the clips. Most batches come out full, with the same shapes."""
+    row_steps = round(cfg.audio_row_seconds * steps_per_second)
+    multiple = layout.frames_per_clip.stride if layout is not None else 2
+    batches: list[_Filling] = []
+    for s in sorted(samples, key=lambda s: (-s.duration, -(len(s.prompt_ids) + len(s.target_ids)))):
+        steps = int(s.duration * steps_per_second) + 1  # from the record (the decoded clip may differ by a step)
+        positions = len(s.prompt_ids) + len(s.target_ids)
+        if s.audio is not None and layout is not None:
+            positions += layout.frames_per_clip(steps) - 1
+        batch = next((b for b in batches if b.takes(s, steps, positions)), None)
+        if batch is None:
+            batch = _Filling(cfg, row_steps)
+            batches.append(batch)
+        batch.add(s, steps, positions, multiple)
+    return [b.samples for b in batches]
 
 
 MIN_SECONDS = 0.1  # shorter clips do not fill the encoders' front ends (a few 25 ms windows)

@@ -113,7 +113,7 @@ class MixtureStream(IterableDataset):
                     counters["too_many_tokens"] += 1  # alone it would overflow any batch's token budget
                     continue
                 samples.append(sample)
-            batches = bucket(samples, self.cfg)
+            batches = bucket(samples, self.cfg, self.layout, self.feature_extractor.steps_per_second)
             random.Random(f"{seed}/window/{window}").shuffle(batches)
             if self.on_window is not None:
                 self.on_window(BucketedWindow(list(samples), batches))
@@ -124,7 +124,7 @@ class MixtureStream(IterableDataset):
                 if b < skip_batches:
                     continue
                 batch = collate(batch_samples, self.feature_extractor, counters, self.cfg.max_duration, self.layout,
-                                self.cfg.audio_multiple)
+                                self.cfg.audio_multiple, self.cfg.audio_row_seconds)
                 if batch is None:
                     continue
                 position = StreamPosition(worker=g, window_state=start_state, next_batch=b + 1,

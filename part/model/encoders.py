@@ -244,9 +244,11 @@ class EncoderFamily(ABC):
 
     # ---- encoding
 
+    reads_rows: ClassVar[bool] = False  # encode_rows: clips packed into rows
+
     def encode_rows(self, encoder: nn.Module, features: torch.Tensor, segments: torch.Tensor,
                     recompute: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Clips packed into rows (Batch.audio_segments): the frames per row and each frame's clip. Whisper only."""
+        """Clips packed into rows (Batch.audio_segments): the frames per row and each frame's clip."""
         raise ValueError(f"the {self.name} encoder cannot read clips packed into rows (data.audio_row_seconds): "
                          "only Whisper encoders can")
 
@@ -260,6 +262,7 @@ class EncoderFamily(ABC):
 class WhisperFamily(EncoderFamily):
     name = "whisper"
     model_types = ("whisper",)
+    reads_rows = True
 
     @classmethod
     def fresh(cls, cfg) -> WhisperFamily:

@@ -62,6 +62,14 @@ def preflight(cfg: TrainConfig, world_size: int, source: str | Path = "config"):
         raise ConfigError(f"{source}: model.encoder.pretrained: {exc}") from None
     except FrameVocabularyError as exc:
         raise ConfigError(f"{source}: model.alignment.vocabulary: {exc}") from None
+    if cfg.data.audio_row_seconds:
+        family = model.encoder_family
+        if not family.reads_rows:
+            raise ConfigError(f"{source}: data.audio_row_seconds: the {family.name} encoder reads a row per clip "
+                              "(only Whisper encoders read clips packed into rows); set it to 0")
+        if cfg.data.audio_row_seconds > family.max_seconds:
+            raise ConfigError(f"{source}: data.audio_row_seconds: {cfg.data.audio_row_seconds} s is longer than the "
+                              f"encoder's window ({family.max_seconds:g} s)")
     if errors := empty_group_errors(cfg, model):
         raise ConfigError(f"{source}: invalid configuration:\n  " + "\n  ".join(errors))
     return model

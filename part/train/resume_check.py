@@ -9,7 +9,7 @@ the data position in the wrong place:
   param groups these make), tasks, languages and translation targets (its data position);
 - what the data stream's position means (`data.*` but `num_workers`, which is checked with the stream layout
   and only restarts the stage's stream, and how batches are laid out: `packing`, `length_multiple`,
-  `row_tokens`, `audio_multiple`), `seed`, `precision` and `zero_stage` (the optimizer partitions).
+  `row_tokens`, `audio_multiple`, `audio_row_seconds`), `seed`, `precision` and `zero_stage` (the optimizer partitions).
 
 Allowed, and tested: everything of later stages, the length of the stage the checkpoint belongs to (also when it
 was the run's last: more steps continue it with its optimizer state), learning rates and warm-up (the schedule
@@ -24,7 +24,7 @@ from part.config import TrainConfig, to_dict
 
 MODEL_FIELDS_FREE = ("attn_implementation", "activation_checkpointing")
 # the loader's processes, and how batches are laid out (not which samples they hold)
-DATA_FIELDS_FREE = ("num_workers", "packing", "length_multiple", "row_tokens", "audio_multiple")
+DATA_FIELDS_FREE = ("num_workers", "packing", "length_multiple", "row_tokens", "audio_multiple", "audio_row_seconds")
 STAGE_FIELDS_FIXED = ("name", "trainable", "tasks", "languages", "translation_targets")
 
 

@@ -55,6 +55,10 @@ def test_loads_with_overrides(tmp_path, corpus, tiny_models):
         ("model.alignment.frame_targets.targets=middle",
          "model.alignment.frame_targets.targets: 'middle' is not one of centre, span"),
         ("model.alignment.frame_targets.weight=-1", "model.alignment.frame_targets.weight: must be >= 0"),
+        ("data.audio_row_seconds=30", None),
+        ("data.audio_row_seconds=1", "data.audio_row_seconds: 1.0 must be 0 (a row per clip) or hold the longest clip"),
+        ("data.batching=greedy", "data.batching: 'greedy' is not one of sorted, fill"),
+        ("data.batching=fill", None),
     ],
 )
 def test_errors_name_the_field(tmp_path, corpus, tiny_models, override, message):
@@ -76,6 +80,21 @@ def test_frame_targets_need_a_teacher_with_alignment_heads(tmp_path, corpus, tin
     cfg = load_config(path, ["model.alignment.frame_targets.weight=1.0"])
     teacher = r"model.alignment.frame_targets.teacher \(default: model.encoder.pretrained\): "
     with pytest.raises(ConfigError, match=teacher + r"the frame targets need readable alignment heads \("):
+        preflight(cfg, 1, source=path)
+
+
+def test_audio_rows_need_a_whisper_encoder_and_no_frame_objectives(tmp_path, corpus, tiny_models):
+    from tiny_encoders import build_tiny_encoder
+
+    from part.train.preflight import preflight
+
+    path = write_config(tmp_path / "c.yaml", corpus, tiny_models, ONE_STAGE)
+    with pytest.raises(ConfigError, match=r"data.audio_row_seconds: the frame objectives \(model.alignment\) read"):
+        load_config(path, ["data.audio_row_seconds=30", "model.alignment.frame_targets.weight=1.0"])
+    preflight(load_config(path, ["data.audio_row_seconds=30"]), 1, source=path)  # the tiny Whisper encoder reads rows
+    wav2vec2 = build_tiny_encoder("wav2vec2", tmp_path / "wav2vec2")
+    cfg = load_config(path, ["data.audio_row_seconds=30", f"model.encoder.pretrained={wav2vec2}"])
+    with pytest.raises(ConfigError, match="data.audio_row_seconds: the wav2vec2 encoder reads a row per clip"):
         preflight(cfg, 1, source=path)
 
 

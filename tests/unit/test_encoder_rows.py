@@ -114,3 +114,65 @@ def test_the_model_reads_packed_rows_as_a_row_per_clip(tiny_models):
     torch.testing.assert_close(packed_loss, loss, rtol=1e-5, atol=1e-6)
     for name, grad in grads.items():
         torch.testing.assert_close(packed_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_fill_batches_keep_every_bound_and_come_out_full():
+    import random
+
+    from part.config import DataConfig
+    from part.data.batching import bucket
+    from part.data.samples import Sample
+    from part.packing import ClipPositions, LayoutSpec
+
+    rng = random.Random(0)
+    spec = LayoutSpec(audio_token_id=5, pad_token_id=0, frames_per_clip=ClipPositions(((3, 1, 1), (3, 2, 1)), 4))
+    samples = [Sample("asr" if i % 10 else "text", "en", None, str(i), "s", "p", "t", rng.uniform(1, 20) if i % 10
+                      else 0.0, b"flac" if i % 10 else None, prompt_ids=[1] * rng.randint(5, 20),
+                      target_ids=[1] * rng.randint(3, 60)) for i in range(600)]
+    cfg = DataConfig(train_shards="x", max_batch_seconds=120, max_batch_tokens=2048, max_batch_size=400, window=600,
+                     audio_row_seconds=30, batching="fill")
+    batches = bucket(samples, cfg, spec, 100)
+    assert sorted(s.key for b in batches for s in b) == sorted(s.key for s in samples)  # each sample once
+
+    def steps(s):
+        return int(s.duration * 100) + 1
+
+    def positions(s):
+        return len(s.prompt_ids) + len(s.target_ids) + (spec.frames_per_clip(steps(s)) - 1 if s.audio else 0)
+
+    rows_used, audio = 0, 0
+    for b in batches:
+        assert len(b) <= 400 and sum(positions(s) for s in b) <= 2048
+        clips = [steps(s) for s in b if s.audio]
+        rows = 1 + max(r for r, _ in clip_rows(clips, 3000, spec.frames_per_clip.stride)) if clips else 0
+        assert rows <= 4  # 120 s of 30-s rows, as the collator will place the clips
+        rows_used += rows
+        audio += sum(clips)
+    # full batches: few rows left empty; fewer batches than cut from the sorted window
+    assert audio / (rows_used * 3000) > 0.93
+    sorted_batches = bucket(samples, DataConfig(train_shards="x", max_batch_seconds=120, max_batch_tokens=2048,
+                                                max_batch_size=400, window=600))
+    assert len(batches) < len(sorted_batches)
+
+
+def test_the_stream_fills_batches_of_30_s_rows(corpus, tiny_models):
+    """Through the training stream on the fixture corpus: every batch's encoder input is [rows, mel bins, 3000]
+    with at most max_batch_seconds / 30 rows, and the model trains on it."""
+    from test_model import tiny_speech_llm
+
+    from part.config import DataConfig, StageConfig
+    from part.data.stream import MixtureStream
+
+    model, tok = tiny_speech_llm(tiny_models)
+    data = DataConfig(train_shards=f"{corpus}/train/{{lang}}-*.tar", languages=["en", "de"], num_workers=0,
+                      window=64, max_batch_seconds=60, max_batch_tokens=4096, max_batch_size=64, max_duration=30,
+                      audio_row_seconds=30, batching="fill")
+    stream = iter(MixtureStream(data, StageConfig(name="asr", steps=1, tasks={"asr": 1.0}), tok,
+                                model.audio_features, rank=0, world_size=1, layout=model.layout_spec()))
+    for _ in range(3):
+        batch = next(stream)
+        rows, _, steps = batch.input_features.shape
+        assert steps == 3000 and 1 <= rows <= 2 and batch.audio_segments.shape == (rows, 3000)
+        assert sorted(set(batch.audio_segments.unique().tolist()) - {-1}) == list(range(len(batch.feature_frames)))
+        out = model(batch)
+        assert torch.isfinite(out["loss"]) and out["tokens"] > 0
