@@ -150,10 +150,13 @@ data:
   eval_shards: {shards}/eval/{{lang}}-*.tar
   languages: [{", ".join(LANGUAGES)}]
   num_workers: {1 if small else 4}
-  window: 64
+  window: 256
+  batching: fill
+  audio_row_seconds: 30
   max_batch_seconds: {batch_seconds}
   max_batch_tokens: 8192
-  max_batch_size: 32
+  max_batch_size: 256
+  length_multiple: 512
   max_duration: 30
 stages:
 {STAGES.format(n=steps)}

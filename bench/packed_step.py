@@ -48,6 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=8, help="timed steps per mode and stage (b)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per mode and stage first (b)")
     parser.add_argument("--out", default="docs/results/packed_step.md", help="the markdown report (%(default)s)")
+    parser.add_argument("--shapes-only", action="store_true", help="only a (shapes and padding), no report file")
     return parser.parse_args(argv)
 
 
@@ -108,17 +109,26 @@ def data_config(corpus: Path, languages: list[str], **settings):
 # ---------------------------------------------------------------- a. shapes and padding
 
 
+BATCHING_KEYS = ("window", "max_batch_seconds", "max_batch_tokens", "max_batch_size", "max_duration", "row_tokens",
+                 "length_multiple", "audio_multiple", "audio_row_seconds", "batching")
+
+
 def large_recipe_settings() -> tuple[dict, int]:
     """configs/part_large.yaml's batching settings, and its adapter's stride."""
     import yaml
 
     raw = yaml.safe_load((REPO / "configs" / "part_large.yaml").read_text())
-    keys = ("window", "max_batch_seconds", "max_batch_tokens", "max_batch_size", "max_duration", "row_tokens")
-    return {k: raw["data"][k] for k in keys if k in raw["data"]}, int(raw["model"]["adapter"]["downsample"])
+    return ({k: raw["data"][k] for k in BATCHING_KEYS if k in raw["data"]},
+            int(raw["model"]["adapter"]["downsample"]))
+
+
+# the batching before budget-filling batches and encoder rows, over the same data
+SORTED = dict(batching="sorted", audio_row_seconds=0.0, max_batch_seconds=480, max_batch_size=32, length_multiple=16)
 
 
 def shapes_and_padding(corpus: Path, languages: list[str], tokenizer, n_batches: int) -> list[dict]:
-    """Per layout: distinct shapes and padding over `n_batches` batches of the large recipe's settings."""
+    """Per batching and LLM layout: distinct shapes and padding over `n_batches` batches of the large recipe's
+    settings (its own batching, and the sorted batching with a row per clip)."""
     from transformers import WhisperFeatureExtractor
 
     from part.config import StageConfig
@@ -129,46 +139,58 @@ def shapes_and_padding(corpus: Path, languages: list[str], tokenizer, n_batches:
     from part.prompts import AUDIO_TOKEN
 
     settings, downsample = large_recipe_settings()
-    data = data_config(corpus, languages, **settings)
     positions = ClipPositions(tuple(WHISPER_FRAME_CONVS), downsample)
     audio_id, pad_id = tokenizer.convert_tokens_to_ids(AUDIO_TOKEN), tokenizer.pad_token_id
-    layouts = {
-        "packed, one row (flash_attention_2)": LayoutSpec(audio_id, pad_id, positions, True, data.length_multiple,
-                                                          1 << 40),
-        f"packed rows of >= {data.row_tokens} (sdpa, eager)": LayoutSpec(audio_id, pad_id, positions, True,
-                                                                        data.length_multiple, data.row_tokens),
-        "packed rows as long as the longest sample": LayoutSpec(audio_id, pad_id, positions, True,
-                                                                data.length_multiple),
-        "padded (one sample per row)": LayoutSpec(audio_id, pad_id, positions, False, 1),
-    }
     stage = StageConfig(name="asr", steps=1, tasks={"asr": 1.0})
     features = LogMelFeatures(WhisperFeatureExtractor(feature_size=128))
-    rows = {name: {"shapes": Counter(), "real": 0, "positions": 0, "audio_real": 0, "audio_padded": 0}
-            for name in layouts}
-    stream = iter(MixtureStream(data, stage, tokenizer, features, rank=0, world_size=1))
-    t0 = time.perf_counter()
-    for i in range(n_batches):
-        batch = next(stream)  # audio rounded to data.audio_multiple, as training pads it
-        steps = batch.feature_frames.tolist()
-        for name, spec in layouts.items():
-            layout = layout_batch(batch.prompt_ids, batch.target_ids, batch.audio_index, batch.feature_frames, spec)
-            padded_audio = batch.input_features.shape[-1] if spec.packed else max(steps)
-            row = rows[name]
-            row["shapes"][(len(steps), padded_audio, *layout.shape)] += 1
-            row["real"] += layout.real_tokens
-            row["positions"] += layout.shape[0] * layout.shape[1]
-            row["audio_real"] += sum(steps)
-            row["audio_padded"] += len(steps) * padded_audio
-        if (i + 1) % 100 == 0:
-            rate = (i + 1) / (time.perf_counter() - t0)
-            print(f"[bench] a. {i + 1}/{n_batches} batches, eta {(n_batches - i - 1) / rate:.0f} s", flush=True)
     out = []
-    for name, row in rows.items():
-        shapes = row["shapes"]
-        out.append({"layout": name, "shapes": len(shapes),
-                    "encoder_shapes": len({s[:2] for s in shapes}), "llm_shapes": len({s[2:] for s in shapes}),
-                    "llm_padding": 1 - row["real"] / row["positions"],
-                    "audio_padding": 1 - row["audio_real"] / row["audio_padded"]})
+    for batching in ({**settings, **SORTED}, settings):
+        data = data_config(corpus, languages, **batching)
+        one_row = LayoutSpec(audio_id, pad_id, positions, True, data.length_multiple, 1 << 40)
+        layouts = {
+            "packed, one row (flash_attention_2)": one_row,
+            f"packed rows of >= {data.row_tokens} (sdpa, eager)": LayoutSpec(audio_id, pad_id, positions, True,
+                                                                            data.length_multiple, data.row_tokens),
+        }
+        if not data.audio_row_seconds:
+            layouts["packed rows as long as the longest sample"] = LayoutSpec(audio_id, pad_id, positions, True,
+                                                                              data.length_multiple)
+            layouts["padded (one sample per row)"] = LayoutSpec(audio_id, pad_id, positions, False, 1)
+        label = (f"{data.batching}, " + (f"clips in {data.audio_row_seconds:g}-s encoder rows" if
+                                         data.audio_row_seconds else "a row per clip") +
+                 f" ({data.max_batch_seconds:g} s, {data.max_batch_tokens} tokens, {data.max_batch_size} samples,"
+                 f" LLM lengths /{data.length_multiple})")
+        rows = {name: {"shapes": Counter(), "real": 0, "positions": 0, "audio_real": 0, "audio_padded": 0}
+                for name in layouts}
+        stream = iter(MixtureStream(data, stage, tokenizer, features, rank=0, world_size=1, layout=one_row))
+        t0, samples = time.perf_counter(), 0
+        for i in range(n_batches):
+            batch = next(stream)  # audio as training lays it out: rounded, or packed into rows
+            steps = batch.feature_frames.tolist()
+            samples += len(batch)
+            for name, spec in layouts.items():
+                layout = layout_batch(batch.prompt_ids, batch.target_ids, batch.audio_index, batch.feature_frames,
+                                      spec, clip_places=batch.clip_places)
+                if batch.audio_segments is not None:  # rows of the encoder's window
+                    encoder = tuple(batch.input_features.shape[::2])
+                else:
+                    encoder = (len(steps), batch.input_features.shape[-1] if spec.packed else max(steps))
+                row = rows[name]
+                row["shapes"][(*encoder, *layout.shape)] += 1
+                row["real"] += layout.real_tokens
+                row["positions"] += layout.shape[0] * layout.shape[1]
+                row["audio_real"] += sum(steps)
+                row["audio_padded"] += encoder[0] * encoder[1]
+            if (i + 1) % 100 == 0:
+                rate = (i + 1) / (time.perf_counter() - t0)
+                print(f"[bench] a. {label}: {i + 1}/{n_batches} batches, eta {(n_batches - i - 1) / rate:.0f} s",
+                      flush=True)
+        for name, row in rows.items():
+            shapes = row["shapes"]
+            out.append({"batching": label, "layout": name, "shapes": len(shapes), "samples": samples / n_batches,
+                        "encoder_shapes": len({s[:2] for s in shapes}), "llm_shapes": len({s[2:] for s in shapes}),
+                        "llm_padding": 1 - row["real"] / row["positions"],
+                        "audio_padding": 1 - row["audio_real"] / row["audio_padded"]})
     return out
 
 
@@ -283,13 +305,18 @@ def report(args, corpus: Path, a: list[dict], b: dict, seconds: float) -> str:
              f"`python bench/packed_step.py --corpus {args.corpus} --batches {args.batches} --steps {args.steps}` "
              f"({seconds / 60:.1f} min on this machine).", "",
              f"## a. Shapes and padding over {args.batches} batches at the large recipe's data settings", "",
-             "| layout | distinct shapes | encoder | LLM | LLM padding | audio padding |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "| batching | LLM layout | samples per batch | distinct shapes | encoder | LLM | LLM padding | "
+             "audio padding |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in a:
-        lines.append(f"| {r['layout']} | {r['shapes']} | {r['encoder_shapes']} | {r['llm_shapes']} | "
-                     f"{100 * r['llm_padding']:.1f}% | {100 * r['audio_padding']:.1f}% |")
-    lines += ["", "A shape is (clips, audio steps, LLM rows, LLM length); the encoder and LLM columns count their own "
-              "parts. Audio padding counts the encoder's input steps that hold no audio.", "",
+        lines.append(f"| {r['batching']} | {r['layout']} | {r['samples']:.1f} | {r['shapes']} | "
+                     f"{r['encoder_shapes']} | {r['llm_shapes']} | {100 * r['llm_padding']:.1f}% | "
+                     f"{100 * r['audio_padding']:.1f}% |")
+    lines += ["", "A shape is (encoder rows, audio steps, LLM rows, LLM length); the encoder and LLM columns count "
+              "their own parts (the encoder's rows are its clips where each clip has a row). Audio padding counts "
+              "the encoder's input steps that hold no audio. The last batching is configs/part_large.yaml's; the "
+              "first is the same data cut from the sorted window with a row per clip "
+              f"({', '.join(f'{k}: {v}' for k, v in SORTED.items())}).", "",
               "## b. Step speed, deep and narrow model (28-layer LLM, 32-layer encoder, width 128, LoRA on every "
               "projection), one process, fp32", "",
               f"Timed: {args.steps} steps per mode after {args.warmup} untimed ({b['samples']} samples), the same "
@@ -317,6 +344,10 @@ def main(argv: list[str] | None = None) -> int:
         train_tokenizer(corpus / "tokenizer_text.txt", scratch / "tokenizer", 4000)
         tokenizer = load_tokenizer(str(scratch / "tokenizer"))
         a = shapes_and_padding(corpus, languages, tokenizer, args.batches)
+        if args.shapes_only:
+            for r in a:
+                print(r, flush=True)
+            return 0
         b = step_speed(corpus, languages, scratch, args.steps, args.warmup)
         text = report(args, corpus, a, b, time.perf_counter() - started)
     finally:
