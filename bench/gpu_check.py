@@ -156,7 +156,8 @@ data:
   max_batch_seconds: {batch_seconds}
   max_batch_tokens: 8192
   max_batch_size: 256
-  length_multiple: 512
+  length_multiple: 128
+  row_tokens: 4096
   max_duration: 30
 stages:
 {STAGES.format(n=steps)}

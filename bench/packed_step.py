@@ -123,7 +123,8 @@ def large_recipe_settings() -> tuple[dict, int]:
 
 
 # the batching before budget-filling batches and encoder rows, over the same data
-SORTED = dict(batching="sorted", audio_row_seconds=0.0, max_batch_seconds=480, max_batch_size=32, length_multiple=16)
+SORTED = dict(batching="sorted", audio_row_seconds=0.0, max_batch_seconds=480, max_batch_size=32, length_multiple=16,
+              row_tokens=2048)
 
 
 def shapes_and_padding(corpus: Path, languages: list[str], tokenizer, n_batches: int) -> list[dict]:
