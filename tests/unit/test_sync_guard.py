@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from sync_guard import SyncGuard
 from test_model import make_batch, tiny_speech_llm
 
+from part.data.batching import packed_rows
 from part.packing import with_layouts
 
 
@@ -30,8 +33,13 @@ def test_the_guard_counts_reads_of_device_values_and_not_of_host_ones():
     assert guard.per_step[0] == {"other": 4}  # called from this test: neither part nor a library
 
 
-def _model_step_syncs(model, tok, frames) -> SyncGuard:
-    batch = with_layouts(make_batch(tok, frames=frames, text_only=True), model.layout_spec())
+def _model_step_syncs(model, tok, frames, rows: bool = False) -> SyncGuard:
+    batch = make_batch(tok, frames=frames, text_only=True)
+    if rows:  # the clips packed into encoder rows of 6 s, as the collator packs them
+        features, segments, places = packed_rows(batch.input_features, batch.feature_frames, 600,
+                                                 model.layout_spec().frames_per_clip.stride)
+        batch = dataclasses.replace(batch, input_features=features, audio_segments=segments, clip_places=places)
+    batch = with_layouts(batch, model.layout_spec())
     guard = SyncGuard()
     with guard, guard.step():
         guard.note_host(batch)
@@ -51,3 +59,8 @@ def test_the_model_step_reads_nothing_from_the_device_at_any_batch_size(tiny_mod
     large = _model_step_syncs(model, tok, (300, 280, 240, 200, 180, 160, 120, 100, 80, 60))
     assert small.worst("part") == 0 and large.worst("part") == 0, large.events
     assert small.worst() == large.worst() <= 8, (small.events, large.events)
+    # the same with the clips packed into encoder rows
+    small_rows = _model_step_syncs(model, tok, (300, 180), rows=True)
+    large_rows = _model_step_syncs(model, tok, (300, 280, 240, 200, 180, 160, 120, 100, 80, 60), rows=True)
+    assert small_rows.worst("part") == 0 and large_rows.worst("part") == 0, large_rows.events
+    assert small_rows.worst() == large_rows.worst() <= 8, (small_rows.events, large_rows.events)
