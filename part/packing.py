@@ -168,8 +168,9 @@ def layout_sequences(prompts: list[list[int]], targets: list[list[int]], audio_i
                     frames.extend(range(m))
                 else:  # the clip's frames in its row: its first step is a multiple of the stride
                     row, first = clip_places[j]
+                    offset = first // spec.frames_per_clip.stride
                     clips.extend([row] * m)
-                    frames.extend(range(first // spec.frames_per_clip.stride, first // spec.frames_per_clip.stride + m))
+                    frames.extend(range(offset, offset + m))
             token_ids[r, start:start + n] = torch.tensor(ids, dtype=torch.long)
             position_ids[r, start:start + n] = torch.arange(n)
             segments[r, start:start + n] = k
