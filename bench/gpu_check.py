@@ -156,7 +156,7 @@ data:
   max_batch_seconds: {batch_seconds}
   max_batch_tokens: 8192
   max_batch_size: 256
-  length_multiple: 128
+  length_multiple: 256
   row_tokens: 4096
   max_duration: 30
 stages:
