@@ -341,7 +341,6 @@ class WhisperFamily(EncoderFamily):
             x = _run_layer(layer, recompute, x, mask)
         return enc.layer_norm(x) * valid[..., None], enc_lengths
 
-
     def encode_rows(self, enc, features, segments, recompute=False):
         """Whisper encoding of clips packed into rows (`clip_rows` places them), each clip's frames as it encodes
         alone. features: [R, n_mels, T] log-mel; segments: [R, T] the clip index of each feature step (-1: none).
