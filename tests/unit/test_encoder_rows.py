@@ -1,5 +1,6 @@
-"""Whisper encoding of clips packed into fixed rows (part.model.encoders.WhisperFamily.encode_rows): every clip's
-frames equal its encoding alone, whatever shares its row."""
+"""Clips packed into fixed encoder rows (data.audio_row_seconds) and batches filled to their bounds (data.batching
+fill): the placement, the Whisper encoder and the adapter over rows (every clip's frames equal its encoding alone,
+whatever shares its row), the whole model's loss and gradients, the filled batches' bounds, the training stream."""
 
 from __future__ import annotations
 
