@@ -17,7 +17,8 @@ from conftest import REPO
 def test_gpu_check(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "bench/gpu_check.py", "--work", str(tmp_path / "work"), "--out", str(out),
-                           "--timeout", "900"], cwd=REPO, capture_output=True, text=True, timeout=1500)
+                           "--timeout", "900", "--budget", "1200"], cwd=REPO, capture_output=True, text=True,
+                          timeout=1500)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     report = (out / "gpu_check_zero2.md").read_text()
     for stage in ("s1_adapter_asr", "s2_adapter_encoder", "s3_adapter_lora_s2tt"):
@@ -38,7 +39,7 @@ def test_gpu_check_script_at_toy_shapes_on_cpu(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "bench/gpu_check.py", "--small", "--work", str(tmp_path / "work"),
                            "--out", str(out), "--steps", "3", "--every", "2", "--clips", "8",
-                           "--eval-per-language", "2", "--batch-seconds", "60", "--timeout", "500"],
+                           "--eval-per-language", "2", "--batch-seconds", "60", "--timeout", "500", "--budget", "1200"],
                           cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     report = (out / "gpu_check_zero2.md").read_text()

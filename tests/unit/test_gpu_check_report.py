@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-from gpu_check import anatomy_markdown, report_markdown, stage_report  # noqa: E402
+from gpu_check import anatomy_markdown, report_markdown, stage_report, step_anatomy  # noqa: E402
 
 PEAK = 1e15
 
@@ -65,3 +65,12 @@ def test_anatomy_per_stage_and_attention_setting():
     assert "device kernels' own time per replayed step" in rows[-1]
     no_new = dict(record, modes=[dict(record["modes"][0], new_shape=[False] * 3)])
     assert "| 3 (0) |" in anatomy_markdown([no_new]) and "| n/a |" in anatomy_markdown([no_new])
+
+
+def test_no_anatomy_stage_starts_in_the_last_minute_of_the_budget(tmp_path, capsys):
+    import time
+
+    records, failed = step_anatomy(tmp_path / "none.yaml", tmp_path, tmp_path, [0, 1, 2], 2, 180,
+                                   deadline=time.time() + 30)
+    assert (records, failed) == ([], [])  # nothing launched: the config does not even exist
+    assert capsys.readouterr().out.count("skipped (the check's time budget is spent)") == 3
