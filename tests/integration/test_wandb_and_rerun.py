@@ -174,6 +174,7 @@ def snapshot(out: Path) -> dict[str, tuple[int, bytes]]:
     return {n: ((out / n).stat().st_mtime_ns, (out / n).read_bytes()) for n in names}
 
 
+@pytest.mark.extended  # a variant of the resume paths the default run covers (a finished run resumed)
 def test_a_rerun_of_a_finished_run_reports_it_and_reevaluate_evaluates_again(finished):
     out, config, overrides = finished["out"], finished["config"], finished["overrides"]
     before = snapshot(out)
