@@ -73,6 +73,12 @@ def bucket_length(n: int, multiple: int) -> int:
     return round_up(n, round_up(step, multiple))
 
 
+def first_fit(fill: list[int], size: int, capacity: int) -> int:
+    """The first of the rows (`fill`: what each holds) with room for `size` more within `capacity`; len(fill): none,
+    a new row."""
+    return next((r for r, used in enumerate(fill) if used + size <= capacity), len(fill))
+
+
 def _rows(lengths: list[int], capacity: int, packed: bool) -> list[list[int]]:
     """Sample indices per row: one sample per row, or (packed) the fewest rows of at most `capacity` positions
     over which the samples, longest first each into the emptiest row, spread evenly (every row is padded to the
@@ -81,17 +87,17 @@ def _rows(lengths: list[int], capacity: int, packed: bool) -> list[list[int]]:
     if not packed:
         return [[i] for i in range(len(lengths))]
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    first_fit: list[list[int]] = []
+    fitted: list[list[int]] = []
     fill: list[int] = []
     for i in order:  # longest first, each into the first row it fits
-        r = next((r for r, used in enumerate(fill) if used + lengths[i] <= capacity), len(fill))
+        r = first_fit(fill, lengths[i], capacity)
         if r == len(fill):
-            first_fit.append([])
+            fitted.append([])
             fill.append(0)
-        first_fit[r].append(i)
+        fitted[r].append(i)
         fill[r] += lengths[i]
-    rows = first_fit
-    for n_rows in range(max(1, -(-sum(lengths) // capacity)), len(first_fit) + 1):
+    rows = fitted
+    for n_rows in range(max(1, -(-sum(lengths) // capacity)), len(fitted) + 1):
         even: list[list[int]] = [[] for _ in range(n_rows)]
         fill = [0] * n_rows
         for i in order:  # longest first, each into the emptiest row
@@ -104,6 +110,11 @@ def _rows(lengths: list[int], capacity: int, packed: bool) -> list[list[int]]:
     return sorted(sorted(r) for r in rows)  # batch order inside a row, rows by their first sample
 
 
+def clip_span(steps: int, multiple: int) -> int:
+    """The steps a clip of `steps` takes in its row: itself and an empty step, up to the next multiple."""
+    return round_up(steps + 1, multiple)
+
+
 def clip_rows(steps: list[int], row_steps: int, multiple: int = 2) -> list[tuple[int, int]]:
     """(row, offset) of each clip of `steps` feature steps packed into rows of `row_steps`: first-fit decreasing,
     each clip at an offset that is a multiple of `multiple` (`ClipPositions.stride`: the encoder's convolutions and
@@ -113,11 +124,11 @@ def clip_rows(steps: list[int], row_steps: int, multiple: int = 2) -> list[tuple
     for i in sorted(range(len(steps)), key=lambda i: (-steps[i], i)):
         if steps[i] > row_steps:
             raise ValueError(f"a clip of {steps[i]} steps does not fit a row of {row_steps}")
-        row = next((r for r, used in enumerate(fill) if used + steps[i] <= row_steps), len(fill))
+        row = first_fit(fill, steps[i], row_steps)
         if row == len(fill):
             fill.append(0)
         placed[i] = (row, fill[row])
-        fill[row] += -(-(steps[i] + 1) // multiple) * multiple  # the clip and an empty step, to the next offset
+        fill[row] += clip_span(steps[i], multiple)
     return placed
 
 

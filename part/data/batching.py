@@ -17,7 +17,7 @@ from part.config import SPEECH_TASKS, DataConfig
 from part.data.audio import AudioDecodeError, load_audio
 from part.data.samples import Sample
 from part.features import SAMPLE_RATE, audio_features
-from part.packing import LayoutSpec, bucket_length, clip_rows, with_layouts
+from part.packing import LayoutSpec, bucket_length, clip_rows, clip_span, first_fit, with_layouts
 
 
 def bucket(samples: list[Sample], cfg: DataConfig, layout: LayoutSpec | None = None,
@@ -62,8 +62,8 @@ class _Filling:
     rows: list[int] = field(default_factory=list)
 
     def row_for(self, steps: int) -> int | None:
-        """The row a clip of `steps` would take (first fit; None: no room and no row left)."""
-        row = next((r for r, used in enumerate(self.rows) if used + steps <= self.row_steps), len(self.rows))
+        """The row a clip of `steps` would take (as `clip_rows` places it; None: no room and no row left)."""
+        row = first_fit(self.rows, steps, self.row_steps)
         return row if row * self.cfg.audio_row_seconds < self.cfg.max_batch_seconds else None
 
     def takes(self, sample: Sample, steps: int, positions: int) -> bool:
@@ -81,7 +81,7 @@ class _Filling:
                 row = self.row_for(steps)
                 if row == len(self.rows):
                     self.rows.append(0)
-                self.rows[row] += -(-(steps + 1) // multiple) * multiple  # as `clip_rows` places it
+                self.rows[row] += clip_span(steps, multiple)
             self.clips += 1
             self.longest = max(self.longest, sample.duration)
         self.samples.append(sample)
