@@ -66,32 +66,30 @@ class Adapter(nn.Module):
         return torch.div(lengths + self.downsample - 1, self.downsample, rounding_mode="floor").clamp(min=1)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # Pad the time axis up to a multiple of the stride so no frame is dropped silently.
-        pad = (-x.shape[1]) % self.downsample
-        x = F.pad(x, (0, 0, 0, pad))
-        x = F.gelu(self.conv(x.transpose(1, 2))).transpose(1, 2)
+        x = self._downsample(x)
         out_lengths = self.output_lengths(lengths)
-        if isinstance(self.body, nn.ModuleList):
-            valid = torch.arange(x.shape[1], device=x.device)[None, :] < out_lengths[:, None]
-            for block in self.body:
-                x = block(x, valid)
-        else:
-            x = self.body(x)
-        return self.proj(self.norm(x)), out_lengths
+        valid = torch.arange(x.shape[1], device=x.device)[None, :] < out_lengths[:, None]
+        return self._read(x, valid), out_lengths
 
     def forward_rows(self, x: torch.Tensor, clip_of: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The adapter over clips packed into rows: x [R, T, width] encoder frames, clip_of [R, T] each frame's
         clip (-1: none). Each clip starts at a multiple of the stride and the frames after it up to the next
         multiple are empty, so its windows, and its frames' attention (within the clip), are what they are
         alone. Returns [R, ceil(T / stride), out] and each output frame's clip."""
-        pad = (-x.shape[1]) % self.downsample
-        x = F.pad(x, (0, 0, 0, pad))
-        clip_of = F.pad(clip_of, (0, pad), value=-1)[:, :: self.downsample]
-        x = F.gelu(self.conv(x.transpose(1, 2))).transpose(1, 2)
+        clip_of = F.pad(clip_of, (0, (-clip_of.shape[1]) % self.downsample), value=-1)[:, :: self.downsample]
+        same = (clip_of[:, :, None] == clip_of[:, None, :])[:, None]
+        return self._read(self._downsample(x), same), clip_of
+
+    def _downsample(self, x: torch.Tensor) -> torch.Tensor:
+        # Pad the time axis up to a multiple of the stride so no frame is dropped silently.
+        x = F.pad(x, (0, 0, 0, (-x.shape[1]) % self.downsample))
+        return F.gelu(self.conv(x.transpose(1, 2))).transpose(1, 2)
+
+    def _read(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The body (its attention within `mask`, AdapterBlock's), the norm and the projection."""
         if isinstance(self.body, nn.ModuleList):
-            same = (clip_of[:, :, None] == clip_of[:, None, :])[:, None]
             for block in self.body:
-                x = block(x, same)
+                x = block(x, mask)
         else:
             x = self.body(x)
-        return self.proj(self.norm(x)), clip_of
+        return self.proj(self.norm(x))
