@@ -174,16 +174,21 @@ output_dir: {work}/run
 
 # ---------------------------------------------------------------- the run
 
-def launch(config: Path, log_file: Path, *extra: str) -> subprocess.Popen:
+def one_rank(script: str, args: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The command that runs `script` on one rank through the launcher, and its environment. The launcher runs
+    through this interpreter: on a machine where the packages were installed with --target, no `deepspeed` script
+    is on the PATH."""
     from part.train.launcher import deepspeed_command
 
-    # the launcher through this interpreter: on a machine where the packages were installed with --target,
-    # no `deepspeed` script is on the PATH
-    cmd = deepspeed_command("train.py", ["--config", str(config), *extra], 1, launcher="deepspeed")
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", *cmd[1:]]
+    cmd = deepspeed_command(script, args, 1)
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=path,
                PYTORCH_CUDA_ALLOC_CONF=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True"))
+    return [sys.executable, "-m", "deepspeed.launcher.runner", *cmd[1:]], env
+
+
+def launch(config: Path, log_file: Path, *extra: str) -> subprocess.Popen:
+    cmd, env = one_rank("train.py", ["--config", str(config), *extra])
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(log_file, "a"), stderr=subprocess.STDOUT,
                             start_new_session=True)
 
@@ -282,8 +287,6 @@ def step_anatomy(config: Path, work: Path, out: Path, stages: list[int], batches
     """The worker's `anatomy` phase, one launcher run per stage (a few live steps first: the shapes they meet
     count as seen): its records in stage order, and the stages that failed. No stage starts within a minute of
     `deadline` (time.time())."""
-    from part.train.launcher import deepspeed_command
-
     records, failed = [], []
     for index in stages:
         if time.time() > deadline - 60:
@@ -293,10 +296,7 @@ def step_anatomy(config: Path, work: Path, out: Path, stages: list[int], batches
         worker_args = ["--config", str(config), "--workdir", str(work / "anatomy"), "--phases", "train,anatomy",
                        "--stage", str(index), "--warmup", "1", "--steps", "1", "--replay-steps", "1",
                        "--anatomy-batches", str(batches)]
-        cmd = deepspeed_command("bench/train_bench_worker.py", worker_args, 1)
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", *cmd[1:]]
-        path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=path)
+        cmd, env = one_rank("bench/train_bench_worker.py", worker_args)
         log_file = out / "anatomy.log"
         with open(log_file, "a") as sink:  # the ranks in a session of their own: a timeout stops all of them
             proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=sink, text=True,
@@ -338,7 +338,7 @@ def anatomy_markdown(records: list[dict]) -> str:
             lines.append(f"| {r['stage']} | {m['mode']} | {len(m['first'])} ({sum(m['new_shape'])}) | {first:.3f} | "
                          f"{replay:.3f} | {first / replay:.2f} | {per_shape} | {kernels} |")
     kinds = sorted({r["kernel_kind"] for r in records})
-    return "\n".join(lines) + (f"\n\nKernels: the {', '.join(kinds)}' own time per replayed step under "
+    return "\n".join(lines) + (f"\n\nKernels: the own time of the {', '.join(kinds)} per replayed step under "
                                "torch.profiler, and its share of those steps' wall time; the rest of the step is the "
                                "host: Python, launches, waits." if records else "")
 

@@ -16,7 +16,7 @@ Phases (in this order; each is optional):
   anatomy where a step's time goes, on --anatomy-batches batches the live loop has not trained on: each trained
           twice in a row (the first step meets the batch's shape, new or already seen; the second replays it), on
           CUDA with cuDNN attention as set (the default), then switched; then replayed steps under torch.profiler,
-          whose operators' own time (device kernels on CUDA, aten operators on CPU) is the step's share in kernels
+          whose operators' own time (device kernels on CUDA, host operators on CPU) is the step's share in kernels
 """
 
 from __future__ import annotations
@@ -305,15 +305,17 @@ class Bench:
             torch.backends.cuda.enable_cudnn_sdp(not enabled)
             modes.append(twice(f"cuDNN attention {'off' if enabled else 'on'}"))
             torch.backends.cuda.enable_cudnn_sdp(enabled)  # the profiled steps run under the default
-        kernels, wall = self.kernel_time(self.kept[0])
+        kernels, wall, kind = self.kernel_time(self.kept[0])
         self.emit("anatomy", stage=self.cfg.stages[self.args.stage].name, modes=modes, kernel_seconds=kernels,
-                  profiled_seconds=wall, kernel_kind="device kernels" if cuda else "aten operators (CPU)",
-                  shapes_seen=len(self.seen_shapes))
+                  profiled_seconds=wall, kernel_kind=kind, shapes_seen=len(self.seen_shapes))
 
-    def kernel_time(self, batch: Batch, steps: int = 2) -> tuple[float, float]:
+    def kernel_time(self, batch: Batch, steps: int = 2) -> tuple[float, float, str]:
         """Per replayed step under torch.profiler (`steps` of them): the operators' own time (device kernels on
-        CUDA, aten operators on CPU) and the wall time, both in s."""
+        CUDA, operators on the host on CPU: part.train.profiling.operator_time) and the wall time, both in s, and
+        what the first counts."""
         from torch.profiler import ProfilerActivity, profile
+
+        from part.train.profiling import operator_time
 
         cuda = torch.cuda.is_available()
         self.step_on(batch, self.step_index)  # the shape met outside the window
@@ -323,12 +325,8 @@ class Bench:
             for _ in range(steps):
                 self.step_on(batch, self.step_index)
             wall = time.perf_counter() - t0
-        events = prof.key_averages()
-        if cuda:
-            total = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in events)
-        else:
-            total = sum(e.self_cpu_time_total for e in events if e.key.startswith("aten::"))
-        return total / 1e6 / steps, wall / steps
+        busy, kind, _ = operator_time(prof.key_averages(), "cuda" if cuda else "cpu")
+        return busy / steps, wall / steps, kind
 
     def close(self) -> None:
         self.destroy_stage()

@@ -18,6 +18,14 @@ import torch
 TOP_ROWS = 40
 
 
+def operator_time(averages, device_type: str) -> tuple[float, str, str]:
+    """The profiled operators' own time in seconds, from torch.profiler's `key_averages()`: the device's kernels
+    on a GPU, the operators on the host elsewhere; what it counts, and the event field it sums."""
+    field = "self_device_time_total" if device_type == "cuda" else "self_cpu_time_total"
+    where = "device kernels" if device_type == "cuda" else "operators on the host"
+    return sum(getattr(e, field) for e in averages) / 1e6, where, field
+
+
 class StepProfiler:
     """Starts torch.profiler before global step `start` + 1 and stops it after step `start` + `steps`; `steps` <= 0
     or `start` < 0 never profiles. `before_step(done)` and `after_step(done, stage_end)` take the trainer's count of
@@ -65,10 +73,8 @@ class StepProfiler:
         stem = self.out_dir / f"rank{self.rank}_steps{self.first}-{done}"
         trace = stem.with_suffix(".trace.json")
         profile.export_chrome_trace(str(trace))
-        sort_by = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
         averages = profile.key_averages()
-        busy = sum(getattr(e, sort_by) for e in averages) / 1e6  # the operators' own time, seconds
-        where = "device kernels" if self.device.type == "cuda" else "operators on the host"
+        busy, where, sort_by = operator_time(averages, self.device.type)
         share = (f"{1e3 * wall:.3f} ms wall, {1e3 * busy:.3f} ms in {where} ({100 * busy / wall:.1f}%), "
                  f"{1e3 * max(wall - busy, 0.0):.3f} ms else")
         table = averages.table(sort_by=sort_by, row_limit=TOP_ROWS, max_name_column_width=60)

@@ -62,7 +62,7 @@ def test_anatomy_per_stage_and_attention_setting():
     # medians 1.5 / 0.5; the new shapes cost 1.5 and 0.9 over their replay (median 1.2); 0.3 s of the profiled 0.6
     assert rows[2] == "| s1 | cuDNN attention on (default) | 3 (2) | 1.500 | 0.500 | 3.00 | 1.200 | 0.300 | 50% |"
     assert rows[3] == "| s1 | cuDNN attention off | 3 (2) | 0.700 | 0.600 | 1.17 | 0.050 |  | |"
-    assert "device kernels' own time per replayed step" in rows[-1]
+    assert "the own time of the device kernels per replayed step" in rows[-1]
     no_new = dict(record, modes=[dict(record["modes"][0], new_shape=[False] * 3)])
     assert "| 3 (0) |" in anatomy_markdown([no_new]) and "| n/a |" in anatomy_markdown([no_new])
 
