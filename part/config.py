@@ -196,6 +196,13 @@ class DataConfig:
     # max_batch_tokens then counts the LLM's positions, the clips' frames included, and with audio rows
     # max_batch_seconds counts the rows' seconds).
     batching: str = "sorted"
+    # Shards read over the network (http(s)://, pipe:, other URLs): a failed read (connection refused or lost, an
+    # HTTP 5xx, a command's non-zero exit, no byte for `shard_timeout` s) is retried `shard_retries` times,
+    # `shard_retry_wait` s after the first failure and twice as long after each next one (at most 60 s); then the
+    # shard is skipped and counted (`unreadable_shard`).
+    shard_retries: int = 5
+    shard_retry_wait: float = 2.0
+    shard_timeout: float = 60.0
 
 
 @dataclass
@@ -481,6 +488,9 @@ def validate(cfg: TrainConfig, source: str | Path = "config") -> None:
     check(d.max_batch_seconds > 0, "data.max_batch_seconds: must be > 0")
     check(d.max_batch_tokens > 0, "data.max_batch_tokens: must be > 0")
     check(0 < d.max_duration <= 30, "data.max_duration: must be in (0, 30] seconds (the Whisper encoder's window)")
+    check(d.shard_retries >= 0, f"data.shard_retries: {d.shard_retries} must be >= 0")
+    check(d.shard_retry_wait >= 0, f"data.shard_retry_wait: {d.shard_retry_wait} must be >= 0 seconds")
+    check(d.shard_timeout > 0, f"data.shard_timeout: {d.shard_timeout} must be > 0 seconds")
 
     check(bool(cfg.stages), "stages: at least one stage")
     names = set()

@@ -11,7 +11,8 @@ from typing import TypeVar
 from part.config import DataConfig
 from part.data.batching import Batch, collate
 from part.data.samples import Sample, encode_text, make_sample
-from part.data.shards import expand_shards, iter_tar_samples
+from part.data.shards import RemoteReads, expand_shards, iter_tar_samples
+from part.data.sources import remote_reads
 from part.features import MAX_CLIP_SECONDS, AudioFeatures, audio_features
 from part.packing import LayoutSpec
 from part.prompts import PromptFormat
@@ -23,16 +24,17 @@ Taken = TypeVar("Taken")
 
 def first_per_language(shards: str, languages: list[str], per_language: int,
                        accept: Callable[[str, str, str, dict[str, bytes]], Taken | None],
-                       counters: Counter) -> Iterator[Taken]:
+                       counters: Counter, reads: RemoteReads | None = None) -> Iterator[Taken]:
     """The held-out set's rule: for each language in turn, its shards in order, the first `per_language` samples
     that `accept(language, shard_url, key, members)` makes something of (None: passed over, e.g. unreadable or
-    another language's clip). Unreadable tar members are counted in `counters`."""
+    another language's clip). Unreadable tar members are counted in `counters`; `reads`: how shards read over
+    the network are retried."""
     for lang in languages:
         taken = 0
         for url in expand_shards(shards, lang):
             if taken >= per_language:
                 break
-            for key, members in iter_tar_samples(url, counters):
+            for key, members in iter_tar_samples(url, counters, reads):
                 item = accept(lang, url, key, members)
                 if item is None:
                     continue
@@ -74,7 +76,8 @@ def eval_batches(cfg: DataConfig, languages: list[str], tasks: list[str], target
             encode_text(tokenizer, s, end_id)
         return made
 
-    samples = [s for made in first_per_language(cfg.eval_shards, languages, per_language, speech_samples, counters)
+    samples = [s for made in first_per_language(cfg.eval_shards, languages, per_language, speech_samples, counters,
+                                                remote_reads(cfg))
                for s in made]
     samples.sort(key=lambda s: s.duration)
     chunks = [samples[i : i + batch_size] for i in range(0, len(samples), batch_size)]

@@ -7,13 +7,20 @@ Text-only samples (for the `mt` and `text` tasks) have no audio and duration 0.
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import http.client
 import io
 import json
 import os
+import select
+import signal
+import subprocess
 import sys
 import tarfile
 import time
+import urllib.error
+import urllib.request
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -159,7 +166,7 @@ def expand_shards(pattern: str, language: str | None = None) -> list[str]:
         pattern = pattern.replace("{lang}", language)
     urls: list[str] = []
     for item in braceexpand.braceexpand(pattern):
-        if "://" in item or item.startswith("pipe:"):
+        if is_remote(item):
             urls.append(item)  # remote: checked when opened
         else:
             urls.extend(sorted(glob.glob(item)))  # local: only files that exist (a plain path globs to itself)
@@ -172,7 +179,7 @@ def language_sizes(pattern: str, languages: list[str]) -> dict[str, float]:
     for lang in languages:
         shards = expand_shards(pattern, lang)
         size = 0.0
-        for index_path in {Path(s).parent / INDEX_NAME for s in shards if "://" not in s}:
+        for index_path in {Path(s).parent / INDEX_NAME for s in shards if not is_remote(s)}:
             if index_path.exists():
                 index = json.loads(index_path.read_text())
                 names = {Path(s).name for s in shards}
@@ -187,38 +194,184 @@ def language_sizes(pattern: str, languages: list[str]) -> dict[str, float]:
 # ---------------------------------------------------------------- reading
 
 
-def iter_tar_samples(url: str, counters: Counter) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Groups consecutive tar members by key. A truncated or unreadable tar ends the shard and is counted."""
+@dataclass(frozen=True)
+class RemoteReads:
+    """How a shard read over the network (`http(s)://`, `pipe:`, any other URL) survives faults: an attempt that
+    fails (connection refused or lost, an HTTP 5xx/408/429, a command's non-zero exit, no byte for `timeout` s)
+    is retried up to `retries` times, `wait` s after the first failure and twice as long after each next one (at
+    most MAX_RETRY_WAIT s). Then the shard is counted as `unreadable_shard` and skipped. The data fields
+    `data.shard_retries`, `data.shard_retry_wait` and `data.shard_timeout` set them."""
+
+    retries: int = 5
+    wait: float = 2.0
+    timeout: float = 60.0
+
+
+MAX_RETRY_WAIT = 60.0
+
+
+def is_remote(url: str) -> bool:
+    return "://" in url or url.startswith("pipe:")
+
+
+class _CommandOutput(io.RawIOBase):
+    """The standard output of a `pipe:` command, read with a timeout: no byte for `timeout` s is a TimeoutError,
+    and a non-zero exit status an OSError at the end of the output (so a command cut off mid-shard is retried,
+    not taken for the shard's end). Closing kills the command if it still runs."""
+
+    def __init__(self, command: str, timeout: float):
+        self.command, self.timeout = command, timeout
+        # its own process group: closing ends a pipeline (`curl ... | zstd -d`) whole, not just the shell
+        self.proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, start_new_session=True)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        fd = self.proc.stdout.fileno()
+        if not select.select([fd], [], [], self.timeout)[0]:
+            raise TimeoutError(f"no data from `{self.command}` for {self.timeout:g} s")
+        data = os.read(fd, len(buffer))
+        if not data:
+            try:
+                status = self.proc.wait(timeout=self.timeout)
+            except subprocess.TimeoutExpired:
+                raise TimeoutError(f"`{self.command}` closed its output but did not exit") from None
+            if status != 0:
+                raise OSError(f"`{self.command}` exited with status {status}")
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            if self.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+            self.proc.stdout.close()
+        super().close()
+
+
+class _HttpBody(io.RawIOBase):
+    """An HTTP response's body that ends in a ConnectionError when the connection closes before the declared
+    Content-Length (http.client takes that for the body's end)."""
+
+    def __init__(self, url: str, timeout: float):
+        self.response = urllib.request.urlopen(url, timeout=timeout)  # noqa: S310  the configured shard URL
+        self.expected, self.received = self.response.length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self.response.read1(len(buffer))  # what has arrived: a stall loses none of it
+        self.received += len(data)
+        if not data and len(buffer) and self.expected is not None and self.received < self.expected:
+            raise ConnectionError(f"the connection closed after {self.received} of {self.expected} bytes")
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self.response.close()
+        super().close()
+
+
+def _open_shard(url: str, timeout: float):
+    """A readable stream of the shard's bytes. http(s) is read here (a socket timeout bounds every wait);
+    `pipe:` runs the command; other URLs go to webdataset's openers, without the timeout."""
     import webdataset as wds  # here, not at the top: the builders import this module to write shards only
 
+    if url.startswith(("http://", "https://")):
+        return io.BufferedReader(_HttpBody(url, timeout), 1 << 20)
+    if url.startswith("pipe:"):
+        return io.BufferedReader(_CommandOutput(url[len("pipe:"):], timeout), 1 << 20)
+    return wds.gopen(url, "rb")
+
+
+def _retryable(exc: BaseException) -> bool:
+    """Whether another attempt may succeed: lost connections, timeouts, failed commands and server errors, but
+    not an HTTP answer that will not change (404, 403, ...)."""
+    if isinstance(exc, urllib.error.HTTPError):
+        return exc.code >= 500 or exc.code in (408, 429)
+    return isinstance(exc, OSError | http.client.HTTPException)
+
+
+def _tar_groups(stream, url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Consecutive tar members grouped by key; a group is yielded once the next one begins (or the tar ends)."""
     current, members = None, {}
-    try:
-        stream = wds.gopen(url, "rb")
-    except Exception as exc:
-        counters["unreadable_shard"] += 1
-        print(f"warning: cannot open shard {url}: {exc}", file=sys.stderr, flush=True)
-        return
-    try:
-        with tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for info in tar:
-                if not info.isfile():
-                    continue
-                name = info.name.split("/")[-1]
-                key, _, ext = name.partition(".")
-                if ext.lower() in PICKLE_EXTENSIONS:
-                    raise DataError(f"shard {url}: member '{info.name}' has a pickle extension; refusing to decode it")
-                data = tar.extractfile(info).read()
-                if key != current and current is not None:
-                    yield current, members
-                    members = {}
-                current = key
-                members[ext.lower()] = data
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        counters["truncated_shard"] += 1
-        print(f"warning: shard {url} is truncated or corrupt ({exc}); skipping the rest of it", file=sys.stderr,
-              flush=True)
-        members = {}  # the last group may be incomplete
-    finally:
-        stream.close()
+    with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for info in tar:
+            if not info.isfile():
+                continue
+            name = info.name.split("/")[-1]
+            key, _, ext = name.partition(".")
+            if ext.lower() in PICKLE_EXTENSIONS:
+                raise DataError(f"shard {url}: member '{info.name}' has a pickle extension; refusing to decode it")
+            data = tar.extractfile(info).read()
+            if key != current and current is not None:
+                yield current, members
+                members = {}
+            current = key
+            members[ext.lower()] = data
     if current is not None and members:
         yield current, members
+
+
+def iter_tar_samples(url: str, counters: Counter,
+                     reads: RemoteReads | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """The shard's samples: its tar members grouped by key. Never raises for an unreadable shard (only DataError
+    for a member it refuses): a local file that cannot be opened, or is truncated or corrupt, ends the shard and is
+    counted. A remote shard whose transport fails is reopened as `reads` says, skipping the samples already
+    yielded, so the shard gives the same samples as an undisturbed read; when every attempt failed, the rest of it
+    is skipped and counted as `unreadable_shard`, with a warning naming the URL."""
+    reads = reads or RemoteReads()
+    over_network = is_remote(url)
+    done = 0  # samples yielded so far: a reopened shard skips them
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            stream = _open_shard(url, reads.timeout)
+        except Exception as exc:  # noqa: BLE001  whatever the opener raises: counted, never fatal
+            failure = exc
+        else:
+            try:
+                for seen, group in enumerate(_tar_groups(stream, url)):
+                    if seen >= done:
+                        yield group
+                        done += 1
+                return
+            except DataError:
+                raise
+            except (tarfile.TarError, EOFError) as exc:  # the bytes arrived but are no valid tar: no retry
+                counters["truncated_shard"] += 1
+                _warn(f"shard {url} is truncated or corrupt ({exc}); skipping the rest of it")
+                return
+            except (OSError, http.client.HTTPException) as exc:
+                if not over_network:
+                    counters["truncated_shard"] += 1
+                    _warn(f"shard {url} is truncated or corrupt ({exc}); skipping the rest of it")
+                    return
+                failure = exc
+            finally:
+                with contextlib.suppress(Exception):  # webdataset's pipes raise a failed exit again on close
+                    stream.close()
+        if not over_network or attempt > reads.retries or not _retryable(failure):
+            counters["unreadable_shard"] += 1
+            tries = f" after {attempt} attempts" if attempt > 1 else ""
+            rest = f"the rest of it ({done} samples read)" if done else "it"
+            _warn(f"cannot read shard {url}{tries} ({_describe(failure)}); skipping {rest}")
+            return
+        wait = min(reads.wait * 2 ** (attempt - 1), MAX_RETRY_WAIT)
+        _warn(f"shard {url}: {_describe(failure)} ({done} samples read); retrying in {wait:g} s "
+              f"(attempt {attempt + 1} of {reads.retries + 1})")
+        time.sleep(wait)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if type(exc).__name__ in text else f"{type(exc).__name__}: {text}"
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)

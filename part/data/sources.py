@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from part.config import SPEECH_TASKS, DataConfig, StageConfig
-from part.data.shards import DataError, expand_shards, iter_tar_samples, language_sizes
+from part.data.shards import DataError, RemoteReads, expand_shards, iter_tar_samples, language_sizes
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,11 @@ def stage_shards(cfg: DataConfig, stage: StageConfig, world_size: int) -> dict[s
     return shards
 
 
+def remote_reads(cfg: DataConfig) -> RemoteReads:
+    """How the data config retries shards read over the network."""
+    return RemoteReads(cfg.shard_retries, cfg.shard_retry_wait, cfg.shard_timeout)
+
+
 @dataclass
 class Cursor:
     epoch: int = 0
@@ -70,12 +75,16 @@ class Cursor:
 
 
 class SourceReader:
-    """An endless, resumable stream of raw samples of one source over this worker's shards."""
+    """An endless, resumable stream of raw samples of one source over this worker's shards. A shard read over
+    the network that fails is retried as `reads` says and gives the samples an undisturbed read gives, so the
+    cursor (samples taken from the shard) means the same after a fault as for a local file."""
 
-    def __init__(self, source: Source, shards: list[str], seed: str, cursor: Cursor, counters: Counter):
+    def __init__(self, source: Source, shards: list[str], seed: str, cursor: Cursor, counters: Counter,
+                 reads: RemoteReads | None = None):
         self.source, self.shards, self.seed = source, shards, seed
         self.cursor = Cursor(*cursor.as_list())
         self.counters = counters
+        self.reads = reads or RemoteReads()
         self._iter: Iterator | None = None
 
     def _order(self, epoch: int) -> list[str]:
@@ -85,7 +94,7 @@ class SourceReader:
 
     def _open(self) -> Iterator:
         url = self._order(self.cursor.epoch)[self.cursor.shard]
-        it = iter_tar_samples(url, self.counters)
+        it = iter_tar_samples(url, self.counters, self.reads)
         for _ in range(self.cursor.member):  # fast-forward within the shard: headers and bytes, no decoding
             next(it, None)
         return it

@@ -25,7 +25,7 @@ from part.batch import Batch, StreamPosition
 from part.config import DataConfig, StageConfig
 from part.data.batching import bucket, collate
 from part.data.samples import Sample, encode_text, make_sample
-from part.data.sources import Cursor, SourceReader, stage_mixture, stage_shards
+from part.data.sources import Cursor, SourceReader, remote_reads, stage_mixture, stage_shards
 from part.features import AudioFeatures, audio_features
 from part.packing import LayoutSpec
 from part.prompts import PromptFormat
@@ -85,7 +85,8 @@ class MixtureStream(IterableDataset):
         seed = f"{self.cfg.seed}/{self.stage.name}/{g}"
         readers = {
             src.key: SourceReader(src, self.shards[src.key][g::groups], seed,
-                                  Cursor(*state["cursors"].get(src.key, [0, 0, 0])), counters)
+                                  Cursor(*state["cursors"].get(src.key, [0, 0, 0])), counters,
+                                  remote_reads(self.cfg))
             for src, _ in self.mixture
         }
         sources = [s for s, _ in self.mixture]

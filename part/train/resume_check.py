@@ -8,8 +8,9 @@ the data position in the wrong place:
   for the stage being resumed its trainable groups and `group_lr` (its optimizer state is per parameter, in the
   param groups these make), tasks, languages and translation targets (its data position);
 - what the data stream's position means (`data.*` but `num_workers`, which is checked with the stream layout
-  and only restarts the stage's stream, and how batches are laid out: `packing`, `length_multiple`,
-  `row_tokens`, `audio_multiple`, `audio_row_seconds`), `seed`, `precision` and `zero_stage` (the optimizer partitions).
+  and only restarts the stage's stream, how batches are laid out: `packing`, `length_multiple`,
+  `row_tokens`, `audio_multiple`, `audio_row_seconds`, and how network shards are retried: `shard_retries`,
+  `shard_retry_wait`, `shard_timeout`), `seed`, `precision` and `zero_stage` (the optimizer partitions).
 
 Allowed, and tested: everything of later stages, the length of the stage the checkpoint belongs to (also when it
 was the run's last: more steps continue it with its optimizer state), learning rates and warm-up (the schedule
@@ -23,8 +24,9 @@ from __future__ import annotations
 from part.config import TrainConfig, to_dict
 
 MODEL_FIELDS_FREE = ("attn_implementation", "activation_checkpointing")
-# the loader's processes, and how batches are laid out (not which samples they hold)
-DATA_FIELDS_FREE = ("num_workers", "packing", "length_multiple", "row_tokens", "audio_multiple", "audio_row_seconds")
+# the loader's processes, how batches are laid out (not which samples they hold), how network reads are retried
+DATA_FIELDS_FREE = ("num_workers", "packing", "length_multiple", "row_tokens", "audio_multiple", "audio_row_seconds",
+                    "shard_retries", "shard_retry_wait", "shard_timeout")
 STAGE_FIELDS_FIXED = ("name", "trainable", "tasks", "languages", "translation_targets")
 
 

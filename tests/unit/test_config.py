@@ -59,6 +59,11 @@ def test_loads_with_overrides(tmp_path, corpus, tiny_models):
         ("data.audio_row_seconds=1", "data.audio_row_seconds: 1.0 must be 0 (a row per clip) or hold the longest clip"),
         ("data.batching=greedy", "data.batching: 'greedy' is not one of sorted, fill"),
         ("data.batching=fill", None),
+        ("data.shard_retries=-1", "data.shard_retries: -1 must be >= 0"),
+        ("data.shard_retries=2.5", "data.shard_retries: expected an integer"),
+        ("data.shard_retry_wait=-1", "data.shard_retry_wait: -1.0 must be >= 0 seconds"),
+        ("data.shard_timeout=0", "data.shard_timeout: 0.0 must be > 0 seconds"),
+        ("data.shard_retries=0", None),
     ],
 )
 def test_errors_name_the_field(tmp_path, corpus, tiny_models, override, message):

@@ -55,6 +55,7 @@ def test_refused(edit, step, field):
     (lambda c: setattr(c.checkpoint, "every", 7), 15),
     (lambda c: setattr(c.checkpoint, "lean", False), 15),  # each checkpoint says what it holds
     (lambda c: setattr(c.data, "num_workers", 4), 15),  # restarts the stage's stream, checked separately
+    (lambda c: setattr(c.data, "shard_retries", 9), 15),  # how network reads are retried, not what they give
     (lambda c: setattr(c.model.activation_checkpointing, "llm", True), 15),
     (lambda c: c.stages.append(StageConfig(name="s4", steps=5)), 25),
     (lambda c: setattr(c.stages[0], "group_lr", {"adapter": 1e-2}), 15),  # a finished stage's optimizer is gone
