@@ -48,6 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "falls back to the newest good one) if present; refused if the config changed where "
                              "a resume cannot follow. A run that is already complete (all stages trained, final/ "
                              "and its evaluation saved) only prints its saved results")
+    parser.add_argument("--trust-unverified-checkpoint", action="store_true",
+                        help="with --resume: use a checkpoint that has no SHA256SUMS (written by an older version, "
+                             "or the file was lost) as it is; without it such a checkpoint is refused (exit 2)")
     parser.add_argument("--reevaluate", action="store_true",
                         help="with --resume, on an already complete run: evaluate the final model again (and "
                              "export final/ with the new table) instead of only printing the saved results")
@@ -62,6 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_intermixed_args(argv)  # flags may come after the overrides
     if args.reevaluate and not args.resume:
         parser.error("--reevaluate evaluates a finished run again: use it with --resume")
+    if args.trust_unverified_checkpoint and not args.resume:
+        parser.error("--trust-unverified-checkpoint trusts the checkpoint a resume takes: use it with --resume")
     return args
 
 
@@ -99,7 +104,8 @@ def main(argv: list[str] | None = None, callbacks: Sequence[TrainerCallback] = (
     # Every failure ends here with its exit code and message; exit_process then ends the loader workers and
     # skips the interpreter's teardown, which would wait on them.
     try:
-        return Trainer(cfg, resume=args.resume, callbacks=callbacks, reevaluate=args.reevaluate).fit()
+        return Trainer(cfg, resume=args.resume, callbacks=callbacks, reevaluate=args.reevaluate,
+                       trust_unverified=args.trust_unverified_checkpoint).fit()
     except RunRefused as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return ExitCode.BAD_INPUT

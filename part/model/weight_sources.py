@@ -7,13 +7,15 @@ the digests first, refuses a changed or missing source naming the directory and 
 from their directories, then the saved ones; the keys the file lacks must be exactly the referenced ones.
 
 Which weights a checkpoint leaves out: those of a pretrained directory that no trainable group of its stage or an
-earlier one selects (`left_out`). Each file is hashed once per process (cached by path, size and mtime).
+earlier one selects (`left_out`). Each file is hashed once per process (`file_digest`: cached by path, inode,
+size, mtime and ctime, so a same-size rewrite in place is noticed even with its mtime restored).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,20 +64,27 @@ def source_files(directory: str | Path) -> list[Path]:
         f.name == "config.json" or f.name.endswith(WEIGHT_SUFFIXES) or f.name.endswith(".index.json")))
 
 
-_DIGESTS: dict[tuple[str, int, int], str] = {}
+_DIGESTS: dict[tuple[str, int, int, int, int, int], str] = {}
+# A digest is kept only for a file unchanged this long before it was hashed: a rewrite within one tick of the file
+# system's clock would leave size, mtime and ctime as they were.
+SETTLED_NS = 1_000_000_000
 
 
 def file_digest(path: Path) -> str:
-    """SHA-256 of `path`, computed once per process for a given (path, size, mtime)."""
+    """SHA-256 of `path`, computed once per process for a given file (device, inode), size, mtime and ctime. Any
+    write changes the ctime (which, unlike the mtime, cannot be set back), so a same-size rewrite in place is
+    hashed again; so is a file replaced by another (a new inode)."""
     stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if key not in _DIGESTS:
-        digest = hashlib.sha256()
-        with open(path, "rb") as fh:
-            while chunk := fh.read(1 << 24):
-                digest.update(chunk)
+    key = (str(path.resolve()), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+    if key in _DIGESTS:
+        return _DIGESTS[key]
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 24):
+            digest.update(chunk)
+    if time.time_ns() - max(stat.st_mtime_ns, stat.st_ctime_ns) >= SETTLED_NS:
         _DIGESTS[key] = digest.hexdigest()
-    return _DIGESTS[key]
+    return digest.hexdigest()
 
 
 def directory_digests(directory: str | Path) -> dict[str, str]:

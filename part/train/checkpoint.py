@@ -21,7 +21,8 @@ checkpoint holds it too. A checkpoint refers to no other, so pruning may delete 
 checkpoint (a resume, a stage switch) checks the sources' digests first and refuses a changed or missing one.
 
 Non-finite weights are never written: the ranks agree before anything is, and the trainer stops. A checkpoint
-whose files do not match SHA256SUMS is skipped at resume, loudly, for the newest one that matches.
+whose files do not match SHA256SUMS is skipped at resume, loudly, for the newest one that matches. One without
+SHA256SUMS cannot be checked: the resume is refused unless `--trust-unverified-checkpoint` asks to use it as it is.
 """
 
 from __future__ import annotations
@@ -47,10 +48,16 @@ if TYPE_CHECKING:
 LATEST = "latest"
 DS_TAG = "ds"
 SUMS = "SHA256SUMS"
+# the train.py flag that resumes from a checkpoint without SHA256SUMS, whose files nothing can check
+TRUST_UNVERIFIED_FLAG = "--trust-unverified-checkpoint"
 
 
 class NonFiniteWeightsError(RuntimeError):
     """Raised on every rank when a checkpoint would hold NaN or inf weights (nothing was written)."""
+
+
+class UnverifiedCheckpoint(RuntimeError):
+    """The checkpoint a resume would take has no SHA256SUMS; the message names it and the flag that trusts it."""
 
 
 def step_dir_name(step: int) -> str:
@@ -155,10 +162,11 @@ class Checkpointer:
             raise FileNotFoundError(f"{pointer} names {path}, which has no trainer_state.json")
         return path
 
-    def newest_good(self, report: Callable[[str], None] = print) -> Path | None:
+    def newest_good(self, report: Callable[[str], None] = print, trust_unverified: bool = False) -> Path | None:
         """The checkpoint to resume from: `latest` (or the newest complete one) when its files match their
         SHA-256 sums, else the newest older one that does; every one skipped is reported. Reads every file:
-        call it on one rank."""
+        call it on one rank. Reaching a checkpoint without SHA256SUMS raises UnverifiedCheckpoint, unless
+        `trust_unverified` takes it as it is."""
         pointer = self.root / LATEST
         first = None
         if pointer.exists():
@@ -170,8 +178,12 @@ class Checkpointer:
             report(f"{pointer} is missing; using the newest complete checkpoint, {done[-1].name}")
         candidates = [p for p in reversed(self.complete()) if first is None or step_of(p) <= step_of(first)]
         for path in candidates:
-            if not (path / SUMS).exists():  # published before checksums existed (publishing is one rename)
-                report(f"note: checkpoint {path.name} has no {SUMS} (an older version wrote it): not verified")
+            if not (path / SUMS).exists():  # an older version's, or the file was lost: nothing to check against
+                if not trust_unverified:
+                    raise UnverifiedCheckpoint(
+                        f"checkpoint {path} has no {SUMS}, so its files cannot be verified; resume with "
+                        f"{TRUST_UNVERIFIED_FLAG} to use it as it is, or remove it to resume from an older one")
+                report(f"note: checkpoint {path.name} has no {SUMS}: used unverified ({TRUST_UNVERIFIED_FLAG})")
                 return path
             problem = verify_sums(path)
             if problem is None:

@@ -27,8 +27,10 @@ from part.model.tokenizer import load_tokenizer
 from part.model.weight_sources import SourceError, read_sources
 from part.train.callbacks import TrainerCallback
 from part.train.checkpoint import (
+    TRUST_UNVERIFIED_FLAG,
     Checkpointer,
     NonFiniteWeightsError,
+    UnverifiedCheckpoint,
     export_final,
     final_is_from,
     gather_state_dict,
@@ -47,6 +49,7 @@ from part.train.stage import StageRun, features_dtype
 from part.train.supervision import LauncherWatch
 
 TRAIN_CONFIG = "train_config.yaml"  # the resolved config, exported with the final model
+UNVERIFIED = -2  # _newest_good_step's answer when the checkpoint to resume has no SHA256SUMS and is not trusted
 
 
 class RunRefused(Exception):
@@ -55,11 +58,14 @@ class RunRefused(Exception):
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool = False, callbacks: Sequence[TrainerCallback] = (),
-                 dist: DistributedContext | None = None, reevaluate: bool = False):
+                 dist: DistributedContext | None = None, reevaluate: bool = False, trust_unverified: bool = False):
         """`reevaluate`: a resumed run that is already complete evaluates its final model again (and exports it
-        with the new table); without it such a run only reports its saved results."""
+        with the new table); without it such a run only reports its saved results. `trust_unverified`: resume
+        from a checkpoint without SHA256SUMS (refused otherwise)."""
         self.cfg = cfg
         self.reevaluate = reevaluate
+        self.trust_unverified = trust_unverified
+        self.unverified = ""  # rank 0's refusal of a checkpoint without SHA256SUMS
         self.callbacks = list(callbacks)
         self.dist = dist or DistributedContext.init()
         self.run_lock = self._lock_checkpoint_dir()
@@ -117,6 +123,9 @@ class Trainer:
         if resume:
             # rank 0 reads and checks the files (SHA-256) and falls back past damaged checkpoints, loudly
             step = self.dist.rank0_int(self._newest_good_step)
+            if step == UNVERIFIED:
+                raise RunRefused(f"--resume: {self.unverified}" if self.unverified else "--resume: the checkpoint "
+                                 f"has no SHA256SUMS (rank 0 names it); {TRUST_UNVERIFIED_FLAG} uses it as it is")
             if step >= 0:
                 path = self.checkpointer.root / step_dir_name(step)
                 self._adopt_checkpoint(path)
@@ -159,7 +168,12 @@ class Trainer:
         self.stop_signal = signum
 
     def _newest_good_step(self) -> int:
-        path = self.checkpointer.newest_good(report=self.logger.info)
+        """The step of the checkpoint to resume from; -1: none; UNVERIFIED: refused (the reason in `unverified`)."""
+        try:
+            path = self.checkpointer.newest_good(report=self.logger.info, trust_unverified=self.trust_unverified)
+        except UnverifiedCheckpoint as exc:
+            self.unverified = str(exc)
+            return UNVERIFIED
         return -1 if path is None else int(read_trainer_state(path)["step"])
 
     # ---------------------------------------------------------------- the run

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -27,13 +28,16 @@ from part.config import (
     StageConfig,
     TrainConfig,
 )
+from part.model import weight_sources
 from part.model.speech_llm import WEIGHTS_NAME, SpeechLLM
 from part.model.tokenizer import load_tokenizer
-from part.model.weight_sources import SOURCES_NAME, SourceError, read_sources, sources_problem
+from part.model.weight_sources import SOURCES_NAME, SourceError, WeightSource, read_sources, sources_problem
 from part.train.checkpoint import (
     SUMS,
+    TRUST_UNVERIFIED_FLAG,
     Checkpointer,
     NonFiniteWeightsError,
+    UnverifiedCheckpoint,
     export_final,
     read_data_state,
     read_trainer_state,
@@ -144,9 +148,39 @@ def test_hashes_are_checked_and_a_damaged_checkpoint_falls_back(tmp_path, model_
     reports = []
     assert ck.newest_good(report=reports.append) == first
     assert len(reports) == 1 and "step_0000020 is damaged" in reports[0] and "model.safetensors" in reports[0]
-    (first / SUMS).unlink()  # as an older version wrote it: used, and said to be unverified
-    reports.clear()
-    assert ck.newest_good(report=reports.append) == first and "not verified" in reports[-1]
+
+
+def test_a_checkpoint_without_sums_is_refused_unless_trusted(tmp_path, model_and_tokenizer):
+    """A checkpoint without SHA256SUMS (an older version's, or the file lost) cannot be checked: the resume is
+    refused naming it and the train.py flag that trusts it; with the flag it is taken, and said to be unverified.
+    The flag is one train.py accepts, with --resume only."""
+    from part.cli.train import parse_args
+
+    model, tok = model_and_tokenizer
+    ck = Checkpointer(tmp_path / "ck", None, keep=3)
+    first = ck.save(FakeEngine(), model, tok, 10, {"engine_stage": 0, "stage": "s1"}, {})
+    second = ck.save(FakeEngine(), model, tok, 20, {"engine_stage": 0, "stage": "s1"}, {})
+    (second / SUMS).unlink()
+    with pytest.raises(UnverifiedCheckpoint) as refused:
+        ck.newest_good(report=print)
+    message = str(refused.value)
+    assert f"checkpoint {second} has no {SUMS}" in message and TRUST_UNVERIFIED_FLAG in message
+    reports = []
+    assert ck.newest_good(report=reports.append, trust_unverified=True) == second
+    assert reports == [f"note: checkpoint step_0000020 has no {SUMS}: used unverified ({TRUST_UNVERIFIED_FLAG})"]
+    shutil.rmtree(second)
+    third = ck.save(FakeEngine(), model, tok, 30, {"engine_stage": 0, "stage": "s1"}, {})
+    assert ck.newest_good() == third  # with its sums: taken as ever, without the flag
+    (third / "trainer_state.json").write_text("{}")  # damaged: the fallback onto one without sums is refused too
+    (first / SUMS).unlink()
+    with pytest.raises(UnverifiedCheckpoint, match="step_0000010 has no SHA256SUMS"):
+        ck.newest_good(report=print)
+    assert ck.newest_good(report=print, trust_unverified=True) == first
+    assert TRUST_UNVERIFIED_FLAG == "--trust-unverified-checkpoint"
+    assert parse_args(["--config", "c.yaml", "--resume", TRUST_UNVERIFIED_FLAG]).trust_unverified_checkpoint
+    assert not parse_args(["--config", "c.yaml", "--resume"]).trust_unverified_checkpoint
+    with pytest.raises(SystemExit):
+        parse_args(["--config", "c.yaml", TRUST_UNVERIFIED_FLAG])
 
 
 def test_non_finite_weights_are_never_written(tmp_path, model_and_tokenizer):
@@ -337,3 +371,48 @@ def test_a_randomly_initialised_encoder_is_always_written(sourced):
     left = leaves_out(fresh, model, 0)
     assert [part.module for part in left] == ["llm"]
     assert not any(key.startswith("encoder.") for key in left[0].keys)
+
+
+def rewrite_in_place(path: Path, data: bytes) -> None:
+    """Same size, same file (inode), the mtime set back to what it was."""
+    before = path.stat()
+    assert len(data) == before.st_size
+    with open(path, "r+b") as fh:
+        fh.write(data)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size, before.st_mtime_ns)
+
+
+def test_a_same_size_rewrite_with_its_mtime_restored_is_noticed(tmp_path, monkeypatch):
+    """The digest cache keys on inode and ctime too: a weight file rewritten in place at the same size, its mtime
+    set back, is hashed again, and a reference to its old digest is refused naming the file."""
+    monkeypatch.setattr(weight_sources, "SETTLED_NS", 0)  # every digest cached at once
+    directory = tmp_path / "pretrained"
+    directory.mkdir()
+    weights = directory / "model.safetensors"
+    weights.write_bytes(b"A" * 4096)
+    (directory / "config.json").write_text("{}")
+    old = weight_sources.file_digest(weights)
+    cached = len(weight_sources._DIGESTS)
+    assert weight_sources.file_digest(weights) == old == hashlib.sha256(b"A" * 4096).hexdigest()
+    assert len(weight_sources._DIGESTS) == cached  # a file unchanged is hashed once
+    source = WeightSource("llm", str(directory), weight_sources.directory_digests(directory), ("w",))
+    weight_sources.verify(source)
+    time.sleep(0.05)  # past a tick of the file system's clock
+    rewrite_in_place(weights, b"B" * 4096)
+    assert weight_sources.file_digest(weights) == hashlib.sha256(b"B" * 4096).hexdigest()
+    with pytest.raises(SourceError, match=r"model.safetensors in pretrained directory .* has changed"):
+        weight_sources.verify(source)
+
+
+def test_a_digest_is_not_kept_for_a_file_changed_just_before_it_was_hashed(tmp_path):
+    """Within one tick of the clock a rewrite could leave size, mtime and ctime as they were: the digest of a file
+    changed less than SETTLED_NS before is not cached, so even an immediate same-size rewrite is noticed."""
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"A" * 4096)
+    cached = len(weight_sources._DIGESTS)
+    assert weight_sources.file_digest(weights) == hashlib.sha256(b"A" * 4096).hexdigest()
+    assert len(weight_sources._DIGESTS) == cached
+    rewrite_in_place(weights, b"B" * 4096)
+    assert weight_sources.file_digest(weights) == hashlib.sha256(b"B" * 4096).hexdigest()
