@@ -248,6 +248,18 @@ class CheckpointConfig:
     lean: bool = True
 
 
+@dataclass
+class DistributedConfig:
+    # Seconds a collective (and a training step, which holds DeepSpeed's collectives) may take before the rank
+    # that waits ends the run with exit 7: the process group's timeout, and the rank's own watchdog where the
+    # backend's timeout does not fire. Also bounds a peer's solo work that the others wait for at a barrier
+    # (rank 0 writing a checkpoint or the final model).
+    timeout_s: float = 600.0
+    # From losing the launcher to exiting without a checkpoint. None: derived from the run's measured step and
+    # checkpoint-write times, at least 25 s (part/train/supervision.py, StopGrace).
+    stop_grace_s: float | None = None
+
+
 WANDB_MODES = ("offline", "online", "disabled")
 
 
@@ -290,6 +302,7 @@ class TrainConfig:
     stages: list[StageConfig] = field(default_factory=list)
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     # The DeepSpeed JSON: engine tuning (buckets, offload, ...). What training means (precision, ZeRO stage,
@@ -548,6 +561,9 @@ def validate(cfg: TrainConfig, source: str | Path = "config") -> None:
                 errors.append(f"ds_config: '{ds}' is not a DeepSpeed config (a JSON object with zero_optimization)")
     check(cfg.checkpoint.every > 0, "checkpoint.every: must be > 0")
     check(cfg.checkpoint.keep >= 1, "checkpoint.keep: must be >= 1")
+    check(cfg.distributed.timeout_s > 0, f"distributed.timeout_s: {cfg.distributed.timeout_s} must be > 0 seconds")
+    check(cfg.distributed.stop_grace_s is None or cfg.distributed.stop_grace_s > 0,
+          f"distributed.stop_grace_s: {cfg.distributed.stop_grace_s} must be > 0 seconds (or null: derived)")
     check(cfg.logging.wandb_mode in WANDB_MODES,
           f"logging.wandb_mode: '{cfg.logging.wandb_mode}' is not one of {', '.join(WANDB_MODES)}")
     check(cfg.logging.wandb_samples >= 0, "logging.wandb_samples: must be >= 0")

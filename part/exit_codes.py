@@ -19,6 +19,9 @@ class ExitCode(IntEnum):
     NON_FINITE_WEIGHTS = 5  # the weights became non-finite: nothing was saved; the last good checkpoint is kept
     STOPPED = 6  # SIGTERM/SIGINT: every rank wrote a checkpoint at the step boundary and stopped; --resume goes on
     # (also when the launcher is gone: part/train/supervision.py)
+    STALLED = 7  # a training step or a collective did not complete within distributed.timeout_s: a rank stopped
+    # responding (stopped, hung or its network stalled); the message names the step or collective and, on this
+    # host, the stalled rank; --resume continues from the last checkpoint
 
 
 def end_child_processes(timeout: float = 5.0) -> None:

@@ -9,7 +9,8 @@ groups, then hands the run to part.train.trainer.Trainer: every stage in turn, c
 train_log.jsonl (one record per step), eval_step_N.md|json and final.md|json (the held-out tables),
 final_hypotheses.jsonl, and final/ (the trained model with its model card). Exit status: 0 done, 2 bad config or
 data (before anything starts), 3 too many non-finite losses, 4 a stage-boundary checkpoint failed, 5 non-finite
-weights, 6 stopped by SIGTERM/SIGINT after a checkpoint (part/exit_codes.py).
+weights, 6 stopped by SIGTERM/SIGINT after a checkpoint, 7 a step or collective did not complete within
+distributed.timeout_s: a rank stalled (part/exit_codes.py).
 
 examples:
     python train.py --config configs/tiny_part.yaml --check --world-size 2        # validate; start nothing
@@ -99,7 +100,14 @@ def main(argv: list[str] | None = None, callbacks: Sequence[TrainerCallback] = (
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
 
     from part.data.shards import DataError
-    from part.train.supervision import PEER_FAILURE_DELAY_S, failure_message, lost_a_peer
+    from part.train.supervision import (
+        PEER_FAILURE_DELAY_S,
+        CollectiveTimeout,
+        failure_message,
+        lost_a_peer,
+        stall_note,
+        timed_out,
+    )
 
     # Every failure ends here with its exit code and message; exit_process then ends the loader workers and
     # skips the interpreter's teardown, which would wait on them.
@@ -112,11 +120,19 @@ def main(argv: list[str] | None = None, callbacks: Sequence[TrainerCallback] = (
     except DataError as exc:  # a shard refused while training reads it (e.g. a member only pickle decodes)
         print(f"error: {failure_message(exc)}", file=sys.stderr, flush=True)
         return ExitCode.BAD_INPUT
+    except CollectiveTimeout as exc:  # a rank stopped responding: named, without this rank's traceback
+        print(f"error: {exc}; --resume continues from the last checkpoint", file=sys.stderr, flush=True)
+        return ExitCode.STALLED
     except KeyboardInterrupt:
         print("error: interrupted (SIGINT) where no checkpoint could be written first; --resume continues from "
               "the last one", file=sys.stderr, flush=True)
         return ExitCode.FAILED
     except Exception as exc:  # noqa: BLE001  the traceback, then the one-line reason
+        if timed_out(exc):  # a collective outside the steps and collectives the stall watch names
+            print(f"error: a collective did not complete within {cfg.distributed.timeout_s:g} s "
+                  f"(distributed.timeout_s); {stall_note()}; --resume continues from the last checkpoint",
+                  file=sys.stderr, flush=True)
+            return ExitCode.STALLED
         if lost_a_peer(exc):  # another rank ended first: its exit code and message are the run's
             print(f"error: a collective failed, another rank ended first ({failure_message(exc)})", file=sys.stderr,
                   flush=True)

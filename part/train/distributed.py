@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from part.train.supervision import StallWatch
 
 SHM_SEGMENT_DIR = "/dev/shm"
 
@@ -67,11 +70,14 @@ class DistributedContext:
     world_size: int
     local_rank: int
     device: torch.device
+    watch: StallWatch | None = None  # what this rank waits on, ended after distributed.timeout_s
 
     @classmethod
-    def init(cls, device: torch.device | None = None) -> DistributedContext:
-        """Joins the process group the launcher set up (gloo on CPU, NCCL on GPUs) and picks this rank's device
-        (`device` overrides it, for tests)."""
+    def init(cls, device: torch.device | None = None, timeout_s: float = 600.0) -> DistributedContext:
+        """Joins the process group the launcher set up (gloo on CPU, NCCL on GPUs), its collectives timing out
+        after `timeout_s`, and picks this rank's device (`device` overrides it, for tests)."""
+        from datetime import timedelta
+
         import deepspeed
         from deepspeed.accelerator import get_accelerator
 
@@ -82,14 +88,17 @@ class DistributedContext:
                 raise RuntimeError(f"{', '.join(stale)}: left by an interrupted build of a torch extension (older "
                                    f"than {STALE_BUILD_LOCK_SECONDS / 60:.0f} minutes); the build would wait on it "
                                    "forever. Remove the file if no build is running, then start again.")
-        deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
+        deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(),
+                                   timeout=timedelta(seconds=timeout_s))
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         if accelerator.device_name() != "cpu":
             accelerator.set_device(local_rank)
         else:  # denormal floats late in training make CPU steps up to ~10x slower; flushing them costs nothing
             torch.set_flush_denormal(True)
-        context = cls(dist.get_rank(), dist.get_world_size(), local_rank,
-                      device or torch.device(accelerator.device_name(local_rank)))
+        rank = dist.get_rank()
+        context = cls(rank, dist.get_world_size(), local_rank,
+                      device or torch.device(accelerator.device_name(local_rank)),
+                      StallWatch(timeout_s, label=f"[rank {rank}] ").start())
         if accelerator.device_name() == "cpu":
             context.barrier()  # every rank has mapped its peers' segments once init returned everywhere
             unlink_cpu_allreduce_segment(context.rank)
@@ -98,6 +107,11 @@ class DistributedContext:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def waiting(self, what: str) -> AbstractContextManager:
+        """Marks a wait on the other ranks (a training step, a collective): one that lasts past
+        distributed.timeout_s ends the run with ExitCode.STALLED, naming `what` (StallWatch)."""
+        return self.watch.waiting(what) if self.watch is not None else nullcontext()
 
     def supports_bf16(self) -> bool:
         from deepspeed.accelerator import get_accelerator
@@ -108,45 +122,52 @@ class DistributedContext:
         """Whether `flag` holds on every rank. Used where ranks must take the same branch (skipping a step),
         or ZeRO's collectives would hang on the ranks that go on."""
         value = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+        with self.waiting("all_reduce (all_true)"):
+            dist.all_reduce(value, op=dist.ReduceOp.MIN)
         return value.item() >= 1
 
     def all_finite(self, value: torch.Tensor) -> bool:
         """Whether `value` (a device tensor) is finite on every rank: one collective and one read, where
         `all_true(bool(...))` would need two reads."""
         flag = torch.isfinite(value.detach()).all().to(torch.float32).reshape(1)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        with self.waiting("all_reduce (all_finite)"):
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return flag.item() >= 1
 
     def rank0_decides(self, question: Callable[[], bool]) -> bool:
         """Rank 0's answer to `question` on every rank (nodes may not share a filesystem view at one instant)."""
         value = torch.tensor([1 if self.rank == 0 and question() else 0], device=self.device)
-        dist.broadcast(value, 0)
+        with self.waiting("broadcast (rank0_decides)"):
+            dist.broadcast(value, 0)
         return bool(value.item())
 
     def rank0_int(self, question: Callable[[], int]) -> int:
         """Rank 0's integer answer to `question` on every rank."""
         value = torch.tensor([question() if self.rank == 0 else 0], dtype=torch.int64, device=self.device)
-        dist.broadcast(value, 0)
+        with self.waiting("broadcast (rank0_int)"):
+            dist.broadcast(value, 0)
         return int(value.item())
 
     def sum(self, values: Sequence[float]) -> list[float]:
         """Element-wise sums over ranks, in float64."""
         t = torch.tensor(list(values), dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
+        with self.waiting("all_reduce (sum)"):
+            dist.all_reduce(t)
         return t.tolist()
 
     def gather_objects(self, obj: object) -> list:
         """Every rank's `obj` (small, our own Python objects, e.g. hypotheses), in rank order."""
         gathered: list = [None] * self.world_size
-        dist.all_gather_object(gathered, obj)
+        with self.waiting("all_gather_object (gather_objects)"):
+            dist.all_gather_object(gathered, obj)
         return gathered
 
     def barrier(self) -> None:
-        if self.device.type == "cuda":  # NCCL's barrier otherwise guesses the device from the rank
-            dist.barrier(device_ids=[self.device.index if self.device.index is not None else self.local_rank])
-        else:
-            dist.barrier()
+        with self.waiting("barrier"):
+            if self.device.type == "cuda":  # NCCL's barrier otherwise guesses the device from the rank
+                dist.barrier(device_ids=[self.device.index if self.device.index is not None else self.local_rank])
+            else:
+                dist.barrier()
 
     def synchronize(self) -> None:
         """Waits for this rank's queued device work (so wall-clock step times are real times)."""
@@ -166,3 +187,5 @@ class DistributedContext:
     def close(self) -> None:
         self.barrier()
         dist.destroy_process_group()
+        if self.watch is not None:
+            self.watch.stop()

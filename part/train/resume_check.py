@@ -15,8 +15,8 @@ the data position in the wrong place:
 Allowed, and tested: everything of later stages, the length of the stage the checkpoint belongs to (also when it
 was the run's last: more steps continue it with its optimizer state), learning rates and warm-up (the schedule
 follows the new values from the resumed step on), evaluation, logging, checkpoint cadence, `checkpoint.lean` (each
-checkpoint says what it holds) and `output_dir`. A field the checkpoint's config lacks (added to the config after
-the checkpoint was written) is not compared.
+checkpoint says what it holds), `distributed.*` (timeouts) and `output_dir`. A field the checkpoint's config lacks
+(added to the config after the checkpoint was written) is not compared.
 """
 
 from __future__ import annotations

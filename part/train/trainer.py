@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import signal
+import time
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,7 +47,7 @@ from part.train.records import StepRecord
 from part.train.resume_check import resume_conflicts
 from part.train.run_lock import CheckpointDirInUse, CheckpointDirLock
 from part.train.stage import StageRun, features_dtype
-from part.train.supervision import LauncherWatch
+from part.train.supervision import LauncherWatch, StopGrace
 
 TRAIN_CONFIG = "train_config.yaml"  # the resolved config, exported with the final model
 UNVERIFIED = -2  # _newest_good_step's answer when the checkpoint to resume has no SHA256SUMS and is not trusted
@@ -67,7 +68,7 @@ class Trainer:
         self.trust_unverified = trust_unverified
         self.unverified = ""  # rank 0's refusal of a checkpoint without SHA256SUMS
         self.callbacks = list(callbacks)
-        self.dist = dist or DistributedContext.init()
+        self.dist = dist or DistributedContext.init(timeout_s=cfg.distributed.timeout_s)
         self.run_lock = self._lock_checkpoint_dir()
         try:
             self._set_up(resume)
@@ -119,7 +120,10 @@ class Trainer:
         self.exit_now_code: ExitCode | None = None
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_stop_signal)
-        self.launcher_watch = LauncherWatch(self._on_launcher_gone, label=f"[rank {self.dist.rank}] ").start()
+        self.stop_grace = StopGrace(cfg.distributed.stop_grace_s)
+        self.logger.info(self.stop_grace.describe())
+        self.launcher_watch = LauncherWatch(self._on_launcher_gone, grace=self.stop_grace.seconds,
+                                            label=f"[rank {self.dist.rank}] ").start()
         if resume:
             # rank 0 reads and checks the files (SHA-256) and falls back past damaged checkpoints, loudly
             step = self.dist.rank0_int(self._newest_good_step)
@@ -300,7 +304,9 @@ class Trainer:
     def _train_until(self, stage: StageRun, end: int) -> ExitCode:
         while self.step < end:
             self.profiler.before_step(self.step)
-            record = stage.train_step(self.step, self.curriculum.lr(self.step), callbacks=self.callbacks)
+            with self.dist.waiting(f"step {self.step + 1}"):
+                record = stage.train_step(self.step, self.curriculum.lr(self.step), callbacks=self.callbacks)
+            self._grace_changed(self.stop_grace.step_took(record.step_time))
             self.profiler.after_step(record.step, end)
             if record.skipped:
                 self.bad_steps_in_a_row += 1
@@ -349,8 +355,10 @@ class Trainer:
     def _save_checkpoint(self, stage: StageRun) -> ExitCode:
         """Collective. Not OK when the weights are non-finite (nothing saved) or the checkpoint the next stage is
         built from could not be written."""
+        started = time.monotonic()
         try:
-            path = stage.save_checkpoint(self.checkpointer, self.step)
+            with self.dist.waiting(f"the checkpoint of step {self.step}"):
+                path = stage.save_checkpoint(self.checkpointer, self.step)
         except NonFiniteWeightsError as exc:
             last = self.checkpoint.name if self.checkpoint else "none"
             self.logger.info(f"error: {exc}. The last good checkpoint ({last}) is kept; lower the learning rate "
@@ -358,12 +366,17 @@ class Trainer:
             return ExitCode.NON_FINITE_WEIGHTS
         if path is not None and path.name == step_dir_name(self.step):
             self.logger.info(f"checkpoint {path}")
+            self._grace_changed(self.stop_grace.checkpoint_took(time.monotonic() - started))
             self._adopt_checkpoint(path)
         elif self.step == stage.span.end:  # the next stage is built from this checkpoint: it must exist
             self.logger.info(f"error: the stage-boundary checkpoint at step {self.step} could not be written; "
                              f"free space in {self.cfg.checkpoint.dir} and rerun with --resume")
             return ExitCode.CHECKPOINT_FAILED
         return ExitCode.OK
+
+    def _grace_changed(self, line: str | None) -> None:
+        if line is not None:
+            self.logger.info(line)
 
     def _adopt_checkpoint(self, path: Path) -> None:
         self.checkpoint, self.checkpoint_state = path, read_trainer_state(path)

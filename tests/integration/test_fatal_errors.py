@@ -1,13 +1,13 @@
 """Fatal errors end the whole run promptly through the real `deepspeed` launcher (2 CPU ranks): a shard member
-only pickle decodes, found by one rank's DataLoader worker, and an exception inside a loader worker. Each run
-ends with its exit code and message, and no process of the run (launcher, ranks, loader workers) is left."""
+only pickle decodes, found by one rank's DataLoader worker, an exception inside a loader worker, and a rank that
+stops responding (SIGSTOP). Each run ends with its exit code and message, and no process of the run (launcher,
+ranks, loader workers) is left."""
 
 from __future__ import annotations
 
 import io
-import os
+import re
 import shutil
-import signal
 import subprocess
 import tarfile
 import time
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import write_config
-from test_train_e2e import assert_nothing_left, start_run
+from test_train_e2e import RunOutput, assert_nothing_left, rank_process, start_run
 
 from part.data.shards import expand_shards
 
@@ -26,18 +26,11 @@ ENDS_WITHIN_S = 60
 
 
 def follow_until_exit(run: subprocess.Popen, marker: str, timeout: float = 400) -> tuple[str, float | None]:
-    """The run's output until it ends, and when `marker` appeared in it (None: never). Kills the run's process
-    group past `timeout`."""
-    lines, seen_at, deadline = [], None, time.time() + timeout
-    for line in run.stdout:
-        lines.append(line)
-        if seen_at is None and marker in line:
-            seen_at = time.time()
-        if time.time() > deadline:
-            os.killpg(run.pid, signal.SIGKILL)
-            pytest.fail("the run did not end:\n" + "".join(lines[-60:]))
-    run.wait(timeout=60)
-    return "".join(lines), seen_at
+    """The run's output once it ended, and when `marker` appeared in it (None: never). Kills the run's process
+    group and fails past `timeout`, also when the run is silent."""
+    out = RunOutput(run)
+    out.until_exit(timeout)
+    return out.text(), out.seen_at(marker)
 
 
 def poison_corpus(corpus: Path, out: Path, language: str = "en") -> list[str]:
@@ -89,4 +82,39 @@ def test_an_exception_in_a_loader_worker_ends_every_rank(corpus, tiny_models, tm
     assert run.returncode == 1, out[-4000:]
     assert "error: injected: the data code failed at sample 20 (RuntimeError in DataLoader worker process 0)" in out
     assert "Original Traceback" in out  # the worker's traceback, for the bug's author
+    assert_nothing_left(run)
+
+
+STALL_TIMEOUT_S = 20
+# launch.py, seeing the first rank fail, gives the others 30 s before SIGKILL (a stopped rank takes all of it)
+STALL_ENDS_WITHIN_S = STALL_TIMEOUT_S + 45
+
+
+@pytest.mark.extended  # about 90 s: the timeout and launch.py's 30 s before it kills the stopped rank
+def test_a_stopped_rank_ends_the_run_within_the_collective_timeout(corpus, tiny_models, tmp_path):
+    """Rank 1 is SIGSTOPped mid-training: rank 0 waits in a collective, which times out after
+    distributed.timeout_s; it names the step, the collective and the stopped rank and exits 7, launch.py kills the
+    stopped rank, and the launcher returns 7 with no process of the run left."""
+    stage = STAGE.replace("steps: 6", "steps: 40")
+    config = write_config(tmp_path / "c.yaml", corpus, tiny_models, stage)
+    run = start_run(config, "eval.per_language=0", f"distributed.timeout_s={STALL_TIMEOUT_S}")
+    out = RunOutput(run)
+    out.wait_for("[part] step 3/")
+    victim = rank_process(run, 1)
+    assert victim is not None
+    victim.suspend()  # SIGSTOP
+    stopped = time.time()
+    code = out.until_exit(STALL_ENDS_WITHIN_S + 60)
+    took = time.time() - stopped
+    text = out.text()
+    assert code == 7, text[-4000:]  # ExitCode.STALLED, passed on by launch.py and the runner
+    assert STALL_TIMEOUT_S <= took < STALL_ENDS_WITHIN_S, (took, text[-4000:])
+    # the step or the checkpoint the stop caught, and the collective when it was one of part's
+    stall = re.search(r"error: ((?:the checkpoint of )?step \d+[^:]*): (did not complete|not completed) within 20 s "
+                      r"\(distributed.timeout_s\); "
+                      r"the stalled rank: rank 1 \(pid (\d+)\) is stopped", text)
+    assert stall is not None, text[-4000:]
+    assert int(stall.group(3)) == victim.pid
+    reported = out.seen_at(stall.group(0))
+    assert STALL_TIMEOUT_S <= reported - stopped < STALL_TIMEOUT_S + 15, reported - stopped
     assert_nothing_left(run)

@@ -64,6 +64,10 @@ def test_loads_with_overrides(tmp_path, corpus, tiny_models):
         ("data.shard_retry_wait=-1", "data.shard_retry_wait: -1.0 must be >= 0 seconds"),
         ("data.shard_timeout=0", "data.shard_timeout: 0.0 must be > 0 seconds"),
         ("data.shard_retries=0", None),
+        ("distributed.timeout_s=0", "distributed.timeout_s: 0.0 must be > 0 seconds"),
+        ("distributed.timeout_s=soon", "distributed.timeout_s: expected a number, got 'soon'"),
+        ("distributed.stop_grace_s=-5", "distributed.stop_grace_s: -5.0 must be > 0 seconds (or null: derived)"),
+        ("distributed.stop_grace_s=90", None),
     ],
 )
 def test_errors_name_the_field(tmp_path, corpus, tiny_models, override, message):
@@ -169,3 +173,10 @@ def test_deepspeed_config_is_the_file_with_the_yaml_settings(tmp_path, corpus, t
     assert deepspeed_config(cfg)["gradient_accumulation_steps"] == 4
     assert deepspeed_config(cfg)["zero_optimization"]["reduce_bucket_size"] == on_disk["zero_optimization"][
         "reduce_bucket_size"]
+
+
+def test_the_collective_timeout_defaults_to_at_most_ten_minutes_and_the_grace_to_measured():
+    from part.config import TrainConfig
+
+    assert TrainConfig().distributed.timeout_s == 600.0
+    assert TrainConfig().distributed.stop_grace_s is None
