@@ -39,8 +39,8 @@ run_last() {
     local pid=$! code=0 stops=0
     trap 'stop_launched "$pid"' TERM INT HUP
     while true; do
-        wait "$pid"
-        code=$?
+        code=0
+        wait "$pid" || code=$?  # (under set -e, a `wait` that a trapped signal interrupts would end the script)
         kill -0 "$pid" 2>/dev/null || break  # a trapped signal interrupted `wait`: keep waiting for the group
     done
     trap - TERM INT HUP
