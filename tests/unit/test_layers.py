@@ -4,7 +4,8 @@ imports all count), its imports of other part modules as a graph, and the rules 
 From the bottom up (a module imports its own component and lower layers only; components of one layer not each
 other):
 
-  leaves        part, part.exit_codes, part.features, part.batch, part.prompts: import only other leaves
+  leaves        part, part.exit_codes, part.features, part.batch, part.prompts, part.embeddings: import only
+                other leaves
   packing       part.packing: how a batch's sequences are laid out for the LLM (the collator and the model use it)
   config        part.config, then part.curriculum (the pure stage schedule)
   objectives    the auxiliary objectives the model calls (part.objectives), which see it through Protocols
@@ -23,7 +24,7 @@ import pytest
 
 PART = Path(__file__).resolve().parents[2] / "part"
 
-LEAVES = ("part", "part.exit_codes", "part.features", "part.batch", "part.prompts")
+LEAVES = ("part", "part.exit_codes", "part.features", "part.batch", "part.prompts", "part.embeddings")
 LAYERS: tuple[tuple[str, ...], ...] = (
     LEAVES,
     ("part.packing",),

@@ -27,7 +27,7 @@ from part.cli import COMMANDS
 README = REPO / "README.md"
 DATA_PREP = sorted(p.stem for p in (REPO / "data_prep").glob("*.py") if "\ndef main(" in p.read_text())
 BENCH = sorted(p.name for p in (REPO / "bench").glob("*.py") if "argparse.ArgumentParser(" in p.read_text())
-CONVERT_SUBCOMMANDS = ("whisper-ct2", "whisper-llm")
+CONVERT_SUBCOMMANDS = ("whisper-ct2", "whisper-llm", "gguf-llm")
 
 
 def readme_commands(text: str) -> list[str]:
