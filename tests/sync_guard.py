@@ -1,23 +1,38 @@
 """A counter of the host synchronisations a training step would make on a GPU, measured on CPU.
 
-On a GPU, reading a device value on the host (`.item()`, `int(t)`, `bool(t)`, `.tolist()`, `.cpu()`), an op whose
-output shape depends on device values (`nonzero`, boolean-mask indexing, `masked_select`, `unique`) or a
-data-dependent check stalls the host until the device has caught up: the queue of launched kernels drains and
-the GPU idles. On CPU nothing stalls, so the count is the only way to see them. The guard counts such operations
-on tensors that are not the host's (the batch the collator made, before `Batch.to`, and what is computed from it
-alone), attributed to the code that
-asked: the innermost frame outside torch that belongs to this repository (`part`), DeepSpeed, transformers or
-peft (`other` otherwise).
+On a GPU, a call that needs a device value on the host stalls the host until the device has caught up (the queue
+of launched kernels drains and the GPU idles): reading values (`.item()`, `bool/int/float(t)`, `t.__index__()`,
+`.tolist()`, `.numpy()`), copying to host memory (`.cpu()`, `.to("cpu")`, `host.copy_(t)`), an op whose output
+shape depends on values (`nonzero`, one-argument `where`, `unique`, `masked_select`, boolean-mask indexing,
+`repeat_interleave` without `output_size`, `bincount`), a comparison answered on the host (`equal`, `allclose`,
+`if t.any():`), or waiting for the device (the accelerator's `synchronize`). On CPU nothing stalls, so counting
+them is the only way to see them. The guard counts such calls on device data, attributed to the code that asked:
+the innermost frame outside torch that belongs to this repository (`part`), DeepSpeed, transformers or peft
+(`other` otherwise).
+
+Device data is told from host data by provenance, since on CPU both live in the same memory:
+
+- the step runs on a pretend device, `SyncGuard.device` (`cpu:0`, which torch keeps apart from the host's `cpu`):
+  a tensor moved there (`t.to(device)`, as `Batch.to` does) is a new tensor, and device data;
+- a tensor made by a factory given a device (`torch.zeros(n, device=x.device)`, `torch.tensor(v, device=d)`), or
+  made inside torch's own code (a backward pass, a functional's helper), is device data; one made by the step's
+  code without a device, or in pinned memory, is host data;
+- a tensor handed to a collective is device data (NCCL takes no other);
+- what is computed from device data is device data; what is computed from host data alone is host data;
+- a tensor made before the step and not noted as host data (parameters, optimizer state, engine buffers) is
+  device data; `note_host` names host data made before the step (the collator's batch);
+- `.cpu()` and `.to("cpu")` of device data copy it to host memory (counted; the result, a view standing for the
+  copy a GPU would make, is host data); `.to()` given a `torch.device` is taken as a move within the device (on
+  CPU `x.device` is `cpu`), as is DeepSpeed's `.to("cpu")` (it names the device by its accelerator's name, `cpu`
+  on CPU, so its copies to host memory inside a step, e.g. with ZeRO-Offload, go uncounted).
 
     guard = SyncGuard()
-    with guard.step():           # counts only inside; guard.per_step holds one Counter per step
+    with guard, guard.step():    # counts only inside; guard.per_step holds one Counter per step
         with guard.paused():     # e.g. while fetching the batch
             batch = fetch()
-        guard.note_host(batch)   # the batch's tensors are host tensors: reading them is free
+        guard.note_host(batch)   # made before the step on the host: reading it is free
+        device_batch = batch.to(guard.device)
         ...
-
-Under the guard, `Batch.to` copies every tensor even to the device it is on, so the device batch is a set of
-tensors distinct from the host's (on CPU `.to("cpu")` would return the same objects).
 """
 
 from __future__ import annotations
@@ -30,57 +45,45 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 REPO = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve()
 OWNERS = (("part", (REPO / "part", REPO / "train.py", REPO / "bench")),)
 LIBRARIES = ("deepspeed", "transformers", "peft")
-# ops that read device values on the host, or whose output shape depends on them
-SYNC_OPS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::is_nonzero", "aten::equal",
-            "aten::_unique2", "aten::unique_consecutive", "aten::unique_dim", "aten::allclose"}
+PRETEND_DEVICE = torch.device("cpu", 0)
+# aten ops that read device values on the host, or whose output shape depends on them
+SYNC_OPS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::equal", "aten::allclose",
+            "aten::_unique", "aten::_unique2", "aten::unique_consecutive", "aten::unique_dim", "aten::bincount"}
 INDEX_OPS = {"aten::index", "aten::index_put", "aten::index_put_", "aten::_index_put_impl_"}  # with a bool index
+# Tensor methods that read device values without dispatching an op on CPU
+READS = {"tolist", "numpy", "__array__"}
 
 
 def _owner(frame) -> str:
     """Who asked: the innermost frame outside torch and this file that belongs to part or a known library."""
-    here = Path(__file__).resolve()
     while frame is not None:
         file = Path(frame.f_code.co_filename)
-        if file.resolve() != here:
-            parts = file.parts
-            if "torch" not in parts:
-                for name, roots in OWNERS:
-                    if any(file.resolve().is_relative_to(root) for root in roots):
-                        return name
-                for library in LIBRARIES:
-                    if library in parts:
-                        return library
+        if "torch" not in file.parts and file.resolve() != HERE:
+            for name, roots in OWNERS:
+                if any(file.resolve().is_relative_to(root) for root in roots):
+                    return name
+            for library in LIBRARIES:
+                if library in file.parts:
+                    return library
         frame = frame.f_back
     return "other"
 
 
-class _Mode(TorchDispatchMode):
-    def __init__(self, guard: SyncGuard):
-        super().__init__()
-        self.guard = guard
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = func._schema.name
-        host = self.guard.is_host(args)
-        if self.guard.counting and not host:
-            if name in SYNC_OPS or (name in INDEX_OPS and _has_bool_index(args)):
-                self.guard.count(name)
-        out = func(*args, **kwargs)
-        if host and self.guard.propagating:  # computed from host tensors alone: host data too
-            self.guard.note_host(out)
-        return out
-
-
-def _has_bool_index(args) -> bool:
-    indices = args[1] if len(args) > 1 else None
-    return isinstance(indices, (list, tuple)) and any(
-        isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices)
+def _where(frame) -> str:
+    """The innermost frame outside torch and this file, as file:line."""
+    while frame is not None:
+        file = Path(frame.f_code.co_filename)
+        if "torch" not in file.parts and file.resolve() != HERE:
+            return f"{frame.f_code.co_filename}:{frame.f_lineno}"
+        frame = frame.f_back
+    return ""
 
 
 def _tensors(value):
@@ -89,64 +92,198 @@ def _tensors(value):
     elif isinstance(value, (list, tuple)):
         for item in value:
             yield from _tensors(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
     elif dataclasses.is_dataclass(value) and not isinstance(value, type):
         for field in dataclasses.fields(value):
             yield from _tensors(getattr(value, field.name))
 
 
+class _Functions(TorchFunctionMode):
+    """Python-level calls: reads that dispatch no op on CPU, moves between host and device, factories."""
+
+    def __init__(self, guard: SyncGuard):
+        super().__init__()
+        self.guard = guard
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        guard = self.guard
+        if func in (torch.Tensor.backward, torch.autograd.backward):
+            with self:  # the mode is off while it handles a call: back on for the hooks backward runs
+                return _backward(*args, **kwargs)
+        name = getattr(func, "__name__", "")
+        tensor = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if tensor is not None and name in READS and guard.on_device(tensor):
+            guard.count(f"Tensor.{name}")
+            return func(*args, **kwargs)
+        if tensor is not None and name in ("cpu", "to"):
+            target = _move_target(name, args[1:], kwargs, guard)
+            out = func(*args, **kwargs)
+            if target is None:
+                return out
+            if target == "host" and guard.on_device(tensor):
+                guard.count(f"Tensor.{name}")
+            if out is tensor and guard.on_device(tensor) != (target == "device"):
+                out = out.view_as(out)  # on CPU the same tensor: a view stands for the copy a GPU would make
+            if target == "device":
+                guard.note_device(out)
+            else:
+                guard.note_host(out)
+            return out
+        out = func(*args, **kwargs)
+        if not any(True for _ in _tensors((args, kwargs))) and isinstance(out, torch.Tensor):  # a factory
+            if kwargs.get("device") is not None and not kwargs.get("pin_memory"):
+                guard.note_device(out)
+            else:
+                guard.note_host(out)
+        return out
+
+
+def _backward(tensors, grad_tensors=None, retain_graph=None, create_graph=False, inputs=None, gradient=None):
+    """`Tensor.backward` and `torch.autograd.backward` (which take the gradient by different names), run without
+    handing the call to torch-function modes again."""
+    from torch.autograd import _make_grads, _tensor_or_tensors_to_tuple
+    from torch.autograd.graph import _engine_run_backward
+
+    tensors = (tensors,) if isinstance(tensors, torch.Tensor) else tuple(tensors)
+    inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs or ())
+    grads = _make_grads(tensors, _tensor_or_tensors_to_tuple(gradient if gradient is not None else grad_tensors,
+                                                             len(tensors)), is_grads_batched=False)
+    return _engine_run_backward(tensors, grads, create_graph if retain_graph is None else retain_graph, create_graph,
+                                inputs, allow_unreachable=True, accumulate_grad=True)
+
+
+def _move_target(name: str, args, kwargs, guard: SyncGuard) -> str | None:
+    """Where `.cpu()` or `.to(...)` moves a tensor: "host", "device", or None (no move, or `.to(other)`).
+    `.to()` given the string "cpu" moves to host memory, except from DeepSpeed, which names the device by its
+    accelerator's name (`cpu` on CPU); a `torch.device` is the pretend device or, as `x.device` is on CPU, the
+    device."""
+    if name == "cpu":
+        return "host"
+    if isinstance(kwargs.get("other", args[0] if args else None), torch.Tensor):
+        return None
+    for value in (kwargs.get("device"), *args):
+        if isinstance(value, torch.device):
+            return "device"
+        if isinstance(value, str):
+            try:
+                device = torch.device(value)
+            except RuntimeError:  # not a device's name
+                continue
+            if device == guard.device or _owner(sys._getframe(2)) == "deepspeed":
+                return "device"
+            return "host" if device.type == "cpu" else "device"
+    return None
+
+
+class _Ops(TorchDispatchMode):
+    """aten ops: counts those that synchronise on device data, and carries provenance from inputs to outputs."""
+
+    def __init__(self, guard: SyncGuard):
+        super().__init__()
+        self.guard = guard
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        guard = self.guard
+        name = func._schema.name
+        if name.startswith("c10d::"):  # a collective: its tensors are the device's
+            guard.note_device(args, kwargs)
+            return func(*args, **kwargs)
+        inputs = list(_tensors((args, kwargs)))
+        on_device = any(guard.on_device(t) for t in inputs)
+        if name == "aten::copy_" and not guard.on_device(args[0]) and guard.on_device(args[1]):
+            guard.count(name)  # a copy into host memory
+            return func(*args, **kwargs)
+        if name in SYNC_OPS and on_device:
+            guard.count(name)
+        elif name in INDEX_OPS and _has_bool_index(args, guard):
+            guard.count(name)
+        elif name == "aten::repeat_interleave" and kwargs.get("output_size") is None and on_device:
+            guard.count(name)
+        out = func(*args, **kwargs)
+        if on_device or not inputs:  # a factory called from torch's own code (the torch-function mode notes
+            guard.note_device(out)   # the host's, called from the step's code)
+        else:
+            guard.note_host(out)
+        return out
+
+
+def _has_bool_index(args, guard: SyncGuard) -> bool:
+    indices = args[1] if len(args) > 1 else None
+    return isinstance(indices, (list, tuple)) and any(
+        isinstance(i, torch.Tensor) and i.dtype == torch.bool and guard.on_device(i) for i in indices)
+
+
 class SyncGuard:
     """Counts host synchronisations per step (see the module docstring)."""
 
-    def __init__(self):
+    def __init__(self, device: torch.device = PRETEND_DEVICE):
+        self.device = device
         self.per_step: list[Counter] = []
         self.counting = False
-        self.propagating = True
-        self.events: list[tuple[str, str, str]] = []  # (owner, op, where) of the last step, for messages
+        self.step_events: list[list[tuple[str, str, str]]] = []  # (owner, op, where) per step, for messages
         self._host: dict[int, weakref.ref] = {}  # by id, checked by identity (a freed tensor's id is reused)
-        self._mode = _Mode(self)
-        self._patched: dict[str, object] = {}
+        self._functions, self._ops = _Functions(self), _Ops(self)
+        self._patched: list[tuple[object, str]] = []
+        self._window: contextlib.ExitStack | None = None
 
     # ---- what is host data
 
     def note_host(self, *values) -> None:
-        """Tensors (also inside lists and dataclasses such as Batch) that live on the host."""
-        for value in values:
-            self._host.update((id(t), weakref.ref(t)) for t in _tensors(value))
+        """Tensors (also inside lists, dicts and dataclasses such as Batch) that hold host data."""
+        self._host.update((id(t), weakref.ref(t)) for t in _tensors(values))
 
-    def host(self, tensor: torch.Tensor) -> bool:
+    def note_device(self, *values) -> None:
+        """Tensors that hold device data."""
+        for t in _tensors(values):
+            self._host.pop(id(t), None)
+
+    def on_device(self, tensor: torch.Tensor) -> bool:
         ref = self._host.get(id(tensor))
-        return ref is not None and ref() is tensor
-
-    def is_host(self, args) -> bool:
-        tensors = list(_tensors(list(args)))
-        return bool(tensors) and all(self.host(t) for t in tensors)
+        return ref is None or ref() is not tensor
 
     # ---- counting
 
     def count(self, op: str) -> None:
-        frame = sys._getframe(2)
-        owner = _owner(frame)
-        where = ""
-        while frame is not None:
-            if "torch" not in Path(frame.f_code.co_filename).parts and Path(frame.f_code.co_filename).resolve() \
-                    != Path(__file__).resolve():
-                where = f"{frame.f_code.co_filename}:{frame.f_lineno}"
-                break
-            frame = frame.f_back
-        self.per_step[-1][owner] += 1
-        self.events.append((owner, op, where))
+        if not self.counting:
+            return
+        frame = sys._getframe(1)
+        self.per_step[-1][_owner(frame)] += 1
+        self.step_events[-1].append((_owner(frame), op, _where(frame)))
+
+    @property
+    def events(self) -> list[tuple[str, str, str]]:
+        """(owner, op, where) of each synchronisation of the last step."""
+        return self.step_events[-1] if self.step_events else []
+
+    def open(self) -> None:
+        """Starts a step: from here to `close` every host synchronisation on device data is counted."""
+        self.close()
+        self.per_step.append(Counter())
+        self.step_events.append([])
+        self._window = contextlib.ExitStack()
+        self._window.enter_context(self._functions)
+        self._window.enter_context(self._ops)
+        self.counting = True
+
+    def close(self) -> None:
+        """Ends the step `open` started, if any."""
+        if self._window is not None:
+            self.counting = False
+            window, self._window = self._window, None
+            window.close()
+            self._host.clear()
 
     @contextlib.contextmanager
     def step(self):
-        self.per_step.append(Counter())
-        self.events = []
-        self.counting = True
+        self.open()
         try:
-            with self._mode:
-                yield self
+            yield self
         finally:
-            self.counting = False
-            self._host.clear()
+            self.close()
 
     @contextlib.contextmanager
     def paused(self):
@@ -156,48 +293,27 @@ class SyncGuard:
         finally:
             self.counting = counting
 
-    # ---- reads that do not dispatch an op on CPU
+    # ---- waits for the device that are no tensor call
 
     def install(self) -> SyncGuard:
-        guard = self
+        """Counts the accelerator's `synchronize` (a no-op on CPU, a wait for the device's queue on a GPU)."""
+        from deepspeed.accelerator import get_accelerator
 
-        def reader(name):
-            original = getattr(torch.Tensor, name)
+        accelerator = get_accelerator()
+        original = accelerator.synchronize
 
-            def read(tensor, *args, **kwargs):
-                if guard.counting and not guard.host(tensor):
-                    guard.count(f"Tensor.{name}")
-                return original(tensor, *args, **kwargs)
+        def synchronize(*args, **kwargs):
+            self.count("synchronize")
+            return original(*args, **kwargs)
 
-            self._patched[name] = original
-            setattr(torch.Tensor, name, read)
-
-        for name in ("tolist", "numpy", "cpu"):
-            reader(name)
-        from part.batch import Batch
-
-        original_to = Batch.to
-
-        def copying_to(batch, device, features_dtype=None):
-            moved = original_to(batch, device, features_dtype)
-            guard.propagating = False  # the copies stand for the device's tensors
-            try:
-                return _copied(moved)
-            finally:
-                guard.propagating = True
-
-        self._patched["Batch.to"] = original_to
-        Batch.to = copying_to
+        accelerator.synchronize = synchronize
+        self._patched.append((accelerator, "synchronize"))
         return self
 
     def uninstall(self) -> None:
-        from part.batch import Batch
-
-        for name, original in self._patched.items():
-            if name == "Batch.to":
-                Batch.to = original
-            else:
-                setattr(torch.Tensor, name, original)
+        self.close()
+        for owner, name in self._patched:
+            delattr(owner, name)  # the instance attribute goes; the class's method shows again
         self._patched.clear()
 
     def __enter__(self) -> SyncGuard:
@@ -211,17 +327,3 @@ class SyncGuard:
     def worst(self, owner: str | None = None) -> int:
         """The most synchronisations one step made (by `owner`, or by all)."""
         return max((c[owner] if owner else sum(c.values()) for c in self.per_step), default=0)
-
-
-def _copied(value):
-    """`value` with every tensor in it (also inside lists and dataclasses) copied."""
-    if isinstance(value, torch.Tensor):
-        return value.clone()
-    if isinstance(value, list):
-        return [_copied(v) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_copied(v) for v in value)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.replace(value, **{f.name: _copied(getattr(value, f.name)) for f in dataclasses.fields(value)
-                                             if f.init})
-    return value

@@ -42,13 +42,35 @@ def rank_device() -> torch.device:
     return torch.device(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", 0))))
 
 
-def counting_steps(syncs: SyncGuard):
-    """Installs a StageRun.train_step that counts each step's host synchronisations, the batch fetch excluded."""
+def counting_steps(syncs: SyncGuard) -> None:
+    """Counts each training step's host synchronisations as the trainer runs the step: from the top of its loop
+    (`StepProfiler.before_step`) to the top of the next or the end of the stage, the step, the reductions over
+    ranks and the log included; the batch fetch, checkpoints and evaluations left out. Every rank's device is the
+    guard's pretend device, so that moves to it make device data (tests/sync_guard.py)."""
+    from part.evaluation.evaluator import Evaluator
+    from part.train.distributed import DistributedContext
+    from part.train.profiling import StepProfiler
     from part.train.stage import StageRun
+    from part.train.trainer import Trainer
 
-    original = StageRun.train_step
+    init = DistributedContext.init.__func__
 
-    def train_step(self, step, lr, fetch=None, callbacks=()):
+    def init_on_pretend_device(cls, device=None, **kwargs):
+        return init(cls, device or syncs.device, **kwargs)
+
+    before_step, train_until, train_step = StepProfiler.before_step, Trainer._train_until, StageRun.train_step
+
+    def opening_before_step(self, done):
+        syncs.open()
+        return before_step(self, done)
+
+    def closing_train_until(self, stage, end):
+        try:
+            return train_until(self, stage, end)
+        finally:
+            syncs.close()
+
+    def fetching_host_batches(self, step, lr, fetch=None, callbacks=()):
         source = fetch or self.next_batch
 
         def fetch_host_batch():
@@ -57,28 +79,34 @@ def counting_steps(syncs: SyncGuard):
             syncs.note_host(batch)
             return batch
 
-        with syncs.step():
-            record = original(self, step, lr, fetch_host_batch, callbacks)
-        if syncs.per_step[-1]["part"] > worst_part[0]:
-            worst_part[:] = [syncs.per_step[-1]["part"], sorted({w for o, _, w in syncs.events if o == "part"})]
-        return record
+        return train_step(self, step, lr, fetch_host_batch, callbacks)
 
-    worst_part = [0, []]
-    StageRun.train_step = train_step
-    return worst_part
+    def paused(method):
+        def call(*args, **kwargs):
+            with syncs.paused():
+                return method(*args, **kwargs)
+        return call
+
+    DistributedContext.init = classmethod(init_on_pretend_device)
+    StepProfiler.before_step, Trainer._train_until = opening_before_step, closing_train_until
+    StageRun.train_step = fetching_host_batches
+    Trainer._save_checkpoint = paused(Trainer._save_checkpoint)
+    StageRun.decoding_model, Evaluator.run = paused(StageRun.decoding_model), paused(Evaluator.run)
 
 
 def guarded_main(argv: list[str], callbacks: Sequence[TrainerCallback] = ()) -> int:
     with CollectiveGuard(rank_device()) as guard, SyncGuard() as syncs:
-        worst_part = counting_steps(syncs)
+        counting_steps(syncs)
         code = train.main(argv, callbacks=callbacks)
     print(GUARD_LINE.format(calls=guard.calls, device=guard.device), flush=True)
+    worst = max(range(len(syncs.per_step)), key=lambda i: syncs.per_step[i]["part"], default=None)
+    where = sorted({w for o, _, w in syncs.step_events[worst] if o == "part"}) if worst is not None else []
     owners = ", ".join(f"{o} {max(c[o] for c in syncs.per_step)}"
                        for o in sorted({o for c in syncs.per_step for o in c}))
     print(SYNC_LINE.format(steps=len(syncs.per_step), per_step=" ".join(f"part {c['part']} all {sum(c.values())}"
                                                                        for c in syncs.per_step),
                            part=syncs.worst("part"), all=syncs.worst(),
-                           owners=owners or "none", where=" ".join(worst_part[1]) or "none",
+                           owners=owners or "none", where=" ".join(where) or "none",
                            top=", ".join(f"{n} x {o} {op} at {w}" for (o, op, w), n in
                                          Counter(syncs.events).most_common(4)) or "none"), flush=True)
     return code

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import train_under_guard, write_config
+from test_sync_e2e import assert_bounded, part_reads
 
 pytestmark = pytest.mark.slow
 
@@ -23,6 +24,14 @@ STAGES = """\
      min_lr_ratio: 0.3, lm_loss: false}
   - {name: lora, steps: 2, tasks: {asr: 1.0}, trainable: [llm.lora], lr: 1.0e-3, warmup_steps: 0}
 """
+
+
+def frame_objective_reads(clips: int) -> int:
+    """The host synchronisations the frame objectives (`model.alignment`, `targets: span`) add to a micro-batch of
+    `clips` transcribed clips, all in part/objectives/: the clips' rows, frame and state lengths and the frame
+    vocabulary check (4), the span loss's data-dependent shapes (6), and per clip its transcript and the
+    teacher's alignment-head weights for the DTW (2)."""
+    return 10 + 2 * clips
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +61,7 @@ def test_frame_loss_memorises_clips_without_running_the_llm(corpus, tiny_models,
     overrides.append(f"model.alignment.vocabulary={vocabulary}")
     assert write_frame_vocabulary(["--config", str(config), *overrides]) == 0
     proc = train_under_guard(config, overrides)
+    assert_bounded(proc.stdout, [0, 14], 16, part_reads() + frame_objective_reads(4), libraries=None)
 
     out = tmp_path / "out"
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
@@ -96,7 +106,8 @@ def test_frame_loss_falls_for_an_llm_with_its_own_tokenizer(corpus, tiny_models,
     vocabulary = tmp_path / "frame_vocabulary.json"
     overrides.append(f"model.alignment.vocabulary={vocabulary}")
     assert write_frame_vocabulary(["--config", str(config), *overrides]) == 0
-    train_under_guard(config, overrides)
+    proc = train_under_guard(config, overrides)
+    assert_bounded(proc.stdout, [0], 12, part_reads() + frame_objective_reads(4), libraries=None)
     log = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 13))
     assert all(r["loss"] is None and math.isfinite(r["frame_loss"]) for r in log), log[:3]
