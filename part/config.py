@@ -285,6 +285,9 @@ class EvalConfig:
     per_language: int = 20
     tasks: list[str] = field(default_factory=lambda: ["asr", "s2tt"])  # of EVAL_TASKS
     max_new_tokens: int = 96
+    # > 0: a batch generates at most this many tokens per second of its longest clip (twice its longest prompt for
+    # text tasks) plus a margin, below max_new_tokens: a hypothesis that runs on stops near its clip's length
+    max_new_tokens_per_second: float = 0.0
     num_beams: int = 1
     batch_size: int = 8
     # Under ZeRO-3: each rank decodes with a full copy of the weights, gathered once per evaluation (the whole
@@ -582,6 +585,7 @@ def validate(cfg: TrainConfig, source: str | Path = "config") -> None:
     check(cfg.eval.per_language >= 0, "eval.per_language: must be >= 0")
     check(cfg.eval.every >= 0, "eval.every: must be >= 0 (0: only at the end)")
     check(cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens: must be >= 1")
+    check(cfg.eval.max_new_tokens_per_second >= 0, "eval.max_new_tokens_per_second: must be >= 0 (0: no cap)")
     check(cfg.eval.normalizer in NORMALIZERS,
           f"eval.normalizer: '{cfg.eval.normalizer}' is not one of {', '.join(NORMALIZERS)}")
     for task in cfg.eval.tasks:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -102,18 +103,33 @@ def write_evaluation(out_dir: Path, name: str, step: int, records: list[dict], p
     return rows, report
 
 
+GENERATION_MARGIN = 8  # tokens a length-capped batch may generate beyond its estimate
+
+
+def generation_budget(batch: Batch, max_new_tokens: int, per_second: float) -> int:
+    """How many tokens `batch` may generate: `per_second` tokens per second of its longest clip, or twice its
+    longest prompt for a text task, plus GENERATION_MARGIN, at most `max_new_tokens` (`per_second` 0: that)."""
+    if per_second <= 0:
+        return max_new_tokens
+    need = max((math.ceil(meta.duration * per_second) if meta.duration > 0 else 2 * len(prompt)
+                for meta, prompt in zip(batch.meta, batch.prompt_ids)), default=0)
+    return max(1, min(max_new_tokens, need + GENERATION_MARGIN))
+
+
 @torch.no_grad()
 def generate_records(model: SpeechLLM, batches: list[Batch], tokenizer, device: torch.device, dtype: torch.dtype,
                      max_new_tokens: int, num_beams: int, synced: bool,
-                     progress: Callable[[int, int], None] | None = None) -> list[dict]:
+                     progress: Callable[[int, int], None] | None = None,
+                     max_new_tokens_per_second: float = 0.0) -> list[dict]:
     """One record per real sample: its metadata and the decoded hypothesis. Padding batches yield nothing; they
-    run only when `synced` (so every rank makes the same generate calls). `progress(done, total)` after each
-    batch."""
+    run only when `synced` (so every rank makes the same generate calls, with the same length: a synced batch is
+    not length-capped). `progress(done, total)` after each batch."""
     records = []
     for done, batch in enumerate(batches, 1):
         if batch.is_padding and not synced:
             continue
-        outputs = model.generate(batch.to(device, dtype), max_new_tokens=max_new_tokens, num_beams=num_beams,
+        budget = max_new_tokens if synced else generation_budget(batch, max_new_tokens, max_new_tokens_per_second)
+        outputs = model.generate(batch.to(device, dtype), max_new_tokens=budget, num_beams=num_beams,
                                  synced_gpus=synced)
         if progress is not None:
             progress(done, len(batches))
@@ -169,7 +185,8 @@ class Evaluator:
                                                         cfg.data.row_tokens))
         records = generate_records(model, batches, self.tokenizer, dist.device, self.dtype, cfg.eval.max_new_tokens,
                                    cfg.eval.num_beams, synced=synced,
-                                   progress=EvalProgress(self.logger, step))
+                                   progress=EvalProgress(self.logger, step),
+                                   max_new_tokens_per_second=cfg.eval.max_new_tokens_per_second)
         gathered = dist.gather_objects(records)  # our own processes' hypotheses, not shard data
         rows: list[dict] = []
         if dist.is_main:

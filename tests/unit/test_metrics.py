@@ -571,3 +571,24 @@ def test_bleu_statistics_sum_to_the_corpus_bleu() -> None:
     # one row alone: 53.73 as hand-computed above; rows of a 2-D array are scored one by one
     assert metrics.bleu_from_statistics([stats[0], stats[0]]).tolist() == pytest.approx([53.73, 53.73], abs=0.01)
     assert metrics.bleu_statistics([], [], "en") == []
+
+
+def test_generation_budget_follows_the_longest_clip_or_prompt():
+    """eval.max_new_tokens_per_second: a batch's generation cap is its longest clip's seconds x the rate (twice
+    the longest prompt for text tasks) plus the margin, never above max_new_tokens; 0 keeps max_new_tokens."""
+    import torch
+
+    from part.batch import SampleMeta
+    from part.evaluation.evaluator import GENERATION_MARGIN, generation_budget
+
+    def batch(*samples):
+        metas = [SampleMeta(f"k{i}", task, "de", "en", "ref", seconds) for i, (task, seconds, _) in enumerate(samples)]
+        prompts = [torch.zeros(n, dtype=torch.long) for _, _, n in samples]
+        return type("B", (), {"meta": metas, "prompt_ids": prompts})()
+
+    speech = batch(("asr", 2.0, 20), ("s2tt", 4.5, 22))
+    assert generation_budget(speech, 96, 0.0) == 96
+    assert generation_budget(speech, 96, 6.0) == 27 + GENERATION_MARGIN  # ceil(4.5 x 6)
+    assert generation_budget(speech, 20, 6.0) == 20
+    text = batch(("mt", 0.0, 30), ("mt", 0.0, 12))
+    assert generation_budget(text, 96, 6.0) == 60 + GENERATION_MARGIN
