@@ -42,11 +42,12 @@ def short_clips(shard: Path, out: Path, max_seconds: float) -> int:
     return len(kept)
 
 
-def test_six_clips_are_memorised(corpus, tiny_models, tmp_path):
+def test_six_clips_are_memorised(corpus, tiny_gemma_models, tmp_path):
     # the fixture's first English shard holds 8 clips; the 6 under 10 s keep the steps short
     clips = tmp_path / "clips.tar"
     assert short_clips(corpus / "train" / "en-000000.tar", clips, max_seconds=10.0) == 6
-    config = write_config(tmp_path / "c.yaml", corpus, tiny_models, STAGES)
+    # The demo's LLM family (Gemma 3: scaled embeddings, a tied head, sliding-window layers), LoRA on its projections
+    config = write_config(tmp_path / "c.yaml", corpus, tiny_gemma_models, STAGES)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

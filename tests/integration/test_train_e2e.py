@@ -531,11 +531,11 @@ def test_sigterm_then_resume_matches_uninterrupted(reference, tmp_path):
 LONG_STAGE = "  - {name: s1, steps: 40, tasks: {asr: 1.0}, trainable: [adapter], lr: 1.0e-3, warmup_steps: 1}"
 
 
-def test_sigterm_to_the_deepspeed_launcher_reaches_every_rank(corpus, tiny_models, tmp_path):
+def test_sigterm_to_the_deepspeed_launcher_reaches_every_rank(corpus, tiny_gemma_models, tmp_path):
     """SIGTERM to the `deepspeed` process itself, which on one node forwards nothing to the ranks: every rank notices
     its launcher is gone, writes the checkpoint at the next step and exits 6 (launch.py reports it), the run's
-    lock is released and no process of the run is left."""
-    config = write_config(tmp_path / "c.yaml", corpus, tiny_models, LONG_STAGE)
+    lock is released and no process of the run is left. With the demo's LLM family (Gemma 3)."""
+    config = write_config(tmp_path / "c.yaml", corpus, tiny_gemma_models, LONG_STAGE)
     run = start_run(config, "eval.per_language=0")
     out = RunOutput(run)
     out.wait_for("[part] step 2/")
