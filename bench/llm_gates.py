@@ -9,10 +9,15 @@
           ASR WER/CER and S2TT BLEU through the recipe's prompts and generation settings. It bounds what stage 3
           can reach: an LLM that cannot translate a clean slot cannot translate speech.
 
+  cost    what a run spent: each stage's median seconds per step, samples and LLM target tokens per step (its
+          train_log.jsonl), and the evaluation's seconds per prompt (its progress lines, in the output of the
+          run, e.g. `bash launch/demo.sh 2>&1 | tee demo.log`).
+
 examples:
     python bench/llm_gates.py tokens --config configs/tiny_part.yaml --out docs/results/llm_gates_tokens.md
     python bench/llm_gates.py slots --config configs/tiny_part.yaml --per-language 25 \\
         --out docs/results/llm_gates_slots.md
+    python bench/llm_gates.py cost --run runs/tiny_part --log demo.log --out docs/results/llm_gates_cost.md
 """
 
 from __future__ import annotations
@@ -185,13 +190,46 @@ def slots_report(cfg, cfg_path: str, command: str, per_language: int, conditions
     return "\n".join(lines) + "\n"
 
 
+def cost_report(run: Path, log: Path | None, command: str) -> str:
+    import re
+    import statistics
+
+    steps = defaultdict(list)
+    for line in (run / "train_log.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "step_time" in record:
+            steps[record["stage"]].append(record)
+    lines = [header(str(run), command), "| stage | steps | median s / step | mean s / step | samples / step | "
+             "LLM target tokens / step | audio s / step |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for stage, records in steps.items():
+        times = [r["step_time"] for r in records]
+        lines.append(f"| {stage} | {len(records)} | {statistics.median(times):.2f} | {statistics.mean(times):.2f} | "
+                     f"{statistics.mean(r['samples'] for r in records):.1f} | "
+                     f"{statistics.mean(r['tokens'] for r in records):.0f} | "
+                     f"{statistics.mean(r['audio_seconds'] for r in records):.1f} |")
+    if log is not None:
+        # "[part] eval at step N: batch k/n on this rank, M min, eta E min": the last one is the rank's whole time
+        done = re.findall(r"eval at step \d+: batch (\d+)/(\d+) on this rank, ([\d.]+) min", log.read_text())
+        final = run / "final_hypotheses.jsonl"
+        prompts = sum(1 for _ in final.open()) if final.is_file() else 0
+        if done and prompts:
+            minutes = float(done[-1][2])
+            lines += ["", f"Evaluation: {prompts} prompts in {minutes:.1f} min on the slowest rank's clock "
+                      f"({60 * minutes / prompts:.2f} s per prompt over all ranks)."]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("tokens", "slots"):
+    for name in ("tokens", "slots", "cost"):
         p = sub.add_parser(name)
-        p.add_argument("--config", default="configs/tiny_part.yaml")
         p.add_argument("--out", type=Path, help="also write the report here")
+        if name == "cost":
+            p.add_argument("--run", type=Path, required=True, help="the run's output_dir (train_log.jsonl)")
+            p.add_argument("--log", type=Path, help="the run's captured output (evaluation progress lines)")
+            continue
+        p.add_argument("--config", default="configs/tiny_part.yaml")
         p.add_argument("overrides", nargs="*", help="config overrides, as train.py takes them")
         if name == "slots":
             p.add_argument("--per-language", type=int, default=25)
@@ -200,10 +238,16 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--batch-size", type=int, default=16)
             p.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    command = "python bench/llm_gates.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.command == "cost":
+        report = cost_report(args.run, args.log, command)
+        print(report)
+        if args.out:
+            args.out.write_text(report)
+        return 0
     from part.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    command = "python bench/llm_gates.py " + " ".join(sys.argv[1:] if argv is None else argv)
     if args.command == "tokens":
         report = tokens_report(cfg, args.config, command)
     else:
