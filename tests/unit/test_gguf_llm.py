@@ -1,5 +1,5 @@
 """The GGUF LLM converter's refusals (part/convert/gguf_llm.py, `python -m part convert gguf-llm`); the conversion
-of the real pinned package is tests/integration/test_gguf_llm.py."""
+of the real pinned package is tests/integration/test_gemma_package.py."""
 
 import subprocess
 import sys
