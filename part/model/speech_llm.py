@@ -47,6 +47,7 @@ OBJECTIVES_DIR = "objectives"  # a saved model's files of its objectives (Object
 # Where decoder-only LLMs in transformers keep the norm before their output head: Llama/Qwen/Mistral/Gemma,
 # OPT (and the Whisper-decoder stand-in), GPT-2.
 FINAL_NORM_NAMES = ("norm", "final_layer_norm", "ln_f")
+SUPPRESSED_LOGIT = -1.0e4  # the training logit of the tokens generation never emits
 
 
 @dataclasses.dataclass
@@ -127,6 +128,11 @@ class SpeechLLM(nn.Module):
         self.end_token_id = tokenizer.convert_tokens_to_ids(self.prompt_format.end_token)
         self.pad_token_id = tokenizer.pad_token_id
         self.suppressed_token_ids = suppressed_token_ids(tokenizer, self.prompt_format)
+        # The loss scores over the tokens generation may emit: a pretrained vocabulary's unused special tokens can
+        # lie next to the end token (Gemma's thousands of <unused*> rows), and a softmax over all of them could not
+        # single it out, while generation, which never emits them, needs it first among the rest.
+        self.register_buffer("suppressed_ids", torch.tensor(self.suppressed_token_ids, dtype=torch.long),
+                             persistent=False)
         # Auxiliary objectives on the adapter's frames (model.alignment), built for this model; none by default.
         self.objectives = nn.ModuleList()
         if cfg.alignment is not None:
@@ -300,6 +306,8 @@ class SpeechLLM(nn.Module):
         # no logits, which over a 152k vocabulary would be most of the step's memory.
         scored = hidden.reshape(-1, hidden.shape[-1]).index_select(0, layout.scored)
         logits = base.get_output_embeddings()(scored).float()
+        # finite: a target among them (a special token's text in a transcript) costs much, but the step stays finite
+        logits = logits.index_fill(1, self.suppressed_ids, SUPPRESSED_LOGIT)
         loss_sum = F.cross_entropy(logits, layout.targets, reduction="sum")
         tokens = layout.target_tokens
         return {"loss": loss_sum / max(tokens, 1), "loss_sum": loss_sum, "tokens": tokens}

@@ -456,3 +456,34 @@ def test_group_lr_makes_param_groups_with_their_scale(model_and_tokenizer):
     assert groups[(0.1, 0.01)]["lr"] == pytest.approx(1e-4) and groups[(1.0, 0.01)]["lr"] == 1e-3
     assert all(p.ndim < 2 for p in groups[(0.1, 0.0)]["params"])  # biases and norms: no decay
     assert len(build_optimizer(model, OptimConfig(), 1e-3).param_groups) == 2  # no group_lr: as before
+
+
+def test_the_loss_scores_over_the_tokens_generation_may_emit(model_and_tokenizer):
+    """The LM loss is the cross-entropy of a softmax over the tokens generation may emit (every token but the
+    special ones, the end token kept), so head rows of tokens it never emits change nothing: made copies of the end
+    token's row, as a pretrained vocabulary's unused tokens can nearly be, they would otherwise share its
+    probability."""
+    model, tok = model_and_tokenizer
+    batch = make_batch(tok, text_only=True)
+    layout = model.layout_of(batch)
+    suppressed = model.suppressed_ids.tolist()
+    assert model.end_token_id not in suppressed and len(suppressed) >= 3
+    assert int((layout.targets == model.end_token_id).sum()) == 3  # one end token per sample
+    with torch.no_grad():
+        inputs = model.embed(layout, model.encode(batch.input_features, batch.feature_frames))
+        loss = model.lm_loss(inputs, layout)["loss_sum"]
+        hidden = model.base_llm.get_decoder()(inputs_embeds=inputs, use_cache=False).last_hidden_state
+        logits = model.base_llm.get_output_embeddings()(hidden.reshape(-1, hidden.shape[-1])[layout.scored]).float()
+        allowed = [i for i in range(logits.shape[1]) if i not in set(suppressed)]
+        index = {token: i for i, token in enumerate(allowed)}
+        expected = torch.nn.functional.cross_entropy(logits[:, allowed], torch.tensor(
+            [index[t] for t in layout.targets.tolist()]), reduction="sum")
+        assert torch.allclose(loss, expected, rtol=1e-5)
+        head = model.base_llm.get_output_embeddings().weight
+        saved = head.detach().clone()
+        head[model.suppressed_ids] = head[model.end_token_id].clone()
+        try:
+            copied = model.lm_loss(inputs, layout)["loss_sum"]
+        finally:
+            head.copy_(saved)
+    assert torch.allclose(copied, loss, rtol=1e-6)
