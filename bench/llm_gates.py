@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
-import subprocess
 import sys
 import time
 from collections import Counter, defaultdict
@@ -54,10 +54,8 @@ def records(shard_glob: str, language: str) -> list[dict]:
 
 
 def header(cfg_path: str, command: str) -> str:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip()
-    return (f"Run {date.today().isoformat()} on commit {commit or 'unknown'}, {platform.node()} "
-            f"({platform.processor() or platform.machine()}), recipe `{cfg_path}`:\n\n```bash\n{command}\n```\n")
+    return (f"Run {date.today().isoformat()} on {platform.node()} ({platform.processor() or platform.machine()}, "
+            f"{os.cpu_count()} cores), recipe `{cfg_path}`:\n\n```bash\n{command}\n```\n")
 
 
 def tokens_report(cfg, cfg_path: str, command: str) -> str:
@@ -199,8 +197,10 @@ def cost_report(run: Path, log: Path | None, command: str) -> str:
         record = json.loads(line)
         if "step_time" in record:
             steps[record["stage"]].append(record)
-    lines = [header(str(run), command), "| stage | steps | median s / step | mean s / step | samples / step | "
-             "LLM target tokens / step | audio s / step |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"Read {date.today().isoformat()} from the run directory `{run}` (the run's own code and machine: see the "
+             f"text around this report):\n\n```bash\n{command}\n```\n",
+             "| stage | steps | median s / step | mean s / step | samples / step | LLM target tokens / step | "
+             "audio s / step |", "|---|---:|---:|---:|---:|---:|---:|"]
     for stage, records in steps.items():
         times = [r["step_time"] for r in records]
         lines.append(f"| {stage} | {len(records)} | {statistics.median(times):.2f} | {statistics.mean(times):.2f} | "
