@@ -171,18 +171,21 @@ def _gguf_llm(args: argparse.Namespace) -> int:
             print(f"error: --chat-template: {args.chat_template} not found", file=sys.stderr)
             return ExitCode.BAD_INPUT
         template = args.chat_template.read_text()
+    assembled = args.out / "gguf" / GGUF_NAME
     try:
-        src = args.src
-        if args.from_packages:
-            src = gguf_from_package(args.package or DEFAULT_PACKAGE, args.out / "gguf" / GGUF_NAME)
+        src = gguf_from_package(args.package or DEFAULT_PACKAGE, assembled) if args.from_packages else args.src
         convert_gguf_llm(src, args.out, template, log=lambda m: print(f"[gguf-llm] {m}", file=sys.stderr,
                                                                      flush=True))
     except GGUFSourceError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return ExitCode.BAD_INPUT
-    if args.from_packages:  # the reassembled file is no longer needed
-        (args.out / "gguf" / GGUF_NAME).unlink(missing_ok=True)
-        (args.out / "gguf").rmdir()
+    except ValueError as exc:  # transformers' refusal of an architecture or tensor it cannot read
+        print(f"error: {src}: {exc}", file=sys.stderr)
+        return ExitCode.BAD_INPUT
+    finally:  # the reassembled file is not needed once read, nor left behind by a failure
+        if args.from_packages and assembled.parent.is_dir():
+            assembled.unlink(missing_ok=True)
+            assembled.parent.rmdir()
     return ExitCode.OK
 
 
