@@ -9,6 +9,13 @@
           ASR WER/CER and S2TT BLEU through the recipe's prompts and generation settings. It bounds what stage 3
           can reach: an LLM that cannot translate a clean slot cannot translate speech.
 
+  turns   the frozen LLM's text translation under one or more chat templates (`--chat-template`, repeatable; the
+          LLM's own by default), on held-out sentences: the log-probability of the template's end-of-turn token
+          after the reference reply (teacher-forced), the share of greedy replies that end with it, and their BLEU.
+          The LoRA stages must teach the LLM to end its turn; a token it gives a log-probability near -20 (an
+          instruction model's marker in a base model, a row it never trained) is one it learns slowly or not at
+          all, and a reply that does not end runs to the length cap.
+
   cost    what a run spent: each stage's median seconds per step, samples and LLM target tokens per step (its
           train_log.jsonl), and the evaluation's seconds per prompt (its progress lines, in the output of the
           run, e.g. `bash launch/demo.sh 2>&1 | tee demo.log`).
@@ -17,6 +24,9 @@ examples:
     python bench/llm_gates.py tokens --config configs/tiny_part.yaml --out docs/results/llm_gates_tokens.md
     python bench/llm_gates.py slots --config configs/tiny_part.yaml --per-language 25 \\
         --out docs/results/llm_gates_slots.md
+    python bench/llm_gates.py turns --config configs/tiny_part.yaml \\
+        --chat-template configs/chat_templates/gemma.jinja --chat-template configs/chat_templates/base_model.jinja \\
+        --out docs/results/llm_gates_turns.md
     python bench/llm_gates.py cost --run runs/tiny_part --log demo.log --out docs/results/llm_gates_cost.md
 """
 
@@ -188,6 +198,67 @@ def slots_report(cfg, cfg_path: str, command: str, per_language: int, conditions
     return "\n".join(lines) + "\n"
 
 
+def turns_report(cfg, cfg_path: str, command: str, templates: list[Path | None], per_language: int,
+                 batch_size: int, max_new_tokens: int) -> str:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from part.evaluation.metrics import bleu
+    from part.model.tokenizer import load_tokenizer
+    from part.prompts import PromptFormat
+
+    tokenizer = load_tokenizer(cfg.model.llm.tokenizer or cfg.model.llm.pretrained)
+    own = tokenizer.chat_template
+    llm = AutoModelForCausalLM.from_pretrained(cfg.model.llm.pretrained, dtype=torch.float32).eval()
+    target = cfg.stages[-1].translation_targets[0] if cfg.stages[-1].translation_targets else "en"
+    pairs = [(language, r["transcript"], r["translations"][target])
+             for language in cfg.data.languages if language != target
+             for r in records(cfg.data.eval_shards, language)[:per_language] if target in r.get("translations", {})]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    lines = [header(cfg_path, command),
+             f"The frozen LLM `{cfg.model.llm.pretrained}` translates the first {per_language} held-out sentences "
+             f"per language into {target} from text (the `mt` task's prompt), under each chat template. "
+             "`log p(end)`: the mean log-probability of the template's end-of-turn token right after the reference "
+             "translation (teacher-forced); `ended`: the share of greedy replies that write it within "
+             f"{max_new_tokens} tokens; BLEU of the replies cut at the end token (or at the cap).", "",
+             "| chat template | end token | log p(end) | ended | BLEU | s |", "|---|---|---:|---:|---:|---:|"]
+    examples = []
+    for template in templates:
+        tokenizer.chat_template = own if template is None else template.read_text()
+        fmt = PromptFormat.from_tokenizer(tokenizer)
+        end_id = tokenizer.convert_tokens_to_ids(fmt.end_token)
+        started, logps, hypotheses, ended = time.time(), [], [], 0
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start:start + batch_size]
+            prompts = [tokenizer(fmt.prompt("mt", language, target, source), add_special_tokens=False)["input_ids"]
+                       for language, source, _ in chunk]
+            with torch.no_grad():
+                for prompt, (_, _, reference) in zip(prompts, chunk):
+                    reply = tokenizer(reference, add_special_tokens=False)["input_ids"]
+                    logits = llm(torch.tensor([prompt + reply])).logits[0, -1]
+                    logps.append(float(logits.log_softmax(-1)[end_id]))
+                width = max(map(len, prompts))
+                ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])  # left padding
+                mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(p) for p in prompts])[:, None])
+                out = llm.generate(input_ids=ids, attention_mask=mask.long(), max_new_tokens=max_new_tokens,
+                                   do_sample=False, eos_token_id=[end_id], pad_token_id=pad_id)
+            for row in out[:, width:].tolist():
+                ended += end_id in row
+                row = row[:row.index(end_id)] if end_id in row else row
+                hypotheses.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+            print(f"[turns] {template or 'own template'}: {start + len(chunk)}/{len(pairs)}", file=sys.stderr,
+                  flush=True)
+        score = bleu([p[2] for p in pairs], hypotheses, target)["score"]
+        name = "the LLM's own" if template is None else f"`{template}`"
+        lines.append(f"| {name} | `{fmt.end_token}` | {sum(logps) / len(logps):.2f} | {ended}/{len(pairs)} | "
+                     f"{score:.2f} | {time.time() - started:.0f} |")
+        examples.append((name, hypotheses[0]))
+    tokenizer.chat_template = own
+    lines += ["", f"The first reply under each template (reference: `{pairs[0][2][:150]}`):", ""]
+    lines += [f"- {name}: `{hypothesis[:150]!r}`" for name, hypothesis in examples]
+    return "\n".join(lines) + "\n"
+
+
 def cost_report(run: Path, log: Path | None, command: str) -> str:
     import re
     import statistics
@@ -222,7 +293,7 @@ def cost_report(run: Path, log: Path | None, command: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("tokens", "slots", "cost"):
+    for name in ("tokens", "slots", "turns", "cost"):
         p = sub.add_parser(name)
         p.add_argument("--out", type=Path, help="also write the report here")
         if name == "cost":
@@ -237,6 +308,12 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--deletion", type=float, default=0.4)
             p.add_argument("--batch-size", type=int, default=16)
             p.add_argument("--seed", type=int, default=0)
+        if name == "turns":
+            p.add_argument("--chat-template", type=Path, action="append", default=[],
+                           help="a Jinja chat template file (repeatable); default: the LLM's own")
+            p.add_argument("--per-language", type=int, default=20)
+            p.add_argument("--batch-size", type=int, default=8)
+            p.add_argument("--max-new-tokens", type=int, default=80)
     args = parser.parse_args(argv)
     command = "python bench/llm_gates.py " + " ".join(sys.argv[1:] if argv is None else argv)
     if args.command == "cost":
@@ -250,6 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.command == "tokens":
         report = tokens_report(cfg, args.config, command)
+    elif args.command == "turns":
+        report = turns_report(cfg, args.config, command, args.chat_template or [None], args.per_language,
+                              args.batch_size, args.max_new_tokens)
     else:
         conditions = [c for c in args.conditions.split(",") if c]
         unknown = sorted(set(conditions) - set(SLOT_CONDITIONS))

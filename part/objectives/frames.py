@@ -93,6 +93,8 @@ class FrameAlignment(Objective):
             self.register_buffer("token_ids", None, persistent=False)  # class -> token id: the identity
             self.register_buffer("class_of_token", None, persistent=False)
             self.blank = self.blank_token
+            self.register_buffer("readout_token_ids", None, persistent=False)
+            self.readout_blank = self._readout_blank(tokenizer)
             self.rows_from_embeddings = False
             self._pieces = None
             self.vocabulary_ids = None
@@ -106,6 +108,10 @@ class FrameAlignment(Objective):
         self.register_buffer("token_ids", token_ids, persistent=False)
         self.register_buffer("class_of_token", class_of_token, persistent=False)
         self.blank = ids.index(self.blank_token)
+        self.readout_blank = self._readout_blank(tokenizer)
+        readout_ids = token_ids.clone()  # what the readout mixes for each class: its token, the blank's stand-in
+        readout_ids[self.blank] = self.readout_blank
+        self.register_buffer("readout_token_ids", readout_ids, persistent=False)
         # The rows of a tied head are the embedding module's (ZeRO-3 gathers them through its call), its output
         # divided by the factor a scaled embedding (Gemma's) multiplies it by; any other head runs whole, its
         # logits then cut to the classes (correct, not faster).
@@ -113,6 +119,20 @@ class FrameAlignment(Objective):
         self.rows_from_embeddings = (isinstance(embeddings, nn.Embedding) and head.weight is embeddings.weight
                                      and getattr(head, "bias", None) is None)
         self.embedding_scale = embedding_scale(embeddings) if self.rows_from_embeddings else 1.0
+
+    def _readout_blank(self, tokenizer) -> int:
+        """The token whose embedding the readout gives the blank class (`readout.blank_as`; the blank itself when
+        unset)."""
+        text = self.cfg.readout.blank_as if self.cfg.readout is not None else None
+        if text is None:
+            return self.blank_token
+        if tokenizer is None:
+            raise ValueError("model.alignment.readout.blank_as: the LLM's tokenizer is needed to read it")
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise ValueError(f"model.alignment.readout.blank_as: {text!r} is {len(ids)} tokens of the LLM's "
+                             "tokenizer, not one")
+        return ids[0]
 
     # ---------------------------------------------------------------- the frame classes
 
@@ -183,6 +203,15 @@ class FrameAlignment(Objective):
         """The token id of each class."""
         return classes if self.token_ids is None else self.token_ids[classes]
 
+    def readout_tokens_of(self, classes: torch.Tensor) -> torch.Tensor:
+        """The token whose embedding the readout mixes for each class: its own, the blank's stand-in for the
+        blank."""
+        if self.readout_token_ids is not None:
+            return self.readout_token_ids[classes]
+        if self.readout_blank == self.blank_token:
+            return classes
+        return classes.masked_fill(classes == self.blank_token, self.readout_blank)
+
     def logits(self, model: SpeechLLM, frames: torch.Tensor) -> torch.Tensor:
         """The frames through the LLM's final norm and output head, over the frame classes."""
         # Without the norm the logits scale with the adapter's output norm (token-embedding scale, ~1), and the
@@ -211,7 +240,7 @@ class FrameAlignment(Objective):
             return encoded.audio
         top, classes = logits.topk(min(READOUT_TOP_K, logits.shape[-1]), dim=-1)
         weights = (top / self.cfg.readout.temperature).softmax(-1)
-        embeddings = model.llm.get_input_embeddings()(self.tokens_of(classes))  # [B, N, k, H]
+        embeddings = model.llm.get_input_embeddings()(self.readout_tokens_of(classes))  # [B, N, k, H]
         return (weights.to(embeddings.dtype).unsqueeze(-1) * embeddings).sum(-2)
 
     def losses(self, model: SpeechLLM, encoded: EncodedAudio, batch: Batch) -> dict[str, tuple[float, torch.Tensor]]:

@@ -9,6 +9,7 @@ import json
 import random
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +22,8 @@ from part.data.samples import encode_text, make_sample
 from part.model.speech_llm import SpeechLLM
 from part.model.tokenizer import load_tokenizer
 from part.prompts import AUDIO_TOKEN, CHATML, TURN_END, TURN_START, PromptFormat, instruction
+
+REPO = Path(__file__).resolve().parents[2]
 
 # Modelled on the families' published templates (tools, multimodal content and dates left out).
 QWEN2_TEMPLATE = (
@@ -78,7 +81,13 @@ GEMMA = Family(
     ("<start_of_turn>", "<end_of_turn>"), "<end_of_turn>", "<start_of_turn>",
     "<bos><start_of_turn>user\n<|audio|>\nTranscribe the German audio.<end_of_turn>\n<start_of_turn>model\n",
 )
-FAMILIES = [QWEN2, LLAMA3, GEMMA]
+# The shipped template for base models (the demo's Gemma 3 270M): plain text, the reply closed by <eos>.
+BASE = Family(
+    "base", (REPO / "configs" / "chat_templates" / "base_model.jinja").read_text(),
+    {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"}, (), "<eos>", "<bos>",
+    "<bos><|audio|>\nTranscribe the German audio.\n\n",
+)
+FAMILIES = [QWEN2, LLAMA3, GEMMA, BASE]
 
 
 def byte_tokenizer(special: dict, extra: tuple[str, ...], template: str | None):
@@ -107,9 +116,9 @@ def save_llm(family: Family, out) -> None:
     shape = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512)
     classes = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM),
-               "gemma": (GemmaConfig, GemmaForCausalLM)}
+               "gemma": (GemmaConfig, GemmaForCausalLM), "base": (GemmaConfig, GemmaForCausalLM)}
     config_class, model_class = classes[family.name]
-    config = config_class(**shape, head_dim=16) if family.name == "gemma" else config_class(**shape)
+    config = config_class(**shape, head_dim=16) if config_class is GemmaConfig else config_class(**shape)
     torch.manual_seed(0)
     model_class(config).save_pretrained(out)
 
@@ -160,7 +169,8 @@ def test_tokenizer_keeps_the_template_tokens_and_adds_only_the_placeholder(famil
         assert TURN_START not in tok.get_vocab() and TURN_END not in tok.get_vocab()
     prompt_ids = tok(family.asr_prompt, add_special_tokens=False)["input_ids"]
     assert prompt_ids.count(tok.convert_tokens_to_ids(AUDIO_TOKEN)) == 1
-    assert model.end_token_id == tok.convert_tokens_to_ids(family.end) != tok.eos_token_id
+    assert model.end_token_id == tok.convert_tokens_to_ids(family.end)
+    assert (model.end_token_id == tok.eos_token_id) == (family is BASE)  # a chat model's turn ends before its text
     for token in (family.end, family.header):
         assert len(tok(token, add_special_tokens=False)["input_ids"]) == 1
 

@@ -18,6 +18,7 @@ from part.config import (
     ReadoutConfig,
 )
 from part.model.speech_llm import EncodedAudio, SpeechLLM
+from part.objectives.frame_vocabulary import write_frame_vocabulary
 from part.objectives.frames import LOGITS, FrameAlignment, span_frame_loss
 from part.objectives.whisper_align import TokenTiming
 
@@ -182,6 +183,51 @@ def test_vocabulary_readout_is_the_embeddings_of_the_frames_likely_tokens(aligne
         assert torch.allclose(warm, expected, atol=1e-5)
         assert torch.equal(lengths, plain.lengths)
         assert torch.allclose(plain.audio, plain.frames)  # without the plug-in the LLM reads the frames
+
+
+def test_readout_reads_the_blank_as_the_token_blank_as_names(aligned, tmp_path):
+    """readout.blank_as: where a frame's posterior is on the blank, the LLM reads the named token's embedding in
+    the blank's place (the frame classes and their scores are unchanged); over the whole vocabulary and over a
+    frame vocabulary alike. A text of more than one token is refused, naming the field."""
+    model, tok, use = aligned
+    batch = make_batch(tok)
+    blank = model.pad_token_id
+    stand_in = tok(" ", add_special_tokens=False)["input_ids"]
+    assert len(stand_in) == 1 and stand_in[0] != blank
+    embeddings = model.llm.get_input_embeddings().weight
+
+    def read(objective, logits):  # the readout of these frame scores
+        objective.logits = lambda *_: logits
+        return model.encode_audio(batch.input_features, batch.feature_frames)[0]
+
+    with torch.no_grad():
+        plain = use(readout=ReadoutConfig(temperature=1.0))
+        logits = plain.logits(model, model.encode(batch.input_features, batch.feature_frames).frames).clone()
+        peak = logits.max(-1).values
+        logits[:, ::2, blank] = peak[:, ::2] + 30.0  # every other frame a blank one, the blank second on the rest
+        logits[:, 1::2, stand_in[0] + 1] = peak[:, 1::2] + 2.0
+        logits[:, 1::2, blank] = peak[:, 1::2] + 1.0
+        top, ids = logits.topk(16, dim=-1)
+        weights = top.softmax(-1)[..., None]
+        assert (ids[..., :2] == blank).any(-1).all()
+        before = read(plain, logits)
+        after = read(use(readout=ReadoutConfig(temperature=1.0, blank_as=" ")), logits)
+        assert torch.allclose(before, (weights * embeddings[ids]).sum(-2), atol=1e-5)
+        swapped = ids.masked_fill(ids == blank, stand_in[0])
+        assert torch.allclose(after, (weights * embeddings[swapped]).sum(-2), atol=1e-5)
+        assert not torch.allclose(after, before)
+        # a frame vocabulary: the same stand-in, through the class -> token table
+        vocabulary = tmp_path / "vocabulary.json"
+        write_frame_vocabulary(vocabulary, sorted(set(ids.flatten().tolist()) | {blank}))
+        limited = use(vocabulary=str(vocabulary), readout=ReadoutConfig(temperature=1e-4, blank_as=" "))
+        classes = logits[..., limited.token_ids]
+        cold = read(limited, classes)
+        winner = limited.tokens_of(classes.argmax(-1))
+        assert (winner[:, ::2] == blank).all() and (winner[:, 1::2] != blank).all()
+        assert torch.allclose(cold[:, ::2], embeddings[stand_in[0]].expand_as(cold[:, ::2]), atol=1e-4)
+        assert torch.allclose(cold[:, 1::2], embeddings[winner[:, 1::2]], atol=1e-4)
+    with pytest.raises(ValueError, match=r"model\.alignment\.readout\.blank_as: 'Guten Tag' is \d+ tokens"):
+        use(readout=ReadoutConfig(blank_as="Guten Tag"))
 
 
 def test_greedy_reading_merges_repeats_drops_blanks_and_stops_at_each_clips_length(aligned, monkeypatch):
