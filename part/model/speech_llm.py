@@ -270,10 +270,24 @@ class SpeechLLM(nn.Module):
         length = segments.shape[1]
         causal = torch.ones(length, length, dtype=torch.bool, device=segments.device).tril()
         mask = ((segments[:, :, None] == segments[:, None, :]) & causal)[:, None]  # padding attends to padding
-        if self.cfg.attn_implementation == "eager":  # an additive mask
+        masks = {"full_attention": mask}
+        if window := self.sliding_window:  # those layers see only the last `window` positions (Gemma 2/3)
+            masks["sliding_attention"] = mask & torch.ones_like(causal).triu(1 - window)
+        if self.cfg.attn_implementation == "eager":  # additive masks
             dtype = self.llm.get_input_embeddings().weight.dtype
-            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-        return dict(attention_mask=mask, position_ids=layout.position_ids)
+            masks = {kind: torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(~m, torch.finfo(dtype).min)
+                     for kind, m in masks.items()}
+        # A model with sliding-window layers takes a mask per kind of layer; it would give one mask to every layer
+        return dict(attention_mask=masks if len(masks) > 1 else masks["full_attention"],
+                    position_ids=layout.position_ids)
+
+    @property
+    def sliding_window(self) -> int | None:
+        """The window of the LLM's sliding-window attention layers; None when it has none."""
+        config = self.base_llm.config
+        if "sliding_attention" not in (getattr(config, "layer_types", None) or ()):
+            return None
+        return getattr(config, "sliding_window", None)
 
     def assemble(self, batch: Batch) -> tuple[torch.Tensor, SequenceLayout]:
         """The input embeddings of the batch's training layout, and the layout."""

@@ -113,6 +113,31 @@ def test_packed_and_unpacked_give_the_same_loss_and_gradients(tiny_models):
             torch.testing.assert_close(packed_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_packed_rows_keep_the_sliding_window_of_gemma_layers(tiny_gemma_models, attn_implementation):
+    """Gemma 3's sliding-window layers see only the last `sliding_window` positions: a packed row gives them their
+    own block-causal mask with that window (one mask for every layer would let them see further than the model
+    was trained to), so packed and unpacked give the same loss on samples longer than the window."""
+    cfg = ModelConfig(encoder=EncoderConfig(pretrained=str(tiny_gemma_models / "whisper")),
+                      adapter=AdapterConfig(hidden=64, layers=1, heads=4),
+                      llm=LLMConfig(pretrained=str(tiny_gemma_models / "llm")), attn_implementation=attn_implementation)
+    tok = load_tokenizer(str(tiny_gemma_models / "llm"))
+    torch.manual_seed(0)
+    model = SpeechLLM(cfg, tok).eval()
+    window = model.sliding_window
+    batch = make_batch(tok, frames=(300, 180, 120, 60), text_only=True)
+    losses = []
+    for spec in (model.layout_spec(packed=False, length_multiple=1), model.layout_spec(row_tokens=4096)):
+        laid = with_layouts(batch, spec)
+        with torch.no_grad():
+            losses.append(model(laid)["loss"])
+        if spec.packed:
+            assert laid.layout.shape[0] == 1
+        else:
+            assert window is not None and laid.layout.shape[1] > window  # the window cuts the longest sample
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+
+
 def test_valid_length_does_not_depend_on_the_batch(model_and_tokenizer):
     """A clip gets as many audio embeddings alone as when batched with a longer clip."""
     model, tok = model_and_tokenizer
