@@ -246,6 +246,9 @@ class CheckpointConfig:
     dir: str = "runs/default/checkpoints"
     every: int = 100
     keep: int = 2
+    # Never prune the checkpoint written at the end of each stage (beyond `keep`): a later stage can be trained
+    # again from it with other settings (copy it into a new checkpoint.dir, change the later stages, --resume).
+    keep_stage_ends: bool = False
     # Only the weights the run may have changed, in the training dtype: those read from a pretrained directory
     # that no stage so far has trained are referenced there (with their files' SHA-256) instead of written.
     # false: every weight. Free to change on resume (each checkpoint says what it holds).

@@ -130,10 +130,13 @@ def written_keys(model: SpeechLLM, left: Sequence[PretrainedPart]) -> list[str]:
 
 
 class Checkpointer:
-    def __init__(self, root: str | Path, dist: DistributedContext | None, keep: int = 2):
-        """`dist`: the ranks' collectives (None: one process, no process group)."""
+    def __init__(self, root: str | Path, dist: DistributedContext | None, keep: int = 2,
+                 kept_steps: Sequence[int] = ()):
+        """`dist`: the ranks' collectives (None: one process, no process group). `kept_steps`: the steps whose
+        checkpoints pruning never removes (the stages' ends, with checkpoint.keep_stage_ends)."""
         self.root = Path(root)
         self.dist, self.keep = dist, keep
+        self.kept_steps = frozenset(kept_steps)
         self.rank, self.world_size = (dist.rank, dist.world_size) if dist is not None else (0, 1)
 
     def _barrier(self) -> None:
@@ -254,8 +257,10 @@ class Checkpointer:
         return self.latest()
 
     def _prune(self, keep_also: Path) -> None:
-        """Keeps the newest `keep` checkpoints by step number, and always `keep_also` (the one just written)."""
-        for old in self.complete()[: -self.keep]:
+        """Keeps the newest `keep` checkpoints by step number, those of `kept_steps`, and always `keep_also` (the
+        one just written)."""
+        prunable = [p for p in self.complete() if step_of(p) not in self.kept_steps]
+        for old in prunable[: -self.keep]:
             if old != keep_also:
                 shutil.rmtree(old, ignore_errors=True)
         for stale in self.root.glob("step_*.partial"):

@@ -102,7 +102,8 @@ class Trainer:
                              "use precision: fp32 with an fp32 DeepSpeed config such as ds_configs/zero3_cpu.json")
         self.tokenizer = load_tokenizer(cfg.model.llm.tokenizer or cfg.model.llm.pretrained)
         self.curriculum = Curriculum(cfg.stages)
-        self.checkpointer = Checkpointer(cfg.checkpoint.dir, self.dist, keep=cfg.checkpoint.keep)
+        stage_ends = [span.end for span in self.curriculum.spans] if cfg.checkpoint.keep_stage_ends else []
+        self.checkpointer = Checkpointer(cfg.checkpoint.dir, self.dist, keep=cfg.checkpoint.keep, kept_steps=stage_ends)
         self.logger = RunLogger(cfg, self.dist.rank, self.dist.world_size,
                                 peak_flops=peak_flops(self.dist.device, cfg.precision))
         self.evaluator = Evaluator(cfg, self.tokenizer, self.dist, features_dtype(cfg), self.logger)

@@ -210,6 +210,15 @@ def test_latest_and_pruning_go_by_step_number(tmp_path, model_and_tokenizer):
     assert [p.name for p in ck.complete()] == ["step_0000010", "step_0000011"]
 
 
+def test_stage_end_checkpoints_outlive_pruning(tmp_path, model_and_tokenizer):
+    """checkpoint.keep_stage_ends: the checkpoints at the stages' ends are never pruned, the others as before."""
+    model, tok = model_and_tokenizer
+    ck = Checkpointer(tmp_path / "ck", None, keep=2, kept_steps=[10, 20])
+    for step in (5, 10, 15, 20, 25, 30):
+        ck.save(FakeEngine(), model, tok, step, {"engine_stage": 0, "stage": "s1"}, {})
+    assert [p.name for p in ck.complete()] == ["step_0000010", "step_0000020", "step_0000025", "step_0000030"]
+
+
 # ---------------------------------------------------------------- lean checkpoints: weights referenced by source
 
 STAGES = [StageConfig(name="s1", steps=1, trainable=["adapter"]),
