@@ -277,7 +277,7 @@ class SpeechLLM(nn.Module):
             dtype = self.llm.get_input_embeddings().weight.dtype
             masks = {kind: torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(~m, torch.finfo(dtype).min)
                      for kind, m in masks.items()}
-        # A model with sliding-window layers takes a mask per kind of layer; it would give one mask to every layer
+        # A model with sliding-window layers takes a mask per kind of layer (given one, it applies it to all)
         return dict(attention_mask=masks if len(masks) > 1 else masks["full_attention"],
                     position_ids=layout.position_ids)
 
