@@ -64,6 +64,8 @@ def test_loads_with_overrides(tmp_path, corpus, tiny_models):
         ("data.shard_retry_wait=-1", "data.shard_retry_wait: -1.0 must be >= 0 seconds"),
         ("data.shard_timeout=0", "data.shard_timeout: 0.0 must be > 0 seconds"),
         ("data.shard_retries=0", None),
+        ("model.alignment.readout.blank_as=''", "model.alignment.readout.blank_as: a text of one token"),
+        ("checkpoint.keep_stage_ends=true", None),
         ("distributed.timeout_s=0", "distributed.timeout_s: 0.0 must be > 0 seconds"),
         ("distributed.timeout_s=soon", "distributed.timeout_s: expected a number, got 'soon'"),
         ("distributed.stop_grace_s=-5", "distributed.stop_grace_s: -5.0 must be > 0 seconds (or null: derived)"),
