@@ -63,6 +63,22 @@ def records(shard_glob: str, language: str) -> list[dict]:
     return out
 
 
+def translation_target(cfg) -> str:
+    """The language the recipe's last stage translates into (English when it names none)."""
+    targets = cfg.stages[-1].translation_targets
+    return targets[0] if targets else "en"
+
+
+def left_padded(rows: list[list[int]], pad_id: int):
+    """The token id rows padded on the left to one width, for batched generation, and their attention mask."""
+    import torch
+
+    width = max(map(len, rows))
+    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows])
+    mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(r) for r in rows])[:, None]).long()
+    return ids, mask
+
+
 def header(cfg_path: str, command: str) -> str:
     return (f"Run {date.today().isoformat()} on {platform.node()} ({platform.processor() or platform.machine()}, "
             f"{os.cpu_count()} cores), recipe `{cfg_path}`:\n\n```bash\n{command}\n```\n")
@@ -134,7 +150,7 @@ def slots_report(cfg, cfg_path: str, command: str, per_language: int, conditions
     settings = skeleton.generation_settings()
     fmt, audio_id = skeleton.prompt_format, tokenizer.convert_tokens_to_ids(AUDIO_TOKEN)
     end_id, pad_id = skeleton.end_token_id, tokenizer.pad_token_id
-    target = cfg.stages[-1].translation_targets[0] if cfg.stages[-1].translation_targets else "en"
+    target = translation_target(cfg)
     rng = random.Random(seed)
     samples = []  # (condition, task, language, reference, prompt ids)
     for language in cfg.data.languages:
@@ -153,11 +169,9 @@ def slots_report(cfg, cfg_path: str, command: str, per_language: int, conditions
     with torch.no_grad():
         for start in range(0, len(samples), batch_size):
             chunk = samples[start:start + batch_size]
-            width = max(len(s[4]) for s in chunk)
-            ids = torch.tensor([[pad_id] * (width - len(s[4])) + s[4] for s in chunk])  # left padding
-            mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(s[4]) for s in chunk])[:, None]).long()
+            ids, mask = left_padded([s[4] for s in chunk], pad_id)
             out = llm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=96, **settings)
-            for row in out[:, width:].tolist():
+            for row in out[:, ids.shape[1]:].tolist():
                 row = row[:row.index(end_id)] if end_id in row else row
                 hypotheses.append(tokenizer.decode(row, skip_special_tokens=True).strip())
             done = start + len(chunk)
@@ -210,7 +224,7 @@ def turns_report(cfg, cfg_path: str, command: str, templates: list[Path | None],
     tokenizer = load_tokenizer(cfg.model.llm.tokenizer or cfg.model.llm.pretrained)
     own = tokenizer.chat_template
     llm = AutoModelForCausalLM.from_pretrained(cfg.model.llm.pretrained, dtype=torch.float32).eval()
-    target = cfg.stages[-1].translation_targets[0] if cfg.stages[-1].translation_targets else "en"
+    target = translation_target(cfg)
     pairs = [(language, r["transcript"], r["translations"][target])
              for language in cfg.data.languages if language != target
              for r in records(cfg.data.eval_shards, language)[:per_language] if target in r.get("translations", {})]
@@ -237,12 +251,10 @@ def turns_report(cfg, cfg_path: str, command: str, templates: list[Path | None],
                     reply = tokenizer(reference, add_special_tokens=False)["input_ids"]
                     logits = llm(torch.tensor([prompt + reply])).logits[0, -1]
                     logps.append(float(logits.log_softmax(-1)[end_id]))
-                width = max(map(len, prompts))
-                ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])  # left padding
-                mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(p) for p in prompts])[:, None])
-                out = llm.generate(input_ids=ids, attention_mask=mask.long(), max_new_tokens=max_new_tokens,
+                ids, mask = left_padded(prompts, pad_id)
+                out = llm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                    do_sample=False, eos_token_id=[end_id], pad_token_id=pad_id)
-            for row in out[:, width:].tolist():
+            for row in out[:, ids.shape[1]:].tolist():
                 ended += end_id in row
                 row = row[:row.index(end_id)] if end_id in row else row
                 hypotheses.append(tokenizer.decode(row, skip_special_tokens=True).strip())
@@ -290,6 +302,24 @@ def cost_report(run: Path, log: Path | None, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def config_report(parser: argparse.ArgumentParser, args: argparse.Namespace, command: str) -> str:
+    """The report of a gate that reads the recipe (tokens, slots, turns)."""
+    from part.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.command == "tokens":
+        return tokens_report(cfg, args.config, command)
+    if args.command == "turns":
+        return turns_report(cfg, args.config, command, args.chat_template or [None], args.per_language,
+                            args.batch_size, args.max_new_tokens)
+    conditions = [c for c in args.conditions.split(",") if c]
+    unknown = sorted(set(conditions) - set(SLOT_CONDITIONS))
+    if unknown:
+        parser.error(f"--conditions: unknown {unknown} (of {', '.join(SLOT_CONDITIONS)})")
+    return slots_report(cfg, args.config, command, args.per_language, conditions, args.deletion, args.batch_size,
+                        args.seed)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -318,25 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     command = "python bench/llm_gates.py " + " ".join(sys.argv[1:] if argv is None else argv)
     if args.command == "cost":
         report = cost_report(args.run, args.log, command)
-        print(report)
-        if args.out:
-            args.out.write_text(report)
-        return 0
-    from part.config import load_config
-
-    cfg = load_config(args.config, args.overrides)
-    if args.command == "tokens":
-        report = tokens_report(cfg, args.config, command)
-    elif args.command == "turns":
-        report = turns_report(cfg, args.config, command, args.chat_template or [None], args.per_language,
-                              args.batch_size, args.max_new_tokens)
     else:
-        conditions = [c for c in args.conditions.split(",") if c]
-        unknown = sorted(set(conditions) - set(SLOT_CONDITIONS))
-        if unknown:
-            parser.error(f"--conditions: unknown {unknown} (of {', '.join(SLOT_CONDITIONS)})")
-        report = slots_report(cfg, args.config, command, args.per_language, conditions, args.deletion,
-                              args.batch_size, args.seed)
+        report = config_report(parser, args, command)
     print(report)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

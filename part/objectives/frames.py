@@ -88,13 +88,13 @@ class FrameAlignment(Objective):
             self.teacher_dir = cfg.frame_targets.teacher or model_cfg.encoder.pretrained
         self._teacher = None  # loaded at the first frame loss: a frozen Whisper, outside the module tree
         embeddings = model.llm.get_input_embeddings()
+        self.readout_blank = self._readout_blank(tokenizer)
         file = cfg.vocabulary if saved_dir is None else saved_dir / VOCABULARY_FILE
         if cfg.vocabulary is None:
             self.register_buffer("token_ids", None, persistent=False)  # class -> token id: the identity
             self.register_buffer("class_of_token", None, persistent=False)
             self.blank = self.blank_token
             self.register_buffer("readout_token_ids", None, persistent=False)
-            self.readout_blank = self._readout_blank(tokenizer)
             self.rows_from_embeddings = False
             self._pieces = None
             self.vocabulary_ids = None
@@ -108,7 +108,6 @@ class FrameAlignment(Objective):
         self.register_buffer("token_ids", token_ids, persistent=False)
         self.register_buffer("class_of_token", class_of_token, persistent=False)
         self.blank = ids.index(self.blank_token)
-        self.readout_blank = self._readout_blank(tokenizer)
         readout_ids = token_ids.clone()  # what the readout mixes for each class: its token, the blank's stand-in
         readout_ids[self.blank] = self.readout_blank
         self.register_buffer("readout_token_ids", readout_ids, persistent=False)
