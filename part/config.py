@@ -137,6 +137,11 @@ class ReadoutConfig:
     # " "); None: the blank's own row, the pad token's. A base LLM never trained its pad row (Gemma's lies among
     # its thousands of unused tokens), so it would read most of each slot as a token it has never seen.
     blank_as: str | None = None
+    # The slot read as the frames' greedy CTC reading: blank frames dropped, each run of frames whose most likely
+    # class repeats merged into one (the mean of its readouts), the runs packed to the front of the slot. The slot
+    # keeps its length (no host read of how many runs a clip has): the positions left over are holes the LLM
+    # neither attends to nor counts in its positions. Needs the masked attention kernels (sdpa or eager).
+    compress: bool = False
 
 
 @dataclass
@@ -482,6 +487,9 @@ def validate(cfg: TrainConfig, source: str | Path = "config") -> None:
         check(al.readout is None or al.readout.temperature > 0, "model.alignment.readout.temperature: must be > 0")
         check(al.readout is None or al.readout.blank_as is None or al.readout.blank_as != "",
               "model.alignment.readout.blank_as: a text of one token (e.g. ' '), or null for the pad token's row")
+        check(al.readout is None or not al.readout.compress or m.attn_implementation != "flash_attention_2",
+              "model.alignment.readout.compress: the slot's holes need a mask, which flash_attention_2's varlen "
+              "packing cannot take: set model.attn_implementation to sdpa or eager")
         check(al.vocabulary_min_count >= 1, "model.alignment.vocabulary_min_count: must be >= 1")
     check(m.attn_implementation in ATTENTION_IMPLEMENTATIONS,
           f"model.attn_implementation: '{m.attn_implementation}' is not one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")

@@ -122,6 +122,15 @@ def readout_settings(model) -> dict:
             "readout_top_k": READOUT_TOP_K}
 
 
+def unexported_settings(cfg) -> list[str]:
+    """The settings of a model that the exported modelling code does not implement."""
+    readout = cfg.alignment.readout if cfg.alignment is not None else None
+    if readout is None:
+        return []
+    return ([f"model.alignment.readout.blank_as={readout.blank_as!r}"] if readout.blank_as is not None else []) \
+        + (["model.alignment.readout.compress=true"] if readout.compress else [])
+
+
 def readout_token_ids(model) -> torch.Tensor | None:
     """The token id of each frame class of the vocabulary readout (None: the classes are the token ids)."""
     if readout_settings(model)["readout"] != "vocabulary":
@@ -156,6 +165,9 @@ def export(source: str | Path, out: str | Path, dtype: str = "float32", max_new_
         raise ExportError(f"cannot load the model in {src}: {exc}") from exc
     model.eval()
     cfg = model.cfg
+    if (unsupported := unexported_settings(cfg)):
+        raise ExportError(f"{src}: the exported model cannot read its frames as it was trained: "
+                          f"{', '.join(unsupported)} (the transformers modelling code has no such reading)")
     llm, adapted = merged_llm(model)
     if adapted:
         report(f"[export] merged LoRA (rank {cfg.llm.lora.rank}, alpha {cfg.llm.lora.alpha}) into {adapted} LLM "

@@ -59,6 +59,9 @@ class EncodedAudio:
     frames: torch.Tensor  # [clips, frames, LLM width]: the adapter's outputs
     lengths: torch.Tensor  # [clips] valid adapter frames
     audio: torch.Tensor  # what the LLM reads in the audio slot (the frames, unless an objective reads them anew)
+    # [clips, frames] bool: the slot positions whose `audio` the LLM reads; the others are holes it neither attends
+    # to nor counts in its positions (an objective that shortens what the slot says sets it). None: every one.
+    kept: torch.Tensor | None = None
     cache: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # the objectives' own tensors
 
 
@@ -255,14 +258,28 @@ class SpeechLLM(nn.Module):
         # all ranks reduce the same gradients under ZeRO (a rank skipping a module would hang the others).
         return embeds.view(rows, length, width) + 0.0 * audio.sum()
 
-    def attention_inputs(self, layout: SequenceLayout) -> dict:
+    def attended(self, layout: SequenceLayout, encoded: EncodedAudio) -> torch.Tensor | None:
+        """[rows, length] bool: False at the slot positions the LLM skips (`EncodedAudio.kept`); None when it reads
+        every position. Built on the device."""
+        if encoded.kept is None:
+            return None
+        kept = encoded.kept.reshape(-1).index_select(0, layout.audio_clips * encoded.kept.shape[1]
+                                                    + layout.audio_frames)
+        rows, length = layout.segments.shape
+        attended = torch.ones(rows * length, dtype=torch.bool, device=kept.device)
+        return attended.index_copy(0, layout.audio_slots, kept).view(rows, length)
+
+    def attention_inputs(self, layout: SequenceLayout, attended: torch.Tensor | None = None) -> dict:
         """What the LLM's decoder needs besides the embeddings so that each sample attends only to itself, from
         position 0: nothing where each row is one sample from its first column (causal attention alone is exact
         for right padding, and takes the kernels' fast path), varlen lengths for flash attention, else a
-        block-causal mask built on the device."""
-        if not layout.shared_rows:
+        block-causal mask built on the device. `attended` (see `attended`): the holes are masked as keys and each
+        sample's positions count only the rest."""
+        if not layout.shared_rows and attended is None:
             return {}
         if self.cfg.attn_implementation == "flash_attention_2":
+            if attended is not None:
+                raise ValueError("flash_attention_2's varlen packing cannot skip slot positions: use sdpa or eager")
             return dict(position_ids=layout.position_ids, cu_seq_lens_q=layout.cu_seqlens,
                         cu_seq_lens_k=layout.cu_seqlens, max_length_q=layout.max_seqlen,
                         max_length_k=layout.max_seqlen)
@@ -270,6 +287,10 @@ class SpeechLLM(nn.Module):
         length = segments.shape[1]
         causal = torch.ones(length, length, dtype=torch.bool, device=segments.device).tril()
         mask = ((segments[:, :, None] == segments[:, None, :]) & causal)[:, None]  # padding attends to padding
+        positions = layout.position_ids
+        if attended is not None:
+            mask = mask & attended[:, None, None, :]
+            positions = positions_skipping(positions, attended)
         masks = {"full_attention": mask}
         if window := self.sliding_window:  # those layers see only the last `window` positions (Gemma 2/3)
             masks["sliding_attention"] = mask & torch.ones_like(causal).triu(1 - window)
@@ -278,8 +299,7 @@ class SpeechLLM(nn.Module):
             masks = {kind: torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(~m, torch.finfo(dtype).min)
                      for kind, m in masks.items()}
         # A model with sliding-window layers takes a mask per kind of layer (given one, it applies it to all)
-        return dict(attention_mask=masks if len(masks) > 1 else masks["full_attention"],
-                    position_ids=layout.position_ids)
+        return dict(attention_mask=masks if len(masks) > 1 else masks["full_attention"], position_ids=positions)
 
     @property
     def sliding_window(self) -> int | None:
@@ -301,7 +321,7 @@ class SpeechLLM(nn.Module):
         encoded = self.encode(batch.input_features, batch.feature_frames, batch.audio_segments)
         if lm_loss:
             layout = self.layout_of(batch)
-            out = self.lm_loss(self.embed(layout, encoded), layout)
+            out = self.lm_loss(self.embed(layout, encoded), layout, self.attended(layout, encoded))
         else:
             zero = encoded.frames.new_zeros((), dtype=torch.float32)
             out = {"loss": zero, "loss_sum": zero, "tokens": 0}
@@ -311,11 +331,13 @@ class SpeechLLM(nn.Module):
                 out["loss"] = out["loss"] + weight * value
         return out
 
-    def lm_loss(self, inputs: torch.Tensor, layout: SequenceLayout) -> dict[str, torch.Tensor]:
-        """The LLM over the laid-out sequences; cross-entropy summed over the target tokens, and its mean."""
+    def lm_loss(self, inputs: torch.Tensor, layout: SequenceLayout,
+                attended: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The LLM over the laid-out sequences (skipping the slot positions `attended` leaves out); cross-entropy
+        summed over the target tokens, and its mean."""
         base = self.base_llm
         hidden = base.get_decoder()(inputs_embeds=inputs, use_cache=False,
-                                    **self.attention_inputs(layout)).last_hidden_state
+                                    **self.attention_inputs(layout, attended)).last_hidden_state
         # The output head only where a target token is predicted: prompts and audio frames (most positions) need
         # no logits, which over a 152k vocabulary would be most of the step's memory.
         scored = hidden.reshape(-1, hidden.shape[-1]).index_select(0, layout.scored)
@@ -353,8 +375,12 @@ class SpeechLLM(nn.Module):
         `synced_gpus` keeps ranks stepping together (needed under ZeRO-3, where each step gathers parameters).
         """
         layout = self.layout_of(batch, prompts=True)  # left-aligned: generation appends after every row's end
-        inputs = self.embed(layout, self.encode(batch.input_features, batch.feature_frames, batch.audio_segments))
-        mask = (layout.segments >= 0).long()
+        encoded = self.encode(batch.input_features, batch.feature_frames, batch.audio_segments)
+        inputs = self.embed(layout, encoded)
+        mask = layout.segments >= 0
+        if (attended := self.attended(layout, encoded)) is not None:
+            mask = mask & attended  # generate counts positions over the mask: the holes take none
+        mask = mask.long()
         with warnings.catch_warnings():
             # transformers warns on every call that these two penalties see only the new tokens when the prompt
             # comes as embeddings; that is what we want (counting the slot's tokens would forbid copying them).
@@ -463,6 +489,16 @@ class SpeechLLM(nn.Module):
                 f"in the file although {SOURCES_NAME} references them {doubled[:5]})"
             )
         self.run_lora(not self.lora_is_zero())
+
+
+def positions_skipping(positions: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+    """Each position within its sample counted over the attended positions only: `positions` [rows, length] from 0
+    at each sample's start (SequenceLayout.position_ids), `attended` [rows, length] bool."""
+    holes = (~attended).long()
+    before = holes.cumsum(-1) - holes  # holes before each position in its row
+    column = torch.arange(positions.shape[1], device=positions.device)
+    start = (column - positions).clamp(min=0)  # the column where the position's sample starts
+    return positions - (before - before.gather(1, start))
 
 
 def add_lora(llm: nn.Module, cfg: LoraConfig) -> nn.Module:

@@ -5,7 +5,8 @@ is the blank). On that reading three optional parts (`model.alignment`):
 - `ctc`: CTC against each speech sample's transcript tokens (no teacher);
 - `frame_targets`: per-frame targets from word timings (a Whisper checkpoint's alignment heads force-align the
   transcript; the LLM's tokens take the spans of the characters they cover, so any tokenizer works);
-- `readout`: the LLM reads each frame as the embeddings of its likely tokens, weighted by the posterior.
+- `readout`: the LLM reads each frame as the embeddings of its likely tokens, weighted by the posterior; with
+  `compress`, it reads the frames' greedy CTC reading instead of every frame (`compressed_slots`).
 """
 
 from __future__ import annotations
@@ -73,6 +74,26 @@ def config_problems(cfg: ModelConfig) -> list[str]:
     problem = alignment_heads_problem(teacher)
     field = "teacher" if targets.teacher else "teacher (default: model.encoder.pretrained)"
     return [f"model.alignment.frame_targets.{field}: the frame targets need {problem}"] if problem else []
+
+
+def compressed_slots(audio: torch.Tensor, classes: torch.Tensor, lengths: torch.Tensor,
+                     blank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frames as their greedy CTC reading, on the device: `audio` [B, N, H] the frames' readouts, `classes`
+    [B, N] their most likely class, `lengths` [B] the valid frames. Blank frames go; each run of frames with the
+    same class becomes the mean of their readouts, the runs in order from the slot's start. Returns the runs
+    [B, N, H] (zeros after the last) and [B, N] which positions hold one."""
+    clips, n, width = audio.shape
+    frame = torch.arange(n, device=audio.device)
+    spoken = (classes != blank) & (frame < lengths[:, None])
+    previous = F.pad(classes[:, :-1], (1, 0), value=blank)
+    starts = spoken & (classes != previous)
+    run = (starts.long().cumsum(-1) - 1).clamp(min=0)  # the run each spoken frame belongs to
+    into = (torch.arange(clips, device=audio.device)[:, None] * n + run).reshape(-1)
+    weight = spoken.reshape(-1, 1).to(audio.dtype)
+    summed = audio.new_zeros(clips * n, width).index_add(0, into, audio.reshape(-1, width) * weight)
+    count = audio.new_zeros(clips * n, 1).index_add(0, into, weight)
+    runs = (summed / count.clamp(min=1)).view(clips, n, width)
+    return runs, frame < starts.sum(-1, keepdim=True)
 
 
 class FrameAlignment(Objective):
@@ -240,7 +261,11 @@ class FrameAlignment(Objective):
         top, classes = logits.topk(min(READOUT_TOP_K, logits.shape[-1]), dim=-1)
         weights = (top / self.cfg.readout.temperature).softmax(-1)
         embeddings = model.llm.get_input_embeddings()(self.readout_tokens_of(classes))  # [B, N, k, H]
-        return (weights.to(embeddings.dtype).unsqueeze(-1) * embeddings).sum(-2)
+        audio = (weights.to(embeddings.dtype).unsqueeze(-1) * embeddings).sum(-2)
+        if not self.cfg.readout.compress:
+            return audio
+        audio, encoded.kept = compressed_slots(audio, classes[..., 0], encoded.lengths, self.blank)
+        return audio
 
     def losses(self, model: SpeechLLM, encoded: EncodedAudio, batch: Batch) -> dict[str, tuple[float, torch.Tensor]]:
         out = {}

@@ -283,11 +283,21 @@ def test_help_and_bad_inputs_exit_2(trained, exported, tmp_path, capsys):
         ([str(trained["embeddings"]), str(exported["embeddings"][0])], "exists and is not empty"),
         ([str(trained["embeddings"]), str(tmp_path / "c"), "--dtype", "int8"], "invalid choice"),
     ]
+    # a model whose slot the modelling code cannot read as training did (a compressed readout): refused by name
+    compressed = tmp_path / "compressed"
+    compressed.mkdir()
+    for item in trained["vocabulary"].iterdir():
+        (compressed / item.name).symlink_to(item)
+    settings = json.loads((trained["vocabulary"] / "part_model.json").read_text())
+    settings["alignment"]["readout"]["compress"] = True
+    (compressed / "part_model.json").unlink()
+    (compressed / "part_model.json").write_text(json.dumps(settings))
+    cases.append(([str(compressed), str(tmp_path / "d")], "model.alignment.readout.compress=true"))
     for argv, message in cases:
         code, out, err = call_main(main, argv, capsys)
         assert code == 2 and message in err and "Traceback" not in err, (argv, err)
         assert out == ""
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert not any((tmp_path / name).exists() for name in "abd")
 
 
 def test_sources_and_dtype(trained, tmp_path, capsys):

@@ -66,6 +66,8 @@ def test_loads_with_overrides(tmp_path, corpus, tiny_models):
         ("data.shard_retries=0", None),
         ("model.alignment.readout.blank_as=''", "model.alignment.readout.blank_as: a text of one token"),
         ("checkpoint.keep_stage_ends=true", None),
+        ("model.alignment.readout.compress=true", None),
+        ("model.alignment.readout.compress=maybe", "model.alignment.readout.compress: expected true/false"),
         ("distributed.timeout_s=0", "distributed.timeout_s: 0.0 must be > 0 seconds"),
         ("distributed.timeout_s=soon", "distributed.timeout_s: expected a number, got 'soon'"),
         ("distributed.stop_grace_s=-5", "distributed.stop_grace_s: -5.0 must be > 0 seconds (or null: derived)"),
@@ -80,6 +82,12 @@ def test_errors_name_the_field(tmp_path, corpus, tiny_models, override, message)
     with pytest.raises(ConfigError) as err:
         load_config(path, [override])
     assert message in str(err.value)
+
+
+def test_a_compressed_readout_needs_a_masked_attention_kernel(tmp_path, corpus, tiny_models):
+    path = write_config(tmp_path / "c.yaml", corpus, tiny_models, ONE_STAGE)
+    with pytest.raises(ConfigError, match=r"model.alignment.readout.compress: the slot's holes need a mask"):
+        load_config(path, ["model.alignment.readout.compress=true", "model.attn_implementation=flash_attention_2"])
 
 
 def test_frame_targets_need_a_teacher_with_alignment_heads(tmp_path, corpus, tiny_models):

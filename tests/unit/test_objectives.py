@@ -19,8 +19,9 @@ from part.config import (
 )
 from part.model.speech_llm import EncodedAudio, SpeechLLM
 from part.objectives.frame_vocabulary import write_frame_vocabulary
-from part.objectives.frames import LOGITS, FrameAlignment, span_frame_loss
+from part.objectives.frames import LOGITS, FrameAlignment, compressed_slots, span_frame_loss
 from part.objectives.whisper_align import TokenTiming
+from part.packing import with_layouts
 
 
 @pytest.fixture
@@ -228,6 +229,85 @@ def test_readout_reads_the_blank_as_the_token_blank_as_names(aligned, tmp_path):
         assert torch.allclose(cold[:, 1::2], embeddings[winner[:, 1::2]], atol=1e-4)
     with pytest.raises(ValueError, match=r"model\.alignment\.readout\.blank_as: 'Guten Tag' is \d+ tokens"):
         use(readout=ReadoutConfig(blank_as="Guten Tag"))
+
+
+def test_compressed_slots_are_the_frames_greedy_ctc_reading():
+    """readout.compress: blank frames go, each run of a repeated class becomes the mean of its frames' readouts,
+    the runs from the slot's start; frames past a clip's length count for nothing."""
+    blank = 0
+    classes = torch.tensor([[5, 5, blank, 5, 7, 7, blank, 7], [blank, blank, 9, 9, 3, 3, 3, 4]])
+    audio = torch.arange(2 * 8 * 2, dtype=torch.float32).view(2, 8, 2)
+    runs, kept = compressed_slots(audio, classes, torch.tensor([8, 6]), blank)
+    a, b = audio[0], audio[1]
+    expected = [[(a[0] + a[1]) / 2, a[3], (a[4] + a[5]) / 2, a[7]], [(b[2] + b[3]) / 2, (b[4] + b[5]) / 2]]
+    assert kept.tolist() == [[True] * 4 + [False] * 4, [True] * 2 + [False] * 6]
+    for clip, want in enumerate(expected):
+        torch.testing.assert_close(runs[clip, :len(want)], torch.stack(want))
+        assert not runs[clip, len(want):].any()
+    runs, kept = compressed_slots(audio, torch.full_like(classes, blank), torch.tensor([8, 6]), blank)
+    assert not kept.any() and not runs.any()  # a clip of blanks says nothing
+
+
+def _slot_pattern(logits: torch.Tensor, blank: int) -> torch.Tensor:
+    """Frame scores where every third frame is blank and the two between share their winner (10, 11, ...)."""
+    logits = logits.clone()
+    peak = logits.max(-1).values
+    frames = torch.arange(logits.shape[1])
+    winners = torch.where(frames % 3 == 0, blank, 10 + frames // 3)
+    logits[:, frames, winners] = peak[:, frames] + 30.0
+    return logits
+
+
+def _compact_reference(model, inputs, layout, attended):
+    """What the LLM computes on each sample's positions with the holes taken out (one sample per row): the
+    hidden states of the sample's attended positions, and the map from the row's columns to them."""
+    out = []
+    for row in range(layout.shape[0]):
+        keep = attended[row] & (layout.segments[row] >= 0)
+        hidden = model.base_llm.get_decoder()(inputs_embeds=inputs[row][keep][None]).last_hidden_state[0]
+        out.append((hidden, keep.long().cumsum(0) - 1))
+    return out
+
+
+def test_a_compressed_slot_reads_as_a_slot_holding_its_runs_alone(aligned):
+    """The holes a compressed slot leaves change nothing the LLM computes: the loss of packed and unpacked rows,
+    and generation's next token, equal those of the same samples with the hole positions taken out."""
+    model, tok, use = aligned
+    batch = make_batch(tok, text_only=True)
+    blank = model.pad_token_id
+    with torch.no_grad():
+        objective = use(readout=ReadoutConfig(temperature=1.0, compress=True))
+        logits = _slot_pattern(objective.logits(model, model.encode(batch.input_features,
+                                                                    batch.feature_frames).frames), blank)
+        objective.logits = lambda *_: logits
+        encoded = model.encode(batch.input_features, batch.feature_frames)
+        assert encoded.kept is not None
+        assert encoded.kept.sum(-1).tolist() == ((encoded.lengths + 1) // 3).tolist()  # one run per 3 frames
+        suppressed = model.suppressed_ids
+        unpacked = with_layouts(batch, model.layout_spec(packed=False, length_multiple=1))
+        layout = unpacked.layout
+        inputs = model.embed(layout, encoded)
+        attended = model.attended(layout, encoded)
+        assert int((~attended).sum()) == int((encoded.lengths - encoded.kept.sum(-1)).sum())
+        expected = 0.0
+        for row, (hidden, column) in enumerate(_compact_reference(model, inputs, layout, attended)):
+            at = layout.scored[(layout.scored // layout.shape[1]) == row] % layout.shape[1]
+            scores = model.base_llm.get_output_embeddings()(hidden[column[at]]).float()
+            targets = layout.targets[(layout.scored // layout.shape[1]) == row]
+            expected += torch.nn.functional.cross_entropy(scores.index_fill(1, suppressed, -1.0e4), targets,
+                                                          reduction="sum")
+        for spec in (model.layout_spec(packed=False, length_multiple=1), model.layout_spec(row_tokens=4096)):
+            laid = with_layouts(batch, spec)
+            torch.testing.assert_close(model(laid)["loss_sum"], expected, rtol=1e-5, atol=1e-4)
+        assert laid.layout.shape[0] == 1  # the second: every sample in one row
+        # generation: the first new token of each prompt is the one its compact prompt predicts
+        prompts = model.layout_of(batch, prompts=True)
+        inputs = model.embed(prompts, encoded)
+        reference = _compact_reference(model, inputs, prompts, model.attended(prompts, encoded))
+        first = [int(model.base_llm.get_output_embeddings()(hidden[-1]).index_fill(0, suppressed, -1.0e4).argmax())
+                 for hidden, _ in reference]
+        generated = model.generate(batch, max_new_tokens=1)
+        assert generated == [[] if t == model.end_token_id else [t] for t in first]
 
 
 def test_greedy_reading_merges_repeats_drops_blanks_and_stops_at_each_clips_length(aligned, monkeypatch):
