@@ -335,6 +335,14 @@ class SpeechLLM(nn.Module):
                 attended: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The LLM over the laid-out sequences (skipping the slot positions `attended` leaves out); cross-entropy
         summed over the target tokens, and its mean."""
+        loss_sum = F.cross_entropy(self.target_logits(inputs, layout, attended), layout.targets, reduction="sum")
+        tokens = layout.target_tokens
+        return {"loss": loss_sum / max(tokens, 1), "loss_sum": loss_sum, "tokens": tokens}
+
+    def target_logits(self, inputs: torch.Tensor, layout: SequenceLayout,
+                      attended: torch.Tensor | None = None) -> torch.Tensor:
+        """[target tokens, vocabulary] fp32: the LLM's scores for each target token of the laid-out sequences, the
+        tokens generation never emits at SUPPRESSED_LOGIT."""
         base = self.base_llm
         hidden = base.get_decoder()(inputs_embeds=inputs, use_cache=False,
                                     **self.attention_inputs(layout, attended)).last_hidden_state
@@ -343,10 +351,7 @@ class SpeechLLM(nn.Module):
         scored = hidden.reshape(-1, hidden.shape[-1]).index_select(0, layout.scored)
         logits = base.get_output_embeddings()(scored).float()
         # finite: a target among them (a special token's text in a transcript) costs much, but the step stays finite
-        logits = logits.index_fill(1, self.suppressed_ids, SUPPRESSED_LOGIT)
-        loss_sum = F.cross_entropy(logits, layout.targets, reduction="sum")
-        tokens = layout.target_tokens
-        return {"loss": loss_sum / max(tokens, 1), "loss_sum": loss_sum, "tokens": tokens}
+        return logits.index_fill(1, self.suppressed_ids, SUPPRESSED_LOGIT)
 
     @property
     def loss_names(self) -> tuple[str, ...]:
@@ -381,6 +386,7 @@ class SpeechLLM(nn.Module):
         if (attended := self.attended(layout, encoded)) is not None:
             mask = mask & attended  # generate counts positions over the mask: the holes take none
         mask = mask.long()
+        settings = self.generation_settings()
         with warnings.catch_warnings():
             # transformers warns on every call that these two penalties see only the new tokens when the prompt
             # comes as embeddings; that is what we want (counting the slot's tokens would forbid copying them).
@@ -392,7 +398,8 @@ class SpeechLLM(nn.Module):
                 max_new_tokens=max_new_tokens,
                 num_beams=num_beams,
                 synced_gpus=synced_gpus,
-                **self.generation_settings(),
+                logits_processor=new_token_penalty(settings.pop("repetition_penalty")),
+                **settings,
             )
         results = []
         for row in out.tolist():
@@ -489,6 +496,15 @@ class SpeechLLM(nn.Module):
                 f"in the file although {SOURCES_NAME} references them {doubled[:5]})"
             )
         self.run_lora(not self.lora_is_zero())
+
+
+def new_token_penalty(penalty: float):
+    """The repetition penalty over the generated tokens, as a logits processor. transformers' own, given the prompt
+    as embeddings, skips as many generated tokens of a row as the row has padding positions before its prompt (it
+    takes them for the prompt's), so a left-padded row would go unpenalised for its first tokens."""
+    from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+
+    return LogitsProcessorList([RepetitionPenaltyLogitsProcessor(penalty)] if penalty != 1.0 else [])
 
 
 def positions_skipping(positions: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:

@@ -36,7 +36,9 @@ FAMILIES = ("wav2vec2", "hubert", "wavlm", "wav2vec2-bert")
 EXTENDED_FAMILIES = ("hubert", "wavlm", "wav2vec2-bert")  # wav2vec2's code path covers most of theirs
 # name -> (clips, task, language, target); OGG (17.9 s) is batched with WAV (2.7 s), as transcribe batches them
 JOBS = {"embeddings": ([OGG, FLAC, WAV], "asr", "de", None),
-        "vocabulary": ([FLAC, WAV, AIFF], "s2tt", "de", "en")}
+        "vocabulary": ([FLAC, WAV, AIFF], "s2tt", "de", "en"),
+        # the demo's LLM family (Gemma 3: scaled embeddings, tied head, sliding-window layers), vocabulary readout
+        "gemma": ([OGG, WAV], "s2tt", "es", "en")}
 JOBS.update({family: ([WAV, FLAC], "asr", "en", None) for family in FAMILIES})
 
 
@@ -53,7 +55,8 @@ def waves() -> dict[str, np.ndarray]:
 
 
 def save_trained(tiny_models: Path, out: Path, encoder: Path, **model_fields) -> Path:
-    """A model directory as training writes it, with every LoRA B matrix random (zero would merge to nothing)."""
+    """A model directory as training writes it, with every LoRA B matrix random (zero would merge to nothing); the
+    LLM is `tiny_models`' (its llm/ directory)."""
     from part.config import AdapterConfig, EncoderConfig, LLMConfig, LoraConfig, ModelConfig
     from part.model.speech_llm import SpeechLLM
     from part.model.tokenizer import load_tokenizer
@@ -75,7 +78,7 @@ def save_trained(tiny_models: Path, out: Path, encoder: Path, **model_fields) ->
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_models, corpus, tmp_path_factory, request) -> dict[str, Path]:
+def trained(tiny_models, tiny_gemma_models, corpus, tmp_path_factory, request) -> dict[str, Path]:
     from tiny_encoders import build_tiny_encoder
 
     from part.config import AlignmentConfig, ReadoutConfig
@@ -83,14 +86,20 @@ def trained(tiny_models, corpus, tmp_path_factory, request) -> dict[str, Path]:
     from part.objectives.frame_vocabulary import write_frame_vocabulary
 
     root = tmp_path_factory.mktemp("trained")
-    tok = load_tokenizer(str(tiny_models / "llm"))
     lines = (corpus / "tokenizer_text.txt").read_text(encoding="utf-8").splitlines()[:200]
-    vocabulary = root / "frame_vocabulary.json"
-    write_frame_vocabulary(vocabulary, [i for line in lines for i in tok(line, add_special_tokens=False)["input_ids"]])
+
+    def readout(models: Path, name: str) -> AlignmentConfig:  # over the tokens of the corpus' first lines
+        tok = load_tokenizer(str(models / "llm"))
+        vocabulary = root / f"frame_vocabulary_{name}.json"
+        write_frame_vocabulary(vocabulary, [i for line in lines for i in tok(line, add_special_tokens=False)
+                                            ["input_ids"]])
+        return AlignmentConfig(vocabulary=str(vocabulary), readout=ReadoutConfig(temperature=0.2))
+
     dirs = {"embeddings": save_trained(tiny_models, root / "embeddings", tiny_models / "whisper"),
             "vocabulary": save_trained(tiny_models, root / "vocabulary", tiny_models / "whisper",
-                                       alignment=AlignmentConfig(vocabulary=str(vocabulary),
-                                                                 readout=ReadoutConfig(temperature=0.2)))}
+                                       alignment=readout(tiny_models, "vocabulary")),
+            "gemma": save_trained(tiny_gemma_models, root / "gemma", tiny_gemma_models / "whisper",
+                                  alignment=readout(tiny_gemma_models, "gemma"))}
     for family in (name for name in jobs_run(request.config) if name in FAMILIES):
         encoder = build_tiny_encoder(family, root / f"encoder_{family}")
         dirs[family] = save_trained(tiny_models, root / family, encoder)
@@ -222,6 +231,15 @@ def test_export_writes_a_self_contained_directory(trained, exported):
     assert "llm.lm_head.weight" not in weights  # the tiny LLM's head is tied: transformers ties it on loading
     assert torch.equal(weights["frame_token_ids"], model.objectives[0].token_ids)
     assert torch.equal(weights["encoder.layers.0.fc1.weight"], source["encoder.layers.0.fc1.weight"])
+
+
+def test_the_demos_llm_family_exports_with_its_own_config_and_one_copy_of_its_tied_head(exported):
+    out, _ = exported["gemma"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["llm_config"]["model_type"] == "gemma3_text"
+    assert "sliding_attention" in config["llm_config"]["layer_types"]
+    weights = load_file(str(out / "model.safetensors"))
+    assert "llm.lm_head.weight" not in weights and "llm.model.embed_tokens.weight" in weights
 
 
 def test_the_modelling_code_imports_only_torch_and_transformers(exported):

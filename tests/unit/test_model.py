@@ -367,6 +367,22 @@ def test_generate_stops_at_the_end_token(model_and_tokenizer, tmp_path):
         handle.remove()
 
 
+def test_the_repetition_penalty_covers_every_generated_token_of_a_left_padded_row(model_and_tokenizer):
+    """Two text tokens lead every logit, a by a margin the penalty (1.1) undoes once a is written: every row writes
+    a, then b, whatever its left padding (transformers' own penalty skips a row's first generated tokens, as many as
+    its padding positions, when the prompt comes as embeddings: those rows would write a twice)."""
+    model, tok = model_and_tokenizer
+    a, b = tok("Guten Tag", add_special_tokens=False)["input_ids"][:2]
+    batch = make_batch(tok, text_only=True)
+    layout = model.layout_of(batch, prompts=True)
+    assert int((layout.segments < 0).sum(1).max()) >= 2  # some row is left-padded by more than two positions
+    handle = _boost_logits(model, {a: 100.0, b: 95.0})
+    try:
+        assert model.generate(batch, max_new_tokens=2) == [[a, b]] * len(batch)
+    finally:
+        handle.remove()
+
+
 def test_skeleton_has_the_real_parameter_names(model_and_tokenizer):
     """The meta-device model `train.py --check` resolves groups against: same names, no memory, no weights read."""
     model, tok = model_and_tokenizer

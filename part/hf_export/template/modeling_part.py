@@ -18,7 +18,13 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import (
+    AutoModelForCausalLM,
+    GenerationMixin,
+    LogitsProcessorList,
+    PreTrainedModel,
+    RepetitionPenaltyLogitsProcessor,
+)
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
 from .configuration_part import PartSpeechLLMConfig
@@ -387,6 +393,14 @@ class PartSpeechLLMForConditionalGeneration(PartSpeechLLMPreTrainedModel, Genera
         The penalties see the generated tokens only (the prompt is given as embeddings)."""
         generation_config = copy.deepcopy(generation_config or self.generation_config)
         model_kwargs = generation_config.update(**kwargs)  # what is not a generation setting goes to the LLM
+        penalty = generation_config.repetition_penalty
+        if penalty is not None and penalty != 1.0:
+            # transformers' own penalty, given the prompt as embeddings, skips as many generated tokens of a row as
+            # the row has left padding: applied here to every generated token instead
+            generation_config.repetition_penalty = 1.0
+            processors = model_kwargs.pop("logits_processor", None) or LogitsProcessorList()
+            processors.append(RepetitionPenaltyLogitsProcessor(penalty))
+            model_kwargs["logits_processor"] = processors
         inputs, mask = self.embed_inputs(input_ids, attention_mask, input_features, feature_lengths)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r"Passing `(repetition_penalty|no_repeat_ngram_size)` with "
