@@ -5,7 +5,9 @@ to the checkpoint's own; with `checkpoint.lean: false`, none is left out), in th
 model.safetensors lays them out (its JSON header, then the tensors). The optimizer state (ds/, DeepSpeed's ZeRO
 partitions of the stage's trainable parameters): the fp32 master weights and Adam's two moments, 12 bytes per
 trainable parameter over all ranks (each parameter padded to a multiple of the ranks under ZeRO-3); under ZeRO-1/2
-the rank-0 model file also holds the trainable weights in the training dtype; and what DeepSpeed keeps beside them
+the rank-0 model file also holds the trainable weights in the training dtype, and every tied parameter's second
+name (a head tied to the embeddings) whole, trained or not: DeepSpeed leaves out the frozen parameters by their
+first name only; and what DeepSpeed keeps beside them
 (names, shapes, its config, two conversion scripts). This module reads names and shapes only: it runs on the
 meta-device skeleton (part/train/preflight.py) as well as on the training model.
 """
@@ -78,18 +80,25 @@ def trainable_shapes(model, groups: list[str]) -> list[int]:
     return [p.numel() for name, p in model.named_parameters() if name in names]
 
 
-def optimizer_bytes(sizes: list[int], cfg: TrainConfig, world_size: int) -> int:
+def tied_aliases(model) -> list[int]:
+    """The element counts of the parameters' second names (a head tied to the embeddings)."""
+    first = {name for name, _ in model.named_parameters()}
+    return [p.numel() for name, p in model.named_parameters(remove_duplicate=False) if name not in first]
+
+
+def optimizer_bytes(sizes: list[int], cfg: TrainConfig, world_size: int, aliases: list[int] = ()) -> int:
     """What DeepSpeed writes for a stage training parameters of these element counts on `world_size` ranks: every
     rank's optimizer-state file (fp32 master weights, Adam's two moments), the model-state files (every rank's
-    under ZeRO-3; rank 0's under ZeRO-1/2, with the trainable weights in the training dtype) and its scripts."""
+    under ZeRO-3; rank 0's under ZeRO-1/2, with the trainable weights and the tied parameters' second names,
+    `aliases`, in the training dtype) and its scripts."""
     if cfg.zero_stage == 3:
         elements = sum(math.ceil(n / world_size) * world_size for n in sizes)  # ZeRO-3 pads each parameter
-        model_files, weights = world_size, 0
+        model_files, weights, aliases = world_size, 0, []
     else:
         elements = sum(sizes)
-        model_files, weights = 1, sum(sizes) * training_dtype(cfg).itemsize
-    return (12 * elements + world_size * DS_OPTIMIZER_FILE_BYTES + weights
-            + model_files * (DS_MODEL_FILE_BYTES + DS_BYTES_PER_PARAMETER * len(sizes)) + DS_SCRIPTS_BYTES)
+        model_files, weights = 1, (sum(sizes) + sum(aliases)) * training_dtype(cfg).itemsize
+    return (12 * elements + world_size * DS_OPTIMIZER_FILE_BYTES + weights + model_files
+            * (DS_MODEL_FILE_BYTES + DS_BYTES_PER_PARAMETER * (len(sizes) + len(aliases))) + DS_SCRIPTS_BYTES)
 
 
 @dataclass(frozen=True)
@@ -112,7 +121,7 @@ def checkpoint_sizes(cfg: TrainConfig, model, world_size: int) -> list[Checkpoin
     for index, stage in enumerate(cfg.stages):
         left = leaves_out(cfg, model, index)
         weights = safetensors_bytes(written_tensors(model, left, dtype))
-        optimizer = optimizer_bytes(trainable_shapes(model, stage.trainable), cfg, world_size)
+        optimizer = optimizer_bytes(trainable_shapes(model, stage.trainable), cfg, world_size, tied_aliases(model))
         every = safetensors_bytes(written_tensors(model, [], dtype))
         out.append(CheckpointSize(stage.name, weights, optimizer, sum(len(part.keys) for part in left), every))
     return out

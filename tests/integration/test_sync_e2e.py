@@ -89,6 +89,17 @@ def test_every_step_at_the_large_recipes_settings_has_bounded_host_syncs(corpus,
     proc = train_under_guard(config, large_recipe_settings(tmp_path, bf16_on_cpu()))
     assert_bounded(proc.stdout, [0], 4, part_reads())
     assert {p for rank in step_syncs(proc.stdout, 4) for p, _ in rank} == {part_reads()}
+    # `train.py --check`'s bytes per checkpoint against the ZeRO-2 files this run wrote at its end
+    from part.config import load_config
+    from part.train.checkpoint_contents import checkpoint_sizes
+    from part.train.preflight import skeleton
+
+    cfg = load_config(config, large_recipe_settings(tmp_path, bf16_on_cpu()))
+    estimate = checkpoint_sizes(cfg, skeleton(cfg), world_size=2)[0]
+    ckpt = config.parent / "ckpt" / "step_0000004"
+    deepspeed = sum(f.stat().st_size for f in [*(ckpt / "ds").iterdir(), *ckpt.glob("zero_to_*.py")])
+    assert estimate.weights == (ckpt / "model.safetensors").stat().st_size
+    assert abs(estimate.optimizer - deepspeed) < 0.03 * deepspeed, (estimate, deepspeed)
 
 
 @pytest.mark.extended
