@@ -6,10 +6,12 @@ a. Shapes and padding at the large recipe's data settings (configs/part_large.ya
    flash attention), packed rows of the recipe's data.row_tokens and rows as long as the longest sample (sdpa and
    eager), and the padded layout (one sample per row, padded to the longest, audio to the longest clip).
 b. Step speed on a real-depth, narrow model built here (a 28-layer Qwen2-style LLM and a 32-layer Whisper-style
-   encoder, width 128, LoRA on every projection): samples/s of the packed step (configs/tiny_part.yaml's data
-   settings, the CPU recipe's) against the padded step (one sample per row, lengths unrounded, LoRA executed
-   while frozen) over the same batches, in one process on CPU (fp32), for an adapter-only stage and an adapter +
-   LoRA stage; and the largest difference between the packed and the padded step's loss and gradients.
+   encoder, width 128, LoRA on every projection): samples/s of the packed step (several samples per row: rows of
+   --row-tokens positions, block-causal masks) against the padded step (one sample per row) over the same batches
+   of configs/tiny_part.yaml's data settings, in one process on CPU (fp32), for an adapter-only stage and an
+   adapter + LoRA stage. The two steps differ in the layout only (the same samples, model, weights and LoRA
+   setting). And the largest difference between the packed and the padded step's loss and gradients, on a batch
+   whose rows each hold several samples.
 
 Every figure comes from this run; ratios only (absolute speed on a CPU says nothing of a GPU). The corpus is the
 one configs/tiny_part.yaml names (cache/corpus, from `bash launch/demo.sh`), else --corpus, else a small one built
@@ -19,12 +21,12 @@ in a temporary directory.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import shutil
 import sys
 import tempfile
 import time
 from collections import Counter
+from datetime import date
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batches", type=int, default=1000, help="batches for the shape and padding figures (a)")
     parser.add_argument("--steps", type=int, default=8, help="timed steps per mode and stage (b)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per mode and stage first (b)")
+    parser.add_argument("--row-tokens", type=int, default=512,
+                        help="the packed step's rows hold at least this many positions (b; default %(default)s)")
     parser.add_argument("--out", default="docs/results/packed_step.md", help="the markdown report (%(default)s)")
     parser.add_argument("--shapes-only", action="store_true", help="only a (shapes and padding), no report file")
     return parser.parse_args(argv)
@@ -198,8 +202,9 @@ def shapes_and_padding(corpus: Path, languages: list[str], tokenizer, n_batches:
 # ---------------------------------------------------------------- b. step speed
 
 
-def batches_for_steps(corpus: Path, languages: list[str], tokenizer, model, n: int, packed: bool):
-    """`n` batches of the tiny recipe's settings, laid out packed (the defaults) or padded."""
+def batches_for_steps(corpus: Path, languages: list[str], tokenizer, model, n: int, row_tokens: int):
+    """`n` batches of the tiny recipe's settings, laid out in packed rows of at least `row_tokens` positions, or
+    padded (one sample per row) with `row_tokens` 0; nothing else differs."""
     import yaml
 
     from part.config import StageConfig
@@ -209,9 +214,7 @@ def batches_for_steps(corpus: Path, languages: list[str], tokenizer, model, n: i
     keys = ("window", "max_batch_seconds", "max_batch_tokens", "max_batch_size", "max_duration", "packing",
             "length_multiple", "row_tokens", "audio_multiple")
     data = data_config(corpus, languages, **{k: raw[k] for k in keys if k in raw})
-    if not packed:
-        data = dataclasses.replace(data, packing=False, length_multiple=1, audio_multiple=0.0)
-    spec = model.layout_spec(data.packing, data.length_multiple, data.row_tokens)
+    spec = model.layout_spec(packed=row_tokens > 0, length_multiple=data.length_multiple, row_tokens=row_tokens)
     stage = StageConfig(name="asr", steps=1, tasks={"asr": 1.0})
     stream = iter(MixtureStream(data, stage, tokenizer, model.audio_features, rank=0, world_size=1, layout=spec))
     return [next(stream) for _ in range(n)]
@@ -253,7 +256,7 @@ def gradient_difference(model, packed_batch, padded_batch) -> float:
     return max(float((a - b).abs().max() / b.abs().max().clamp(min=1e-12)) for a, b in zip(*results))
 
 
-def step_speed(corpus: Path, languages: list[str], scratch: Path, steps: int, warmup: int) -> dict:
+def step_speed(corpus: Path, languages: list[str], scratch: Path, steps: int, warmup: int, row_tokens: int) -> dict:
     import torch
 
     from part.config import AdapterConfig, EncoderConfig, LLMConfig, LoraConfig, ModelConfig
@@ -270,17 +273,22 @@ def step_speed(corpus: Path, languages: list[str], scratch: Path, steps: int, wa
     model = SpeechLLM(cfg, tokenizer).train()
     twin = SpeechLLM(cfg, tokenizer).train()  # the padded step's model: the same weights, stepped alongside
     n = steps + warmup
-    packed = batches_for_steps(corpus, languages, tokenizer, model, n, packed=True)
-    padded = batches_for_steps(corpus, languages, tokenizer, model, n, packed=False)
+    packed = batches_for_steps(corpus, languages, tokenizer, model, n, row_tokens)
+    padded = batches_for_steps(corpus, languages, tokenizer, model, n, 0)
     assert [m.key for b in packed for m in b.meta] == [m.key for b in padded for m in b.meta]  # the same samples
+    rows = {"packed": sum(b.layout.shape[0] for b in packed[warmup:]),
+            "padded": sum(b.layout.shape[0] for b in padded[warmup:])}
+    if rows["packed"] >= rows["padded"]:
+        raise SystemExit(f"error: rows of {row_tokens} positions hold one sample each on these batches: the packed "
+                         "and padded steps would not differ (raise --row-tokens)")
     state = {k: v.clone() for k, v in model.state_dict().items()}
     out = {"samples": sum(len(b) for b in packed[warmup:]), "stages": []}
     for stage, groups in (("adapter", ["adapter"]), ("adapter + LoRA", ["adapter", "llm.lora"])):
         model.load_state_dict(state)
         twin.load_state_dict(state)
         # the two steps alternate batch by batch, so that the machine's drift falls on both alike
-        steps_of = {"padded": trainer(twin, groups, lora_runs=True),
-                    "packed": trainer(model, groups, lora_runs=stage != "adapter")}
+        lora_runs = stage != "adapter"  # LoRA runs only where it trains (while zero it adds nothing)
+        steps_of = {"padded": trainer(twin, groups, lora_runs), "packed": trainer(model, groups, lora_runs)}
         seconds = {"padded": 0.0, "packed": 0.0}
         for i in range(n):
             for mode, batches in (("padded", padded), ("packed", packed)):
@@ -292,7 +300,10 @@ def step_speed(corpus: Path, languages: list[str], scratch: Path, steps: int, wa
         out["stages"].append({"stage": stage, **rates, "speedup": rates["packed"] / rates["padded"]})
     model.load_state_dict(state)
     model.run_lora(True)
-    out["max_relative_difference"] = gradient_difference(model, packed[0], padded[0])
+    shared = next(i for i, b in enumerate(packed) if b.layout.shape[0] < len(b.prompt_ids))
+    out["parity_batch"] = {"samples": len(packed[shared].prompt_ids), "rows": packed[shared].layout.shape[0]}
+    out["max_relative_difference"] = gradient_difference(model, packed[shared], padded[shared])
+    out["rows"], out["row_tokens"] = rows, row_tokens
     llm = [b.layout for b in packed[warmup:]], [b.layout for b in padded[warmup:]]
     out["llm_padding"] = [1 - sum(x.real_tokens for x in ls) / sum(x.shape[0] * x.shape[1] for x in ls) for ls in llm]
     return out
@@ -303,8 +314,9 @@ def step_speed(corpus: Path, languages: list[str], scratch: Path, steps: int, wa
 
 def report(args, corpus: Path, a: list[dict], b: dict, seconds: float) -> str:
     lines = ["# The packed training step", "",
-             f"`python bench/packed_step.py --corpus {args.corpus} --batches {args.batches} --steps {args.steps}` "
-             f"({seconds / 60:.1f} min on this machine).", "",
+             f"`python bench/packed_step.py --corpus {args.corpus} --batches {args.batches} --steps {args.steps} "
+             f"--row-tokens {args.row_tokens}` ({date.today().isoformat()}, {seconds / 60:.1f} min on this machine).",
+             "",
              f"## a. Shapes and padding over {args.batches} batches at the large recipe's data settings", "",
              "| batching | LLM layout | samples per batch | distinct shapes | encoder | LLM | LLM padding | "
              "audio padding |",
@@ -321,14 +333,17 @@ def report(args, corpus: Path, a: list[dict], b: dict, seconds: float) -> str:
               "## b. Step speed, deep and narrow model (28-layer LLM, 32-layer encoder, width 128, LoRA on every "
               "projection), one process, fp32", "",
               f"Timed: {args.steps} steps per mode after {args.warmup} untimed ({b['samples']} samples), the same "
-              "batches for both modes, the two steps alternating batch by batch; the packed step takes "
-              "configs/tiny_part.yaml's data settings.", "",
+              "batches of configs/tiny_part.yaml's data settings for both modes, the two steps alternating batch by "
+              f"batch. Packed: rows of at least {b['row_tokens']} positions ({b['samples']} samples in "
+              f"{b['rows']['packed']} rows); padded: one sample per row ({b['rows']['padded']} rows). The model, "
+              "weights and LoRA setting are the same; LoRA runs in the stage that trains it.", "",
               "| stage trains | padded step (samples/s) | packed step (samples/s) | speed-up |", "|---|---:|---:|---:|"]
     for r in b["stages"]:
         lines.append(f"| {r['stage']} | {r['padded']:.2f} | {r['packed']:.2f} | {r['speedup']:.2f}x |")
     lines += ["", f"LLM padding over the timed batches: packed {100 * b['llm_padding'][0]:.1f}%, padded "
-              f"{100 * b['llm_padding'][1]:.1f}%. Packed vs padded loss and gradients (adapter + LoRA, one batch): "
-              f"largest relative difference {b['max_relative_difference']:.1e}.", ""]
+              f"{100 * b['llm_padding'][1]:.1f}%. Packed vs padded loss and gradients (adapter + LoRA, a batch of "
+              f"{b['parity_batch']['samples']} samples in {b['parity_batch']['rows']} packed rows): largest relative "
+              f"difference {b['max_relative_difference']:.1e}.", ""]
     return "\n".join(lines)
 
 
@@ -349,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
             for r in a:
                 print(r, flush=True)
             return 0
-        b = step_speed(corpus, languages, scratch, args.steps, args.warmup)
+        b = step_speed(corpus, languages, scratch, args.steps, args.warmup, args.row_tokens)
         text = report(args, corpus, a, b, time.perf_counter() - started)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
