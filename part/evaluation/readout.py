@@ -21,11 +21,11 @@ def final_asr_hypotheses(run_dir: Path) -> dict[tuple[str, str], str]:
 
 
 @torch.no_grad()
-def verified_readings(model, batch, readings: list[list[int]], margin: float) -> list[list[int]]:
+def verified_readings(model, batch, readings: list[list[int]], margin: float, encoded=None) -> list[list[int]]:
     """The frames' readings (one per clip of `batch`) as drafts the LLM checks in one teacher-forced pass over
     `batch`'s prompts: a draft token stays where the LLM gives it a log-probability within `margin` of its likeliest
     token's, else the likeliest token takes its place; the reply ends where the end token stays or comes in. One
-    list of ids per sample."""
+    list of ids per sample. `encoded`: the batch's clips through the encoder, when already at hand."""
     from part.packing import with_layouts
 
     end = model.end_token_id
@@ -34,7 +34,8 @@ def verified_readings(model, batch, readings: list[list[int]], margin: float) ->
                                                layout=None, prompt_layout=None),
                            model.layout_spec(packed=False, length_multiple=1))
     layout = drafted.layout  # one sample per row, in order: the targets come sample by sample
-    encoded = model.encode(batch.input_features, batch.feature_frames)
+    if encoded is None:
+        encoded = model.encode(batch.input_features, batch.feature_frames)
     log_probs = model.target_logits(model.embed(layout, encoded), layout, model.attended(layout, encoded)) \
         .log_softmax(-1)
     best = log_probs.max(-1)
@@ -68,8 +69,9 @@ def readout_rows(model, tokenizer, cfg, hypotheses: dict[tuple[str, str], str], 
         refs, frames, llm, verified = [], [], [], []
         for batch in eval_batches(cfg.data, [lang], ["asr"], [], cfg.eval.per_language, batch_size, tokenizer,
                                   model.audio_features, 0, 1, layout=model.layout_spec()):
-            readings = reader.greedy_reading(model, batch, blank_penalty)
-            checked = verified_readings(model, batch, readings, draft_margin) if draft_margin is not None \
+            encoded = model.encode(batch.input_features, batch.feature_frames)  # once for both readings
+            readings = reader.greedy_reading(model, batch, blank_penalty, encoded)
+            checked = verified_readings(model, batch, readings, draft_margin, encoded) if draft_margin is not None \
                 else readings
             for meta, ids, checked_ids in zip(batch.meta, readings, checked):
                 if (lang, meta.key) in hypotheses:

@@ -363,12 +363,14 @@ class FrameAlignment(Objective):
     # ---------------------------------------------------------------- diagnostics
 
     @torch.no_grad()
-    def greedy_reading(self, model: SpeechLLM, batch: Batch, blank_penalty: float = 0.0) -> list[list[int]]:
+    def greedy_reading(self, model: SpeechLLM, batch: Batch, blank_penalty: float = 0.0,
+                       encoded: EncodedAudio | None = None) -> list[list[int]]:
         """What each clip's frames say on their own, read as greedy CTC: every frame's most likely token, repeats
         merged, the blank dropped. A word missing here was lost on the speech side (encoder, adapter); one present
         here but not in the hypothesis, by the LLM. `blank_penalty` is subtracted from the blank's logit first (a CTC
         decoding knob against deletions). One list of ids per clip, in `batch.input_features` order."""
-        encoded = model.encode(batch.input_features, batch.feature_frames)
+        if encoded is None:
+            encoded = model.encode(batch.input_features, batch.feature_frames)
         logits = encoded.cache.get(LOGITS)
         if logits is None:
             logits = self.logits(model, encoded.frames)

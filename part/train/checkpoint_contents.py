@@ -117,11 +117,12 @@ class CheckpointSize:
 def checkpoint_sizes(cfg: TrainConfig, model, world_size: int) -> list[CheckpointSize]:
     """Every stage's checkpoint size on disk; `model`: the skeleton (part.train.preflight.skeleton) or the model."""
     dtype = training_dtype(cfg)
+    aliases = tied_aliases(model)
     out = []
     for index, stage in enumerate(cfg.stages):
         left = leaves_out(cfg, model, index)
         weights = safetensors_bytes(written_tensors(model, left, dtype))
-        optimizer = optimizer_bytes(trainable_shapes(model, stage.trainable), cfg, world_size, tied_aliases(model))
+        optimizer = optimizer_bytes(trainable_shapes(model, stage.trainable), cfg, world_size, aliases)
         every = safetensors_bytes(written_tensors(model, [], dtype))
         out.append(CheckpointSize(stage.name, weights, optimizer, sum(len(part.keys) for part in left), every))
     return out
